@@ -1,0 +1,349 @@
+"""The feature store: one schema, two backends (Zarr v3 directory, HDF5 file).
+
+A cache lives in ``<cache-root>/<key>/``. With Zarr that directory *is* the
+Zarr group; with HDF5 the directory holds ``store.h5``. Both hold the arrays
+of DESIGN.md (``features``, ``labels``, ``sample_index``, ``view_params``,
+``chunk_done``, ``bases/<name>/...``) and the manifest as root attributes, so
+anyone can read a cache with plain ``zarr`` or ``h5py``.
+
+Crash safety:
+- Zarr writes every chunk and metadata file atomically (temporary file +
+  rename), so a killed writer leaves at worst a chunk that is not marked done.
+- HDF5 arrays are contiguous and allocated when created: streaming writes
+  touch raw data only, never the file's metadata, so a killed writer cannot
+  damage the file's structure.
+- ``chunk_done`` has one storage chunk per data chunk: a flag is its own file
+  (Zarr) and is written only after the data it vouches for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from tcskd import SCHEMA_VERSION
+from tcskd.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("zarr", "hdf5")
+H5_NAME = "store.h5"
+
+
+class Store:
+    """Backend-neutral access to one cache directory.
+
+    Arrays come back as objects that support numpy slicing for reading and
+    writing (``zarr.Array`` or ``h5py.Dataset``).
+    """
+
+    format: str = ""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    # -- arrays ---------------------------------------------------------
+    def create(self, name: str, shape: tuple[int, ...], dtype: Any, chunks: tuple[int, ...],
+               fill_value: Any = 0, compress: bool = True) -> Any:
+        raise NotImplementedError
+
+    def __getitem__(self, name: str) -> Any:
+        raise NotImplementedError
+
+    def __contains__(self, name: str) -> bool:
+        raise NotImplementedError
+
+    def delete(self, name: str) -> None:
+        raise NotImplementedError
+
+    def rename(self, src: str, dst: str) -> None:
+        raise NotImplementedError
+
+    def children(self, group: str) -> list[str]:
+        """Names of the members of ``group`` ('' for the root); [] if absent."""
+        raise NotImplementedError
+
+    # -- attributes -----------------------------------------------------
+    def attrs(self, name: str = "") -> dict[str, Any]:
+        raise NotImplementedError
+
+    def set_attrs(self, values: dict[str, Any], name: str = "") -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- helpers shared by both backends --------------------------------
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self.attrs("")
+
+    def read(self, name: str) -> np.ndarray:
+        return np.asarray(self[name][...])
+
+    def chunk_done(self) -> np.ndarray:
+        return np.asarray(self["chunk_done"][...], dtype=bool)
+
+    def is_complete(self) -> bool:
+        return "chunk_done" in self and bool(self.chunk_done().all())
+
+    def bases(self) -> list[str]:
+        """Names of complete bases (a basis becomes visible only when complete)."""
+        out = []
+        for name in self.children("bases"):
+            if name.startswith("."):
+                continue
+            if self.attrs(f"bases/{name}").get("complete"):
+                out.append(name)
+        return sorted(out)
+
+    def size_bytes(self) -> int:
+        total = 0
+        for root, _, files in os.walk(self.path):
+            for f in files:
+                try:
+                    total += os.path.getsize(os.path.join(root, f))
+                except OSError:
+                    pass
+        return total
+
+
+class ZarrStore(Store):
+    format = "zarr"
+
+    def __init__(self, path: Path, mode: str = "r") -> None:
+        super().__init__(path)
+        import zarr
+
+        try:
+            self._g = zarr.open_group(str(self.path), mode=mode, zarr_format=3)
+        except Exception as e:  # zarr raises several types for a missing/damaged group
+            raise StoreError(f"cannot open Zarr store {self.path}: {e}") from e
+
+    def create(self, name, shape, dtype, chunks, fill_value=0, compress=True):
+        from zarr.codecs import ZstdCodec
+
+        compressors = [ZstdCodec(level=3, checksum=True)] if compress else None
+        return self._g.create_array(name, shape=shape, dtype=dtype, chunks=chunks,
+                                    fill_value=fill_value, compressors=compressors,
+                                    overwrite=True)
+
+    def __getitem__(self, name):
+        try:
+            return self._g[name]
+        except KeyError:
+            raise StoreError(f"{self.path}: array or group '{name}' is missing") from None
+
+    def __contains__(self, name):
+        try:
+            self._g[name]
+            return True
+        except (KeyError, Exception):
+            return False
+
+    def delete(self, name):
+        if name in self:
+            del self._g[name]
+
+    def rename(self, src, dst):
+        # A local directory store: a group is a folder, and os.rename is atomic.
+        src_p, dst_p = self.path / src, self.path / dst
+        if dst_p.exists():
+            shutil.rmtree(dst_p)
+        os.rename(src_p, dst_p)
+
+    def children(self, group):
+        g = self._g if not group else (self._g[group] if group in self else None)
+        if g is None:
+            return []
+        return sorted(list(g.array_keys()) + list(g.group_keys()))
+
+    def attrs(self, name=""):
+        node = self._g if not name else self[name]
+        return dict(node.attrs)
+
+    def set_attrs(self, values, name=""):
+        node = self._g if not name else self[name]
+        node.attrs.update(_jsonable(values))
+
+    def require_group(self, name: str) -> None:
+        self._g.require_group(name)
+
+
+class H5Store(Store):
+    format = "hdf5"
+
+    def __init__(self, path: Path, mode: str = "r") -> None:
+        super().__init__(path)
+        import h5py
+
+        self.file = self.path / H5_NAME
+        h5mode = {"r": "r", "a": "a", "w": "w", "r+": "r+"}[mode]
+        if mode in ("a", "w"):
+            self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self._f = h5py.File(self.file, h5mode, libver="latest", locking=False)
+        except Exception as e:
+            raise StoreError(f"cannot open HDF5 store {self.file}: {e}") from e
+
+    def create(self, name, shape, dtype, chunks, fill_value=0, compress=True):
+        import h5py
+
+        if name in self._f:
+            del self._f[name]
+        # Contiguous and allocated now: later writes change raw bytes only.
+        dt = np.dtype(dtype)
+        space = h5py.h5s.create_simple(tuple(shape))
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+        dcpl.set_fill_time(h5py.h5d.FILL_TIME_ALLOC)
+        dcpl.set_fill_value(np.array(fill_value, dtype=dt))
+        parent, _, leaf = name.rpartition("/")
+        grp = self._f.require_group(parent) if parent else self._f
+        h5py.h5d.create(grp.id, leaf.encode(), h5py.h5t.py_create(dt), space, dcpl=dcpl)
+        self._f.flush()
+        return self._f[name]
+
+    def __getitem__(self, name):
+        try:
+            return self._f[name]
+        except KeyError:
+            raise StoreError(f"{self.file}: array or group '{name}' is missing") from None
+
+    def __contains__(self, name):
+        return name in self._f
+
+    def delete(self, name):
+        if name in self._f:
+            del self._f[name]
+            self._f.flush()
+
+    def rename(self, src, dst):
+        if dst in self._f:
+            del self._f[dst]
+        self._f.move(src, dst)
+        self._f.flush()
+
+    def children(self, group):
+        if group and group not in self._f:
+            return []
+        node = self._f[group] if group else self._f
+        return sorted(node.keys())
+
+    def attrs(self, name=""):
+        node = self._f if not name else self[name]
+        out = {}
+        for k, v in node.attrs.items():
+            out[k] = _from_h5_attr(v)
+        return out
+
+    def set_attrs(self, values, name=""):
+        node = self._f if not name else self[name]
+        for k, v in _jsonable(values).items():
+            node.attrs[k] = json.dumps(v)
+        self._f.flush()
+
+    def require_group(self, name: str) -> None:
+        self._f.require_group(name)
+        self._f.flush()
+
+    def flush(self):
+        self._f.flush()
+
+    def close(self):
+        try:
+            self._f.close()
+        except Exception:
+            pass
+
+
+def _from_h5_attr(v: Any) -> Any:
+    if isinstance(v, bytes):
+        v = v.decode()
+    if isinstance(v, str):
+        try:
+            return json.loads(v)
+        except json.JSONDecodeError:
+            return v
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return v
+
+
+def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(values, default=_default))
+
+
+def _default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+
+
+def detect_format(path: Path) -> str | None:
+    """'zarr', 'hdf5' or None when ``path`` holds no store."""
+    path = Path(path)
+    if (path / H5_NAME).is_file():
+        return "hdf5"
+    if (path / "zarr.json").is_file():
+        return "zarr"
+    return None
+
+
+def open_store(path: Path | str, mode: str = "r", fmt: str | None = None) -> Store:
+    """Open the store in directory ``path``. ``mode``: 'r', 'a' (create if absent)."""
+    path = Path(path)
+    found = detect_format(path)
+    if fmt is None:
+        fmt = found
+        if fmt is None:
+            raise StoreError(f"no tcskd cache at {path}")
+    elif found is not None and found != fmt:
+        raise StoreError(f"{path} holds a {found} store, not {fmt}")
+    if fmt not in FORMATS:
+        raise StoreError(f"unknown store format '{fmt}' (choose zarr or hdf5)")
+    if mode == "r" and found is None:
+        raise StoreError(f"no tcskd cache at {path}")
+    store: Store = ZarrStore(path, mode) if fmt == "zarr" else H5Store(path, mode)
+    if mode == "r" or found is not None:
+        check_schema(store)
+    return store
+
+
+def check_schema(store: Store) -> None:
+    man = store.manifest
+    version = man.get("schema_version")
+    if version is None:
+        raise StoreError(f"{store.path} has no tcskd manifest (not a tcskd cache, or its creation was cut short)")
+    if int(version) > SCHEMA_VERSION:
+        raise StoreError(
+            f"{store.path} was written with store schema {version}; this tcskd reads schema "
+            f"{SCHEMA_VERSION} or older: upgrade tcskd"
+        )
+
+
+def iter_chunks(n: int, chunk: int) -> Iterator[tuple[int, int, int]]:
+    """(chunk id, start row, stop row) for ``n`` rows in chunks of ``chunk``."""
+    for c, start in enumerate(range(0, n, chunk)):
+        yield c, start, min(n, start + chunk)

