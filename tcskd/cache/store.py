@@ -197,7 +197,7 @@ class H5Store(Store):
         if mode in ("a", "w"):
             self.path.mkdir(parents=True, exist_ok=True)
         try:
-            self._f = h5py.File(self.file, h5mode, libver="latest", locking=False)
+            self._f = h5py.File(self.file, h5mode, locking=False)
         except Exception as e:
             raise StoreError(f"cannot open HDF5 store {self.file}: {e}") from e
 

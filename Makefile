@@ -1,0 +1,73 @@
+# tcskd: cache -> basis -> train on the built-in default (MNIST-5k digits and an
+# ImageNet-pretrained EfficientNet-Lite0 teacher, both shipped in pip packages).
+SHELL := /bin/bash
+PY    ?= python3
+VENV  ?= .venv
+BIN   := $(VENV)/bin
+TCSKD := $(BIN)/tcskd
+export TCSKD_CACHE ?= caches
+RUNS  ?= runs
+
+DATA        ?= builtin:mnist5k
+TEACHER     ?= builtin:efficientnet-lite0
+IMAGE_SIZE  ?= 112
+DEVICE      ?= auto
+STUDENT     ?= cnn
+DIM         ?= 64
+LAMBDA      ?= 10
+EPOCHS      ?= 15
+SEEDS       ?= 0
+CACHE_OPTS  := --data $(DATA) --teacher $(TEACHER) --image-size $(IMAGE_SIZE) --device $(DEVICE)
+
+.PHONY: install demo cache basis train eval report test test-fast bench clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(BIN)/python -m pip install -q -e ".[dev,hf]"
+	touch $@
+
+install: $(BIN)/.installed
+
+# Stage 1: the train and test caches of the default (prints their paths).
+cache: install
+	$(TCSKD) cache $(CACHE_OPTS) --split train
+	$(TCSKD) cache $(CACHE_OPTS) --split test
+
+TRAIN_CACHE = $$($(TCSKD) -q cache $(CACHE_OPTS) --split train | tail -n1)
+TEST_CACHE  = $$($(TCSKD) -q cache $(CACHE_OPTS) --split test | tail -n1)
+
+# Stage 2: the default PCA basis (with stored coordinates) of the train cache.
+basis: cache
+	$(TCSKD) basis --cache $(TRAIN_CACHE) --name pca --kind pca --dim $(DIM) --coords --device $(DEVICE)
+
+# Stage 3: the default student with TCS on the default caches.
+train: basis
+	$(TCSKD) train --cache $(TRAIN_CACHE) --basis pca --student $(STUDENT) --method tcs \
+	  --dim $(DIM) --lambda $(LAMBDA) --epochs $(EPOCHS) --device $(DEVICE) --out $(RUNS)/train-tcs
+
+# The teacher's reference accuracy from cached features alone.
+eval: cache
+	$(TCSKD) eval --cache $(TRAIN_CACHE) --test-cache $(TEST_CACHE) --device $(DEVICE) --out $(RUNS)/teacher-eval.json
+
+# The main job: cache -> basis -> train ce, fitnet and tcs at all labels and at
+# 10 labels per class, the teacher's eval, and the comparison report.
+demo: install
+	SEEDS="$(SEEDS)" EPOCHS=$(EPOCHS) DIM=$(DIM) LAMBDA=$(LAMBDA) IMAGE_SIZE=$(IMAGE_SIZE) \
+	  DEVICE=$(DEVICE) RUNS=$(RUNS)/demo STUDENT=$(STUDENT) TCSKD=$(TCSKD) bash scripts/demo.sh
+
+report:
+	$(TCSKD) report $(RUNS)/demo/*/ --teacher-eval $(RUNS)/demo/teacher-eval.json --png $(RUNS)/demo/report.png
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: install
+	$(TCSKD) bench --device $(DEVICE) --out bench/out/bench.json
+
+clean:
+	rm -rf $(RUNS) caches .pytest_cache

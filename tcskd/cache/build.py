@@ -1,0 +1,389 @@
+"""Stage 1: stream a dataset once through a teacher into a resumable feature store.
+
+The store is created whole (every array, the manifest) in a hidden folder and
+renamed into place, so a cache directory either does not exist or has its
+full layout. Rows are then computed chunk by chunk; a chunk's ``chunk_done``
+flag is written only after its data, so a killed run resumes with exactly
+the chunks that are missing. Batches never cross chunk boundaries: a resumed
+run feeds the teacher the very same batches as an uninterrupted one, and the
+finished stores are equal byte for byte on the CPU.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+import tcskd
+from tcskd.cache.registry import WriterLock, cache_key, default_cache_root
+from tcskd.cache.store import FORMATS, Store, detect_format, iter_chunks, open_store
+from tcskd.cache.views import DEFAULT_SCALE, apply_view, to_tensor, view_params
+from tcskd.data import DataError, Source, open_source
+from tcskd.device import autocast, resolve_device
+from tcskd.errors import StoreError, TcskdError
+
+log = logging.getLogger(__name__)
+
+DTYPES = ("float16", "float32")
+
+
+@dataclass
+class CacheConfig:
+    """Options of ``tcskd cache``."""
+
+    data: str = "builtin:mnist5k"
+    """Dataset spec (see tcskd.data)."""
+    teacher: str = "builtin:efficientnet-lite0"
+    """Teacher spec (see tcskd.teachers)."""
+    split: str = "train"
+    """train, test or all."""
+    views: int = 1
+    """View 0 is the centre crop; views 1..K-1 are seeded random-resized-crop + flip."""
+    image_size: int | None = None
+    """Teacher input size; None = the teacher's own."""
+    batch_size: int | None = None
+    """Teacher batch; None = 32 on the CPU (cache-friendly), 256 on a GPU."""
+    format: str = "zarr"
+    """zarr (a directory store) or hdf5 (store.h5 inside the cache directory)."""
+    dtype: str = "float16"
+    """Storage dtype of ``features``."""
+    cache_root: str | None = None
+    """Where caches live; None = $TCSKD_CACHE, else ./caches."""
+    limit: int | None = None
+    """Take only the first N samples of the split."""
+    device: str = "auto"
+    workers: int = 0
+    """DataLoader worker processes for decoding and cropping."""
+    seed: int = 0
+    """Seed of the random views (ignored with one view)."""
+    chunk_rows: int = 1024
+    """Rows per store chunk (the unit of resume and of parallel writers)."""
+    skip_bad: bool = False
+    """Record unreadable images in the manifest instead of stopping."""
+    wait: bool = False
+    """Wait for another writer of the same cache instead of exiting."""
+    crop_scale: tuple[float, float] = field(default=DEFAULT_SCALE)
+    """Area range of the random views' crops."""
+
+
+@dataclass
+class CacheResult:
+    path: Path
+    key: str
+    hit: bool
+    rows_computed: int
+    seconds: float
+
+
+# -- the dataset the teacher reads -----------------------------------------
+
+class _TeacherInputs(Dataset):
+    """Row -> (row, V x C x S x S views in [0, 1], label, V x 5 params, error)."""
+
+    def __init__(self, source: Source, views: int, size: int, seed: int, scale: tuple[float, float]) -> None:
+        self.source, self.views, self.size, self.seed, self.scale = source, views, size, seed, scale
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, row: int):
+        idx = int(self.source.indices[row])
+        c = self.source.channels
+        try:
+            img = self.source.image(row)
+            if img.shape[2] != c:  # a greyscale file in a colour folder, or the reverse
+                img = np.repeat(img[:, :, :1], 3, axis=2) if c == 3 else img[:, :, :1]
+            params = view_params(idx, img.shape[0], img.shape[1], self.views, self.seed, self.scale)
+            t = to_tensor(img)
+            x = torch.stack([apply_view(t, p, self.size) for p in params])
+            return row, x, int(self.source.labels[row]), torch.from_numpy(params), ""
+        except DataError as e:
+            blank = torch.zeros(self.views, c, self.size, self.size)
+            return row, blank, -1, torch.zeros(self.views, 5), str(e)
+
+
+def _collate(items):
+    rows, xs, labels, params, errors = zip(*items)
+    return (torch.tensor(rows), torch.stack(xs), torch.tensor(labels, dtype=torch.int64),
+            torch.stack(params), list(errors))
+
+
+# -- identity, manifest -----------------------------------------------------
+
+def _limit(source: Source, limit: int | None) -> Source:
+    if limit is None or limit >= len(source):
+        return source
+    if limit < 1:
+        raise TcskdError(f"--limit must be >= 1 (got {limit})")
+    return Source(source.spec, source.split, source.indices[:limit], source.labels[:limit],
+                  source.num_classes, source.channels, source.fingerprint, source.load, source.describe)
+
+
+def identity_of(cfg: CacheConfig, source: Source, teacher_identity: dict[str, Any]) -> dict[str, Any]:
+    """Everything a cache's content depends on; its hash is the cache key."""
+    ident = {
+        "teacher": teacher_identity,
+        "data": {"spec": source.spec, "fingerprint": source.fingerprint},
+        "split": cfg.split, "limit": cfg.limit, "views": cfg.views, "dtype": cfg.dtype,
+        "format": cfg.format,
+    }
+    if cfg.views > 1:
+        ident["view_seed"] = cfg.seed
+        ident["crop_scale"] = list(cfg.crop_scale)
+    return ident
+
+
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _libraries() -> dict[str, str]:
+    import h5py
+    import zarr
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "zarr": zarr.__version__, "h5py": h5py.__version__}
+
+
+def check_config(cfg: CacheConfig) -> None:
+    if cfg.format not in FORMATS:
+        raise TcskdError(f"unknown format '{cfg.format}' (choose zarr or hdf5)")
+    if cfg.dtype not in DTYPES:
+        raise TcskdError(f"unknown dtype '{cfg.dtype}' (choose float16 or float32)")
+    if cfg.views < 1:
+        raise TcskdError(f"--views must be >= 1 (got {cfg.views})")
+    if (cfg.batch_size is not None and cfg.batch_size < 1) or cfg.chunk_rows < 1:
+        raise TcskdError("--batch-size and chunk rows must be >= 1")
+    if cfg.image_size is not None and cfg.image_size < 8:
+        raise TcskdError(f"--image-size must be >= 8 (got {cfg.image_size})")
+    if cfg.workers < 0:
+        raise TcskdError(f"--workers must be >= 0 (got {cfg.workers})")
+
+
+# -- store creation ---------------------------------------------------------
+
+def _create_store(path: Path, cfg: CacheConfig, source: Source, teacher, key: str,
+                  ident: dict[str, Any]) -> None:
+    """Create every array and the manifest in a hidden folder, then rename it into place."""
+    tmp = path.parent / f".tmp-{key}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    n, v, d, ch = len(source), cfg.views, teacher.dim, cfg.chunk_rows
+    n_chunks = -(-n // ch)
+    store = open_store(tmp, "a", cfg.format)
+    try:
+        store.create("features", (n, v, d), cfg.dtype, (ch, v, d), fill_value=0)
+        store.create("labels", (n,), "int64", (ch,), fill_value=-1)
+        store.create("sample_index", (n,), "int64", (ch,), fill_value=-1)
+        store.create("view_params", (n, v, 5), "float32", (ch, v, 5), fill_value=0)
+        store.create("row_ok", (n,), "bool", (ch,), fill_value=False)
+        store.create("chunk_done", (n_chunks,), "bool", (1,), fill_value=False, compress=False)
+        store.require_group("bases")
+        store.set_attrs({
+            "schema_version": tcskd.SCHEMA_VERSION, "key": key, "identity": ident,
+            "data_spec": source.spec, "split": cfg.split, "teacher_spec": teacher.spec,
+            "n_rows": n, "views": v, "dim": d, "dtype": cfg.dtype, "chunk_rows": ch,
+            "num_classes": source.num_classes, "channels": source.channels,
+            "image_size": teacher.image_size, "complete": False, "skipped": [],
+            "tool_version": tcskd.__version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "libraries": _libraries(), "git_sha": _git_sha(),
+        })
+        store.flush()
+    finally:
+        store.close()
+    os.rename(tmp, path)
+
+
+def _clean_stale_tmp(root: Path, key: str) -> None:
+    for d in root.glob(f".tmp-{key}-*"):
+        try:
+            pid = int(d.name.rsplit("-", 1)[1])
+            os.kill(pid, 0)  # still alive: leave it
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(d, ignore_errors=True)
+        except PermissionError:
+            pass
+
+
+# -- the stage --------------------------------------------------------------
+
+def prepare(cfg: CacheConfig):
+    """Resolve source, teacher and key without computing anything."""
+    from tcskd.teachers import load_teacher
+
+    check_config(cfg)
+    source = _limit(open_source(cfg.data, cfg.split), cfg.limit)
+    if len(source) == 0:
+        raise DataError(f"{cfg.data} split '{cfg.split}' has no samples")
+    teacher = load_teacher(cfg.teacher, cfg.image_size)
+    ident = identity_of(cfg, source, teacher.identity())
+    key = cache_key(ident)
+    root = Path(cfg.cache_root) if cfg.cache_root else default_cache_root()
+    return source, teacher, ident, key, root / key
+
+
+def _check_identity(store: Store, ident: dict[str, Any]) -> None:
+    found = store.manifest.get("identity")
+    if found != ident:
+        diff = sorted(k for k in set(ident) | set(found or {}) if (found or {}).get(k) != ident.get(k))
+        raise StoreError(f"cache {store.path} was built from other inputs (differs in: {', '.join(diff)}); "
+                         f"refusing to mix them")
+
+
+def build_cache(cfg: CacheConfig) -> CacheResult:
+    """Build (or resume, or find) the cache of ``cfg``; return where it is."""
+    t0 = time.perf_counter()
+    source, teacher, ident, key, path = prepare(cfg)
+    if detect_format(path) is not None:
+        with open_store(path) as s:
+            _check_identity(s, ident)
+            if s.is_complete() and s.manifest.get("complete"):
+                log.info("cache hit: %s", path)
+                return CacheResult(path, key, True, 0, time.perf_counter() - t0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with WriterLock(path, wait=cfg.wait):
+        _clean_stale_tmp(path.parent, key)
+        if detect_format(path) is None:
+            _create_store(path, cfg, source, teacher, key, ident)
+            log.info("created cache %s (%d rows x %d views x %d dims)", path, len(source), cfg.views, teacher.dim)
+        store = open_store(path, "a")
+        try:
+            _check_identity(store, ident)
+            rows = _fill(store, cfg, source, teacher)
+            _finish(store, source)
+        finally:
+            store.close()
+    return CacheResult(path, key, False, rows, time.perf_counter() - t0)
+
+
+def _batches(todo: list[tuple[int, int, int]], batch: int) -> list[list[int]]:
+    out = []
+    for _, start, stop in todo:
+        for b in range(start, stop, batch):
+            out.append(list(range(b, min(stop, b + batch))))
+    return out
+
+
+def _fill(store: Store, cfg: CacheConfig, source: Source, teacher, chunk_ids: list[int] | None = None) -> int:
+    """Compute every chunk not yet done (or only ``chunk_ids``); return rows computed."""
+    from tqdm import tqdm
+
+    ch = int(store.manifest["chunk_rows"])
+    done = store.chunk_done()
+    todo = [c for c in iter_chunks(len(source), ch) if not done[c[0]]]
+    if chunk_ids is not None:
+        wanted = set(chunk_ids)
+        todo = [c for c in todo if c[0] in wanted]
+    if not todo:
+        return 0
+    device = resolve_device(cfg.device)
+    teacher.to(device)
+    size = teacher.image_size
+    ds = _TeacherInputs(source, cfg.views, size, cfg.seed, tuple(cfg.crop_scale))
+    batch = cfg.batch_size or (256 if device.type == "cuda" else 32)
+    loader = DataLoader(ds, batch_sampler=_batches(todo, batch), num_workers=cfg.workers,
+                        collate_fn=_collate, pin_memory=device.type == "cuda",
+                        persistent_workers=False, prefetch_factor=4 if cfg.workers else None)
+    bounds = {c: (start, stop) for c, start, stop in todo}
+    np_dtype = np.dtype(cfg.dtype)
+    pending: list[Future] = []
+    buf: dict[str, np.ndarray] = {}
+    current: int | None = None
+    total = sum(stop - start for start, stop in bounds.values())
+    bar = tqdm(total=total, unit="img", desc="cache", file=sys.stderr, dynamic_ncols=True,
+               disable=None, mininterval=1.0)
+    computed = 0
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        for rows, x, labels, params, errors in loader:
+            first = int(rows[0])
+            c = first // ch
+            start, stop = bounds[c]
+            if current != c:
+                current = c
+                n = stop - start
+                buf = {"features": np.zeros((n, cfg.views, teacher.dim), np_dtype),
+                       "labels": np.full(n, -1, np.int64), "sample_index": np.full(n, -1, np.int64),
+                       "view_params": np.zeros((n, cfg.views, 5), np.float32),
+                       "row_ok": np.zeros(n, bool), "filled": np.zeros(n, bool)}
+            bad = [e for e in errors if e]
+            if bad and not cfg.skip_bad:
+                raise DataError(bad[0] + " (pass --skip-bad to record and skip such images)")
+            feats = _forward(teacher, x, device)
+            if not torch.isfinite(feats).all():
+                raise TcskdError(f"teacher produced NaN/Inf features for rows {first}..{int(rows[-1])}; "
+                                 f"nothing of this chunk was stored")
+            r = rows.numpy() - start
+            ok = np.array([not e for e in errors])
+            buf["features"][r] = feats.cpu().numpy().astype(np_dtype)
+            buf["labels"][r] = np.where(ok, labels.numpy(), -1)
+            buf["sample_index"][r] = source.indices[rows.numpy()]
+            buf["view_params"][r] = params.numpy()
+            buf["row_ok"][r] = ok
+            buf["filled"][r] = True
+            if bad:
+                log.warning("skipped %d unreadable image(s), e.g. %s", len(bad), bad[0])
+            bar.update(len(rows))
+            computed += len(rows)
+            if buf["filled"].all():
+                while len(pending) >= 2:  # bound the memory held by queued writes
+                    pending.pop(0).result()
+                pending.append(writer.submit(_write_chunk, store, c, start, stop, buf))
+                current = None
+        for f in pending:
+            f.result()
+    bar.close()
+    return computed
+
+
+def _forward(teacher, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    b, v = x.shape[:2]
+    flat = x.reshape(b * v, *x.shape[2:]).to(device, non_blocking=True)
+    with torch.inference_mode(), autocast(device):
+        f = teacher.features(flat)
+    return f.float().reshape(b, v, -1)
+
+
+def _write_chunk(store: Store, c: int, start: int, stop: int, buf: dict[str, np.ndarray]) -> None:
+    for name in ("features", "labels", "sample_index", "view_params", "row_ok"):
+        store[name][start:stop] = buf[name]
+    store.flush()
+    store["chunk_done"][c] = True  # only after the data is written
+    store.flush()
+
+
+def _finish(store: Store, source: Source) -> None:
+    done = store.chunk_done()
+    if not done.all():
+        raise StoreError(f"cache {store.path}: {int((~done).sum())} chunk(s) still missing after the run")
+    ok = store.read("row_ok")
+    skipped = [int(i) for i in store.read("sample_index")[~ok]]
+    if skipped:
+        log.warning("%d sample(s) were unreadable and are marked in row_ok: %s", len(skipped), skipped[:10])
+    store.set_attrs({"complete": True, "skipped": skipped})
+    store.flush()
+
+
+def config_dict(cfg: CacheConfig) -> dict[str, Any]:
+    d = asdict(cfg)
+    d["crop_scale"] = list(cfg.crop_scale)
+    return d

@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny offline datasets and teachers, so stage tests take seconds."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+class TinyTeacher(nn.Module):
+    """A small conv net: B x 3 x S x S -> B x 16."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.fc = nn.Linear(8, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> str:
+    """A torchscript teacher spec (16-d features)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "tiny.pt"
+    torch.jit.script(TinyTeacher().eval()).save(str(path))
+    return f"torchscript:{path}"
+
+
+def make_npz(path: Path, n: int = 40, n_test: int = 12, size: int = 12, channels: int = 1,
+             classes: int = 4, seed: int = 0) -> str:
+    rng = np.random.default_rng(seed)
+    shape = (size, size) if channels == 1 else (size, size, channels)
+    x = rng.integers(0, 256, (n, *shape), dtype=np.uint8)
+    y = np.arange(n) % classes
+    xt = rng.integers(0, 256, (n_test, *shape), dtype=np.uint8)
+    yt = np.arange(n_test) % classes
+    np.savez(path, x=x, y=y, x_test=xt, y_test=yt)
+    return f"npz:{path}"
+
+
+@pytest.fixture
+def tiny_npz(tmp_path) -> str:
+    return make_npz(tmp_path / "tiny.npz")
+
+
+@pytest.fixture
+def cache_root(tmp_path) -> Path:
+    return tmp_path / "caches"
+
+
+def run_cli(args: list[str], env: dict | None = None, timeout: float = 300):
+    """Run ``python -m tcskd ...`` in a subprocess; return the CompletedProcess."""
+    import subprocess
+
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "tcskd", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
