@@ -112,6 +112,7 @@ def _load_weights(path: str) -> dict[str, torch.Tensor]:
 
 
 def _probe_dim(module: nn.Module, embed: Callable, size: int) -> int:
+    module.eval()
     with torch.inference_mode():
         out = embed(module, torch.zeros(1, 3, size, size))
     if out.ndim != 2:

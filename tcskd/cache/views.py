@@ -70,7 +70,7 @@ def view_params(sample_index: int, h: int, w: int, views: int, seed: int,
 
 def to_tensor(img: np.ndarray) -> torch.Tensor:
     """uint8 H x W x C -> float C x H x W in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
+    return torch.from_numpy(np.require(img, requirements=["C", "W"])).permute(2, 0, 1).float().div_(255.0)
 
 
 def apply_view(img: torch.Tensor, params: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
