@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import tcskd
+from tcskd import dist
 from tcskd.cache.registry import WriterLock, cache_key, default_cache_root
 from tcskd.cache.store import FORMATS, Store, detect_format, iter_chunks, open_store
 from tcskd.cache.views import DEFAULT_SCALE, apply_view, to_tensor, view_params
@@ -251,28 +252,95 @@ def _check_identity(store: Store, ident: dict[str, Any]) -> None:
 
 
 def build_cache(cfg: CacheConfig) -> CacheResult:
-    """Build (or resume, or find) the cache of ``cfg``; return where it is."""
+    """Build (or resume, or find) the cache of ``cfg``; return where it is.
+
+    Under torchrun every rank calls this: rank 0 creates the store and holds
+    the writer lock, the ranks split the missing chunks between them, and
+    rank 0 marks the cache complete once every rank is done.
+    """
     t0 = time.perf_counter()
     source, teacher, ident, key, path = prepare(cfg)
-    if detect_format(path) is not None:
-        with open_store(path) as s:
-            _check_identity(s, ident)
-            if s.is_complete() and s.manifest.get("complete"):
-                log.info("cache hit: %s", path)
-                return CacheResult(path, key, True, 0, time.perf_counter() - t0)
+    device = dist.device_for_rank(resolve_device(cfg.device))
+    dist.init(device)
+    if dist.world() > 1:
+        return _build_distributed(cfg, source, teacher, ident, key, path, device, t0)
+    if _is_hit(path, ident):
+        return CacheResult(path, key, True, 0, time.perf_counter() - t0)
     path.parent.mkdir(parents=True, exist_ok=True)
     with WriterLock(path, wait=cfg.wait):
-        _clean_stale_tmp(path.parent, key)
-        if detect_format(path) is None:
-            _create_store(path, cfg, source, teacher, key, ident)
-            log.info("created cache %s (%d rows x %d views x %d dims)", path, len(source), cfg.views, teacher.dim)
-        store = open_store(path, "a")
+        store = _open_for_writing(path, cfg, source, teacher, key, ident)
         try:
-            _check_identity(store, ident)
-            rows = _fill(store, cfg, source, teacher)
+            rows = _fill(store, cfg, source, teacher, device)
             _finish(store, source)
         finally:
             store.close()
+    return CacheResult(path, key, False, rows, time.perf_counter() - t0)
+
+
+def _is_hit(path: Path, ident: dict[str, Any]) -> bool:
+    if detect_format(path) is None:
+        return False
+    with open_store(path) as s:
+        _check_identity(s, ident)
+        if s.is_complete() and s.manifest.get("complete"):
+            log.info("cache hit: %s", path)
+            return True
+    return False
+
+
+def _open_for_writing(path: Path, cfg: CacheConfig, source: Source, teacher, key: str,
+                      ident: dict[str, Any]) -> Store:
+    """Create the store if absent (under the writer lock), then open it for writing."""
+    _clean_stale_tmp(path.parent, key)
+    if detect_format(path) is None:
+        _create_store(path, cfg, source, teacher, key, ident)
+        log.info("created cache %s (%d rows x %d views x %d dims)", path, len(source), cfg.views, teacher.dim)
+    store = open_store(path, "a")
+    try:
+        _check_identity(store, ident)
+    except StoreError:
+        store.close()
+        raise
+    return store
+
+
+def _build_distributed(cfg: CacheConfig, source: Source, teacher, ident: dict[str, Any], key: str,
+                       path: Path, device: torch.device, t0: float) -> CacheResult:
+    if cfg.format == "hdf5":
+        raise TcskdError("an HDF5 store has a single writer: use --format zarr under torchrun")
+    lock: WriterLock | None = None
+    status: tuple[str | None, bool, list[int]] = (None, False, [])
+    if dist.is_main():
+        try:
+            if _is_hit(path, ident):
+                status = (None, True, [])
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                lock = WriterLock(path, wait=cfg.wait).__enter__()
+                with _open_for_writing(path, cfg, source, teacher, key, ident) as store:
+                    status = (None, False, [int(c) for c in np.flatnonzero(~store.chunk_done())])
+        except TcskdError as e:
+            status = (str(e), False, [])
+    # Also the barrier: the store exists, and every rank splits the same list of missing chunks.
+    error, hit, todo = dist.broadcast_object(status)
+    if error:
+        raise TcskdError(error)
+    if hit:
+        return CacheResult(path, key, True, 0, time.perf_counter() - t0)
+    try:
+        store = open_store(path, "a")
+        try:
+            rows = _fill(store, cfg, source, teacher, device, chunk_ids=todo[dist.rank()::dist.world()])
+        finally:
+            store.close()
+        dist.barrier()
+        if dist.is_main():
+            with open_store(path, "a") as store:
+                _finish(store, source)
+        dist.barrier()
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
     return CacheResult(path, key, False, rows, time.perf_counter() - t0)
 
 
@@ -284,7 +352,8 @@ def _batches(todo: list[tuple[int, int, int]], batch: int) -> list[list[int]]:
     return out
 
 
-def _fill(store: Store, cfg: CacheConfig, source: Source, teacher, chunk_ids: list[int] | None = None) -> int:
+def _fill(store: Store, cfg: CacheConfig, source: Source, teacher, device: torch.device,
+          chunk_ids: list[int] | None = None) -> int:
     """Compute every chunk not yet done (or only ``chunk_ids``); return rows computed."""
     from tqdm import tqdm
 
@@ -296,7 +365,6 @@ def _fill(store: Store, cfg: CacheConfig, source: Source, teacher, chunk_ids: li
         todo = [c for c in todo if c[0] in wanted]
     if not todo:
         return 0
-    device = resolve_device(cfg.device)
     teacher.to(device)
     size = teacher.image_size
     ds = _TeacherInputs(source, cfg.views, size, cfg.seed, tuple(cfg.crop_scale))
@@ -311,7 +379,7 @@ def _fill(store: Store, cfg: CacheConfig, source: Source, teacher, chunk_ids: li
     current: int | None = None
     total = sum(stop - start for start, stop in bounds.values())
     bar = tqdm(total=total, unit="img", desc="cache", file=sys.stderr, dynamic_ncols=True,
-               disable=None, mininterval=1.0)
+               disable=None if dist.is_main() else True, mininterval=1.0)
     computed = 0
     with ThreadPoolExecutor(max_workers=1) as writer:
         for rows, x, labels, params, errors in loader:

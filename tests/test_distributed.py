@@ -1,0 +1,62 @@
+"""Scale-out on the CPU: 2 gloo processes under torchrun give the one-process results."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tcskd.cache.store import open_store
+
+from conftest import make_npz, run_cli
+
+pytestmark = pytest.mark.slow
+ARRAYS = ("features", "labels", "sample_index", "view_params", "row_ok", "chunk_done")
+
+
+def torchrun(args: list[str], nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "tcskd", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def _last_path(out: str) -> Path:
+    return Path([l for l in out.strip().splitlines() if l.strip()][-1].strip())
+
+
+def test_cache_two_ranks_equals_one_process(tmp_path, tiny_teacher):
+    data = make_npz(tmp_path / "d.npz", n=70)
+    args = ["cache", "--data", data, "--teacher", tiny_teacher, "--image-size", "16", "--chunk-rows", "8",
+            "--batch-size", "4", "--views", "2", "--device", "cpu"]
+    one = run_cli([*args, "--cache-root", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr
+    two = torchrun([*args, "--cache-root", str(tmp_path / "two")])
+    assert two.returncode == 0, two.stderr
+    p1, p2 = _last_path(one.stdout), tmp_path / "two" / _last_path(one.stdout).name
+    with open_store(p1) as a, open_store(p2) as b:
+        for name in ARRAYS:
+            assert a.read(name).tobytes() == b.read(name).tobytes(), name
+        assert b.manifest["complete"]
+
+    # Resume with another number of ranks: drop two chunks, finish them with 2 ranks... and with 1.
+    with open_store(p2, "a") as s:
+        s["chunk_done"][3] = False
+        s["chunk_done"][6] = False
+        s.set_attrs({"complete": False})
+    again = torchrun([*args, "--cache-root", str(tmp_path / "two")], nproc=2)
+    assert again.returncode == 0, again.stderr
+    with open_store(p1) as a, open_store(p2) as b:
+        assert a.read("features").tobytes() == b.read("features").tobytes()
+        assert b.manifest["complete"]
+
+
+def test_hdf5_under_torchrun_is_refused(tmp_path, tiny_teacher):
+    data = make_npz(tmp_path / "d.npz", n=8)
+    r = torchrun(["cache", "--data", data, "--teacher", tiny_teacher, "--image-size", "16", "--format", "hdf5",
+                  "--cache-root", str(tmp_path / "c")])
+    assert r.returncode != 0 and "use --format zarr under torchrun" in r.stderr
