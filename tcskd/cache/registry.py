@@ -106,7 +106,7 @@ class WriterLock:
                 except OSError:
                     pass
                 raise LockedError(f"another process{holder} is writing cache {self.path.with_suffix('')}; "
-                                  f"wait for it or pass --wait") from None
+                                  f"try again when it has finished") from None
             raise
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())

@@ -163,9 +163,13 @@ class ZarrStore(Store):
     def rename(self, src, dst):
         # A local directory store: a group is a folder, and os.rename is atomic.
         src_p, dst_p = self.path / src, self.path / dst
-        if dst_p.exists():
-            shutil.rmtree(dst_p)
+        old = None
+        if dst_p.exists():  # move the old one aside first: the gap without either is one rename
+            old = dst_p.with_name(f".old-{dst_p.name}-{os.getpid()}")
+            os.rename(dst_p, old)
         os.rename(src_p, dst_p)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
     def children(self, group):
         g = self._g if not group else (self._g[group] if group in self else None)

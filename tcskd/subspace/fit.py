@@ -1,0 +1,513 @@
+"""Stage 2: fit a coordinate system (basis) on a cache's features and store it there.
+
+``fit_basis`` streams float64 moments over ``features`` (or another cache's,
+``fit_on``), builds a basis of one of three kinds and writes it as
+``bases/<name>/{mean,components,eigenvalues,explained_ratio[,coords]}``
+(the contract of :mod:`tcskd.subspace.basis`):
+
+- ``pca``: eigenvectors of the covariance (``eigh``) or right singular vectors
+  of the centred data (``svd``), by decreasing eigenvalue; each component's
+  largest-magnitude entry is positive.
+- ``random``: the first K rows of a seeded random rotation (QR of a Gaussian);
+  its "eigenvalues" are the data's variance along each direction.
+- ``identity``: the raw features (mean 0, components I_D, K = D); its
+  "eigenvalues" are the per-dimension second moments (FitNet-style targets).
+
+``explained_ratio`` is cumulative: the share of ``total_variance`` (the trace
+of the covariance; for ``identity`` the summed second moments) in the first k
+coordinates. Covariances are unbiased (divided by n - 1).
+
+Atomic appearance: arrays are written into the hidden group
+``bases/.tmp-<name>-<pid>``, renamed to ``bases/<name>`` (replacing an older
+basis of that name only now) and marked ``complete`` last; hidden leftovers
+of killed runs are removed by the next run. The whole fit holds the cache's
+writer lock.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import tcskd
+from tcskd.cache.registry import WriterLock, resolve_cache
+from tcskd.cache.store import Store, open_store
+from tcskd.device import resolve_device
+from tcskd.errors import StoreError, TcskdError
+from tcskd.subspace.basis import WHITEN_EPS
+from tcskd.subspace.moments import (VIEWS, Moments, check_finite, iter_feature_chunks, read_chunk_rows,
+                                    row_mask, stream_moments)
+
+log = logging.getLogger(__name__)
+
+KINDS = ("pca", "random", "identity")
+METHODS = ("eigh", "svd")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+TOP_EIGENVALUES = 10
+
+
+@dataclass
+class BasisConfig:
+    """What ``tcskd basis`` fits, where from, and where it goes."""
+
+    cache: str
+    """The cache that receives the basis: a key (or unique key prefix) under ``cache_root``, or a path."""
+
+    name: str | None = None
+    """Basis name inside the cache (``bases/<name>``). Default: the kind, plus ``-whiten``
+    when whitened and ``-fit-<key8>`` when fitted on another cache (e.g. ``pca``)."""
+
+    kind: str = "pca"
+    """pca (principal directions) | random (seeded random orthonormal directions) |
+    identity (raw features, FitNet-style)."""
+
+    dim: int | None = None
+    """K, the number of coordinates, in [1, D]. Exclusive with ``energy``. Neither: every
+    coordinate (K = D, or min(samples, D) for ``method='svd'``)."""
+
+    energy: float | None = None
+    """E in (0, 1]: the fewest leading coordinates whose cumulative explained variance reaches E."""
+
+    whiten: bool = False
+    """Targets divided by sqrt(eigenvalue) (recorded as an attribute; used by the projection)."""
+
+    fit_on: str | None = None
+    """Fit the moments on another cache (key or path; same feature dimension) and store the
+    basis in ``cache``; the basis's ``fit_on`` attribute records that cache's key."""
+
+    view: str = "0"
+    """Samples to fit on: '0' = view 0 of every row, 'all' = every view as a separate sample."""
+
+    coords: bool = False
+    """Also store the projected targets ``bases/<name>/coords`` [N, V, K] float16 for every row and view."""
+
+    device: str = "auto"
+    """auto | cpu | cuda: where the moments, the decomposition and the projection run."""
+
+    cache_root: str | None = None
+    """Where cache keys are looked up (default: $TCSKD_CACHE, else ./caches)."""
+
+    method: str = "eigh"
+    """pca only: 'eigh' of the streamed covariance (O(D^2) memory), or 'svd', an exact SVD of
+    the centred data held in memory (refused when it does not fit)."""
+
+    seed: int = 0
+    """Seed of the random basis (``kind='random'``)."""
+
+    chunk_rows: int | None = None
+    """Rows per read (default: the cache's chunk size). The result does not depend on it."""
+
+    def validate(self) -> None:
+        """TcskdError (one line) for an inconsistent configuration."""
+        if self.kind not in KINDS:
+            raise TcskdError(f"unknown basis kind '{self.kind}' (choose {', '.join(KINDS)})")
+        if self.method not in METHODS:
+            raise TcskdError(f"unknown method '{self.method}' (choose {', '.join(METHODS)})")
+        if self.view not in VIEWS:
+            raise TcskdError(f"unknown view '{self.view}' (choose 0 or all)")
+        if self.dim is not None and self.energy is not None:
+            raise TcskdError("give --dim or --energy, not both")
+        if self.dim is not None and self.dim < 1:
+            raise TcskdError(f"--dim must be at least 1, got {self.dim}")
+        if self.energy is not None and not 0.0 < self.energy <= 1.0:
+            raise TcskdError(f"--energy must be in (0, 1], got {self.energy}")
+        if self.kind == "identity" and self.energy is not None:
+            raise TcskdError("an identity basis keeps every dimension (K = D): drop --energy")
+        if self.chunk_rows is not None and self.chunk_rows < 1:
+            raise TcskdError(f"--chunk-rows must be at least 1, got {self.chunk_rows}")
+        if self.name is not None and (not _NAME_RE.match(self.name) or len(self.name) > 100):
+            raise TcskdError(f"invalid basis name '{self.name}': use letters, digits, '_', '-', '.' "
+                             f"and do not start with '.' or '-'")
+
+    def resolved_name(self, fit_key: str | None = None) -> str:
+        """``name``, or the default derived from kind, whitening and the fit-on cache's key."""
+        if self.name:
+            return self.name
+        name = self.kind + ("-whiten" if self.whiten else "")
+        if fit_key:
+            name += f"-fit-{fit_key[:8]}"
+        return name
+
+
+@dataclass
+class Fitted:
+    """A basis before it is written: K kept coordinates plus all D spectra for the plot."""
+
+    kind: str
+    mean: np.ndarray            # [D]
+    components: np.ndarray      # [K, D]
+    eigenvalues: np.ndarray     # [K]
+    explained_ratio: np.ndarray  # [K] cumulative
+    spectrum: np.ndarray        # all available eigenvalues (the scree)
+    total_variance: float
+    samples: int
+
+    @property
+    def k(self) -> int:
+        return int(self.components.shape[0])
+
+
+# -- the stage ---------------------------------------------------------------
+
+def fit_basis(cfg: BasisConfig) -> dict[str, Any]:
+    """Fit the basis ``cfg`` describes, store it in the cache, write its plot; return a summary.
+
+    Summary keys: name, kind, k, dim, explained (cumulative share at K), top_eigenvalues,
+    total_variance, rows_used, samples, cache, basis (where it is stored), plot, fit_on, seconds.
+    """
+    cfg.validate()
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    cache_dir = resolve_cache(cfg.cache, cfg.cache_root)
+    fit_dir = resolve_cache(cfg.fit_on, cfg.cache_root) if cfg.fit_on else cache_dir
+    same = fit_dir.resolve() == cache_dir.resolve()
+
+    with WriterLock(cache_dir):
+        store = open_store(cache_dir, "a")
+        try:
+            src = store if same else open_store(fit_dir, "r")
+            try:
+                _check_ready(store)
+                if not same:
+                    _check_ready(src)
+                    d_dst, d_src = _dim(store), _dim(src)
+                    if d_dst != d_src:
+                        raise StoreError(f"--fit-on cache {fit_dir} has {d_src}-dimensional features but "
+                                         f"cache {cache_dir} has {d_dst}: a basis must match the features")
+                fit_key = str(src.manifest.get("key") or fit_dir.name)
+                name = cfg.resolved_name(None if same else fit_key)
+                _remove_leftovers(store)
+                rows_used = int(row_mask(src).sum())
+                log.info("fitting %s basis '%s' on %d rows (view %s) of %s on %s", cfg.kind, name,
+                         rows_used, cfg.view, fit_dir, device)
+                fitted = _fit(src, cfg, device)
+            finally:
+                if src is not store:
+                    src.close()
+            attrs = {
+                "kind": cfg.kind, "k": fitted.k, "whiten": bool(cfg.whiten), "view": cfg.view,
+                "fit_on": fit_key, "fit_on_path": str(fit_dir), "rows_used": rows_used,
+                "samples": fitted.samples, "total_variance": fitted.total_variance,
+                "method": cfg.method if cfg.kind == "pca" else None,
+                "seed": cfg.seed if cfg.kind == "random" else None,
+                "dim_requested": cfg.dim, "energy": cfg.energy, "feature_dim": int(fitted.mean.shape[0]),
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "tool_version": tcskd.__version__,
+                "config": {**asdict(cfg), "name": name, "device": str(device)},
+            }
+            write_basis(store, name, fitted, attrs, coords=cfg.coords, whiten=cfg.whiten, device=device,
+                        chunk_rows=cfg.chunk_rows)
+            fmt = store.format
+        finally:
+            store.close()
+
+    plot = cache_dir / f"basis-{name}.png"
+    _plot(plot, fitted, name)
+    where = str(cache_dir / "bases" / name) if fmt == "zarr" else f"{cache_dir / 'store.h5'}:/bases/{name}"
+    explained = float(fitted.explained_ratio[-1])
+    top = [float(v) for v in fitted.eigenvalues[:TOP_EIGENVALUES]]
+    summary = {
+        "name": name, "kind": cfg.kind, "k": fitted.k, "dim": int(fitted.mean.shape[0]),
+        "explained": explained, "top_eigenvalues": top, "total_variance": fitted.total_variance,
+        "rows_used": rows_used, "samples": fitted.samples, "cache": str(cache_dir), "basis": where,
+        "plot": str(plot), "fit_on": fit_key, "seconds": round(time.perf_counter() - t0, 3),
+    }
+    log.info("basis '%s': K=%d of D=%d explains %.4f of the variance; top eigenvalues %s; stored at %s",
+             name, fitted.k, summary["dim"], explained, ", ".join(f"{v:.4g}" for v in top[:5]), where)
+    return summary
+
+
+# -- checks ------------------------------------------------------------------
+
+def _dim(store: Store) -> int:
+    return int(store["features"].shape[2])
+
+
+def _check_ready(store: Store) -> None:
+    """StoreError unless the store has complete, well-shaped features."""
+    if "features" not in store:
+        raise StoreError(f"cache {store.path} has no features array")
+    if "chunk_done" not in store:
+        raise StoreError(f"cache {store.path} has no chunk_done array: its creation was cut short; rebuild it")
+    done = store.chunk_done()
+    if not done.all():
+        raise StoreError(f"cache {store.path} is incomplete ({int(done.sum())} of {len(done)} chunks done): "
+                         f"finish it with the same `tcskd cache` command before fitting a basis")
+    shape = store["features"].shape
+    if len(shape) != 3:
+        raise StoreError(f"cache {store.path}: features have shape {tuple(shape)}, expected N x V x D")
+    n_rows = store.manifest.get("n_rows")
+    if n_rows is not None and int(n_rows) != shape[0]:
+        raise StoreError(f"cache {store.path}: manifest says {n_rows} rows but features have {shape[0]}")
+
+
+def _remove_leftovers(store: Store) -> None:
+    """Delete hidden groups under ``bases/`` left by killed runs (we hold the writer lock)."""
+    for child in store.children("bases"):
+        if child.startswith("."):
+            log.warning("removing bases/%s left by an interrupted run", child)
+            store.delete(f"bases/{child}")
+
+
+# -- fitting -----------------------------------------------------------------
+
+def _fit(src: Store, cfg: BasisConfig, device: torch.device) -> Fitted:
+    d = _dim(src)
+    if cfg.dim is not None and cfg.dim > d:
+        raise TcskdError(f"--dim {cfg.dim} exceeds the feature dimension {d}")
+    if cfg.kind == "identity" and cfg.dim not in (None, d):
+        raise TcskdError(f"an identity basis keeps every dimension (K = D = {d}): drop --dim or use --dim {d}")
+    if cfg.kind == "pca" and cfg.method == "svd":
+        return _fit_pca_svd(src, cfg, device)
+    mom = stream_moments(src, cfg.view, device, cfg.chunk_rows)
+    if mom.n < 2:
+        raise StoreError(f"cache {src.path} has {mom.n} usable sample(s); a basis needs at least 2")
+    if cfg.kind == "pca":
+        return _fit_pca_eigh(mom, cfg)
+    if cfg.kind == "random":
+        return _fit_random(mom, cfg)
+    return _fit_identity(mom)
+
+
+def _fit_pca_eigh(mom: Moments, cfg: BasisConfig) -> Fitted:
+    cov = mom.covariance()
+    evals, evecs = torch.linalg.eigh(cov)
+    evals, evecs = evals.flip(0), evecs.flip(1)
+    comps = sign_convention(evecs.T)
+    spectrum = evals.clamp_min(0).cpu().numpy()
+    total = float(torch.diagonal(cov).sum().item())
+    k = _choose_k(spectrum, total, cfg)
+    _note_rank(k, mom.n)
+    return _fitted("pca", mom.mean(), comps[:k], spectrum, total, k, mom.n)
+
+
+def _fit_pca_svd(src: Store, cfg: BasisConfig, device: torch.device) -> Fitted:
+    d = _dim(src)
+    ok = row_mask(src)
+    n = int(ok.sum()) * (int(src["features"].shape[1]) if cfg.view == "all" else 1)
+    need = n * d * 8 * 3  # data, centred copy / U, workspace
+    avail = _available_bytes(device)
+    if need > avail:
+        raise TcskdError(f"--method svd needs about {need / 2**30:.1f} GiB on {device} for {n} x {d} samples "
+                         f"but about {avail / 2**30:.1f} GiB is free: use --method eigh")
+    data = torch.empty(n, d, dtype=torch.float64, device=device)
+    filled = 0
+
+    def keep(s: torch.Tensor) -> None:
+        nonlocal filled
+        data[filled:filled + s.shape[0]] = s.to(torch.float64)
+        filled += s.shape[0]
+
+    mom = stream_moments(src, cfg.view, device, cfg.chunk_rows, on_samples=keep)
+    if filled != n or mom.n != n:
+        raise StoreError(f"cache {src.path}: expected {n} usable samples, read {filled}")
+    if n < 2:
+        raise StoreError(f"cache {src.path} has {n} usable sample(s); a basis needs at least 2")
+    mean = mom.mean()
+    data -= mean
+    _, s, vh = torch.linalg.svd(data, full_matrices=False)
+    del data
+    evals = s ** 2 / (n - 1)
+    spectrum = np.zeros(d)
+    spectrum[: evals.shape[0]] = evals.cpu().numpy()
+    total = float(spectrum.sum())
+    avail_k = int(vh.shape[0])
+    if cfg.dim is not None and cfg.dim > avail_k:
+        raise TcskdError(f"--method svd yields {avail_k} components for {n} samples; --dim {cfg.dim} needs "
+                         f"--method eigh")
+    k = min(_choose_k(spectrum, total, cfg), avail_k)
+    _note_rank(k, n)
+    return _fitted("pca", mean, sign_convention(vh[:k]), spectrum, total, k, n)
+
+
+def _fit_random(mom: Moments, cfg: BasisConfig) -> Fitted:
+    d = mom.dim
+    rotation = random_rotation(d, cfg.seed).to(mom.device)
+    cov = mom.covariance()
+    variances = ((rotation @ cov) * rotation).sum(1).clamp_min(0).cpu().numpy()
+    total = float(torch.diagonal(cov).sum().item())
+    k = _choose_k(variances, total, cfg)
+    return _fitted("random", mom.mean(), rotation[:k], variances, total, k, mom.n)
+
+
+def _fit_identity(mom: Moments) -> Fitted:
+    d = mom.dim
+    second = mom.second_moment().clamp_min(0).cpu().numpy()
+    total = float(second.sum())
+    eye = torch.eye(d, dtype=torch.float64)
+    return _fitted("identity", torch.zeros(d, dtype=torch.float64), eye, second, total, d, mom.n)
+
+
+def _fitted(kind: str, mean: torch.Tensor, comps: torch.Tensor, spectrum: np.ndarray, total: float,
+            k: int, samples: int) -> Fitted:
+    if not total > 0:
+        raise StoreError("the features have zero variance: no coordinate system can be fitted")
+    ratio = np.cumsum(spectrum) / total
+    return Fitted(kind=kind, mean=mean.detach().cpu().numpy().astype(np.float64),
+                  components=comps.detach().cpu().numpy().astype(np.float64),
+                  eigenvalues=spectrum[:k].astype(np.float64).copy(),
+                  explained_ratio=np.minimum(ratio[:k], 1.0), spectrum=spectrum, total_variance=total,
+                  samples=int(samples))
+
+
+def random_rotation(d: int, seed: int) -> torch.Tensor:
+    """A seeded D x D orthonormal matrix (rows), the same on every device: QR of a Gaussian.
+
+    Its first K rows equal those obtained from a D x K Gaussian with the same seed's
+    leading columns, so smaller K gives a nested basis.
+    """
+    g = torch.Generator().manual_seed(int(seed))
+    gauss = torch.randn(d, d, generator=g, dtype=torch.float64)
+    q, r = torch.linalg.qr(gauss)
+    signs = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(torch.float64)
+    return (q * signs).T.contiguous()
+
+
+def sign_convention(comps: torch.Tensor) -> torch.Tensor:
+    """Flip each row so that its largest-magnitude entry is positive (deterministic signs)."""
+    idx = comps.abs().argmax(dim=1, keepdim=True)
+    signs = torch.where(torch.gather(comps, 1, idx) < 0, -1.0, 1.0).to(comps.dtype)
+    return comps * signs
+
+
+def _choose_k(spectrum: np.ndarray, total: float, cfg: BasisConfig) -> int:
+    d = len(spectrum)
+    if cfg.dim is not None:
+        return int(cfg.dim)
+    if cfg.energy is None:
+        return d
+    ratio = np.cumsum(spectrum) / total if total > 0 else np.ones(d)
+    reach = np.flatnonzero(ratio >= cfg.energy - 1e-12)
+    return int(reach[0]) + 1 if len(reach) else d
+
+
+def _note_rank(k: int, samples: int) -> None:
+    if k > samples - 1:
+        log.warning("K=%d exceeds the rank of the centred data (at most %d for %d samples): the last %d "
+                    "component(s) have eigenvalue ~0 and arbitrary directions", k, samples - 1, samples,
+                    k - (samples - 1))
+
+
+def _available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+# -- writing -----------------------------------------------------------------
+
+def write_basis(store: Store, name: str, fitted: Fitted, attrs: dict[str, Any], coords: bool = False,
+                whiten: bool = False, device: torch.device | str = "cpu", chunk_rows: int | None = None) -> None:
+    """Write ``fitted`` as ``bases/<name>`` so that it appears whole or not at all."""
+    store.require_group("bases")
+    tmp = f"bases/.tmp-{name}-{os.getpid()}"
+    if tmp in store:
+        store.delete(tmp)
+    store.require_group(tmp)
+    try:
+        k, d = fitted.components.shape
+        for key, arr in (("mean", fitted.mean), ("components", fitted.components),
+                         ("eigenvalues", fitted.eigenvalues), ("explained_ratio", fitted.explained_ratio)):
+            chunks = arr.shape if arr.ndim == 1 else (min(k, max(1, (1 << 22) // d)), d)
+            a = store.create(f"{tmp}/{key}", arr.shape, "float64", chunks, fill_value=0.0, compress=False)
+            a[...] = arr
+        if coords:
+            _write_coords(store, tmp, fitted, whiten, torch.device(device), chunk_rows)
+        store.set_attrs({**attrs, "k": int(k), "complete": False}, tmp)
+        store.flush()
+        _publish(store, tmp, f"bases/{name}")
+    except BaseException:
+        _discard(store, tmp)
+        raise
+
+
+def _publish(store: Store, tmp: str, final: str) -> None:
+    """Rename the finished hidden group into place (replacing an older one), then mark it complete."""
+    store.rename(tmp, final)
+    store.set_attrs({"complete": True}, final)
+    store.flush()
+
+
+def _discard(store: Store, tmp: str) -> None:
+    """Best effort: remove a half-written group after an error (a killed run leaves it for the next)."""
+    try:
+        store.delete(tmp)
+    except Exception as e:  # the original error matters more
+        log.warning("could not remove %s: %s", tmp, e)
+
+
+def _write_coords(store: Store, group: str, fitted: Fitted, whiten: bool, device: torch.device,
+                  chunk_rows: int | None) -> None:
+    """coords [N, V, K] float16 = (x - mean) B^T (/ sqrt(eigenvalue)), chunk by chunk on ``device``."""
+    feats = store["features"]
+    n, v, _ = (int(s) for s in feats.shape)
+    k = fitted.k
+    ch = int(store.manifest.get("chunk_rows") or read_chunk_rows(store, chunk_rows))
+    out = store.create(f"{group}/coords", (n, v, k), "float16", (ch, v, k), fill_value=0)
+    f64 = dict(dtype=torch.float64, device=device)
+    mean = torch.as_tensor(fitted.mean, **f64)
+    comps_t = torch.as_tensor(fitted.components, **f64).T.contiguous()
+    scale = (torch.as_tensor(np.sqrt(np.maximum(fitted.eigenvalues, WHITEN_EPS)), **f64) if whiten
+             else torch.ones(k, **f64))
+    overflow = 0
+    for chunk in iter_feature_chunks(store, chunk_rows, desc="coords"):
+        x = torch.from_numpy(np.ascontiguousarray(chunk.x)).to(device, non_blocking=True)
+        ok = torch.from_numpy(chunk.ok).to(device)
+        if chunk.ok.any():
+            check_finite(store, chunk, x[ok])
+        c = ((x.to(torch.float64) - mean) @ comps_t) / scale
+        c[~ok] = 0
+        c16 = c.to(torch.float16)
+        overflow += int((~torch.isfinite(c16)).sum().item())
+        out[chunk.start:chunk.stop] = c16.cpu().numpy()
+    if overflow:
+        log.warning("%d coordinate value(s) overflow float16 (|c| > 65504) and are stored as inf", overflow)
+
+
+# -- plot --------------------------------------------------------------------
+
+def _plot(path: Path, fitted: Fitted, name: str) -> None:
+    """Scree (eigenvalues, log scale) and cumulative explained variance, K marked; atomic write."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    spec = fitted.spectrum
+    idx = np.arange(1, len(spec) + 1)
+    ratio = np.minimum(np.cumsum(spec) / fitted.total_variance, 1.0)
+    k = fitted.k
+    fig = Figure(figsize=(10, 4))
+    FigureCanvasAgg(fig)
+    ax1, ax2 = fig.subplots(1, 2)
+    positive = spec > 0
+    label = {"pca": "eigenvalue", "random": "variance along direction", "identity": "second moment"}[fitted.kind]
+    ax1.semilogy(idx[positive], spec[positive], ".-", ms=3, lw=1)
+    ax1.axvline(k, color="tab:red", ls="--", lw=1, label=f"K = {k}")
+    ax1.set_xlabel("coordinate")
+    ax1.set_ylabel(label)
+    ax1.set_title(f"scree: {name} ({fitted.kind})")
+    ax1.legend()
+    ax2.plot(idx, ratio, "-", lw=1.5)
+    ax2.axvline(k, color="tab:red", ls="--", lw=1)
+    ax2.axhline(ratio[k - 1], color="tab:gray", ls=":", lw=1)
+    ax2.annotate(f"{ratio[k - 1]:.3f} at K={k}", (k, ratio[k - 1]), textcoords="offset points", xytext=(6, -14))
+    ax2.set_ylim(0, 1.02)
+    ax2.set_xlabel("number of coordinates")
+    ax2.set_ylabel("cumulative explained variance")
+    ax2.set_title("cumulative variance")
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.13, top=0.9, wspace=0.28)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    os.replace(tmp, path)
