@@ -60,3 +60,25 @@ def test_hdf5_under_torchrun_is_refused(tmp_path, tiny_teacher):
     r = torchrun(["cache", "--data", data, "--teacher", tiny_teacher, "--image-size", "16", "--format", "hdf5",
                   "--cache-root", str(tmp_path / "c")])
     assert r.returncode != 0 and "use --format zarr under torchrun" in r.stderr
+
+
+def test_basis_two_ranks_equals_one_process(tmp_path, tiny_teacher):
+    from tcskd.subspace.basis import load_basis
+
+    data = make_npz(tmp_path / "d.npz", n=90)
+    args = ["cache", "--data", data, "--teacher", tiny_teacher, "--image-size", "16", "--chunk-rows", "8",
+            "--dtype", "float32", "--cache-root", str(tmp_path / "c")]
+    r = run_cli(args)
+    assert r.returncode == 0, r.stderr
+    path = _last_path(r.stdout)
+    one = run_cli(["basis", "--cache", str(path), "--name", "one", "--dim", "8", "--coords", "--device", "cpu"])
+    assert one.returncode == 0, one.stderr
+    two = torchrun(["basis", "--cache", str(path), "--name", "two", "--dim", "8", "--coords", "--device", "cpu"])
+    assert two.returncode == 0, two.stderr
+    with open_store(path) as s:
+        a, b = load_basis(s, "one"), load_basis(s, "two")
+        np.testing.assert_allclose(b.eigenvalues, a.eigenvalues, rtol=1e-9)
+        np.testing.assert_allclose(b.mean, a.mean, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(np.abs((a.components * b.components).sum(1)), 1.0, atol=1e-8)
+        np.testing.assert_allclose(s.read("bases/two/coords"), s.read("bases/one/coords"), atol=1e-3)
+        assert a.attrs["rows_used"] == b.attrs["rows_used"] == 90

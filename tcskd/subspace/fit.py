@@ -26,6 +26,7 @@ writer lock.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
 import os
@@ -39,6 +40,7 @@ import numpy as np
 import torch
 
 import tcskd
+from tcskd import dist
 from tcskd.cache.registry import WriterLock, resolve_cache
 from tcskd.cache.store import Store, open_store
 from tcskd.device import resolve_device
@@ -166,13 +168,19 @@ def fit_basis(cfg: BasisConfig) -> dict[str, Any]:
     """
     cfg.validate()
     t0 = time.perf_counter()
-    device = resolve_device(cfg.device)
+    device = dist.device_for_rank(resolve_device(cfg.device))
+    dist.init(device)
+    if dist.world() > 1 and cfg.kind == "pca" and cfg.method == "svd":
+        raise TcskdError("--method svd needs every sample in one process: use --method eigh under torchrun")
     cache_dir = resolve_cache(cfg.cache, cfg.cache_root)
     fit_dir = resolve_cache(cfg.fit_on, cfg.cache_root) if cfg.fit_on else cache_dir
     same = fit_dir.resolve() == cache_dir.resolve()
 
-    with WriterLock(cache_dir):
-        store = open_store(cache_dir, "a")
+    # Under torchrun only rank 0 locks and writes; every rank streams its share of the
+    # chunks and the moments are all-reduced (see _moments).
+    lock = WriterLock(cache_dir) if dist.is_main() else contextlib.nullcontext()
+    with _rank0_first(lock):
+        store = open_store(cache_dir, "a" if dist.is_main() else "r")
         try:
             src = store if same else open_store(fit_dir, "r")
             try:
@@ -204,14 +212,17 @@ def fit_basis(cfg: BasisConfig) -> dict[str, Any]:
                 "tool_version": tcskd.__version__,
                 "config": {**asdict(cfg), "name": name, "device": str(device)},
             }
-            write_basis(store, name, fitted, attrs, coords=cfg.coords, whiten=cfg.whiten, device=device,
-                        chunk_rows=cfg.chunk_rows)
+            if dist.is_main():
+                write_basis(store, name, fitted, attrs, coords=cfg.coords, whiten=cfg.whiten, device=device,
+                            chunk_rows=cfg.chunk_rows)
             fmt = store.format
         finally:
             store.close()
 
     plot = cache_dir / f"basis-{name}.png"
-    _plot(plot, fitted, name)
+    if dist.is_main():
+        _plot(plot, fitted, name)
+    dist.barrier()
     where = str(cache_dir / "bases" / name) if fmt == "zarr" else f"{cache_dir / 'store.h5'}:/bases/{name}"
     explained = float(fitted.explained_ratio[-1])
     top = [float(v) for v in fitted.eigenvalues[:TOP_EIGENVALUES]]
@@ -268,7 +279,7 @@ def _fit(src: Store, cfg: BasisConfig, device: torch.device) -> Fitted:
         raise TcskdError(f"an identity basis keeps every dimension (K = D = {d}): drop --dim or use --dim {d}")
     if cfg.kind == "pca" and cfg.method == "svd":
         return _fit_pca_svd(src, cfg, device)
-    mom = stream_moments(src, cfg.view, device, cfg.chunk_rows)
+    mom = _moments(src, cfg, device)
     if mom.n < 2:
         raise StoreError(f"cache {src.path} has {mom.n} usable sample(s); a basis needs at least 2")
     if cfg.kind == "pca":
@@ -276,6 +287,36 @@ def _fit(src: Store, cfg: BasisConfig, device: torch.device) -> Fitted:
     if cfg.kind == "random":
         return _fit_random(mom, cfg)
     return _fit_identity(mom)
+
+
+def _moments(src: Store, cfg: BasisConfig, device: torch.device) -> Moments:
+    """The moments of every usable sample; under torchrun each rank reads every
+    world-th chunk and the sums are all-reduced, so every rank holds the total."""
+    if dist.world() == 1:
+        return stream_moments(src, cfg.view, device, cfg.chunk_rows)
+    rows = int(src["features"].shape[0])
+    step = int(cfg.chunk_rows or src.manifest.get("chunk_rows") or rows)
+    ids = list(range(-(-rows // step)))[dist.rank()::dist.world()]
+    mom = stream_moments(src, cfg.view, device, cfg.chunk_rows, chunk_ids=ids)
+    mom.all_reduce()
+    return mom
+
+
+@contextlib.contextmanager
+def _rank0_first(lock: Any):
+    """Enter ``lock`` on rank 0; the other ranks learn whether that worked before going on."""
+    error = None
+    try:
+        lock.__enter__()
+    except TcskdError as e:
+        error = str(e)
+    error = dist.broadcast_object(error)
+    if error:
+        raise TcskdError(error)
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def _fit_pca_eigh(mom: Moments, cfg: BasisConfig) -> Fitted:
