@@ -42,7 +42,8 @@ class _Group(click.Group):
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s", force=True)
-    for noisy in ("matplotlib", "PIL", "h5py", "numcodecs", "zarr", "asyncio", "urllib3", "filelock"):
+    for noisy in ("matplotlib", "PIL", "h5py", "numcodecs", "zarr", "asyncio", "urllib3", "filelock", "faiss",
+                  "faiss.loader", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

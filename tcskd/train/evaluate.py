@@ -1,0 +1,311 @@
+"""Feature-space evaluation: weighted kNN and a linear probe, and the teacher's reference.
+
+Both classifiers work on any (N x D) feature matrix, so they serve to measure
+the teacher from its cached features (``evaluate_teacher``, no teacher
+forward) and a trained student's embeddings alike.
+
+- ``knn_top1``: the weighted kNN classifier of DINO (Caron et al. 2021) on
+  L2-normalised features: the ``k`` most cosine-similar training rows vote for
+  their label with weight ``exp(sim / T)``; the class with the largest summed
+  vote wins (ties: the lowest class index). Exact search with faiss
+  ``IndexFlatIP``, on the GPU when asked for and faiss has GPU support.
+- ``linear_probe_top1``: multinomial logistic regression on standardised
+  features (train mean / std), L2-regularised, fitted full-batch with L-BFGS
+  from a seeded initialisation. The objective is strictly convex, so the
+  result hardly depends on the seed, and it is deterministic on the CPU.
+
+Rows with a label below 0 (unlabelled) are ignored on both sides.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tcskd.errors import StoreError, TcskdError
+
+log = logging.getLogger(__name__)
+
+#: Query rows per faiss search call (bounds the memory of one search).
+KNN_QUERY_BATCH = 8192
+
+
+# -- helpers ----------------------------------------------------------------
+
+def _as_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    from tcskd.device import resolve_device
+
+    return resolve_device(device)
+
+
+def _labelled(x: np.ndarray, y: np.ndarray, side: str) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``x``/``y`` whose label is >= 0; TcskdError when shapes disagree or none is left."""
+    x = np.asarray(x)
+    y = np.asarray(y).astype(np.int64, copy=False).reshape(-1)
+    if x.ndim != 2 or x.shape[0] != y.shape[0]:
+        raise TcskdError(f"{side} features {x.shape} and labels {y.shape} do not match (expected N x D and N)")
+    keep = y >= 0
+    if not keep.any():
+        raise TcskdError(f"no labelled {side} rows (every label is < 0)")
+    if keep.all():
+        return x, y
+    return x[keep], y[keep]
+
+
+def _l2_normalise(x: np.ndarray) -> np.ndarray:
+    """float32, C-contiguous, each row scaled to unit length (zero rows stay zero)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
+
+
+def _faiss_index(dim: int, device: torch.device) -> Any:
+    """An exact inner-product index: on the GPU when asked for and available, else on the CPU."""
+    import faiss
+
+    if device.type == "cuda":
+        if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+            res = faiss.StandardGpuResources()
+            cfg = faiss.GpuIndexFlatConfig()
+            cfg.device = device.index if device.index is not None else torch.cuda.current_device()
+            index = faiss.GpuIndexFlatIP(res, dim, cfg)
+            index._tcskd_res = res  # keep the resources alive as long as the index
+            return index
+        log.info("faiss has no GPU support here (faiss-cpu); kNN search runs on the CPU")
+    return faiss.IndexFlatIP(dim)
+
+
+# -- kNN --------------------------------------------------------------------
+
+def knn_predict(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, k: int = 20,
+                temperature: float = 0.07, device: str | torch.device = "cpu",
+                num_classes: int | None = None) -> np.ndarray:
+    """Weighted-kNN class predictions for every row of ``test_x``.
+
+    ``train_x``/``train_y`` must hold labelled rows only (labels >= 0). ``k`` is
+    clamped to the number of training rows. Returns int64 predictions.
+    """
+    if k < 1:
+        raise TcskdError(f"k must be >= 1 (got {k})")
+    if temperature <= 0:
+        raise TcskdError(f"the kNN temperature must be > 0 (got {temperature})")
+    train_y = np.asarray(train_y, dtype=np.int64)
+    if train_x.shape[1] != test_x.shape[1]:
+        raise TcskdError(f"train features have {train_x.shape[1]} dims, test features {test_x.shape[1]}")
+    k = min(k, len(train_y))
+    c = int(num_classes if num_classes is not None else train_y.max() + 1)
+    index = _faiss_index(train_x.shape[1], _as_device(device))
+    index.add(_l2_normalise(train_x))
+    preds = np.empty(len(test_x), dtype=np.int64)
+    for start in range(0, len(test_x), KNN_QUERY_BATCH):
+        q = _l2_normalise(test_x[start:start + KNN_QUERY_BATCH])
+        sims, idx = index.search(q, k)
+        weights = np.exp(sims.astype(np.float64) / temperature)
+        labels = train_y[idx]
+        votes = np.zeros((len(q), c), dtype=np.float64)
+        rows = np.arange(len(q))
+        for j in range(k):  # one neighbour rank at a time: row indices are unique within a column
+            votes[rows, labels[:, j]] += weights[:, j]
+        preds[start:start + len(q)] = votes.argmax(axis=1)
+    return preds
+
+
+def knn_top1(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+             k: int = 20, temperature: float = 0.07, device: str | torch.device = "cpu") -> float:
+    """Top-1 accuracy (fraction) of the weighted kNN classifier; labels < 0 are ignored on both sides."""
+    tx, ty = _labelled(train_x, train_y, "train")
+    vx, vy = _labelled(test_x, test_y, "test")
+    c = int(max(ty.max(), vy.max())) + 1
+    preds = knn_predict(tx, ty, vx, k=k, temperature=temperature, device=device, num_classes=c)
+    return float((preds == vy).mean())
+
+
+# -- linear probe -----------------------------------------------------------
+
+def linear_probe_top1(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+                      epochs: int = 100, device: str | torch.device = "cpu", seed: int = 0,
+                      weight_decay: float = 1e-3) -> float:
+    """Top-1 accuracy (fraction) of a linear classifier on standardised features.
+
+    Softmax regression with an L2 penalty ``weight_decay / 2 * ||W||^2`` on the
+    mean cross-entropy, fitted full-batch with L-BFGS (strong-Wolfe line search)
+    for at most ``epochs`` iterations (each one or a few passes over the
+    training rows). Features are standardised with the training rows' mean
+    and standard deviation. ``seed`` seeds the weight initialisation; labels
+    < 0 are ignored on both sides.
+    """
+    if epochs < 1:
+        raise TcskdError(f"linear probe epochs must be >= 1 (got {epochs})")
+    tx, ty = _labelled(train_x, train_y, "train")
+    vx, vy = _labelled(test_x, test_y, "test")
+    if tx.shape[1] != vx.shape[1]:
+        raise TcskdError(f"train features have {tx.shape[1]} dims, test features {vx.shape[1]}")
+    dev = _as_device(device)
+    c = int(max(ty.max(), vy.max())) + 1
+    d = tx.shape[1]
+
+    # A copy (never a view of the caller's array): it is standardised in place below.
+    x = torch.tensor(np.asarray(tx), dtype=torch.float32, device=dev)
+    y = torch.as_tensor(ty, device=dev)
+    mean = x.mean(0)
+    std = x.std(0, unbiased=False).clamp_min(1e-6)
+    x.sub_(mean).div_(std)
+
+    gen = torch.Generator().manual_seed(seed)
+    w = (torch.randn(d, c, generator=gen) * 0.01).to(dev).requires_grad_(True)
+    b = torch.zeros(c, device=dev, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=epochs, history_size=20,
+                            line_search_fn="strong_wolfe", tolerance_grad=1e-6, tolerance_change=1e-9)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(x @ w + b, y) + 0.5 * weight_decay * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    del x
+    with torch.no_grad():
+        correct = 0
+        for start in range(0, len(vy), 65536):
+            q = torch.as_tensor(np.asarray(vx[start:start + 65536]), device=dev).float()
+            pred = (((q - mean) / std) @ w + b).argmax(1).cpu().numpy()
+            correct += int((pred == vy[start:start + 65536]).sum())
+    return correct / len(vy)
+
+
+# -- the teacher's reference accuracy ----------------------------------------
+
+@dataclass
+class EvalConfig:
+    """``tcskd eval``: the teacher's accuracy measured on its cached features only."""
+
+    cache: str
+    """Train cache: a key (or unique key prefix) under ``cache_root``, or a directory."""
+    test_cache: str
+    """Test cache of the same teacher (and dim): key or directory."""
+    k: int = 20
+    """Neighbours of the weighted kNN classifier."""
+    temperature: float = 0.07
+    """Temperature T of the kNN vote weights exp(sim / T)."""
+    linear: bool = True
+    """Also fit a linear probe (L-BFGS softmax regression on standardised features)."""
+    probe_epochs: int = 100
+    """L-BFGS iterations of the linear probe."""
+    seed: int = 0
+    """Seed of the linear probe's initialisation."""
+    device: str = "auto"
+    """auto | cpu | cuda."""
+    cache_root: str | None = None
+    """Where cache keys are looked up (default: $TCSKD_CACHE, else ./caches)."""
+    out: str | None = None
+    """Write the result as JSON to this file."""
+
+
+def _check_complete(store: Any, what: str) -> None:
+    if not store.is_complete():
+        if "chunk_done" in store:
+            done = store.chunk_done()
+            state = f"{int(done.sum())}/{len(done)} chunks done"
+        else:
+            state = "no chunk_done array"
+        raise StoreError(f"{what} cache {store.path} is incomplete ({state}); finish it with `tcskd cache` first")
+
+
+def read_view0(store: Any, desc: str = "features") -> tuple[np.ndarray, np.ndarray]:
+    """(features of view 0 as float32 N' x D, labels N') of the rows with ``row_ok``.
+
+    Reads the store chunk by chunk (its ``chunk_rows``), so memory holds only
+    the result and one chunk.
+    """
+    from tqdm.auto import tqdm
+
+    feats = store["features"]
+    n, _, d = feats.shape
+    ok = np.asarray(store["row_ok"][...], dtype=bool) if "row_ok" in store else np.ones(n, bool)
+    labels = np.asarray(store["labels"][...], dtype=np.int64)
+    if ok.shape != (n,) or labels.shape != (n,):
+        raise StoreError(f"{store.path}: features have {n} rows but labels/row_ok have "
+                         f"{labels.shape[0]}/{ok.shape[0]}")
+    keep = np.flatnonzero(ok)
+    out = np.empty((len(keep), d), dtype=np.float32)
+    step = int(store.manifest.get("chunk_rows") or 4096)
+    pos = 0
+    for start in tqdm(range(0, n, step), desc=desc, unit="chunk", leave=False,
+                      disable=n <= 4 * step or not log.isEnabledFor(logging.INFO)):
+        stop = min(n, start + step)
+        sel = ok[start:stop]
+        if not sel.any():
+            continue
+        block = np.asarray(feats[start:stop, 0, :], dtype=np.float32)[sel]
+        out[pos:pos + len(block)] = block
+        pos += len(block)
+    return out, labels[keep]
+
+
+def evaluate_teacher(cfg: EvalConfig) -> dict[str, Any]:
+    """kNN (and linear-probe) top-1 of the teacher from view 0 of two complete caches.
+
+    Refuses (StoreError) incomplete caches and caches of different teachers or
+    dims. Rows whose ``row_ok`` is False are excluded, and so are unlabelled
+    rows. Returns {'knn_top1', 'linear_top1' (None when cfg.linear is False),
+    'k', 'train_rows', 'test_rows', 'teacher', 'data', ...} with accuracies as
+    fractions; writes it as JSON to ``cfg.out`` when given.
+    """
+    from tcskd.cache.registry import resolve_cache
+    from tcskd.cache.store import open_store
+
+    t0 = time.perf_counter()
+    dev = _as_device(cfg.device)
+    train_path = resolve_cache(cfg.cache, cfg.cache_root)
+    test_path = resolve_cache(cfg.test_cache, cfg.cache_root)
+    if train_path.resolve() == test_path.resolve():
+        log.warning("train and test caches are the same (%s): the accuracies are not held-out", train_path)
+    with open_store(train_path) as tr, open_store(test_path) as te:
+        _check_complete(tr, "train")
+        _check_complete(te, "test")
+        mtr, mte = tr.manifest, te.manifest
+        if mtr.get("teacher_spec") != mte.get("teacher_spec"):
+            raise StoreError(f"train and test caches come from different teachers: "
+                             f"'{mtr.get('teacher_spec')}' vs '{mte.get('teacher_spec')}'")
+        dtr, dte = tr["features"].shape[2], te["features"].shape[2]
+        if dtr != dte or mtr.get("dim", dtr) != mte.get("dim", dte):
+            raise StoreError(f"train and test caches have different feature dims: {dtr} vs {dte}")
+        if mtr.get("data_spec") != mte.get("data_spec"):
+            log.warning("train and test caches hold different datasets: %s vs %s",
+                        mtr.get("data_spec"), mte.get("data_spec"))
+        train_x, train_y = read_view0(tr, "train features")
+        test_x, test_y = read_view0(te, "test features")
+    n_train, n_test = int((train_y >= 0).sum()), int((test_y >= 0).sum())
+    if n_train == 0:
+        raise StoreError(f"train cache {train_path} has no labelled rows to evaluate with")
+    if n_test == 0:
+        raise StoreError(f"test cache {test_path} has no labelled rows to evaluate on")
+    log.info("evaluating teacher %s: %d train / %d test rows, dim %d", mtr.get("teacher_spec"),
+             n_train, n_test, dtr)
+    knn = knn_top1(train_x, train_y, test_x, test_y, k=cfg.k, temperature=cfg.temperature, device=dev)
+    linear = (linear_probe_top1(train_x, train_y, test_x, test_y, epochs=cfg.probe_epochs, device=dev,
+                                seed=cfg.seed) if cfg.linear else None)
+    result: dict[str, Any] = {
+        "knn_top1": knn, "linear_top1": linear, "k": min(cfg.k, n_train), "train_rows": n_train,
+        "test_rows": n_test, "teacher": mtr.get("teacher_spec"), "data": mtr.get("data_spec"),
+        "test_data": mte.get("data_spec"), "dim": int(dtr), "temperature": cfg.temperature,
+        "train_cache": str(train_path), "test_cache": str(test_path),
+        "seconds": round(time.perf_counter() - t0, 3), "config": asdict(cfg),
+    }
+    if cfg.out:
+        out = Path(cfg.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        log.debug("wrote %s", out)
+    return result
