@@ -68,7 +68,7 @@ def main(debug: bool, verbose: int, quiet: bool) -> None:
 @click.option("--batch-size", type=int, default=None, help="Default: 32 on the CPU, 256 on a GPU.")
 @click.option("--format", "fmt", type=click.Choice(["zarr", "hdf5"]), default="zarr", show_default=True)
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
-@click.option("--cache-root", type=click.Path(file_okay=False), default=None, help="Default: $TCSKD_CACHE, else ./caches.")
+@click.option("--cache-root", type=str, default=None, help="Default: $TCSKD_CACHE, else ./caches.")
 @click.option("--limit", type=int, default=None, help="Only the first N samples of the split.")
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
 @click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
@@ -108,15 +108,16 @@ def _human(n: int) -> str:
 
 
 @cache.command("ls")
-@click.option("--cache-root", type=click.Path(file_okay=False), default=None)
+@click.option("--cache-root", type=str, default=None)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per cache.")
 def cache_ls(cache_root, as_json) -> None:
     """List the caches under the cache root."""
     from tcskd.cache.registry import WriterLock, list_caches
+    from tcskd.cache.store import as_location
 
     rows = list_caches(cache_root)
     for r in rows:
-        r["writing"] = WriterLock.is_held(Path(r["path"]))
+        r["writing"] = WriterLock.is_held(as_location(r["path"]))
     if as_json:
         for r in rows:
             click.echo(json.dumps(r))
@@ -137,7 +138,7 @@ def cache_ls(cache_root, as_json) -> None:
 
 @cache.command("info")
 @click.argument("cache_ref")
-@click.option("--cache-root", type=click.Path(file_okay=False), default=None)
+@click.option("--cache-root", type=str, default=None)
 def cache_info(cache_ref, cache_root) -> None:
     """Print a cache's manifest (and its bases) as JSON."""
     from tcskd.cache.registry import resolve_cache
@@ -149,7 +150,7 @@ def cache_info(cache_ref, cache_root) -> None:
 @cache.command("verify")
 @click.argument("cache_ref")
 @click.option("--recompute", type=int, default=0, show_default=True, help="Rows to recompute with the teacher.")
-@click.option("--cache-root", type=click.Path(file_okay=False), default=None)
+@click.option("--cache-root", type=str, default=None)
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
 def cache_verify(cache_ref, recompute, cache_root, device) -> None:
     """Check completeness, shapes, NaN/Inf, labels, and recomputed rows; non-zero exit on a problem."""

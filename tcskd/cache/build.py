@@ -30,8 +30,8 @@ from torch.utils.data import DataLoader, Dataset
 
 import tcskd
 from tcskd import dist
-from tcskd.cache.registry import WriterLock, cache_key, default_cache_root
-from tcskd.cache.store import FORMATS, Store, detect_format, iter_chunks, open_store
+from tcskd.cache.registry import WriterLock, cache_key, cache_root_of
+from tcskd.cache.store import FORMATS, Store, detect_format, is_remote, iter_chunks, open_store
 from tcskd.cache.views import DEFAULT_SCALE, apply_view, to_tensor, view_params
 from tcskd.data import DataError, Source, open_source
 from tcskd.device import autocast, resolve_device
@@ -184,9 +184,17 @@ def check_config(cfg: CacheConfig) -> None:
 
 def _create_store(path: Path, cfg: CacheConfig, source: Source, teacher, key: str,
                   ident: dict[str, Any]) -> None:
-    """Create every array and the manifest in a hidden folder, then rename it into place."""
-    tmp = path.parent / f".tmp-{key}-{os.getpid()}"
-    if tmp.exists():
+    """Create every array and the manifest in a hidden folder, then rename it into place.
+
+    An object store has no atomic rename: there the store is created in place
+    and the manifest written last, so a store cut short has no manifest and
+    is created again by the next run.
+    """
+    remote = is_remote(path)
+    tmp = path if remote else path.parent / f".tmp-{key}-{os.getpid()}"
+    if remote:
+        path.remove()
+    elif tmp.exists():
         shutil.rmtree(tmp)
     n, v, d, ch = len(source), cfg.views, teacher.dim, cfg.chunk_rows
     n_chunks = -(-n // ch)
@@ -212,10 +220,21 @@ def _create_store(path: Path, cfg: CacheConfig, source: Source, teacher, key: st
         store.flush()
     finally:
         store.close()
-    os.rename(tmp, path)
+    if not remote:
+        os.rename(tmp, path)
 
 
-def _clean_stale_tmp(root: Path, key: str) -> None:
+def _has_manifest(path) -> bool:
+    try:
+        with open_store(path):
+            return True
+    except StoreError:
+        return False
+
+
+def _clean_stale_tmp(root, key: str) -> None:
+    if is_remote(root):
+        return
     for d in root.glob(f".tmp-{key}-*"):
         try:
             pid = int(d.name.rsplit("-", 1)[1])
@@ -239,8 +258,7 @@ def prepare(cfg: CacheConfig):
     teacher = load_teacher(cfg.teacher, cfg.image_size)
     ident = identity_of(cfg, source, teacher.identity())
     key = cache_key(ident)
-    root = Path(cfg.cache_root) if cfg.cache_root else default_cache_root()
-    return source, teacher, ident, key, root / key
+    return source, teacher, ident, key, cache_root_of(cfg.cache_root) / key
 
 
 def _check_identity(store: Store, ident: dict[str, Any]) -> None:
@@ -277,8 +295,8 @@ def build_cache(cfg: CacheConfig) -> CacheResult:
     return CacheResult(path, key, False, rows, time.perf_counter() - t0)
 
 
-def _is_hit(path: Path, ident: dict[str, Any]) -> bool:
-    if detect_format(path) is None:
+def _is_hit(path, ident: dict[str, Any]) -> bool:
+    if detect_format(path) is None or (is_remote(path) and not _has_manifest(path)):
         return False
     with open_store(path) as s:
         _check_identity(s, ident)
@@ -292,7 +310,7 @@ def _open_for_writing(path: Path, cfg: CacheConfig, source: Source, teacher, key
                       ident: dict[str, Any]) -> Store:
     """Create the store if absent (under the writer lock), then open it for writing."""
     _clean_stale_tmp(path.parent, key)
-    if detect_format(path) is None:
+    if detect_format(path) is None or (is_remote(path) and not _has_manifest(path)):
         _create_store(path, cfg, source, teacher, key, ident)
         log.info("created cache %s (%d rows x %d views x %d dims)", path, len(source), cfg.views, teacher.dim)
     store = open_store(path, "a")

@@ -17,14 +17,19 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tcskd.cache.store import detect_format, open_store
+from tcskd.cache.store import RemotePath, as_location, detect_format, is_remote, open_store
 from tcskd.errors import LockedError, StoreError
 
 log = logging.getLogger(__name__)
 
 
-def default_cache_root() -> Path:
-    return Path(os.environ.get("TCSKD_CACHE") or "caches")
+def default_cache_root() -> "Path | RemotePath":
+    """$TCSKD_CACHE (a folder or an fsspec URL), else ./caches."""
+    return as_location(os.environ.get("TCSKD_CACHE") or "caches")
+
+
+def cache_root_of(cache_root: "str | Path | RemotePath | None") -> "Path | RemotePath":
+    return as_location(cache_root) if cache_root else default_cache_root()
 
 
 def cache_key(identity: dict[str, Any]) -> str:
@@ -32,12 +37,13 @@ def cache_key(identity: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def resolve_cache(key_or_path: str | Path, cache_root: Path | str | None = None) -> Path:
-    """A cache directory from a path or a key under ``cache_root``; StoreError if none."""
-    p = Path(key_or_path)
+def resolve_cache(key_or_path: "str | Path | RemotePath",
+                  cache_root: "str | Path | RemotePath | None" = None) -> "Path | RemotePath":
+    """A cache directory from a path (or URL) or a key under ``cache_root``; StoreError if none."""
+    p = as_location(key_or_path)
     if detect_format(p) is not None:
         return p
-    root = Path(cache_root) if cache_root else default_cache_root()
+    root = cache_root_of(cache_root)
     q = root / str(key_or_path)
     if detect_format(q) is not None:
         return q
@@ -51,14 +57,14 @@ def resolve_cache(key_or_path: str | Path, cache_root: Path | str | None = None)
     raise StoreError(f"no cache '{key_or_path}' (not a cache directory, nor a key under {root})")
 
 
-def list_caches(cache_root: Path | str | None = None) -> list[dict[str, Any]]:
+def list_caches(cache_root: "str | Path | RemotePath | None" = None) -> list[dict[str, Any]]:
     """One summary row per cache under ``cache_root`` (damaged ones say so)."""
-    root = Path(cache_root) if cache_root else default_cache_root()
+    root = cache_root_of(cache_root)
     rows = []
     if not root.is_dir():
         return rows
     for d in sorted(root.iterdir()):
-        if not d.is_dir() or detect_format(d) is None:
+        if d.name.startswith(".") or not d.is_dir() or detect_format(d) is None:
             continue
         try:
             with open_store(d) as s:
@@ -84,15 +90,20 @@ class WriterLock:
     """An exclusive, non-blocking ``flock`` on ``<dir>.lock`` beside a cache.
 
     The kernel drops it when the holder dies (even by SIGKILL), so a crashed
-    writer never leaves a stale lock behind.
+    writer never leaves a stale lock behind. Object stores (fsspec URLs) have
+    no such lock: there, run one writer (torchrun's ranks coordinate).
     """
 
-    def __init__(self, cache_dir: Path, wait: bool = False) -> None:
+    def __init__(self, cache_dir: "Path | RemotePath", wait: bool = False) -> None:
+        self.remote = is_remote(cache_dir)
         self.path = Path(str(cache_dir).rstrip("/") + ".lock")
         self.wait = wait
         self._fd: int | None = None
 
     def __enter__(self) -> "WriterLock":
+        if self.remote:
+            log.debug("no writer lock on an object store")
+            return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -120,7 +131,9 @@ class WriterLock:
             self._fd = None
 
     @staticmethod
-    def is_held(cache_dir: Path) -> bool:
+    def is_held(cache_dir: "Path | RemotePath") -> bool:
+        if is_remote(cache_dir):
+            return False
         path = Path(str(cache_dir).rstrip("/") + ".lock")
         if not path.exists():
             return False

@@ -36,6 +36,95 @@ FORMATS = ("zarr", "hdf5")
 H5_NAME = "store.h5"
 
 
+class RemotePath:
+    """A cache location given as an fsspec URL (``memory://``, ``s3://``, ...).
+
+    Only the few path operations the stages use; Zarr reads and writes it
+    through fsspec. ``file://`` URLs are plain local paths (see as_location).
+    """
+
+    def __init__(self, url: str) -> None:
+        import fsspec
+
+        self.url = url.rstrip("/")
+        self.fs, self._path = fsspec.core.url_to_fs(self.url)
+        self.scheme = self.url.split("://", 1)[0]
+
+    def __truediv__(self, other: str) -> "RemotePath":
+        return RemotePath(f"{self.url}/{other}")
+
+    def __str__(self) -> str:
+        return self.url
+
+    def __repr__(self) -> str:
+        return f"RemotePath({self.url!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RemotePath) and other.url == self.url
+
+    def __hash__(self) -> int:
+        return hash(self.url)
+
+    @property
+    def name(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+    @property
+    def parent(self) -> "RemotePath":
+        return RemotePath(self.url.rsplit("/", 1)[0])
+
+    def resolve(self) -> "RemotePath":
+        return self
+
+    def exists(self) -> bool:
+        return self.fs.exists(self._path)
+
+    def is_file(self) -> bool:
+        return self.fs.isfile(self._path)
+
+    def is_dir(self) -> bool:
+        return self.fs.isdir(self._path)
+
+    def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
+        self.fs.makedirs(self._path, exist_ok=True)
+
+    def iterdir(self):
+        for info in self.fs.ls(self._path, detail=True):
+            yield RemotePath(f"{self.scheme}://{info['name'].lstrip('/')}" if self.scheme != "memory"
+                             else f"memory://{info['name']}")
+
+    def write_bytes(self, data: bytes) -> None:
+        with self.fs.open(self._path, "wb") as f:
+            f.write(data)
+
+    def size_bytes(self) -> int:
+        try:
+            return int(self.fs.du(self._path))
+        except (FileNotFoundError, OSError):
+            return 0
+
+    def remove(self) -> None:
+        if self.fs.exists(self._path):
+            self.fs.rm(self._path, recursive=True)
+
+
+def as_location(where: "str | Path | RemotePath") -> "Path | RemotePath":
+    """A local Path, or a RemotePath for an fsspec URL; ``file://`` URLs become local paths."""
+    if isinstance(where, (Path, RemotePath)):
+        return where
+    text = str(where)
+    if "://" in text:
+        scheme, rest = text.split("://", 1)
+        if scheme == "file":
+            return Path("/" + rest.lstrip("/"))
+        return RemotePath(text)
+    return Path(text)
+
+
+def is_remote(where: object) -> bool:
+    return isinstance(where, RemotePath)
+
+
 class Store:
     """Backend-neutral access to one cache directory.
 
@@ -45,8 +134,8 @@ class Store:
 
     format: str = ""
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
+    def __init__(self, path: "Path | RemotePath") -> None:
+        self.path = as_location(path)
 
     # -- arrays ---------------------------------------------------------
     def create(self, name: str, shape: tuple[int, ...], dtype: Any, chunks: tuple[int, ...],
@@ -113,6 +202,8 @@ class Store:
         return sorted(out)
 
     def size_bytes(self) -> int:
+        if is_remote(self.path):
+            return self.path.size_bytes()
         total = 0
         for root, _, files in os.walk(self.path):
             for f in files:
@@ -126,12 +217,16 @@ class Store:
 class ZarrStore(Store):
     format = "zarr"
 
-    def __init__(self, path: Path, mode: str = "r") -> None:
+    def __init__(self, path: "Path | RemotePath", mode: str = "r") -> None:
         super().__init__(path)
+        self._mode = mode
+        self._reopen()
+
+    def _reopen(self) -> None:
         import zarr
 
         try:
-            self._g = zarr.open_group(str(self.path), mode=mode, zarr_format=3)
+            self._g = zarr.open_group(str(self.path), mode=self._mode, zarr_format=3)
         except Exception as e:  # zarr raises several types for a missing/damaged group
             raise StoreError(f"cannot open Zarr store {self.path}: {e}") from e
 
@@ -161,6 +256,13 @@ class ZarrStore(Store):
             del self._g[name]
 
     def rename(self, src, dst):
+        if is_remote(self.path):
+            # An object store has no atomic rename: move, then the caller marks completion last.
+            (self.path / dst).remove()
+            fs = self.path.fs
+            fs.mv((self.path / src)._path, (self.path / dst)._path, recursive=True)
+            self._reopen()
+            return
         # A local directory store: a group is a folder, and os.rename is atomic.
         src_p, dst_p = self.path / src, self.path / dst
         old = None
@@ -192,10 +294,12 @@ class ZarrStore(Store):
 class H5Store(Store):
     format = "hdf5"
 
-    def __init__(self, path: Path, mode: str = "r") -> None:
+    def __init__(self, path: "Path | RemotePath", mode: str = "r") -> None:
         super().__init__(path)
         import h5py
 
+        if is_remote(self.path):
+            raise StoreError(f"HDF5 stores are local files; use --format zarr for {self.path}")
         self.file = self.path / H5_NAME
         h5mode = {"r": "r", "a": "a", "w": "w", "r+": "r+"}[mode]
         if mode in ("a", "w"):
@@ -305,9 +409,9 @@ def _default(o: Any) -> Any:
     raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
 
 
-def detect_format(path: Path) -> str | None:
+def detect_format(path: "str | Path | RemotePath") -> str | None:
     """'zarr', 'hdf5' or None when ``path`` holds no store."""
-    path = Path(path)
+    path = as_location(path)
     if (path / H5_NAME).is_file():
         return "hdf5"
     if (path / "zarr.json").is_file():
@@ -315,9 +419,9 @@ def detect_format(path: Path) -> str | None:
     return None
 
 
-def open_store(path: Path | str, mode: str = "r", fmt: str | None = None) -> Store:
-    """Open the store in directory ``path``. ``mode``: 'r', 'a' (create if absent)."""
-    path = Path(path)
+def open_store(path: "Path | RemotePath | str", mode: str = "r", fmt: str | None = None) -> Store:
+    """Open the store in directory ``path`` (or fsspec URL). ``mode``: 'r', 'a' (create if absent)."""
+    path = as_location(path)
     found = detect_format(path)
     if fmt is None:
         fmt = found

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from tcskd.cache.store import Store, iter_chunks, open_store
+from tcskd.cache.store import Store, as_location, iter_chunks, open_store
 from tcskd.errors import StoreError, TcskdError
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def verify_cache(path: Path, recompute: int = 0, device: str = "auto", seed: int
     rows recomputed with the teacher and compared with the stored features."""
     from tqdm import tqdm
 
-    report = VerifyReport(Path(path))
+    report = VerifyReport(as_location(path))
     try:
         store = open_store(path)
     except StoreError as e:

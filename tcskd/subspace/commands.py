@@ -26,7 +26,7 @@ from tcskd.subspace.fit import KINDS, METHODS, BasisConfig, fit_basis
               help="pca: eigh of the streamed covariance, or exact SVD of the data in memory.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random basis.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--cache-root", type=click.Path(file_okay=False), default=None,
+@click.option("--cache-root", type=str, default=None,
               help="Default: $TCSKD_CACHE, else ./caches.")
 @click.option("--chunk-rows", type=int, default=None, help="Rows per read (default: the cache's chunk size).")
 def basis(cache_ref: str, name: str | None, kind: str, dim: int | None, energy: float | None, whiten: bool,

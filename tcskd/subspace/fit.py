@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import io
 import logging
 import os
 import re
@@ -42,7 +43,7 @@ import torch
 import tcskd
 from tcskd import dist
 from tcskd.cache.registry import WriterLock, resolve_cache
-from tcskd.cache.store import Store, open_store
+from tcskd.cache.store import Store, is_remote, open_store
 from tcskd.device import resolve_device
 from tcskd.errors import StoreError, TcskdError
 from tcskd.subspace.basis import WHITEN_EPS
@@ -549,6 +550,11 @@ def _plot(path: Path, fitted: Fitted, name: str) -> None:
     ax2.set_ylabel("cumulative explained variance")
     ax2.set_title("cumulative variance")
     fig.subplots_adjust(left=0.08, right=0.98, bottom=0.13, top=0.9, wspace=0.28)
+    if is_remote(path):
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        path.write_bytes(buf.getvalue())
+        return
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fig.savefig(tmp, format="png", dpi=100)
     os.replace(tmp, path)

@@ -27,7 +27,7 @@ def _pct(v: float | None) -> str:
 @click.option("--temperature", type=float, default=0.07, show_default=True, help="kNN vote weight exp(sim/T).")
 @click.option("--linear/--no-linear", default=True, show_default=True, help="Also fit a linear probe.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--cache-root", type=click.Path(file_okay=False), default=None,
+@click.option("--cache-root", type=str, default=None,
               help="Default: $TCSKD_CACHE, else ./caches.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the result as JSON here.")
 def eval_cmd(cache_ref: str, test_ref: str, k: int, temperature: float, linear: bool, device: str,
