@@ -1,0 +1,690 @@
+"""Stage 3: train a student with the TCS head from cached targets.
+
+``train(TrainConfig) -> dict`` prepares the data (tcskd.train.targets), builds
+the student and head, and runs :func:`fit`, the one explicit training loop.
+Learning-rate schedules are pure functions of the step (:func:`lr_at`).
+
+Run directory (``--out``, default ``runs/<method>-<student>-<K>-s<seed>-<time>``):
+``config.yaml`` (the resolved config, written at start), ``metrics.jsonl`` (one
+line per epoch), ``checkpoint.pt`` (after every epoch, written atomically),
+``final.json`` and ``curves.png`` (at the end).
+
+Checkpoint (``torch.save`` of primitives and tensors only, so that
+``torch.load(weights_only=True)`` reads it): ``format`` (1), ``epoch`` (epochs
+completed), ``step`` (optimizer steps taken; the learning rate is a pure
+function of it), ``student`` / ``head`` / ``optimizer`` state dicts (the head's
+holds ``mask``, ``gate`` and the accumulated ``importance``), ``rng`` (torch,
+CUDA, numpy and python generator states as tensors), ``config`` (the resolved
+TrainConfig as a dict), ``meta`` (student name, feature_dim, in_channels,
+num_classes, image_size, k, cache_key, basis, ...), ``train_seconds`` and ``images``.
+
+Determinism and resume: the model is initialised from ``seed``; an epoch's
+sample order and view choices come from a generator seeded by (seed, epoch),
+augmentation from (seed, epoch, row), DataLoader worker seeds from (seed,
+epoch). On the CPU a run stopped after epoch e and resumed gives bit-identical
+weights and metrics to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from tcskd.errors import StoreError, TcskdError
+from tcskd.train.head import TCSHead
+from tcskd.train.losses import MIMICS, elsh_params, tcs_loss
+from tcskd.train.selection import SELECT_BY, SelectionSchedule, apply_selection
+from tcskd.train.students import Student, build_student, count_parameters
+from tcskd.train.targets import (METHODS, TARGET_NORMS, EpochSampler, TorchProjection, ViewImages,
+                                 check_complete, labelled_subset, load_targets, match_rows, resolve_augment,
+                                 resolve_basis, target_scale)
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+LOG_EVERY = 50
+#: Config fields that may differ when a run is resumed.
+RESUME_FREE = ("cache", "cache_root", "data", "out", "resume", "device", "workers", "eval_every", "stop_after")
+
+
+@dataclass
+class TrainConfig:
+    """Options of ``tcskd train``."""
+
+    cache: str | None = None
+    """Train cache: a key (or unique prefix) under ``cache_root``, or a directory (optional only for ``ce``
+    with ``data``)."""
+    basis: str = "pca"
+    """Name of the basis in the cache (``bases/<name>``) whose coordinates are the targets."""
+    student: str = "cnn"
+    """Student network (tcskd.train.students): cnn, resnet8x4, ..., tv:NAME, python:MODULE:FACTORY."""
+    method: str = "tcs"
+    """tcs (basis coordinates), fitnet (identity basis / raw features), ce (no distillation), online (live teacher)."""
+    dim: int | None = None
+    """K: the first K coordinates of the basis; None = all of them."""
+    lam: float = 1.0
+    """lambda: weight of the mimic term (forced to 0 for ce)."""
+    target_norm: str = "global"
+    """global: divide the targets by one scale, sqrt(mean variance of the K coordinates), so that lambda does not
+    depend on the teacher's feature scale (predicting 0 costs MSE 1); none: the raw coordinates."""
+    mimic: str = "mse"
+    """Mimic distance: mse, smooth-l1 or cosine."""
+    epochs: int = 30
+    """Training epochs."""
+    batch_size: int = 128
+    """Images per optimizer step."""
+    lr: float | None = None
+    """Peak learning rate; None = 0.05 for sgd, 1e-3 for adamw."""
+    optimizer: str = "sgd"
+    """sgd (Nesterov-free momentum SGD) or adamw."""
+    weight_decay: float | None = None
+    """Weight decay; None = 5e-4 for sgd, 0.05 for adamw."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    warmup_epochs: float = 1.0
+    """Linear warm-up length in epochs (may be fractional; 0 = none)."""
+    schedule: str = "cosine"
+    """cosine (to 0) or step (x0.1 at 50% and 75% of the steps)."""
+    labels_per_class: int | None = None
+    """CE on this many labelled images per class (seeded); None = every label. The mimic term uses every image."""
+    select_every: int = 0
+    """Tailoring: drop coordinates after every this-many epochs; 0 = off."""
+    drop_frac: float = 0.1
+    """Share of the active coordinates dropped per selection step."""
+    min_dim: int = 8
+    """Tailoring never goes below this many active coordinates."""
+    select_by: str = "grad"
+    """Importance for tailoring: grad (accumulated |dL/dgate|) or error (accumulated squared error)."""
+    elsh_bits: int = 0
+    """Bits of the eLSH term; 0 = off."""
+    elsh_weight: float = 1.0
+    """mu: weight of the eLSH term (when elsh_bits > 0)."""
+    augment: str = "auto"
+    """Student augmentation with a 1-view cache: none, flip, crop, crop-flip; auto = crop (no mirroring) for
+    MNIST / greyscale data, else crop-flip. A V-view cache replays its stored views instead."""
+    image_size: int | None = None
+    """Student input size; None = the dataset's native size (e.g. 28 for MNIST, 32 for CIFAR)."""
+    data: str | None = None
+    """Dataset spec overriding the cache manifest's (e.g. after moving the files)."""
+    out: str | None = None
+    """Run directory; None = runs/<method>-<student>-<K>-s<seed>-<time>."""
+    resume: bool = False
+    """Continue the run in ``out`` from its checkpoint."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    seed: int = 0
+    """Seed of initialisation, order, views, augmentation, label subset, eLSH."""
+    workers: int | None = None
+    """DataLoader worker processes; None = 0 on the CPU, min(8, cores) on CUDA."""
+    cache_root: str | None = None
+    """Where cache keys are looked up (default: $TCSKD_CACHE, else ./caches)."""
+    eval_every: int = 1
+    """Evaluate test top-1 after every this-many epochs (and always after the last)."""
+    stop_after: int | None = None
+    """Stop (as if interrupted) after this many epochs, leaving a resumable run; for tests and time-boxed jobs."""
+
+
+# -- config -----------------------------------------------------------------
+
+def resolve_config(cfg: TrainConfig) -> TrainConfig:
+    """Check the options and fill in the defaults that depend on others."""
+    if cfg.method not in METHODS:
+        raise TcskdError(f"unknown method '{cfg.method}' (choose {', '.join(METHODS)})")
+    if cfg.mimic not in MIMICS:
+        raise TcskdError(f"unknown mimic loss '{cfg.mimic}' (choose {', '.join(MIMICS)})")
+    if cfg.optimizer not in ("sgd", "adamw"):
+        raise TcskdError(f"unknown optimizer '{cfg.optimizer}' (choose sgd or adamw)")
+    if cfg.schedule not in ("cosine", "step"):
+        raise TcskdError(f"unknown schedule '{cfg.schedule}' (choose cosine or step)")
+    if cfg.target_norm not in TARGET_NORMS:
+        raise TcskdError(f"unknown --target-norm '{cfg.target_norm}' (choose {', '.join(TARGET_NORMS)})")
+    if cfg.select_by not in SELECT_BY:
+        raise TcskdError(f"unknown --select-by '{cfg.select_by}' (choose grad or error)")
+    for name, value, low in (("epochs", cfg.epochs, 1), ("batch-size", cfg.batch_size, 1),
+                             ("select-every", cfg.select_every, 0), ("min-dim", cfg.min_dim, 1),
+                             ("elsh-bits", cfg.elsh_bits, 0), ("eval-every", cfg.eval_every, 1)):
+        if value < low:
+            raise TcskdError(f"--{name} must be >= {low} (got {value})")
+    if cfg.dim is not None and cfg.dim < 1:
+        raise TcskdError(f"--dim must be >= 1 (got {cfg.dim})")
+    if not 0.0 <= cfg.drop_frac < 1.0:
+        raise TcskdError(f"--drop-frac must be in [0, 1) (got {cfg.drop_frac})")
+    if cfg.cache is None and not (cfg.method == "ce" and cfg.data):
+        raise TcskdError("--cache is required (only --method ce can train from --data alone)")
+    if cfg.resume and not cfg.out:
+        raise TcskdError("--resume needs --out RUN_DIR (the run to continue)")
+    if cfg.image_size is not None and cfg.image_size < 8:
+        raise TcskdError(f"--image-size must be >= 8 (got {cfg.image_size})")
+    lr = cfg.lr if cfg.lr is not None else (0.05 if cfg.optimizer == "sgd" else 1e-3)
+    wd = cfg.weight_decay if cfg.weight_decay is not None else (5e-4 if cfg.optimizer == "sgd" else 0.05)
+    lam = 0.0 if cfg.method == "ce" else cfg.lam
+    return dataclasses.replace(cfg, lr=lr, weight_decay=wd, lam=lam)
+
+
+# -- schedules (pure) -----------------------------------------------------------
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, schedule: str = "cosine") -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine to 0 or steps."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if schedule == "cosine":
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    if schedule == "step":
+        passed = sum(step >= int(f * total_steps) for f in (0.5, 0.75))
+        return base_lr * 0.1 ** passed
+    raise ValueError(f"unknown schedule '{schedule}'")
+
+
+# -- data -------------------------------------------------------------------
+
+@dataclass
+class Prepared:
+    """Everything the loop needs that comes from the dataset and the cache."""
+
+    train_set: ViewImages
+    test_set: ViewImages | None
+    train_eval_set: ViewImages
+    views: int
+    num_classes: int
+    channels: int
+    image_size: int
+    augment: str
+    k: int | None
+    basis_name: str | None
+    basis_kind: str | None
+    basis: Any
+    target_scale: float | None
+    elsh: tuple[torch.Tensor, torch.Tensor] | None
+    data_spec: str
+    cache_path: str | None
+    cache_key: str | None
+    teacher_spec: str | None
+    teacher_size: int | None
+    n_labelled: int
+    setup_seconds: float
+
+
+def prepare(cfg: TrainConfig) -> Prepared:
+    """Open the data and the cache, check they match, and load the targets into memory."""
+    from tcskd.data import has_split, open_source
+
+    t0 = time.perf_counter()
+    manifest: dict[str, Any] = {}
+    store = None
+    cache_path = None
+    if cfg.cache is not None:
+        from tcskd.cache.registry import resolve_cache
+        from tcskd.cache.store import open_store
+
+        cache_path = resolve_cache(cfg.cache, cfg.cache_root)
+        store = open_store(cache_path)
+    try:
+        if store is not None:
+            check_complete(store)
+            manifest = store.manifest
+        data_spec = cfg.data or manifest.get("data_spec")
+        if not data_spec:
+            raise StoreError(f"cache {cache_path} names no dataset (data_spec); pass --data")
+        split = manifest.get("split", "train")
+        train_split = "test" if split == "test" else "train"
+        train_source = open_source(data_spec, train_split)
+        if store is not None:
+            split_source = train_source if split == train_split else open_source(data_spec, split)
+            limited = (manifest.get("identity") or {}).get("limit") is not None
+            rows, store_rows = match_rows(store, split_source, train_source, limited)
+            views = int(store["features"].shape[1])
+            params = np.asarray(store.read("view_params"), np.float32)[store_rows]
+            if cfg.data is None and train_source.fingerprint != (manifest.get("identity") or {}).get(
+                    "data", {}).get("fingerprint", train_source.fingerprint):
+                log.warning("the dataset's files differ from those the cache was built from")
+        else:
+            rows, store_rows, views, params = np.arange(len(train_source)), None, 1, None
+        basis = resolve_basis(store, cfg.method, cfg.basis, cfg.dim) if store is not None else None
+        targets = None
+        elsh = None
+        if basis is not None and (cfg.method != "online" or cfg.elsh_bits):
+            targets = load_targets(store, store_rows, basis)
+        scale = target_scale(basis, targets, cfg.target_norm) if basis is not None else None
+        if targets is not None:
+            targets /= np.float32(scale)
+            if cfg.elsh_bits:
+                elsh = elsh_params(targets, cfg.elsh_bits, cfg.seed)
+            if cfg.method == "online":
+                targets = None  # only needed for the eLSH bias; the teacher computes them live
+    finally:
+        if store is not None:
+            store.close()
+
+    channels = train_source.channels
+    labels = train_source.labels[rows]
+    ce_mask = labelled_subset(labels, cfg.labels_per_class, cfg.seed)
+    ce_labels = np.where(ce_mask, labels, -1).astype(np.int64)
+    size = cfg.image_size or min(train_source.image(int(rows[0])).shape[:2])
+    augment = resolve_augment(cfg.augment, data_spec, channels) if views == 1 else "none"
+    if views > 1 and cfg.augment not in ("auto", "none"):
+        log.info("a %d-view cache: the student replays the stored views; --augment %s is not used",
+                 views, cfg.augment)
+    teacher_size = int(manifest["image_size"]) if cfg.method == "online" else None
+    train_set = ViewImages(train_source, rows, size, channels, params, targets, ce_labels, augment, cfg.seed,
+                           teacher_size)
+    train_eval_set = ViewImages(train_source, rows, size, channels, params[:, :1] if params is not None else None)
+    test_set = None
+    if train_split == "train" and has_split(data_spec, "test"):
+        test_source = open_source(data_spec, "test")
+        test_set = ViewImages(test_source, np.arange(len(test_source)), size, channels)
+    return Prepared(
+        train_set=train_set, test_set=test_set, train_eval_set=train_eval_set, views=views,
+        num_classes=int(train_source.num_classes), channels=channels, image_size=int(size), augment=augment,
+        k=basis.k if basis is not None else None,
+        basis_name=basis.name if basis is not None else None,
+        basis_kind=basis.kind if basis is not None else None, basis=basis, target_scale=scale, elsh=elsh,
+        data_spec=data_spec,
+        cache_path=str(cache_path) if cache_path else None, cache_key=manifest.get("key"),
+        teacher_spec=manifest.get("teacher_spec"), teacher_size=teacher_size, n_labelled=int(ce_mask.sum()),
+        setup_seconds=time.perf_counter() - t0)
+
+
+def _loader(ds: ViewImages, sampler: EpochSampler, batch_size: int, workers: int, device: torch.device,
+            drop_last: bool, seed: int) -> DataLoader:
+    g = torch.Generator().manual_seed((int(seed) * 31 + sampler.epoch) % (2 ** 63))
+    # Sources hold closures (not picklable): workers are forked, whatever the platform's default.
+    ctx = "fork" if workers > 0 and sys.platform.startswith("linux") else None
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=device.type == "cuda", drop_last=drop_last, generator=g,
+                      multiprocessing_context=ctx)
+
+
+# -- evaluation -------------------------------------------------------------
+
+@torch.no_grad()
+def embed(student: Student, head: TCSHead, ds: ViewImages, device: torch.device, batch_size: int,
+          workers: int) -> tuple[np.ndarray, np.ndarray]:
+    """(features N x d_s, logits N x C) of every image of ``ds`` (its view 0, no augmentation)."""
+    from tcskd.device import autocast
+
+    was = student.training
+    student.eval()
+    head.eval()
+    feats, logits = [], []
+    loader = _loader(ds, EpochSampler(len(ds), 1, 0, 0, shuffle=False), batch_size, workers, device, False, 0)
+    for x, *_ in loader:
+        x = x.to(device, non_blocking=True)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device):
+            f = student(x)
+            lo, _ = head(f)
+        feats.append(f.float().cpu())
+        logits.append(lo.float().cpu())
+    student.train(was)
+    head.train(was)
+    return torch.cat(feats).numpy(), torch.cat(logits).numpy()
+
+
+def top1(logits: np.ndarray, labels: np.ndarray) -> float | None:
+    keep = labels >= 0
+    if not keep.any():
+        return None
+    return float((logits[keep].argmax(1) == labels[keep]).mean())
+
+
+# -- checkpoints ------------------------------------------------------------
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    out = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np.asarray(np_state[1], np.int64)),
+        "numpy_pos": int(np_state[2]), "numpy_has_gauss": int(np_state[3]), "numpy_gauss": float(np_state[4]),
+        "python_version": int(py_state[0]), "python": torch.tensor(py_state[1], dtype=torch.int64),
+        "python_gauss": py_state[2],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_state(s: dict[str, Any]) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(("MT19937", s["numpy_keys"].numpy().astype(np.uint32), s["numpy_pos"],
+                         s["numpy_has_gauss"], s["numpy_gauss"]))
+    random.setstate((s["python_version"], tuple(int(v) for v in s["python"].tolist()), s["python_gauss"]))
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """torch.save to a temporary file, then os.replace: a crash never leaves a torn checkpoint."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise TcskdError(f"cannot read checkpoint {path}: {str(e).splitlines()[0] if str(e) else e}") from e
+
+
+# -- the run directory -------------------------------------------------------
+
+def _slug(s: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in s)
+
+
+def run_dir(cfg: TrainConfig, k: int | None) -> Path:
+    """The run directory; refuses to overwrite a run unless resuming."""
+    if cfg.out:
+        out = Path(cfg.out)
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = Path("runs") / f"{cfg.method}-{_slug(cfg.student)}-{k or 'na'}-s{cfg.seed}-{stamp}"
+    if not cfg.resume:
+        if (out / "final.json").exists():
+            raise TcskdError(f"run directory {out} holds a finished run; pass --resume or another --out")
+        if (out / CHECKPOINT).exists():
+            raise TcskdError(f"run directory {out} holds an unfinished run; pass --resume to continue it")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _check_resume(saved: dict[str, Any], cfg: TrainConfig, cache_key: str | None, meta_key: str | None) -> None:
+    now = _config_dict(cfg)
+    diff = [k for k in now if k not in RESUME_FREE and saved.get(k) != now[k]]
+    if diff:
+        k = diff[0]
+        raise TcskdError(f"cannot resume: the run was started with {k}={saved.get(k)!r}, now {now[k]!r} "
+                         f"({len(diff)} option(s) differ: {', '.join(diff)})")
+    if meta_key != cache_key:
+        raise TcskdError(f"cannot resume: the run used cache {meta_key}, now {cache_key}")
+
+
+# -- the loop ---------------------------------------------------------------
+
+@dataclass
+class LoopState:
+    epoch: int = 0
+    step: int = 0
+    train_seconds: float = 0.0
+    images: int = 0
+
+
+def fit(cfg: TrainConfig, prep: Prepared, student: Student, head: TCSHead, optimizer: torch.optim.Optimizer,
+        state: LoopState, device: torch.device, workers: int, out: Path, meta: dict[str, Any],
+        teacher: Any = None) -> LoopState:
+    """The training loop: epochs ``state.epoch .. cfg.epochs - 1`` (or up to ``cfg.stop_after``)."""
+    from tqdm.auto import tqdm
+
+    from tcskd.device import autocast
+
+    ds = prep.train_set
+    n = len(ds)
+    drop_last = n >= cfg.batch_size
+    steps_per_epoch = n // cfg.batch_size if drop_last else 1
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+    schedule = SelectionSchedule(prep.k or 0, cfg.epochs, cfg.select_every, cfg.drop_frac, cfg.min_dim)
+    project = TorchProjection(prep.basis, device, prep.target_scale) if teacher is not None else None
+    elsh = tuple(t.to(device) for t in prep.elsh) if prep.elsh is not None else None
+    eval_bs = max(cfg.batch_size, 256)
+    last = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, cfg.stop_after)
+    metrics_path = out / "metrics.jsonl"
+
+    for epoch in range(state.epoch, last):
+        t_epoch = time.perf_counter()
+        student.train()
+        head.train()
+        loader = _loader(ds, EpochSampler(n, prep.views, cfg.seed, epoch), cfg.batch_size, workers, device,
+                         drop_last, cfg.seed)
+        sums = torch.zeros(4, device=device)
+        steps = 0
+        lr = cfg.lr
+        active = head.active
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False, disable=None)
+        for x, c, y, _, _, tx in bar:
+            lr = lr_at(state.step, total_steps, warmup_steps, cfg.lr, cfg.schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            if teacher is not None:
+                with torch.no_grad():
+                    with autocast(device):
+                        feats = teacher.features(tx.to(device, non_blocking=True))
+                    c = project(feats)  # in float32, like the cached targets
+            elif head.k:
+                c = c.to(device, non_blocking=True)
+            with autocast(device):
+                f = student(x)
+                logits, c_hat = head(f)
+            mask = head.mask if head.k else None
+            parts = tcs_loss(logits, y, c_hat, c if head.k else None, mask, cfg.lam, cfg.mimic, elsh,
+                             cfg.elsh_weight if cfg.elsh_bits else 0.0)
+            optimizer.zero_grad(set_to_none=True)
+            parts.total.backward()
+            if head.k:
+                with torch.no_grad():
+                    if cfg.select_by == "grad":
+                        head.importance += head.gate.grad.abs()
+                    else:
+                        head.importance += ((c_hat.detach().float() - c.float()) ** 2).sum(0)
+                head.gate.grad = None
+            optimizer.step()
+            state.step += 1
+            steps += 1
+            sums += torch.stack([p.detach().float() for p in parts])
+            if steps % LOG_EVERY == 0:
+                bar.set_postfix(loss=f"{(sums[0] / steps).item():.4f}", lr=f"{lr:.3g}")
+        bar.close()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t_epoch
+        images = steps * cfg.batch_size if drop_last else n
+        state.train_seconds += seconds
+        state.images += images
+        means = (sums / max(1, steps)).tolist()
+
+        test = None
+        if prep.test_set is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+            _, logits = embed(student, head, prep.test_set, device, eval_bs, workers)
+            test = top1(logits, prep.test_set.ce_labels)
+        apply_selection(head, schedule, epoch)
+        state.epoch = epoch + 1
+        row = {"epoch": epoch + 1, "loss": means[0], "loss_ce": means[1], "loss_mimic": means[2],
+               "loss_elsh": means[3], "lr": lr, "active_coords": active, "train_img_per_s": images / seconds,
+               "test_top1": test, "seconds": time.perf_counter() - t_epoch}
+        with open(metrics_path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        save_checkpoint(out / CHECKPOINT, {
+            "format": CHECKPOINT_FORMAT, "epoch": state.epoch, "step": state.step,
+            "train_seconds": state.train_seconds, "images": state.images,
+            "student": student.state_dict(), "head": head.state_dict(), "optimizer": optimizer.state_dict(),
+            "rng": rng_state(), "config": _config_dict(cfg), "meta": meta})
+        log.info("epoch %d/%d: loss %.4f (ce %.4f, mimic %.4f, elsh %.4f), active %s, test top-1 %s, %.0f img/s",
+                 epoch + 1, cfg.epochs, *means, active, "-" if test is None else f"{test:.4f}", images / seconds)
+    return state
+
+
+# -- the stage --------------------------------------------------------------
+
+def _read_metrics(path: Path, upto: int) -> list[dict[str, Any]]:
+    """The metric rows of epochs 1..upto (rows of epochs lost to a crash are dropped)."""
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r["epoch"] <= upto]
+
+
+def plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+    ep = [r["epoch"] for r in rows]
+    shown = [k for k in ("loss", "loss_ce", "loss_mimic", "loss_elsh") if any(r.get(k) for r in rows)]
+    for key in shown:
+        a.plot(ep, [r[key] for r in rows], label=key, marker="." if len(rows) < 20 else None)
+    if all(r[k] > 0 for r in rows for k in shown):
+        a.set_yscale("log")
+    a.set_xlabel("epoch")
+    a.set_ylabel("loss")
+    a.legend(fontsize=8)
+    acc = [(r["epoch"], r["test_top1"]) for r in rows if r.get("test_top1") is not None]
+    if acc:
+        b.plot([e for e, _ in acc], [v for _, v in acc], marker="o")
+    b.set_xlabel("epoch")
+    b.set_ylabel("test top-1")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Stage 3: train ``cfg.student`` on ``cfg.cache``; returns the content of ``final.json``."""
+    import yaml
+
+    from tcskd.device import peak_memory_bytes, resolve_device
+
+    t_start = time.perf_counter()
+    cfg = resolve_config(cfg)
+    device = resolve_device(cfg.device)
+    workers = cfg.workers if cfg.workers is not None else (
+        min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
+    prep = prepare(cfg)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % (2 ** 32))
+    random.seed(cfg.seed)
+    student = build_student(cfg.student, prep.num_classes, prep.channels)
+    head = TCSHead(student.feature_dim, prep.num_classes, prep.k)
+
+    out = run_dir(cfg, prep.k)
+    ckpt_path = out / CHECKPOINT
+    saved = load_checkpoint(ckpt_path) if cfg.resume and ckpt_path.exists() else None
+    if saved is not None:
+        _check_resume(saved["config"], cfg, prep.cache_key, saved["meta"].get("cache_key"))
+        if saved["epoch"] >= cfg.epochs and (out / "final.json").exists():
+            log.info("%s is finished; nothing to do", out)
+            return json.loads((out / "final.json").read_text())
+    elif cfg.resume:
+        log.info("no checkpoint in %s: starting from scratch", out)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    student.to(device)
+    head.to(device)
+    if device.type == "cuda":
+        student.to(memory_format=torch.channels_last)
+    params = list(student.parameters()) + head.trainable_parameters()
+    if cfg.optimizer == "sgd":
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                                                           weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    meta = {"student": cfg.student, "feature_dim": student.feature_dim, "in_channels": prep.channels,
+            "num_classes": prep.num_classes, "image_size": prep.image_size, "k": prep.k,
+            "cache_key": prep.cache_key, "basis": prep.basis_name, "basis_kind": prep.basis_kind,
+            "method": cfg.method, "data": prep.data_spec}
+    state = LoopState()
+    if saved is not None:
+        student.load_state_dict(saved["student"])
+        head.load_state_dict(saved["head"])
+        optimizer.load_state_dict(saved["optimizer"])
+        set_rng_state(saved["rng"])
+        state = LoopState(saved["epoch"], saved["step"], saved["train_seconds"], saved["images"])
+        log.info("resuming %s after epoch %d", out, state.epoch)
+    # Metric rows beyond the checkpoint belong to an epoch that must be redone.
+    rows = _read_metrics(out / "metrics.jsonl", state.epoch)
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    resolved = _config_dict(cfg)
+    resolved["resolved"] = {
+        "cache_path": prep.cache_path, "cache_key": prep.cache_key, "data": prep.data_spec, "dim": prep.k,
+        "basis_kind": prep.basis_kind, "basis": prep.basis_name, "target_scale": prep.target_scale,
+        "image_size": prep.image_size,
+        "augment": prep.augment, "views": prep.views, "device": str(device), "workers": workers,
+        "train_images": len(prep.train_set), "labelled_images": prep.n_labelled,
+        "test_images": len(prep.test_set) if prep.test_set is not None else 0,
+        "num_classes": prep.num_classes, "channels": prep.channels, "teacher_spec": prep.teacher_spec,
+        "student_params": count_parameters(student), "head_params": count_parameters(head)}
+    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+
+    teacher = None
+    if cfg.method == "online":
+        from tcskd.teachers import load_teacher  # only this method ever imports the teacher code
+
+        teacher = load_teacher(prep.teacher_spec, prep.teacher_size).to(device)
+    log.info("training %s (%s, %d params) on %d images (%d labelled), method %s, K=%s, on %s",
+             cfg.student, prep.data_spec, count_parameters(student), len(prep.train_set), prep.n_labelled,
+             cfg.method, prep.k, device)
+
+    state = fit(cfg, prep, student, head, optimizer, state, device, workers, out, meta, teacher)
+    if state.epoch < cfg.epochs:
+        log.info("stopped after epoch %d of %d (--stop-after); resume with --resume", state.epoch, cfg.epochs)
+        return {"stopped_after": state.epoch, "run_dir": str(out)}
+
+    t_eval = time.perf_counter()
+    eval_bs = max(cfg.batch_size, 256)
+    test_top1 = knn = None
+    if prep.test_set is not None:
+        test_feats, test_logits = embed(student, head, prep.test_set, device, eval_bs, workers)
+        test_top1 = top1(test_logits, prep.test_set.ce_labels)
+        train_feats, _ = embed(student, head, prep.train_eval_set, device, eval_bs, workers)
+        train_labels = prep.train_set.source.labels[prep.train_set.rows]
+        if (train_labels >= 0).any() and (prep.test_set.ce_labels >= 0).any():
+            from tcskd.train.evaluate import knn_top1
+
+            knn = knn_top1(train_feats, train_labels, test_feats, prep.test_set.ce_labels, k=20, device=device)
+    rows = _read_metrics(out / "metrics.jsonl", state.epoch)
+    final = {
+        "test_top1": test_top1, "knn_top1": knn, "train_seconds": state.train_seconds,
+        "img_per_s": state.images / state.train_seconds if state.train_seconds > 0 else None,
+        "peak_mem_bytes": peak_memory_bytes(device), "method": cfg.method, "dim": prep.k,
+        "active_coords": head.active if prep.k else None, "labels_per_class": cfg.labels_per_class,
+        "seed": cfg.seed, "student": cfg.student, "student_params": count_parameters(student),
+        "basis": prep.basis_name, "basis_kind": prep.basis_kind, "cache_key": prep.cache_key,
+        "cache": prep.cache_path, "data": prep.data_spec, "lambda": cfg.lam, "mimic": cfg.mimic,
+        "target_norm": cfg.target_norm, "target_scale": prep.target_scale,
+        "elsh_bits": cfg.elsh_bits, "epochs": cfg.epochs, "train_images": len(prep.train_set),
+        "labelled_images": prep.n_labelled, "image_size": prep.image_size, "device": str(device),
+        "setup_seconds": prep.setup_seconds, "eval_seconds": time.perf_counter() - t_eval,
+        "total_seconds": time.perf_counter() - t_start, "run_dir": str(out),
+        "best_test_top1": max((r["test_top1"] for r in rows if r.get("test_top1") is not None), default=None),
+    }
+    _write_json(out / "final.json", final)
+    plot_curves(rows, out / "curves.png", f"{cfg.method} {cfg.student} K={prep.k} seed {cfg.seed}")
+    log.info("finished: test top-1 %s, kNN top-1 %s, %.1f s of training; %s", test_top1, knn,
+             state.train_seconds, out)
+    return final

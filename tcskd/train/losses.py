@@ -1,0 +1,83 @@
+"""Loss pieces of TCS training, as pure functions of tensors.
+
+``total = CE(logits, y) + lam * mimic(m * c_hat, m * c) + mu * eLSH(m * c_hat, m * c)``
+
+- CE is averaged over the labelled samples of the batch (label >= 0); a batch
+  without any labelled sample contributes 0.
+- ``mse`` / ``smooth-l1`` (beta 1) are averaged over the batch and the active
+  coordinates only; ``cosine`` is ``1 - cos(m * c_hat, m * c)`` averaged over
+  the batch.
+- eLSH: fixed Gaussian hyperplanes ``W`` (bits x K) with bias
+  ``b = -median(W c)`` over the cached targets (:func:`elsh_params`); the
+  loss is BCE-with-logits of ``W (m * c_hat) + b`` against the bits
+  ``1[W (m * c) + b > 0]``, averaged over batch and bits.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+MIMICS = ("mse", "smooth-l1", "cosine")
+
+
+class LossParts(NamedTuple):
+    total: torch.Tensor
+    ce: torch.Tensor
+    mimic: torch.Tensor
+    elsh: torch.Tensor
+
+
+def ce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the rows with ``labels >= 0`` (0 when there are none)."""
+    keep = labels >= 0
+    per = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
+    return (per * keep).sum() / keep.sum().clamp(min=1)
+
+
+def mimic_loss(c_hat: torch.Tensor, c: torch.Tensor, mask: torch.Tensor, kind: str = "mse") -> torch.Tensor:
+    """Distance between predicted and target coordinates on the active coordinates."""
+    if kind == "cosine":
+        return (1.0 - F.cosine_similarity(c_hat * mask, c * mask, dim=1, eps=1e-8)).mean()
+    if kind == "mse":
+        per = (c_hat - c) ** 2
+    elif kind == "smooth-l1":
+        per = F.smooth_l1_loss(c_hat, c, reduction="none", beta=1.0)
+    else:
+        raise ValueError(f"unknown mimic loss '{kind}' (choose {', '.join(MIMICS)})")
+    return (per * mask).sum() / (c.shape[0] * mask.sum().clamp(min=1))
+
+
+def elsh_params(targets: np.ndarray, bits: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W bits x K, b bits): seeded Gaussian hyperplanes, ``b = -median(W c)`` over ``targets`` (M x K)."""
+    k = targets.shape[-1]
+    gen = torch.Generator().manual_seed(int(seed) * 7919 + 17)
+    w = torch.randn(bits, k, generator=gen)
+    proj = torch.from_numpy(np.ascontiguousarray(targets.reshape(-1, k), dtype=np.float32)) @ w.T
+    b = -proj.median(dim=0).values
+    return w, b
+
+
+def elsh_loss(c_hat: torch.Tensor, c: torch.Tensor, mask: torch.Tensor, w: torch.Tensor,
+              b: torch.Tensor) -> torch.Tensor:
+    """BCE-with-logits of the student's hash logits against the teacher's hash bits."""
+    logits = (c_hat * mask) @ w.T + b
+    bits = (((c * mask) @ w.T + b) > 0).to(logits.dtype)
+    return F.binary_cross_entropy_with_logits(logits, bits)
+
+
+def tcs_loss(logits: torch.Tensor, labels: torch.Tensor, c_hat: torch.Tensor | None, c: torch.Tensor | None,
+             mask: torch.Tensor | None, lam: float, mimic: str = "mse",
+             elsh: tuple[torch.Tensor, torch.Tensor] | None = None, elsh_weight: float = 0.0) -> LossParts:
+    """All loss parts; ``c_hat``/``c`` None (method ce) leaves only CE."""
+    ce = ce_loss(logits.float(), labels)
+    zero = ce.new_zeros(())
+    if c_hat is None or c is None or mask is None:
+        return LossParts(ce, ce, zero, zero)
+    c_hat, c = c_hat.float(), c.float()
+    mim = mimic_loss(c_hat, c, mask, mimic)
+    lsh = elsh_loss(c_hat, c, mask, *elsh) if elsh is not None and elsh_weight else zero
+    return LossParts(ce + lam * mim + elsh_weight * lsh, ce, mim, lsh)

@@ -1,0 +1,84 @@
+"""Tailoring: iterative selection of the active coordinates.
+
+All K coordinates are active at the start. After every ``select_every``-th
+epoch (never after the last one, so the final mask is the one the student
+was trained with) the ``drop_frac`` of the active coordinates with the lowest
+importance are dropped (at least one per step while ``drop_frac > 0``), but
+never below ``min_dim``. Importance is accumulated between two selection
+steps and then reset:
+
+- ``grad``: ``|dL/dg|`` of the per-coordinate gate, summed over steps;
+- ``error``: the per-coordinate squared error ``sum_b (c_hat - c)^2``.
+
+With ``error`` the coordinates the student already matches best count as
+least important (lowest accumulated error) and are dropped first, the same
+ordering as ``grad`` (the gradient of the MSE is proportional to the error).
+Ties drop the later (lower-variance) coordinate first. ``select_every = 0``
+switches tailoring off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+SELECT_BY = ("grad", "error")
+
+
+@dataclass(frozen=True)
+class SelectionSchedule:
+    k: int
+    epochs: int
+    select_every: int = 0
+    drop_frac: float = 0.1
+    min_dim: int = 1
+
+    def selects_after(self, epoch: int) -> bool:
+        """True when a selection step follows epoch ``epoch`` (0-based)."""
+        return (self.select_every > 0 and self.drop_frac > 0 and (epoch + 1) % self.select_every == 0
+                and epoch + 1 < self.epochs)
+
+    def keep(self, active: int) -> int:
+        """How many coordinates stay active after one selection step from ``active``."""
+        floor = min(max(1, self.min_dim), self.k)
+        if active <= floor:
+            return active
+        drop = max(1, int(self.drop_frac * active))
+        return max(floor, active - drop)
+
+    def active_counts(self) -> list[int]:
+        """Active coordinates during each epoch 0..epochs-1 (the pure schedule)."""
+        out, active = [], self.k
+        for e in range(self.epochs):
+            out.append(active)
+            if self.selects_after(e):
+                active = self.keep(active)
+        return out
+
+
+def select(importance: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor, keep: int) -> np.ndarray:
+    """The new 0/1 mask: the ``keep`` active coordinates with the highest importance."""
+    imp = np.asarray(importance.detach().cpu() if isinstance(importance, torch.Tensor) else importance,
+                     dtype=np.float64)
+    m = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask, dtype=np.float64) > 0.5
+    active = np.flatnonzero(m)
+    if keep >= len(active):
+        return m.astype(np.float32)
+    # Sort the active coordinates by (importance descending, index ascending); keep the first `keep`.
+    order = np.lexsort((active, -imp[active]))
+    new = np.zeros_like(m, dtype=np.float32)
+    new[active[order[:keep]]] = 1.0
+    return new
+
+
+def apply_selection(head: torch.nn.Module, schedule: SelectionSchedule, epoch: int) -> bool:
+    """After epoch ``epoch``: shrink ``head.mask`` if the schedule says so; reset importance."""
+    if not getattr(head, "k", None) or not schedule.selects_after(epoch):
+        return False
+    active = int(head.mask.sum().item())
+    new = select(head.importance, head.mask, schedule.keep(active))
+    head.mask.copy_(torch.from_numpy(new).to(head.mask))
+    head.importance.zero_()
+    return True

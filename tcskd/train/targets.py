@@ -1,0 +1,337 @@
+"""Training data and targets: images from the dataset, targets only from the cache.
+
+Rows. The cache's ``sample_index`` maps each training image (a row of the
+dataset's ``train`` split; of the cache's own split when that is ``test``) to
+its store row. Training refuses (StoreError) a cache that is incomplete, has
+unwritten or duplicate rows, holds samples the dataset does not have, has
+labels that disagree with the dataset's, or lacks samples of the split (unless
+the cache was built with ``--limit``: then the student trains on the samples it
+holds). Rows with ``row_ok`` False (unreadable images) are left out.
+
+Targets (N x V x K float32, loaded once into memory, chunk by chunk):
+- ``tcs``: ``bases/<name>/coords`` when stored (its first K columns), else
+  ``features`` projected with the basis;
+- ``fitnet``: the basis named by ``--basis`` if its kind is ``identity``, else
+  the first stored basis of kind ``identity``, else the raw features: mean 0,
+  identity components, no whitening (targets = the raw features). K is always
+  D: ``--dim`` does not apply (like ``tcskd basis --kind identity``);
+- ``ce``: none (no feature is read);
+- ``online``: computed live by the teacher in the loop (tcskd.train.loop).
+
+With ``--target-norm global`` (the default) all targets are divided by one
+number, sqrt of the mean variance of the K coordinates (:func:`target_scale`),
+so that lambda means the same for any teacher; ``none`` keeps them as stored.
+
+Views. With a V-view cache each epoch picks one stored view per image (from
+a generator seeded by (seed, epoch)) and the student's input is exactly that
+view (views.apply_view of the stored crop + flip at the student's size). With
+one view the student sees view 0 (the centre crop) plus its own augmentation
+(``none``, ``flip``, ``crop`` = pad-and-random-crop with the pad 1/8 of the
+size, i.e. 4 px at 32 px, or ``crop-flip``), drawn from a generator seeded by
+(seed, epoch, row): independent of the target, of the batch order and of the
+number of DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Sampler
+
+from tcskd.cache.store import Store, iter_chunks
+from tcskd.cache.views import apply_view, center_params, to_tensor
+from tcskd.data import Source
+from tcskd.errors import StoreError, TcskdError
+from tcskd.subspace.basis import Basis, load_basis
+
+log = logging.getLogger(__name__)
+
+AUGMENTS = ("auto", "none", "flip", "crop", "crop-flip")
+METHODS = ("tcs", "fitnet", "ce", "online")
+RAW = "raw"
+
+
+# -- which basis ------------------------------------------------------------
+
+def raw_basis(dim: int) -> Basis:
+    """The identity 'basis' of FitNet on raw features: mean 0, components I, no whitening."""
+    return Basis(RAW, "identity", np.zeros(dim), np.eye(dim), np.ones(dim),
+                 np.arange(1, dim + 1, dtype=np.float64) / dim, False, {})
+
+
+def resolve_basis(store: Store, method: str, name: str, dim: int | None) -> Basis | None:
+    """The coordinate system of ``method`` (None for ``ce``), truncated to ``dim`` (not for fitnet)."""
+    if method == "ce":
+        return None
+    if method == "fitnet":
+        names = store.bases()
+        if name in names and store.attrs(f"bases/{name}").get("kind") == "identity":
+            chosen = name
+        else:
+            chosen = next((n for n in names if store.attrs(f"bases/{n}").get("kind") == "identity"), None)
+        basis = load_basis(store, chosen) if chosen else raw_basis(int(store["features"].shape[2]))
+        if chosen is None:
+            log.info("fitnet: no identity basis stored; targets are the raw features")
+        if dim is not None and dim != basis.k:
+            log.warning("fitnet mimics every feature dimension (K = D = %d); --dim %d is not used", basis.k, dim)
+        return basis
+    basis = load_basis(store, name)
+    if dim is not None and dim > basis.k:
+        raise StoreError(f"--dim {dim} exceeds the {basis.k} components of basis '{basis.name}'")
+    return basis.truncate(dim)
+
+
+# -- rows -------------------------------------------------------------------
+
+def check_complete(store: Store) -> None:
+    if "chunk_done" not in store:
+        raise StoreError(f"cache {store.path} has no chunk_done array (its creation was cut short)")
+    done = store.chunk_done()
+    if not done.all():
+        raise StoreError(f"cache {store.path} is incomplete ({int(done.sum())}/{len(done)} chunks done); "
+                         f"finish it by running the same `tcskd cache` command again")
+
+
+def match_rows(store: Store, split_source: Source, train_source: Source,
+               limited: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(rows of ``train_source``, store rows) of the training samples the cache holds, in source order."""
+    si = np.asarray(store.read("sample_index"), np.int64)
+    ok = np.asarray(store.read("row_ok"), bool) if "row_ok" in store else np.ones(len(si), bool)
+    labels = np.asarray(store.read("labels"), np.int64)
+    where = f"cache {store.path}"
+    if (si[ok] < 0).any():
+        raise StoreError(f"{where} has {int((si[ok] < 0).sum())} unwritten rows (sample_index -1)")
+    good = np.flatnonzero(ok)
+    if len(np.unique(si[good])) != len(good):
+        raise StoreError(f"{where} holds some samples twice (duplicate sample_index values)")
+    # Every cached sample must exist in the dataset, with the same label.
+    pos = {int(v): i for i, v in enumerate(split_source.indices)}
+    unknown = [int(v) for v in si[good] if int(v) not in pos]
+    if unknown:
+        raise StoreError(f"{where} does not match data {split_source.spec} (split {split_source.split}): "
+                         f"{len(unknown)} cached sample(s) are not in it, e.g. sample {unknown[0]}")
+    src_lab = split_source.labels[[pos[int(v)] for v in si[good]]]
+    bad = np.flatnonzero((labels[good] != src_lab) & (labels[good] >= 0))
+    if len(bad):
+        raise StoreError(f"{where} does not match data {split_source.spec}: the label of sample "
+                         f"{int(si[good][bad[0]])} differs ({int(labels[good][bad[0]])} cached, "
+                         f"{int(src_lab[bad[0]])} in the data); {len(bad)} differ in all")
+    # Map the training split's rows to store rows.
+    store_of = {int(v): i for i, v in enumerate(si) if v >= 0}
+    src_rows, store_rows, missing = [], [], 0
+    for r, v in enumerate(train_source.indices):
+        s = store_of.get(int(v))
+        if s is None:
+            missing += 1
+        elif ok[s]:
+            src_rows.append(r)
+            store_rows.append(s)
+    if missing and not limited:
+        raise StoreError(f"{where} lacks {missing} of the {len(train_source)} samples of "
+                         f"{train_source.spec} split {train_source.split}: it does not match the data")
+    if missing:
+        log.info("the cache was built with --limit: training on the %d samples it holds", len(src_rows))
+    n_bad = int((~ok).sum())
+    if n_bad:
+        log.warning("%d cached row(s) are marked unreadable (row_ok False) and are left out", n_bad)
+    if not src_rows:
+        raise StoreError(f"{where} holds none of the samples of {train_source.spec} split {train_source.split}")
+    return np.asarray(src_rows, np.int64), np.asarray(store_rows, np.int64)
+
+
+# -- targets ----------------------------------------------------------------
+
+def load_targets(store: Store, store_rows: np.ndarray, basis: Basis, progress: bool = True) -> np.ndarray:
+    """The K-dim targets of ``store_rows`` for every view: len(rows) x V x K float32.
+
+    Read chunk by chunk; from ``bases/<name>/coords`` when stored (first K
+    columns), else projected from ``features``.
+    """
+    from tqdm.auto import tqdm
+
+    coords_name = f"bases/{basis.name}/coords"
+    use_coords = basis.name != RAW and coords_name in store
+    arr = store[coords_name] if use_coords else store["features"]
+    n_rows, views = int(arr.shape[0]), int(arr.shape[1])
+    k = basis.k
+    if use_coords and arr.shape[2] < k:
+        raise StoreError(f"{coords_name} has {arr.shape[2]} columns; need {k}")
+    chunk = int(store.manifest.get("chunk_rows") or 4096)
+    out = np.empty((len(store_rows), views, k), np.float32)
+    order = np.argsort(store_rows, kind="stable")
+    srt = store_rows[order]
+    raw = basis.name == RAW
+    what = "coords" if use_coords else ("raw features" if raw else "features")
+    chunks = list(iter_chunks(n_rows, chunk))
+    for _, start, stop in tqdm(chunks, desc=f"targets ({what})", unit="chunk", leave=False,
+                               disable=True if not progress or len(chunks) < 8 else None):
+        lo, hi = np.searchsorted(srt, start), np.searchsorted(srt, stop)
+        if lo == hi:
+            continue
+        items = order[lo:hi]
+        local = store_rows[items] - start
+        block = np.asarray(arr[start:stop])[local]
+        if use_coords or raw:
+            out[items] = block[..., :k]
+        else:
+            out[items] = basis.project(torch.from_numpy(block.astype(np.float32))).numpy()
+    if not np.isfinite(out).all():
+        raise StoreError(f"cache {store.path}: the targets contain NaN or Inf ({what})")
+    log.info("targets: %d rows x %d views x %d coords from %s", len(store_rows), views, k, what)
+    return out
+
+
+TARGET_NORMS = ("global", "none")
+
+
+def target_scale(basis: Basis, targets: np.ndarray | None, norm: str = "global") -> float:
+    """One divisor for all targets: sqrt of the mean variance of the K coordinates (``global``), or 1.
+
+    The variance comes from the basis (its eigenvalues, / eigenvalue when
+    whitened, i.e. 1), so cached and live (online) targets get the same scale;
+    only the raw features of fitnet without a stored identity basis use the
+    targets' mean square. It makes lambda independent of the teacher's feature
+    scale: predicting 0 costs an MSE of 1. It is a rescaling of lambda and of
+    the projector, not whitening: the coordinates keep their relative variances.
+    """
+    if norm == "none":
+        return 1.0
+    if norm != "global":
+        raise TcskdError(f"unknown target normalisation '{norm}' (choose {', '.join(TARGET_NORMS)})")
+    if basis.name == RAW:
+        if targets is None:
+            return 1.0
+        var = float(np.mean(np.square(targets, dtype=np.float64)))
+    else:
+        var = float(np.mean(basis.eigenvalues / basis.scale() ** 2))
+    return float(np.sqrt(var)) if var > 1e-12 else 1.0
+
+
+class TorchProjection:
+    """``basis.project`` (divided by ``scale``) on a device, for targets computed live (method online)."""
+
+    def __init__(self, basis: Basis, device: torch.device, scale: float = 1.0) -> None:
+        self.mean = torch.as_tensor(basis.mean, dtype=torch.float32, device=device)
+        self.components = torch.as_tensor(basis.components, dtype=torch.float32, device=device)
+        self.scale = torch.as_tensor(basis.scale() * scale, dtype=torch.float32, device=device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x.float() - self.mean) @ self.components.T) / self.scale
+
+
+# -- labels -----------------------------------------------------------------
+
+def labelled_subset(labels: np.ndarray, per_class: int | None, seed: int) -> np.ndarray:
+    """Boolean mask of the rows whose label CE may use: all labelled rows, or ``per_class`` per class (seeded)."""
+    labels = np.asarray(labels)
+    keep = labels >= 0
+    if per_class is None:
+        return keep
+    if per_class < 1:
+        raise TcskdError(f"--labels-per-class must be >= 1 (got {per_class})")
+    rng = np.random.default_rng([int(seed), 104729])
+    out = np.zeros(len(labels), bool)
+    for c in np.unique(labels[keep]):
+        rows = np.flatnonzero(labels == c)
+        if len(rows) < per_class:
+            log.warning("class %d has only %d labelled images (< %d per class)", c, len(rows), per_class)
+        out[rng.permutation(rows)[:per_class]] = True
+    return out
+
+
+# -- images -----------------------------------------------------------------
+
+def resolve_augment(augment: str, data_spec: str, channels: int) -> str:
+    """``auto``: ``crop`` (no mirroring) for MNIST-like greyscale digits, else ``crop-flip``."""
+    if augment not in AUGMENTS:
+        raise TcskdError(f"unknown augmentation '{augment}' (choose {', '.join(AUGMENTS)})")
+    if augment != "auto":
+        return augment
+    return "crop" if ("mnist" in data_spec.lower() or channels == 1) else "crop-flip"
+
+
+def augment_image(x: torch.Tensor, kind: str, rng: np.random.Generator) -> torch.Tensor:
+    """Pad-and-random-crop (pad = size / 8) and/or a horizontal coin flip of a C x S x S image."""
+    if kind in ("crop", "crop-flip"):
+        s_h, s_w = x.shape[1], x.shape[2]
+        pad = max(1, round(min(s_h, s_w) / 8))
+        dy, dx = (int(v) for v in rng.integers(0, 2 * pad + 1, size=2))
+        x = F.pad(x, (pad, pad, pad, pad))[:, dy:dy + s_h, dx:dx + s_w]
+    if kind in ("flip", "crop-flip") and rng.random() < 0.5:
+        x = x.flip(-1)
+    return x
+
+
+def _image(source: Source, row: int, channels: int) -> torch.Tensor:
+    img = source.image(row)
+    if img.shape[2] != channels:  # a greyscale file in a colour folder, or the reverse
+        img = np.repeat(img[:, :, :1], 3, axis=2) if channels == 3 else img[:, :, :1]
+    return to_tensor(img)
+
+
+class ViewImages(Dataset):
+    """Item ``(i, view, epoch)`` -> (x, target, ce_label, i, view, teacher_x).
+
+    ``x`` is row ``rows[i]`` of ``source`` in view ``view`` (stored ``params``,
+    or the centre crop without them) at ``size`` px, plus the augmentation
+    when ``augment`` is not ``none``. ``target`` is ``targets[i, view]``
+    (empty without targets); ``teacher_x`` the same view at ``teacher_size``
+    (empty unless given, for method online).
+    """
+
+    def __init__(self, source: Source, rows: np.ndarray, size: int, channels: int,
+                 params: np.ndarray | None = None, targets: np.ndarray | None = None,
+                 ce_labels: np.ndarray | None = None, augment: str = "none", seed: int = 0,
+                 teacher_size: int | None = None) -> None:
+        self.source, self.rows, self.size, self.channels = source, rows, size, channels
+        self.params, self.targets, self.augment, self.seed = params, targets, augment, seed
+        self.ce_labels = ce_labels if ce_labels is not None else source.labels[rows]
+        self.teacher_size = teacher_size
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def view_params(self, i: int, view: int, img: torch.Tensor) -> np.ndarray:
+        if self.params is None:
+            return center_params(img.shape[1], img.shape[2])
+        return self.params[i, view]
+
+    def __getitem__(self, key: tuple[int, int, int]):
+        i, view, epoch = key
+        img = _image(self.source, int(self.rows[i]), self.channels)
+        p = self.view_params(i, view, img)
+        x = apply_view(img, p, self.size)
+        if self.augment != "none":
+            x = augment_image(x, self.augment, np.random.default_rng([self.seed, epoch, int(i), 1]))
+        target = torch.from_numpy(self.targets[i, view]) if self.targets is not None else torch.zeros(0)
+        tx = apply_view(img, p, self.teacher_size) if self.teacher_size else torch.zeros(0)
+        return x.contiguous(), target, int(self.ce_labels[i]), int(i), int(view), tx
+
+
+class EpochSampler(Sampler):
+    """Yields ``(i, view, epoch)``: a permutation (or the identity order) and one view per image.
+
+    Both come from a torch.Generator seeded by (seed, epoch), so an epoch's
+    order does not depend on what ran before it (exact resume).
+    """
+
+    def __init__(self, n: int, views: int, seed: int, epoch: int, shuffle: bool = True) -> None:
+        self.n, self.views, self.seed, self.epoch, self.shuffle = n, views, seed, epoch, shuffle
+
+    def __len__(self) -> int:
+        return self.n
+
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed((int(self.seed) * 1_000_003 + int(self.epoch) * 7_919) % (2 ** 63))
+        order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+        view = (torch.randint(self.views, (self.n,), generator=g) if self.views > 1
+                else torch.zeros(self.n, dtype=torch.int64))
+        return order, view
+
+    def __iter__(self):
+        order, view = self.draw()
+        for i in order.tolist():
+            yield (i, int(view[i]), self.epoch)

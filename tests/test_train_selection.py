@@ -1,0 +1,47 @@
+"""Tailoring: the coordinate-selection schedule and step."""
+
+import numpy as np
+import torch
+
+from tcskd.train.head import TCSHead
+from tcskd.train.selection import SelectionSchedule, apply_selection, select
+
+
+def test_schedule_counts():
+    s = SelectionSchedule(k=64, epochs=10, select_every=2, drop_frac=0.25, min_dim=20)
+    # selections after epochs 2, 4, 6, 8 (1-based): 64 -> 48 -> 36 -> 27 -> 21 (floor 20 not hit yet)
+    assert s.active_counts() == [64, 64, 48, 48, 36, 36, 27, 27, 21, 21]
+    assert not s.selects_after(9)  # never after the last epoch
+
+
+def test_schedule_min_dim_and_at_least_one():
+    s = SelectionSchedule(k=10, epochs=8, select_every=1, drop_frac=0.01, min_dim=6)
+    assert s.active_counts() == [10, 9, 8, 7, 6, 6, 6, 6]
+    assert SelectionSchedule(k=4, epochs=3, select_every=1, drop_frac=0.5, min_dim=99).active_counts() == [4, 4, 4]
+
+
+def test_schedule_off():
+    assert SelectionSchedule(k=8, epochs=5, select_every=0).active_counts() == [8] * 5
+    assert SelectionSchedule(k=8, epochs=5, select_every=1, drop_frac=0.0).active_counts() == [8] * 5
+
+
+def test_select_keeps_most_important_active():
+    imp = np.array([5.0, 1.0, 9.0, 0.5, 3.0, 100.0])
+    mask = np.array([1, 1, 1, 1, 1, 0], np.float32)  # coordinate 5 is already dropped
+    new = select(imp, mask, keep=3)
+    assert new.tolist() == [1, 0, 1, 0, 1, 0]
+
+
+def test_select_ties_drop_later_coordinates():
+    new = select(np.zeros(5), np.ones(5), keep=2)
+    assert new.tolist() == [1, 1, 0, 0, 0]
+
+
+def test_apply_selection_on_head():
+    head = TCSHead(feature_dim=4, num_classes=3, k=6)
+    head.importance.copy_(torch.tensor([1.0, 6.0, 2.0, 5.0, 3.0, 4.0]))
+    sched = SelectionSchedule(k=6, epochs=4, select_every=1, drop_frac=0.5, min_dim=2)
+    assert apply_selection(head, sched, epoch=0)
+    assert head.mask.tolist() == [0, 1, 0, 1, 0, 1]
+    assert head.importance.sum().item() == 0.0
+    assert not apply_selection(head, sched, epoch=3)

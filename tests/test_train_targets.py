@@ -1,0 +1,159 @@
+"""Rows, targets, views and label subsets from the cache."""
+
+import numpy as np
+import pytest
+import torch
+
+from _train_fixtures import make_npz, make_store
+from tcskd.cache.store import open_store
+from tcskd.cache.views import apply_view, to_tensor
+from tcskd.data import open_source
+from tcskd.errors import StoreError
+from tcskd.subspace.basis import load_basis
+from tcskd.train.loop import TrainConfig, prepare, resolve_config, train
+from tcskd.train.targets import (EpochSampler, labelled_subset, load_targets, match_rows, resolve_basis,
+                                 target_scale)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("targets")
+    npz = make_npz(root / "d.npz", n_train=48, n_test=16)
+    return root, npz
+
+
+def test_labelled_subset_is_seeded_with_n_per_class():
+    labels = np.repeat(np.arange(5), 20)
+    np.random.default_rng(0).shuffle(labels)
+    labels[:3] = -1
+    a = labelled_subset(labels, 4, seed=1)
+    assert a.sum() == 20
+    assert all(a[labels == c].sum() == 4 for c in range(5))
+    assert not a[labels < 0].any()
+    assert np.array_equal(a, labelled_subset(labels, 4, seed=1))
+    assert not np.array_equal(a, labelled_subset(labels, 4, seed=2))
+    assert np.array_equal(labelled_subset(labels, None, seed=0), labels >= 0)
+
+
+def test_few_labels_in_training_config(data):
+    root, npz = data
+    cache = make_store(root, npz, name="few")
+    prep = prepare(resolve_config(TrainConfig(cache=str(cache), labels_per_class=3, seed=5)))
+    ce = prep.train_set.ce_labels
+    assert (ce >= 0).sum() == 3 * 4 and prep.n_labelled == 12
+    assert all((ce == c).sum() == 3 for c in range(4))
+    # the mimic term sees every image: every row has its target
+    assert prep.train_set.targets.shape[0] == 48
+
+
+def test_targets_from_coords_match_projected_features(data):
+    root, npz = data
+    cache = make_store(root, npz, views=2, coords=True, name="coords")
+    with open_store(cache) as s:
+        rows = np.arange(48)[::-1].copy()
+        basis = load_basis(s, "pca").truncate(5)
+        from_coords = load_targets(s, rows, basis)
+        s_feats = s.read("features").astype(np.float32)
+    assert from_coords.shape == (48, 2, 5)
+    projected = basis.project(s_feats[rows])
+    assert np.allclose(from_coords, projected, atol=2e-2)
+
+
+def test_multi_view_replay_uses_the_stored_crop(data):
+    root, npz = data
+    cache = make_store(root, npz, views=3, name="views")
+    prep = prepare(resolve_config(TrainConfig(cache=str(cache), augment="crop-flip")))
+    ds = prep.train_set
+    assert prep.views == 3 and ds.augment == "none"  # the stored views are the augmentation
+    with open_store(cache) as s:
+        params = s.read("view_params")
+    src = open_source(f"npz:{npz}", "train")
+    for i, v in ((0, 1), (7, 2), (11, 0)):
+        x, target, label, item, view, _ = ds[(i, v, 4)]
+        img = src.image(i)
+        want = apply_view(to_tensor(img), params[i, v], ds.size)
+        assert torch.equal(x, want)
+        assert torch.equal(target, torch.from_numpy(ds.targets[i, v]))
+        assert (item, view, label) == (i, v, int(src.labels[i]))
+    # each epoch picks one view per image, seeded by (seed, epoch)
+    a = list(EpochSampler(48, 3, seed=0, epoch=2))
+    assert a == list(EpochSampler(48, 3, seed=0, epoch=2))
+    assert a != list(EpochSampler(48, 3, seed=0, epoch=3))
+    assert sorted(k[0] for k in a) == list(range(48)) and {k[1] for k in a} == {0, 1, 2}
+
+
+def test_one_view_augmentation_is_seeded_per_epoch(data):
+    root, npz = data
+    cache = make_store(root, npz, name="aug")
+    ds = prepare(resolve_config(TrainConfig(cache=str(cache), augment="crop"))).train_set
+    assert torch.equal(ds[(3, 0, 1)][0], ds[(3, 0, 1)][0])
+    assert any(not torch.equal(ds[(i, 0, 1)][0], ds[(i, 0, 2)][0]) for i in range(8))
+
+
+def test_incomplete_cache_is_refused(data, tmp_path):
+    root, npz = data
+    cache = make_store(root, npz, complete=False, name="incomplete")
+    with pytest.raises(StoreError, match="incomplete"):
+        train(TrainConfig(cache=str(cache), epochs=1, out=str(tmp_path / "run"), device="cpu"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_rows_are_refused(data):
+    root, npz = data
+    cache = make_store(root, npz, drop_rows=5, name="short")
+    with pytest.raises(StoreError, match="lacks 5"):
+        prepare(resolve_config(TrainConfig(cache=str(cache))))
+
+
+def test_bad_rows_are_left_out(data):
+    root, npz = data
+    cache = make_store(root, npz, bad_rows=(2, 9), name="bad")
+    src = open_source(f"npz:{npz}", "train")
+    with open_store(cache) as s:
+        rows, store_rows = match_rows(s, src, src, limited=False)
+    assert len(rows) == 46 and 2 not in rows and 9 not in rows
+    assert np.array_equal(rows, store_rows)
+
+
+def test_wrong_data_is_refused(data, tmp_path):
+    root, npz = data
+    cache = make_store(root, npz, name="other")
+    other = make_npz(tmp_path / "other.npz", n_train=48, n_test=16, seed=9)
+    with pytest.raises(StoreError, match="label"):
+        prepare(resolve_config(TrainConfig(cache=str(cache), data=f"npz:{other}")))
+
+
+def test_basis_choice(data):
+    root, npz = data
+    cache = make_store(root, npz, identity=True, name="ident")
+    plain = make_store(root, npz, name="plain")
+    with open_store(cache) as s:
+        assert resolve_basis(s, "fitnet", "pca", None).name == "identity"
+        assert resolve_basis(s, "tcs", "pca", 3).k == 3
+        assert resolve_basis(s, "ce", "pca", None) is None
+        with pytest.raises(StoreError):
+            resolve_basis(s, "tcs", "nope", None)
+        with pytest.raises(StoreError):
+            resolve_basis(s, "tcs", "pca", 99)
+    with open_store(plain) as s:
+        raw = resolve_basis(s, "fitnet", "pca", None)
+        assert raw.name == "raw" and raw.kind == "identity" and raw.k == 16
+        assert resolve_basis(s, "fitnet", "pca", 4).k == 16  # --dim does not truncate fitnet
+        t = load_targets(s, np.arange(48), raw)
+        assert np.array_equal(t, s.read("features").astype(np.float32))
+
+
+def test_target_scale(data):
+    root, npz = data
+    cache = make_store(root, npz, name="scale")
+    with open_store(cache) as s:
+        basis = resolve_basis(s, "tcs", "pca", 4)
+        t = load_targets(s, np.arange(48), basis)
+        raw = resolve_basis(s, "fitnet", "pca", None)
+    scale = target_scale(basis, t, "global")
+    # the PCA eigenvalues are the coordinates' variances: the scaled targets have mean variance 1
+    assert np.mean(np.var(t[:, 0] / scale, axis=0, ddof=1)) == pytest.approx(1.0, rel=1e-2)
+    assert target_scale(basis, t, "none") == 1.0
+    assert target_scale(raw, t, "global") == pytest.approx(float(np.sqrt(np.mean(t.astype(np.float64) ** 2))))
+    prep = prepare(resolve_config(TrainConfig(cache=str(cache), dim=4)))
+    assert np.allclose(prep.train_set.targets, t / scale, atol=1e-6)
