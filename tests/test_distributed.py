@@ -82,3 +82,46 @@ def test_basis_two_ranks_equals_one_process(tmp_path, tiny_teacher):
         np.testing.assert_allclose(np.abs((a.components * b.components).sum(1)), 1.0, atol=1e-8)
         np.testing.assert_allclose(s.read("bases/two/coords"), s.read("bases/one/coords"), atol=1e-3)
         assert a.attrs["rows_used"] == b.attrs["rows_used"] == 90
+
+
+def test_ddp_training_and_resume_in_one_process(tmp_path, tiny_teacher):
+    data = make_npz(tmp_path / "d.npz", n=64, n_test=16, size=12)
+    r = run_cli(["cache", "--data", data, "--teacher", tiny_teacher, "--image-size", "16",
+                 "--cache-root", str(tmp_path / "c")])
+    assert r.returncode == 0, r.stderr
+    path = _last_path(r.stdout)
+    r = run_cli(["basis", "--cache", str(path), "--dim", "6", "--coords", "--device", "cpu"])
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "run"
+    args = ["train", "--cache", str(path), "--basis", "pca", "--dim", "6", "--epochs", "3", "--batch-size", "16",
+            "--device", "cpu", "--out", str(out), "--select-every", "1", "--select-by", "error", "--drop-frac", "0.5", "--min-dim", "2"]
+    two = torchrun([*args, "--stop-after", "2"])
+    assert two.returncode == 0, two.stderr
+    import json
+
+    import torch
+
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]  # one writer: rank 0
+    assert rows[0]["active_coords"] == 6 and rows[1]["active_coords"] < 6
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 2
+    cfg = (out / "config.yaml").read_text()
+    assert "world_size: 2" in cfg
+    # The DDP checkpoint continues in a single process.
+    one = run_cli([*args, "--resume"])
+    assert one.returncode == 0, one.stderr
+    final = json.loads((out / "final.json").read_text())
+    assert 0.0 <= final["test_top1"] <= 1.0 and final["epochs"] == 3
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_sync_bn_needs_cuda(tmp_path):
+    from click.testing import CliRunner
+
+    from tcskd.cli import main
+
+    data = make_npz(tmp_path / "d.npz")
+    r = CliRunner().invoke(main, ["train", "--data", data, "--method", "ce", "--device", "cpu", "--sync-bn",
+                                  "--out", str(tmp_path / "run")])
+    assert r.exit_code != 0 and "--sync-bn needs CUDA" in r.output

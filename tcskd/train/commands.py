@@ -53,6 +53,7 @@ _FIELD = {"lambda_": "lam"}
 @click.option("--workers", type=int, default=None, help="DataLoader workers (default: 0 on CPU, up to 8 on CUDA).")
 @click.option("--cache-root", type=str, default=None)
 @click.option("--eval-every", type=int, default=1, show_default=True)
+@click.option("--sync-bn", is_flag=True, help="Under torchrun: SyncBatchNorm over all ranks.")
 @click.option("--stop-after", type=int, default=None, hidden=True)
 @click.pass_context
 def train(ctx: click.Context, **opts) -> None:

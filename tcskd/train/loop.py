@@ -58,7 +58,8 @@ CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
 LOG_EVERY = 50
 #: Config fields that may differ when a run is resumed.
-RESUME_FREE = ("cache", "cache_root", "data", "out", "resume", "device", "workers", "eval_every", "stop_after")
+RESUME_FREE = ("cache", "cache_root", "data", "out", "resume", "device", "workers", "eval_every", "stop_after",
+               "sync_bn")
 
 
 @dataclass
@@ -86,7 +87,8 @@ class TrainConfig:
     epochs: int = 30
     """Training epochs."""
     batch_size: int = 128
-    """Images per optimizer step."""
+    """Images per optimizer step, over all processes: under torchrun each of N ranks takes batch_size / N,
+    so the global batch, the learning rate and the number of steps do not depend on N."""
     lr: float | None = None
     """Peak learning rate; None = 0.05 for sgd, 1e-3 for adamw."""
     optimizer: str = "sgd"
@@ -136,6 +138,8 @@ class TrainConfig:
     """Evaluate test top-1 after every this-many epochs (and always after the last)."""
     stop_after: int | None = None
     """Stop (as if interrupted) after this many epochs, leaving a resumable run; for tests and time-boxed jobs."""
+    sync_bn: bool = False
+    """Under torchrun: convert BatchNorm layers to SyncBatchNorm (batch statistics over all ranks)."""
 
 
 # -- config -----------------------------------------------------------------
@@ -430,18 +434,40 @@ class LoopState:
     images: int = 0
 
 
+class StudentWithHead(torch.nn.Module):
+    """Student and TCS head as one module, so that DistributedDataParallel syncs both."""
+
+    def __init__(self, student: Student, head: TCSHead) -> None:
+        super().__init__()
+        self.student, self.head = student, head
+
+    def forward(self, x: torch.Tensor):
+        f = self.student(x)
+        logits, c_hat = self.head(f)
+        return f, logits, c_hat
+
+
 def fit(cfg: TrainConfig, prep: Prepared, student: Student, head: TCSHead, optimizer: torch.optim.Optimizer,
         state: LoopState, device: torch.device, workers: int, out: Path, meta: dict[str, Any],
-        teacher: Any = None) -> LoopState:
-    """The training loop: epochs ``state.epoch .. cfg.epochs - 1`` (or up to ``cfg.stop_after``)."""
+        teacher: Any = None, model: torch.nn.Module | None = None) -> LoopState:
+    """The training loop: epochs ``state.epoch .. cfg.epochs - 1`` (or up to ``cfg.stop_after``).
+
+    ``model`` is the student and head as one module (DistributedDataParallel under
+    torchrun); checkpoints, metrics and evaluation are rank 0's.
+    """
     from tqdm.auto import tqdm
 
+    from tcskd import dist
     from tcskd.device import autocast
 
+    model = model if model is not None else StudentWithHead(student, head)
+    world, rank = dist.world(), dist.rank()
     ds = prep.train_set
     n = len(ds)
-    drop_last = n >= cfg.batch_size
-    steps_per_epoch = n // cfg.batch_size if drop_last else 1
+    local_batch = cfg.batch_size // world
+    local_n = -(-n // world)
+    drop_last = local_n >= local_batch
+    steps_per_epoch = local_n // local_batch if drop_last else 1
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     schedule = SelectionSchedule(prep.k or 0, cfg.epochs, cfg.select_every, cfg.drop_frac, cfg.min_dim)
@@ -455,13 +481,14 @@ def fit(cfg: TrainConfig, prep: Prepared, student: Student, head: TCSHead, optim
         t_epoch = time.perf_counter()
         student.train()
         head.train()
-        loader = _loader(ds, EpochSampler(n, prep.views, cfg.seed, epoch), cfg.batch_size, workers, device,
-                         drop_last, cfg.seed)
+        loader = _loader(ds, EpochSampler(n, prep.views, cfg.seed, epoch, rank=rank, world=world), local_batch,
+                         workers, device, drop_last, cfg.seed)
         sums = torch.zeros(4, device=device)
         steps = 0
         lr = cfg.lr
         active = head.active
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False, disable=None)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
+                   disable=None if dist.is_main() else True)
         for x, c, y, _, _, tx in bar:
             lr = lr_at(state.step, total_steps, warmup_steps, cfg.lr, cfg.schedule)
             for group in optimizer.param_groups:
@@ -478,8 +505,7 @@ def fit(cfg: TrainConfig, prep: Prepared, student: Student, head: TCSHead, optim
             elif head.k:
                 c = c.to(device, non_blocking=True)
             with autocast(device):
-                f = student(x)
-                logits, c_hat = head(f)
+                f, logits, c_hat = model(x)
             mask = head.mask if head.k else None
             parts = tcs_loss(logits, y, c_hat, c if head.k else None, mask, cfg.lam, cfg.mimic, elsh,
                              cfg.elsh_weight if cfg.elsh_bits else 0.0)
@@ -502,17 +528,29 @@ def fit(cfg: TrainConfig, prep: Prepared, student: Student, head: TCSHead, optim
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t_epoch
-        images = steps * cfg.batch_size if drop_last else n
+        images = steps * local_batch * world if drop_last else n
         state.train_seconds += seconds
         state.images += images
         means = (sums / max(1, steps)).tolist()
 
+        if world > 1:  # the loss parts of every rank
+            dist.all_reduce_sum(sums)
+            sums /= world
+            means = (sums / max(1, steps)).tolist()
         test = None
-        if prep.test_set is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
+        if (dist.is_main() and prep.test_set is not None
+                and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)):
             _, logits = embed(student, head, prep.test_set, device, eval_bs, workers)
             test = top1(logits, prep.test_set.ce_labels)
+        if world > 1 and head.k and schedule.selects_after(epoch):
+            # Every rank must drop the same coordinates: select on the importance of all ranks.
+            dist.all_reduce_sum(head.importance)
+            if cfg.select_by == "grad":  # DDP already averaged the gate's gradient
+                head.importance /= world
         apply_selection(head, schedule, epoch)
         state.epoch = epoch + 1
+        if not dist.is_main():
+            continue
         row = {"epoch": epoch + 1, "loss": means[0], "loss_ce": means[1], "loss_mimic": means[2],
                "loss_elsh": means[3], "lr": lr, "active_coords": active, "train_img_per_s": images / seconds,
                "test_top1": test, "seconds": time.perf_counter() - t_epoch}
@@ -525,6 +563,7 @@ def fit(cfg: TrainConfig, prep: Prepared, student: Student, head: TCSHead, optim
             "rng": rng_state(), "config": _config_dict(cfg), "meta": meta})
         log.info("epoch %d/%d: loss %.4f (ce %.4f, mimic %.4f, elsh %.4f), active %s, test top-1 %s, %.0f img/s",
                  epoch + 1, cfg.epochs, *means, active, "-" if test is None else f"{test:.4f}", images / seconds)
+    dist.barrier()
     return state
 
 
@@ -579,9 +618,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     from tcskd.device import peak_memory_bytes, resolve_device
 
+    from tcskd import dist
+
     t_start = time.perf_counter()
     cfg = resolve_config(cfg)
-    device = resolve_device(cfg.device)
+    device = dist.device_for_rank(resolve_device(cfg.device))
+    dist.init(device)
+    if cfg.sync_bn and device.type != "cuda":
+        raise TcskdError("--sync-bn needs CUDA devices (SyncBatchNorm runs on GPUs only)")
+    if cfg.batch_size % dist.world():
+        raise TcskdError(f"--batch-size {cfg.batch_size} is the global batch: it must divide evenly over "
+                         f"{dist.world()} processes")
     workers = cfg.workers if cfg.workers is not None else (
         min(8, os.cpu_count() or 1) if device.type == "cuda" else 0)
     prep = prepare(cfg)
@@ -591,7 +638,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     student = build_student(cfg.student, prep.num_classes, prep.channels)
     head = TCSHead(student.feature_dim, prep.num_classes, prep.k)
 
-    out = run_dir(cfg, prep.k)
+    out = _shared_run_dir(cfg, prep.k)
     ckpt_path = out / CHECKPOINT
     saved = load_checkpoint(ckpt_path) if cfg.resume and ckpt_path.exists() else None
     if saved is not None:
@@ -627,7 +674,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         log.info("resuming %s after epoch %d", out, state.epoch)
     # Metric rows beyond the checkpoint belong to an epoch that must be redone.
     rows = _read_metrics(out / "metrics.jsonl", state.epoch)
-    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if dist.is_main():
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     resolved = _config_dict(cfg)
     resolved["resolved"] = {
@@ -639,7 +687,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "test_images": len(prep.test_set) if prep.test_set is not None else 0,
         "num_classes": prep.num_classes, "channels": prep.channels, "teacher_spec": prep.teacher_spec,
         "student_params": count_parameters(student), "head_params": count_parameters(head)}
-    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    resolved["resolved"]["world_size"] = dist.world()
+    if dist.is_main():
+        (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 
     teacher = None
     if cfg.method == "online":
@@ -650,10 +700,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
              cfg.student, prep.data_spec, count_parameters(student), len(prep.train_set), prep.n_labelled,
              cfg.method, prep.k, device)
 
-    state = fit(cfg, prep, student, head, optimizer, state, device, workers, out, meta, teacher)
+    model: torch.nn.Module = StudentWithHead(student, head)
+    if dist.world() > 1:
+        if cfg.sync_bn:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    state = fit(cfg, prep, student, head, optimizer, state, device, workers, out, meta, teacher, model)
+    if not dist.is_main():  # rank 0 evaluates and writes the results
+        final = dist.broadcast_object(None)
+        return final
     if state.epoch < cfg.epochs:
         log.info("stopped after epoch %d of %d (--stop-after); resume with --resume", state.epoch, cfg.epochs)
-        return {"stopped_after": state.epoch, "run_dir": str(out)}
+        return dist.broadcast_object({"stopped_after": state.epoch, "run_dir": str(out)})
 
     t_eval = time.perf_counter()
     eval_bs = max(cfg.batch_size, 256)
@@ -687,4 +746,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     plot_curves(rows, out / "curves.png", f"{cfg.method} {cfg.student} K={prep.k} seed {cfg.seed}")
     log.info("finished: test top-1 %s, kNN top-1 %s, %.1f s of training; %s", test_top1, knn,
              state.train_seconds, out)
-    return final
+    return dist.broadcast_object(final)
+
+
+def _shared_run_dir(cfg: TrainConfig, k: int | None) -> Path:
+    """Rank 0 picks (and checks) the run directory; every rank gets the same one."""
+    from tcskd import dist
+
+    picked: tuple[str | None, str | None] = (None, None)
+    if dist.is_main():
+        try:
+            picked = (str(run_dir(cfg, k)), None)
+        except TcskdError as e:
+            picked = (None, str(e))
+    path, error = dist.broadcast_object(picked)
+    if error:
+        raise TcskdError(error)
+    return Path(path)

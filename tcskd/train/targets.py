@@ -318,11 +318,13 @@ class EpochSampler(Sampler):
     order does not depend on what ran before it (exact resume).
     """
 
-    def __init__(self, n: int, views: int, seed: int, epoch: int, shuffle: bool = True) -> None:
+    def __init__(self, n: int, views: int, seed: int, epoch: int, shuffle: bool = True,
+                 rank: int = 0, world: int = 1) -> None:
         self.n, self.views, self.seed, self.epoch, self.shuffle = n, views, seed, epoch, shuffle
+        self.rank, self.world = rank, world
 
     def __len__(self) -> int:
-        return self.n
+        return -(-self.n // self.world)
 
     def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed((int(self.seed) * 1_000_003 + int(self.epoch) * 7_919) % (2 ** 63))
@@ -333,5 +335,10 @@ class EpochSampler(Sampler):
 
     def __iter__(self):
         order, view = self.draw()
+        if self.world > 1:
+            # Every rank draws the same permutation and takes every world-th image; the
+            # order wraps around so that every rank gets the same number (DistributedSampler's way).
+            size = len(self)
+            order = torch.cat([order, order[: size * self.world - self.n]])[self.rank::self.world]
         for i in order.tolist():
             yield (i, int(view[i]), self.epoch)
