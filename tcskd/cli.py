@@ -35,7 +35,8 @@ class _Group(click.Group):
             click.echo(f"tcskd: error: {msg}", err=True)
             ctx.exit(code)
         except KeyboardInterrupt:
-            click.echo("tcskd: interrupted; finished chunks are kept, run the same command to resume", err=True)
+            click.echo("tcskd: interrupted; what was finished is kept: run the same command again to resume "
+                       "(for train: add --resume --out RUN_DIR)", err=True)
             ctx.exit(130)
 
 
