@@ -17,6 +17,7 @@ DIM         ?= 64
 LAMBDA      ?= 10
 EPOCHS      ?= 15
 SEEDS       ?= 0
+METHODS     ?= ce fitnet tcs
 CACHE_OPTS  := --data $(DATA) --teacher $(TEACHER) --image-size $(IMAGE_SIZE) --device $(DEVICE)
 
 .PHONY: install demo cache basis train eval report test test-fast bench clean
@@ -54,7 +55,7 @@ eval: cache
 # The main job: cache -> basis -> train ce, fitnet and tcs at all labels and at
 # 10 labels per class, the teacher's eval, and the comparison report.
 demo: install
-	SEEDS="$(SEEDS)" EPOCHS=$(EPOCHS) DIM=$(DIM) LAMBDA=$(LAMBDA) IMAGE_SIZE=$(IMAGE_SIZE) \
+	SEEDS="$(SEEDS)" METHODS="$(METHODS)" EPOCHS=$(EPOCHS) DIM=$(DIM) LAMBDA=$(LAMBDA) IMAGE_SIZE=$(IMAGE_SIZE) \
 	  DEVICE=$(DEVICE) RUNS=$(RUNS)/demo STUDENT=$(STUDENT) TCSKD=$(TCSKD) bash scripts/demo.sh
 
 report:

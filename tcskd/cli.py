@@ -53,9 +53,15 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
-def main(debug: bool, verbose: int, quiet: bool) -> None:
+@click.option("--threads", type=int, default=None,
+              help="CPU threads for torch (default: $TCSKD_THREADS, else torch's own choice). "
+                   "On a busy or small machine 1 can be much faster.")
+def main(debug: bool, verbose: int, quiet: bool, threads: int | None) -> None:
     """tcskd: distil a large teacher into small students from cached features."""
+    from tcskd.device import set_threads
+
     _setup_logging(verbose, quiet)
+    set_threads(threads)
 
 
 # -- stage 1: cache ---------------------------------------------------------
@@ -168,15 +174,13 @@ def cache_verify(cache_ref, recompute, cache_root, device) -> None:
 
 
 def _register() -> None:
+    from tcskd.bench import bench_cmd
     from tcskd.subspace.commands import basis
     from tcskd.train.commands import export, train
     from tcskd.train.report_commands import eval_cmd, report_cmd
 
-    for cmd in (basis, train, export, eval_cmd, report_cmd):
+    for cmd in (basis, train, export, eval_cmd, report_cmd, bench_cmd):
         main.add_command(cmd)
 
 
-try:
-    _register()
-except ImportError as _e:  # pragma: no cover - while a stage is being written
-    log.debug("stage commands unavailable: %s", _e)
+_register()

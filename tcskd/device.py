@@ -35,8 +35,36 @@ def autocast(device: torch.device, enabled: bool = True) -> ContextManager:
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """CUDA max allocated on a GPU, else this process's peak resident set size."""
+    """CUDA max allocated on a GPU, else this process's peak resident set size.
+
+    On Linux the peak comes from VmHWM: ``ru_maxrss`` survives fork and exec,
+    so a process started from a large parent would report the parent's peak.
+    """
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def set_threads(threads: int | None) -> None:
+    """CPU threads for torch's intra-op work (None: $TCSKD_THREADS, else torch's default)."""
+    import os
+
+    if threads is None:
+        env = os.environ.get("TCSKD_THREADS")
+        if not env:
+            return
+        try:
+            threads = int(env)
+        except ValueError:
+            raise TcskdError(f"TCSKD_THREADS must be a whole number, not '{env}'") from None
+    if threads < 1:
+        raise TcskdError(f"--threads must be >= 1 (got {threads})")
+    torch.set_num_threads(threads)
