@@ -28,7 +28,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except (TcskdError, OSError) as e:
-            if ctx.params.get("debug"):
+            if ctx.find_root().params.get("debug"):
                 raise
             code = getattr(e, "exit_code", 2)
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__

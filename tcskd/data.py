@@ -215,10 +215,12 @@ def _npz(spec: str, path: Path, split: str) -> Source:
     parts = {}
     for name, xk, yk in (("train", "x", "y"), ("test", "x_test", "y_test")):
         if xk in z:
-            x = z[xk]
+            x = _npz_array(z, xk, path)
             if x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] not in (1, 3)):
                 raise DataError(f"{path}: '{xk}' has shape {x.shape}; expected N x H x W or N x H x W x C (C = 1 or 3)")
-            y = z[yk].astype(np.int64) if yk in z else np.full(len(x), -1, np.int64)
+            if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+                raise DataError(f"{path}: '{xk}' holds {x.dtype} values; expected numeric pixels (uint8 or float)")
+            y = _npz_labels(_npz_array(z, yk, path), yk, path) if yk in z else np.full(len(x), -1, np.int64)
             if len(y) != len(x):
                 raise DataError(f"{path}: '{yk}' has {len(y)} labels for {len(x)} images")
             parts[name] = (x, y)
@@ -227,6 +229,26 @@ def _npz(spec: str, path: Path, split: str) -> Source:
     if (labelled < -1).any():
         raise DataError(f"{path}: labels must be >= 0 (or -1 for unlabelled)")
     return _array_source(spec, split, parts, num_classes, _sha256_file(path))
+
+
+def _npz_array(z, key: str, path: Path) -> np.ndarray:
+    try:
+        return z[key]
+    except Exception as e:  # object arrays (a pickle) are refused: tcskd never unpickles data
+        raise DataError(f"{path}: cannot read array '{key}' ({str(e).splitlines()[0] if str(e) else e})") from e
+
+
+def _npz_labels(y: np.ndarray, key: str, path: Path) -> np.ndarray:
+    """Integer class ids (-1 = unlabelled) as int64, or a DataError naming what is wrong."""
+    if y.ndim != 1:
+        raise DataError(f"{path}: '{key}' has shape {y.shape}; expected one integer label per image")
+    integral = np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_
+    if not integral and np.issubdtype(y.dtype, np.floating):
+        integral = bool(np.isfinite(y).all() and (y == np.round(y)).all())
+    if not integral:
+        raise DataError(f"{path}: '{key}' holds non-integer labels ({y.dtype}); expected integer class ids "
+                        f"(-1 = unlabelled)")
+    return y.astype(np.int64)
 
 
 def _cifar(spec: str, kind: str, root: Path, split: str) -> Source:
@@ -249,8 +271,16 @@ def _cifar(spec: str, kind: str, root: Path, split: str) -> Source:
             digest.update(_sha256_file(p).encode())
             with open(p, "rb") as f:
                 d = pickle.load(f, encoding="bytes")  # the dataset's own format is a pickle
-            xs.append(np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-            ys.append(np.asarray(d[key], np.int64))
+            try:
+                xs.append(np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+                ys.append(np.asarray(d[key], np.int64).reshape(-1))
+            except (KeyError, ValueError, TypeError) as e:
+                raise DataError(f"{kind}: {p} is not in the python-pickle release's layout ({e})") from e
+            n_cls = 10 if kind == "cifar10" else 100
+            bad = ys[-1][(ys[-1] < 0) | (ys[-1] >= n_cls)]
+            if len(bad) or len(ys[-1]) != len(xs[-1]):
+                raise DataError(f"{kind}: {p} holds label {int(bad[0]) if len(bad) else '?'} outside [0, {n_cls}) "
+                                f"or a label count that differs from its image count")
         parts[name] = (np.concatenate(xs), np.concatenate(ys))
     return _array_source(spec, split, parts, 10 if kind == "cifar10" else 100, digest.hexdigest())
 

@@ -68,7 +68,9 @@ class Teacher:
         return (x - mean) / std
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] (B x C x S x S) -> B x D float32 embeddings."""
+        """Images (B x C x S x S, uint8 or floats in [0, 1]) -> B x D float32 embeddings."""
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0)
         out = self.embed(self.module, self.normalize(x).contiguous(memory_format=torch.channels_last))
         return out.float()
 
@@ -113,8 +115,14 @@ def _load_weights(path: str) -> dict[str, torch.Tensor]:
 
 def _probe_dim(module: nn.Module, embed: Callable, size: int) -> int:
     module.eval()
-    with torch.inference_mode():
-        out = embed(module, torch.zeros(1, 3, size, size))
+    try:
+        with torch.inference_mode():
+            out = embed(module, torch.zeros(1, 3, size, size))
+    except Exception as e:
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise TeacherError(f"the teacher fails on a 1 x 3 x {size} x {size} input: {msg}") from e
+    if not isinstance(out, torch.Tensor):
+        raise TeacherError(f"the teacher returns {type(out).__name__} for one image; expected a 1 x D tensor")
     if out.ndim != 2:
         raise TeacherError(f"teacher returns shape {tuple(out.shape)} for one image; expected 1 x D")
     return int(out.shape[1])

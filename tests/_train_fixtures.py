@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from tcskd import SCHEMA_VERSION
+from tcskd.cache.registry import cache_key
 from tcskd.cache.store import open_store
 from tcskd.cache.views import apply_view, to_tensor, view_params
 
@@ -90,7 +91,8 @@ def make_store(root: Path, npz: Path, views: int = 1, dim: int = 16, k: int = 8,
     if identity:
         _write_basis(s, "identity", "identity", np.zeros(dim), np.eye(dim), np.ones(dim),
                      np.arange(1, dim + 1) / dim, None)
-    s.set_attrs({"schema_version": SCHEMA_VERSION, "key": f"test{views}{dim}{n}", "identity": {"limit": None},
+    identity = {"limit": None, "fixture": f"test{views}{dim}{n}"}
+    s.set_attrs({"schema_version": SCHEMA_VERSION, "key": cache_key(identity), "identity": identity,
                  "data_spec": f"npz:{npz}", "split": "train", "teacher_spec": teacher_spec,
                  "n_rows": n, "views": views, "dim": dim, "dtype": "float16", "chunk_rows": chunk_rows,
                  "num_classes": int(y.max()) + 1, "channels": channels, "image_size": teacher_size,

@@ -19,7 +19,7 @@ from tcskd.cache.build import CacheConfig, build_cache
 from tcskd.cache.registry import WriterLock, list_caches, resolve_cache
 from tcskd.cache.store import iter_chunks, open_store
 from tcskd.cache.verify import verify_cache
-from tcskd.cache.views import apply_view, to_tensor, view_params
+from tcskd.cache.views import apply_view, teacher_views, view_params
 from tcskd.cli import main
 from tcskd.data import open_source
 from tcskd.errors import LockedError, StoreError
@@ -116,7 +116,7 @@ def test_views_replay_exactly(tiny_npz, tiny_teacher, cache_root):
         expect = view_params(row, img.shape[0], img.shape[1], 3, seed=0)
         np.testing.assert_array_equal(params[row], expect)
         assert (params[row, 0] == [0, 0, 1, 1, 0]).all()  # view 0: the centre crop of a square image
-        x = torch.stack([apply_view(to_tensor(img), p, 16) for p in params[row]])
+        x = teacher_views(img, params[row], 16).float() / 255
         with torch.inference_mode():
             f = teacher.features(x).numpy()
         np.testing.assert_allclose(feats[row], f, rtol=1e-4, atol=1e-5)

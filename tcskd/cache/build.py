@@ -12,6 +12,7 @@ finished stores are equal byte for byte on the CPU.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import logging
 import os
 import platform
@@ -32,7 +33,7 @@ import tcskd
 from tcskd import dist
 from tcskd.cache.registry import WriterLock, cache_key, cache_root_of
 from tcskd.cache.store import FORMATS, Store, detect_format, is_remote, iter_chunks, open_store
-from tcskd.cache.views import DEFAULT_SCALE, apply_view, to_tensor, view_params
+from tcskd.cache.views import DEFAULT_SCALE, teacher_views, view_params
 from tcskd.data import DataError, Source, open_source
 from tcskd.device import autocast, resolve_device
 from tcskd.errors import StoreError, TcskdError
@@ -93,7 +94,7 @@ class CacheResult:
 # -- the dataset the teacher reads -----------------------------------------
 
 class _TeacherInputs(Dataset):
-    """Row -> (row, V x C x S x S views in [0, 1], label, V x 5 params, error)."""
+    """Row -> (row, V x C x S x S uint8 views, label, V x 5 params, error)."""
 
     def __init__(self, source: Source, views: int, size: int, seed: int, scale: tuple[float, float]) -> None:
         self.source, self.views, self.size, self.seed, self.scale = source, views, size, seed, scale
@@ -109,11 +110,10 @@ class _TeacherInputs(Dataset):
             if img.shape[2] != c:  # a greyscale file in a colour folder, or the reverse
                 img = np.repeat(img[:, :, :1], 3, axis=2) if c == 3 else img[:, :, :1]
             params = view_params(idx, img.shape[0], img.shape[1], self.views, self.seed, self.scale)
-            t = to_tensor(img)
-            x = torch.stack([apply_view(t, p, self.size) for p in params])
+            x = teacher_views(img, params, self.size)
             return row, x, int(self.source.labels[row]), torch.from_numpy(params), ""
         except DataError as e:
-            blank = torch.zeros(self.views, c, self.size, self.size)
+            blank = torch.zeros(self.views, c, self.size, self.size, dtype=torch.uint8)
             return row, blank, -1, torch.zeros(self.views, 5), str(e)
 
 
@@ -198,6 +198,41 @@ def _create_store(path: Path, cfg: CacheConfig, source: Source, teacher, key: st
         shutil.rmtree(tmp)
     n, v, d, ch = len(source), cfg.views, teacher.dim, cfg.chunk_rows
     n_chunks = -(-n // ch)
+    try:
+        _write_layout(tmp, cfg, source, teacher, key, ident, n, v, d, ch, n_chunks)
+    except BaseException:
+        if not remote:  # a full disk or a read-only root: leave nothing half-made behind
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not remote:
+        os.rename(tmp, path)
+
+
+def _check_room(folder: Path, nbytes: int) -> None:
+    """OSError (ENOSPC or EFBIG) unless a file of ``nbytes`` fits in ``folder``.
+
+    An HDF5 store allocates all its data when it is created, and HDF5 handles a
+    write failure at that point badly (it can even crash the process), so the
+    free space and the file size limit are checked first.
+    """
+    import resource
+
+    st = os.statvfs(folder)
+    free = st.f_bavail * st.f_frsize
+    if free < nbytes:
+        raise OSError(errno.ENOSPC, f"an HDF5 store of {nbytes / 2**20:.1f} MiB does not fit in {folder} "
+                                    f"({free / 2**20:.1f} MiB free): {os.strerror(errno.ENOSPC)}")
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and limit < nbytes:
+        raise OSError(errno.EFBIG, f"an HDF5 store of {nbytes / 2**20:.1f} MiB exceeds this process's file size "
+                                   f"limit ({limit} bytes): {os.strerror(errno.EFBIG)}")
+
+
+def _write_layout(tmp, cfg: CacheConfig, source: Source, teacher, key: str, ident: dict[str, Any],
+                  n: int, v: int, d: int, ch: int, n_chunks: int) -> None:
+    if cfg.format == "hdf5" and not is_remote(tmp):
+        raw = n * v * d * np.dtype(cfg.dtype).itemsize + n * (8 + 8 + 1 + v * 5 * 4) + n_chunks
+        _check_room(Path(tmp).parent, raw + raw // 100 + (64 << 10))
     store = open_store(tmp, "a", cfg.format)
     try:
         store.create("features", (n, v, d), cfg.dtype, (ch, v, d), fill_value=0)
@@ -212,7 +247,7 @@ def _create_store(path: Path, cfg: CacheConfig, source: Source, teacher, key: st
             "data_spec": source.spec, "split": cfg.split, "teacher_spec": teacher.spec,
             "n_rows": n, "views": v, "dim": d, "dtype": cfg.dtype, "chunk_rows": ch,
             "num_classes": source.num_classes, "channels": source.channels,
-            "image_size": teacher.image_size, "complete": False, "skipped": [],
+            "image_size": teacher.image_size, "complete": False, "skipped": [], "dense_chunks": True,
             "tool_version": tcskd.__version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "libraries": _libraries(), "git_sha": _git_sha(),
@@ -220,8 +255,6 @@ def _create_store(path: Path, cfg: CacheConfig, source: Source, teacher, key: st
         store.flush()
     finally:
         store.close()
-    if not remote:
-        os.rename(tmp, path)
 
 
 def _has_manifest(path) -> bool:
@@ -319,6 +352,8 @@ def _open_for_writing(path: Path, cfg: CacheConfig, source: Source, teacher, key
     except StoreError:
         store.close()
         raise
+    if store.remove_partial_files():
+        log.info("removed temporary files of an interrupted write in %s", path)
     return store
 
 
@@ -414,7 +449,12 @@ def _fill(store: Store, cfg: CacheConfig, source: Source, teacher, device: torch
             bad = [e for e in errors if e]
             if bad and not cfg.skip_bad:
                 raise DataError(bad[0] + " (pass --skip-bad to record and skip such images)")
-            feats = _forward(teacher, x, device)
+            try:
+                feats = _forward(teacher, x, device)
+            except Exception as e:  # the teacher's own error (a shape it cannot take, out of memory, ...)
+                msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                raise TcskdError(f"teacher {teacher.spec} failed on rows {first}..{int(rows[-1])}: {msg}; "
+                                 f"nothing of this chunk was stored") from e
             if not torch.isfinite(feats).all():
                 raise TcskdError(f"teacher produced NaN/Inf features for rows {first}..{int(rows[-1])}; "
                                  f"nothing of this chunk was stored")
@@ -442,6 +482,7 @@ def _fill(store: Store, cfg: CacheConfig, source: Source, teacher, device: torch
 
 
 def _forward(teacher, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 (or [0, 1] float) B x V x C x S x S -> float32 features B x V x D."""
     b, v = x.shape[:2]
     flat = x.reshape(b * v, *x.shape[2:]).to(device, non_blocking=True)
     with torch.inference_mode(), autocast(device):
@@ -465,7 +506,8 @@ def _finish(store: Store, source: Source) -> None:
     skipped = [int(i) for i in store.read("sample_index")[~ok]]
     if skipped:
         log.warning("%d sample(s) were unreadable and are marked in row_ok: %s", len(skipped), skipped[:10])
-    store.set_attrs({"complete": True, "skipped": skipped})
+    store.set_attrs({"skipped": skipped})
+    store.set_attrs({"complete": True})  # last, on its own: a cache is complete only with all of the above
     store.flush()
 
 

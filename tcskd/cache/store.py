@@ -14,13 +14,22 @@ Crash safety:
   damage the file's structure.
 - ``chunk_done`` has one storage chunk per data chunk: a flag is its own file
   (Zarr) and is written only after the data it vouches for.
+
+Damage detection: Zarr chunks are zstd-compressed with a checksum, and every
+chunk is written even when it equals the fill value (manifest
+``dense_chunks``), so a flipped byte fails its checksum and a deleted chunk
+file is noticed (:meth:`Store.missing_chunks`) instead of reading as zeros.
+Reads that fail become a StoreError naming the array and rows.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
@@ -34,6 +43,8 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("zarr", "hdf5")
 H5_NAME = "store.h5"
+#: Zarr array config of tcskd's writers: every chunk is stored, even one equal to the fill value.
+_DENSE = {"write_empty_chunks": True}
 
 
 class RemotePath:
@@ -183,7 +194,37 @@ class Store:
         return self.attrs("")
 
     def read(self, name: str) -> np.ndarray:
-        return np.asarray(self[name][...])
+        arr = self[name]
+        try:
+            return np.asarray(arr[...])
+        except Exception as e:  # a damaged chunk fails its checksum or decompression
+            n = int(arr.shape[0]) if len(arr.shape) else 0
+            step = int((getattr(arr, "chunks", None) or (n,))[0] or n or 1)
+            for start in range(0, n, step):
+                try:
+                    arr[start:min(n, start + step)]
+                except Exception as e2:
+                    raise self.damaged(name, start, min(n, start + step), e2) from e2
+            raise self.damaged(name, 0, n, e) from e
+
+    def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of ``name``; a StoreError naming them when they cannot be read."""
+        try:
+            return np.asarray(self[name][start:stop])
+        except StoreError:
+            raise
+        except Exception as e:
+            raise self.damaged(name, start, stop, e) from e
+
+    def damaged(self, name: str, start: int, stop: int, error: BaseException) -> StoreError:
+        msg = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return StoreError(f"cache {self.path} is damaged: '{name}' rows {start}..{stop - 1} cannot be read "
+                          f"({msg}); run `tcskd cache verify`, then rebuild what it names")
+
+    def missing_chunks(self, name: str) -> list[int]:
+        """Chunk indices (along axis 0) of ``name`` whose data are not stored; [] where every
+        chunk is always allocated (HDF5's contiguous arrays)."""
+        return []
 
     def chunk_done(self) -> np.ndarray:
         return np.asarray(self["chunk_done"][...], dtype=bool)
@@ -200,6 +241,26 @@ class Store:
             if self.attrs(f"bases/{name}").get("complete"):
                 out.append(name)
         return sorted(out)
+
+    def remove_partial_files(self) -> int:
+        """Delete temporary files of writes cut short by a crash; return how many.
+
+        Zarr writes each file as ``<name>.<uuid>.partial`` and renames it into
+        place, so a killed writer can leave such a file (never a torn chunk).
+        Call only while holding the cache's writer lock.
+        """
+        if is_remote(self.path) or self.format != "zarr":
+            return 0
+        removed = 0
+        for root, _, files in os.walk(self.path):
+            for f in files:
+                if f.endswith(".partial"):
+                    try:
+                        os.unlink(os.path.join(root, f))
+                        removed += 1
+                    except FileNotFoundError:
+                        pass
+        return removed
 
     def size_bytes(self) -> int:
         if is_remote(self.path):
@@ -236,13 +297,43 @@ class ZarrStore(Store):
         compressors = [ZstdCodec(level=3, checksum=True)] if compress else None
         return self._g.create_array(name, shape=shape, dtype=dtype, chunks=chunks,
                                     fill_value=fill_value, compressors=compressors,
-                                    overwrite=True)
+                                    overwrite=True, config=_DENSE)
 
     def __getitem__(self, name):
         try:
-            return self._g[name]
+            node = self._g[name]
         except KeyError:
             raise StoreError(f"{self.path}: array or group '{name}' is missing") from None
+        except Exception as e:  # damaged metadata, an unknown codec, ...
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise StoreError(f"{self.path}: array or group '{name}' is unreadable ({msg})") from e
+        if self._mode != "r" and hasattr(node, "with_config"):
+            node = node.with_config(_DENSE)  # write every chunk, even one equal to the fill value
+        return node
+
+    def missing_chunks(self, name):
+        from zarr.core.chunk_key_encodings import DefaultChunkKeyEncoding
+
+        arr = self[name]
+        enc = arr.metadata.chunk_key_encoding
+        if not isinstance(enc, DefaultChunkKeyEncoding) or enc.separator != "/" or not len(arr.shape):
+            return []
+        n_chunks = -(-int(arr.shape[0]) // int(arr.chunks[0]))
+        base = self.path / name / "c"
+        present: set[int] = set()
+        if is_remote(self.path):
+            root = base._path.strip("/")
+            try:
+                files = [f.strip("/")[len(root) + 1:] for f in base.fs.find(base._path)]
+            except FileNotFoundError:
+                files = []
+        else:
+            files = [os.path.relpath(os.path.join(d, f), base) for d, _, fs in os.walk(base) for f in fs]
+        for rel in files:
+            head = rel.replace(os.sep, "/").split("/", 1)[0]
+            if head.isdigit() and not rel.endswith(".partial"):
+                present.add(int(head))
+        return [c for c in range(n_chunks) if c not in present]
 
     def __contains__(self, name):
         try:
@@ -301,6 +392,8 @@ class H5Store(Store):
         if is_remote(self.path):
             raise StoreError(f"HDF5 stores are local files; use --format zarr for {self.path}")
         self.file = self.path / H5_NAME
+        self._broken = False
+        self._ids: list[Any] = []
         h5mode = {"r": "r", "a": "a", "w": "w", "r+": "r+"}[mode]
         if mode in ("a", "w"):
             self.path.mkdir(parents=True, exist_ok=True)
@@ -322,30 +415,60 @@ class H5Store(Store):
         dcpl.set_fill_time(h5py.h5d.FILL_TIME_ALLOC)
         dcpl.set_fill_value(np.array(fill_value, dtype=dt))
         parent, _, leaf = name.rpartition("/")
-        grp = self._f.require_group(parent) if parent else self._f
-        h5py.h5d.create(grp.id, leaf.encode(), h5py.h5t.py_create(dt), space, dcpl=dcpl)
-        self._f.flush()
+        with self._writing():
+            grp = self._f.require_group(parent) if parent else self._f
+            # Keep the new dataset's id open until the flush: were it dropped first, HDF5 would
+            # close it (and write it) inside a destructor, where a write error cannot be reported.
+            self._ids.append(h5py.h5d.create(grp.id, leaf.encode(), h5py.h5t.py_create(dt), space, dcpl=dcpl))
+            self._f.flush()
         return self._f[name]
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """Turn HDF5's write failures (a full disk, a file size limit) into an OSError naming the store.
+
+        After such a failure HDF5's state is not trusted: the file is not closed
+        (closing it would write again, and can crash the process); nothing written
+        after the last successful flush is kept, as after a crash.
+        """
+        if self._broken:
+            raise StoreError(f"HDF5 store {self.file} failed a write earlier; not writing to it again")
+        try:
+            yield
+        except (RuntimeError, OSError) as e:
+            text = str(e)
+            if "write failed" not in text and "errno" not in text and not isinstance(e, OSError):
+                raise
+            self._broken = True
+            m = re.search(r"errno = (\d+), error message = '([^']*)'", text)
+            code = int(m.group(1)) if m else getattr(e, "errno", None) or errno.EIO
+            msg = m.group(2) if m else (text.splitlines()[0] if text else os.strerror(code))
+            raise OSError(code, f"cannot write HDF5 store {self.file}: {msg}") from e
 
     def __getitem__(self, name):
         try:
             return self._f[name]
         except KeyError:
             raise StoreError(f"{self.file}: array or group '{name}' is missing") from None
+        except Exception as e:  # damaged object headers
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise StoreError(f"{self.file}: array or group '{name}' is unreadable ({msg})") from e
 
     def __contains__(self, name):
         return name in self._f
 
     def delete(self, name):
         if name in self._f:
-            del self._f[name]
-            self._f.flush()
+            with self._writing():
+                del self._f[name]
+                self._f.flush()
 
     def rename(self, src, dst):
-        if dst in self._f:
-            del self._f[dst]
-        self._f.move(src, dst)
-        self._f.flush()
+        with self._writing():
+            if dst in self._f:
+                del self._f[dst]
+            self._f.move(src, dst)
+            self._f.flush()
 
     def children(self, group):
         if group and group not in self._f:
@@ -362,18 +485,24 @@ class H5Store(Store):
 
     def set_attrs(self, values, name=""):
         node = self._f if not name else self[name]
-        for k, v in _jsonable(values).items():
-            node.attrs[k] = json.dumps(v)
-        self._f.flush()
+        with self._writing():
+            for k, v in _jsonable(values).items():
+                node.attrs[k] = json.dumps(v)
+            self._f.flush()
 
     def require_group(self, name: str) -> None:
-        self._f.require_group(name)
-        self._f.flush()
+        with self._writing():
+            self._f.require_group(name)
+            self._f.flush()
 
     def flush(self):
-        self._f.flush()
+        with self._writing():
+            self._f.flush()
 
     def close(self):
+        if self._broken:
+            return
+        self._ids.clear()
         try:
             self._f.close()
         except Exception:
@@ -382,7 +511,7 @@ class H5Store(Store):
 
 def _from_h5_attr(v: Any) -> Any:
     if isinstance(v, bytes):
-        v = v.decode()
+        v = v.decode("utf-8", errors="replace")
     if isinstance(v, str):
         try:
             return json.loads(v)
@@ -444,7 +573,11 @@ def check_schema(store: Store) -> None:
     version = man.get("schema_version")
     if version is None:
         raise StoreError(f"{store.path} has no tcskd manifest (not a tcskd cache, or its creation was cut short)")
-    if int(version) > SCHEMA_VERSION:
+    try:
+        version = int(version)
+    except (TypeError, ValueError):
+        raise StoreError(f"{store.path} has a malformed manifest (schema_version {version!r})") from None
+    if version > SCHEMA_VERSION:
         raise StoreError(
             f"{store.path} was written with store schema {version}; this tcskd reads schema "
             f"{SCHEMA_VERSION} or older: upgrade tcskd"

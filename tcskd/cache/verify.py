@@ -16,6 +16,11 @@ from tcskd.errors import StoreError, TcskdError
 log = logging.getLogger(__name__)
 
 REQUIRED = ("features", "labels", "sample_index", "view_params", "row_ok", "chunk_done")
+#: The arrays holding a chunk's rows (written before its ``chunk_done`` flag).
+ROW_ARRAYS = ("features", "labels", "sample_index", "view_params", "row_ok")
+#: Manifest fields that repeat a part of the identity (the key hashes the identity only).
+_REPEATED = (("teacher_spec", ("teacher", "spec")), ("data_spec", ("data", "spec")), ("split", ("split",)),
+             ("views", ("views",)), ("dtype", ("dtype",)))
 
 
 @dataclass
@@ -53,13 +58,44 @@ def check_structure(store: Store) -> list[str]:
         if store.path.name != m["key"] and not store.path.name.startswith(".tmp-"):
             log.debug("cache directory %s is not named by its key %s", store.path.name, m["key"])
         shapes = _expected_shapes(m)
-    except (TypeError, ValueError) as e:
+        if "complete" in m and not isinstance(m["complete"], bool):
+            problems.append(f"manifest field complete={str(m['complete'])[:40]!r} is not true or false "
+                            f"(the manifest was edited)")
+        ident = m["identity"] if isinstance(m["identity"], dict) else {}
+        for field_name, where in _REPEATED:
+            node: Any = ident
+            for k in where:
+                node = node.get(k) if isinstance(node, dict) else None
+            if node is not None and m.get(field_name) != node:
+                problems.append(f"manifest field {field_name}={m.get(field_name)!r} contradicts its identity "
+                                f"({node!r}): the manifest was edited")
+    except (TypeError, ValueError, AttributeError) as e:
         return [f"manifest is malformed: {e}"]
     for name, shape in shapes.items():
         if name not in store:
             problems.append(f"array '{name}' is missing")
         elif tuple(store[name].shape) != shape:
             problems.append(f"array '{name}' has shape {tuple(store[name].shape)}, manifest implies {shape}")
+    return problems
+
+
+def missing_data(store: Store, names: tuple[str, ...] = ROW_ARRAYS, done: np.ndarray | None = None) -> list[str]:
+    """Chunks marked done whose data are not stored (a deleted chunk file reads as zeros otherwise).
+
+    Only for stores whose manifest says ``dense_chunks`` (every chunk is written);
+    cheap: one directory listing per array.
+    """
+    if not store.manifest.get("dense_chunks"):
+        return []
+    done = store.chunk_done() if done is None else done
+    problems = []
+    for name in names:
+        if name not in store:
+            continue
+        lost = [c for c in store.missing_chunks(name) if c < len(done) and done[c]]
+        if lost:
+            problems.append(f"chunk {lost[0]}: the data of '{name}' are missing ({len(lost)} chunk(s) marked done "
+                            f"have no stored '{name}' data; deleted files?)")
     return problems
 
 
@@ -84,6 +120,7 @@ def verify_cache(path: Path, recompute: int = 0, device: str = "auto", seed: int
             report.problems.append(f"incomplete: {int((~done).sum())} of {len(done)} chunks not done")
         if not m.get("complete"):
             report.problems.append("manifest does not mark the cache complete")
+        report.problems += missing_data(store, done=done)
         n, ch = int(m["n_rows"]), int(m["chunk_rows"])
         ncls = m.get("num_classes") or 0
         seen: set[int] = set()
@@ -114,15 +151,27 @@ def verify_cache(path: Path, recompute: int = 0, device: str = "auto", seed: int
             seen.update(idx[ok].tolist())
             report.checked_rows += stop - start
         for name in store.bases():
-            try:
-                from tcskd.subspace.basis import load_basis
-
-                load_basis(store, name)
-            except (StoreError, Exception) as e:
-                report.problems.append(f"basis '{name}' is unreadable: {e}")
+            report.problems += _check_basis(store, name, n, ch)
         if recompute > 0 and not report.problems:
             _recompute(store, report, recompute, device, seed)
     return report
+
+
+def _check_basis(store: Store, name: str, n: int, ch: int) -> list[str]:
+    """A basis loads (checksums, shapes) and its stored coords, if any, are readable and present."""
+    from tcskd.subspace.basis import load_basis
+
+    try:
+        load_basis(store, name)
+        coords = f"bases/{name}/coords"
+        if coords in store:
+            for _, start, stop in iter_chunks(n, ch):
+                store.read_rows(coords, start, stop)
+            if store.manifest.get("dense_chunks") and store.missing_chunks(coords):
+                return [f"basis '{name}': coords chunk {store.missing_chunks(coords)[0]} is missing"]
+    except Exception as e:
+        return [f"basis '{name}' is unreadable: {str(e).splitlines()[0] if str(e) else type(e).__name__}"]
+    return []
 
 
 def _recompute(store: Store, report: VerifyReport, k: int, device: str, seed: int) -> None:
@@ -130,7 +179,7 @@ def _recompute(store: Store, report: VerifyReport, k: int, device: str, seed: in
     import torch
 
     from tcskd.cache.build import _forward
-    from tcskd.cache.views import apply_view, to_tensor
+    from tcskd.cache.views import teacher_views
     from tcskd.data import open_source
     from tcskd.device import resolve_device
     from tcskd.teachers import load_teacher
@@ -157,9 +206,8 @@ def _recompute(store: Store, report: VerifyReport, k: int, device: str, seed: in
         if idx not in pos:
             report.problems.append(f"row {r}: sample index {idx} is not in {m['data_spec']} split {m['split']}")
             continue
-        img = to_tensor(source.image(pos[idx]))
         params = np.asarray(store["view_params"][int(r)])
-        x = torch.stack([apply_view(img, p, teacher.image_size) for p in params])[None]
+        x = teacher_views(source.image(pos[idx]), params, teacher.image_size)[None]
         got = _forward(teacher, x, dev)[0].cpu().numpy()
         want = np.asarray(store["features"][int(r)], np.float32)
         err = float(np.abs(got - want).max() / (np.abs(want).max() + 1e-6))
@@ -171,15 +219,23 @@ def _recompute(store: Store, report: VerifyReport, k: int, device: str, seed: in
         report.problems.append(f"recomputed features differ from the stored ones (max relative error {worst:.3g} > {tol})")
 
 
-def require_complete(store: Store) -> None:
-    """Refuse to read a cache that is incomplete or structurally damaged."""
+def require_complete(store: Store, arrays: tuple[str, ...] = ROW_ARRAYS) -> None:
+    """Refuse to read a cache that is incomplete or visibly damaged (cheap: no data chunk is read).
+
+    Checks the manifest and the array shapes, that every chunk is done and the
+    manifest marks the cache complete, and that no chunk of ``arrays`` is
+    missing. Chunk contents are checked as they are read (see Store.read).
+    """
     problems = check_structure(store)
     if problems:
-        raise StoreError(f"cache {store.path} is damaged: {problems[0]}")
-    if not store.is_complete():
-        done = store.chunk_done()
-        raise StoreError(f"cache {store.path} is incomplete ({int(done.sum())}/{len(done)} chunks); "
-                         f"run the same `tcskd cache` command again to finish it")
+        raise StoreError(f"cache {store.path} is damaged: {problems[0]}; see `tcskd cache verify`")
+    done = store.chunk_done()
+    if not done.all() or not store.manifest.get("complete"):
+        raise StoreError(f"cache {store.path} is incomplete ({int(done.sum())}/{len(done)} chunks done); "
+                         f"finish it by running the same `tcskd cache` command again")
+    problems = missing_data(store, arrays, done)
+    if problems:
+        raise StoreError(f"cache {store.path} is damaged: {problems[0]}; see `tcskd cache verify`")
 
 
 def info(path: Path) -> dict[str, Any]:

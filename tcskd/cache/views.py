@@ -73,8 +73,19 @@ def to_tensor(img: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.require(img, requirements=["C", "W"])).permute(2, 0, 1).float().div_(255.0)
 
 
+def teacher_views(img: np.ndarray, params: np.ndarray, size: int) -> torch.Tensor:
+    """The teacher's input for each view of one image: uint8 V x C x S x S.
+
+    Cropped and resized in uint8 (4-5x faster than float on the CPU, and a
+    quarter of the bytes to collate, pin and copy); the teacher's device
+    turns it into float (``Teacher.features`` takes [0, 1] floats).
+    """
+    t = torch.from_numpy(np.require(img, requirements=["C", "W"])).permute(2, 0, 1)
+    return torch.stack([apply_view(t, p, size) for p in params])
+
+
 def apply_view(img: torch.Tensor, params: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
-    """Crop ``img`` (C x H x W float) to the normalised box, resize to ``size``, flip."""
+    """Crop ``img`` (C x H x W, float or uint8) to the normalised box, resize to ``size``, flip."""
     p = [float(v) for v in params]
     _, h, w = img.shape
     y0 = int(round(p[0] * h))
@@ -84,8 +95,13 @@ def apply_view(img: torch.Tensor, params: np.ndarray | torch.Tensor, size: int) 
     y0, x0 = min(y0, h - ch), min(x0, w - cw)
     crop = img[:, y0:y0 + ch, x0:x0 + cw]
     if crop.shape[1] != size or crop.shape[2] != size:
-        crop = F.interpolate(crop[None], size=(size, size), mode="bilinear",
-                             align_corners=False, antialias=True)[0]
+        if crop.dtype == torch.uint8:
+            import torchvision.transforms.v2.functional as TF
+
+            crop = TF.resize(crop.contiguous(), [size, size], antialias=True)
+        else:
+            crop = F.interpolate(crop[None], size=(size, size), mode="bilinear",
+                                 align_corners=False, antialias=True)[0]
     if p[4] >= 0.5:
         crop = crop.flip(-1)
     return crop

@@ -5,8 +5,10 @@ A basis lives in ``bases/<name>/`` of a cache store:
 ``eigenvalues`` [K] float64, ``explained_ratio`` [K] float64 (cumulative share
 of the total variance), optional ``coords`` [N, V, K] float16, and attributes
 ``kind`` (pca | random | identity), ``k``, ``whiten``, ``view``, ``fit_on``
-(key of the cache it was fitted on), ``rows_used``, ``total_variance``,
-``created`` and ``complete`` (set last: a basis without it is not visible).
+(key of the cache it was fitted on), ``cache_key`` (key of the cache it was
+written into: a basis copied into another cache is refused), ``rows_used``,
+``total_variance``, ``created`` and ``complete`` (set last: a basis without it
+is not visible).
 
 Targets are ``c = B (x - mu)``, divided by ``sqrt(lambda)`` when whitened.
 """
@@ -81,6 +83,11 @@ def load_basis(store: Store, name: str) -> Basis:
         raise StoreError(f"cache {store.path} has no complete basis '{name}' (bases: {have})")
     g = f"bases/{name}"
     attrs = store.attrs(g)
+    owner, key = attrs.get("cache_key"), store.manifest.get("key")
+    if owner and key and owner != key:
+        raise StoreError(f"basis '{name}' in {store.path} was written into cache {owner}, not this cache ({key}): "
+                         f"it was copied from another cache; fit it here with `tcskd basis` "
+                         f"(--fit-on fits on another cache's features)")
     mean = store.read(f"{g}/mean").astype(np.float64)
     comps = store.read(f"{g}/components").astype(np.float64)
     eig = store.read(f"{g}/eigenvalues").astype(np.float64)

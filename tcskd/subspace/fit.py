@@ -205,6 +205,7 @@ def fit_basis(cfg: BasisConfig) -> dict[str, Any]:
             attrs = {
                 "kind": cfg.kind, "k": fitted.k, "whiten": bool(cfg.whiten), "view": cfg.view,
                 "fit_on": fit_key, "fit_on_path": str(fit_dir), "rows_used": rows_used,
+                "cache_key": store.manifest.get("key"),
                 "samples": fitted.samples, "total_variance": fitted.total_variance,
                 "method": cfg.method if cfg.kind == "pca" else None,
                 "seed": cfg.seed if cfg.kind == "random" else None,
@@ -254,6 +255,11 @@ def _check_ready(store: Store) -> None:
     if not done.all():
         raise StoreError(f"cache {store.path} is incomplete ({int(done.sum())} of {len(done)} chunks done): "
                          f"finish it with the same `tcskd cache` command before fitting a basis")
+    from tcskd.cache.verify import missing_data
+
+    lost = missing_data(store, ("features", "row_ok"), done)
+    if lost:
+        raise StoreError(f"cache {store.path} is damaged: {lost[0]}; see `tcskd cache verify`")
     shape = store["features"].shape
     if len(shape) != 3:
         raise StoreError(f"cache {store.path}: features have shape {tuple(shape)}, expected N x V x D")
@@ -268,6 +274,7 @@ def _remove_leftovers(store: Store) -> None:
         if child.startswith("."):
             log.warning("removing bases/%s left by an interrupted run", child)
             store.delete(f"bases/{child}")
+    store.remove_partial_files()
 
 
 # -- fitting -----------------------------------------------------------------
@@ -306,14 +313,14 @@ def _moments(src: Store, cfg: BasisConfig, device: torch.device) -> Moments:
 @contextlib.contextmanager
 def _rank0_first(lock: Any):
     """Enter ``lock`` on rank 0; the other ranks learn whether that worked before going on."""
-    error = None
+    error, own = None, None
     try:
         lock.__enter__()
     except TcskdError as e:
-        error = str(e)
+        error, own = str(e), e
     error = dist.broadcast_object(error)
     if error:
-        raise TcskdError(error)
+        raise own if own is not None else TcskdError(error)  # rank 0 keeps the error's type (exit code)
     try:
         yield
     finally:
@@ -458,13 +465,14 @@ def write_basis(store: Store, name: str, fitted: Fitted, attrs: dict[str, Any], 
     tmp = f"bases/.tmp-{name}-{os.getpid()}"
     if tmp in store:
         store.delete(tmp)
-    store.require_group(tmp)
     try:
+        store.require_group(tmp)
         k, d = fitted.components.shape
         for key, arr in (("mean", fitted.mean), ("components", fitted.components),
                          ("eigenvalues", fitted.eigenvalues), ("explained_ratio", fitted.explained_ratio)):
             chunks = arr.shape if arr.ndim == 1 else (min(k, max(1, (1 << 22) // d)), d)
-            a = store.create(f"{tmp}/{key}", arr.shape, "float64", chunks, fill_value=0.0, compress=False)
+            # compressed for the checksum: a damaged basis fails to load instead of giving wrong targets
+            a = store.create(f"{tmp}/{key}", arr.shape, "float64", chunks, fill_value=0.0, compress=True)
             a[...] = arr
         if coords:
             _write_coords(store, tmp, fitted, whiten, torch.device(device), chunk_rows)

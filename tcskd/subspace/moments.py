@@ -144,7 +144,7 @@ def row_mask(store: Store) -> np.ndarray:
     n = int(store["features"].shape[0])
     if "row_ok" not in store:
         return np.ones(n, bool)
-    ok = np.asarray(store["row_ok"][...], dtype=bool)
+    ok = np.asarray(store.read("row_ok"), dtype=bool)
     if ok.shape != (n,):
         raise StoreError(f"{store.path}: row_ok has shape {ok.shape}, features have {n} rows")
     return ok
@@ -166,7 +166,11 @@ def iter_feature_chunks(store: Store, chunk_rows: int | None = None, desc: str =
 
     def read(span: tuple[int, int, int]) -> FeatureChunk:
         c, start, stop = span
-        return FeatureChunk(c, start, stop, np.asarray(feats[start:stop]), ok_all[start:stop])
+        try:
+            x = np.asarray(feats[start:stop])
+        except Exception as e:  # a damaged chunk fails its checksum: name it
+            raise store.damaged("features", start, stop, e) from e
+        return FeatureChunk(c, start, stop, x, ok_all[start:stop])
 
     bar = tqdm(total=len(spans), desc=desc, unit="chunk", file=sys.stderr, dynamic_ncols=True,
                disable=None, mininterval=1.0)
@@ -218,7 +222,7 @@ def first_sample(store: Store) -> np.ndarray:
     if not ok.any():
         raise StoreError(f"cache {store.path} has no usable rows (row_ok is False everywhere)")
     r = int(np.argmax(ok))
-    x = np.asarray(store["features"][r, 0], dtype=np.float64)
+    x = np.asarray(store.read_rows("features", r, r + 1)[0, 0], dtype=np.float64)
     if not np.isfinite(x).all():
         ch = read_chunk_rows(store)
         raise StoreError(f"cache {store.path}: features chunk {r // ch} (row {r}, view 0) holds NaN/Inf "

@@ -22,7 +22,8 @@ _FIELD = {"lambda_": "lam"}
                    "shufflenetv2, tv:NAME or python:MODULE:FACTORY.")
 @click.option("--method", type=click.Choice(["tcs", "fitnet", "ce", "online"]), default="tcs", show_default=True)
 @click.option("--dim", type=int, default=None, help="K: first K coordinates of the basis (default: all).")
-@click.option("--lambda", "lambda_", type=float, default=1.0, show_default=True, help="Weight of the mimic term.")
+@click.option("--lambda", "lambda_", type=float, default=10.0, show_default=True,
+              help="Weight of the mimic term (10: best of a grid on the built-in default, see README).")
 @click.option("--target-norm", type=click.Choice(["global", "none"]), default="global", show_default=True,
               help="global: divide targets by sqrt(mean coordinate variance), so lambda is scale-free.")
 @click.option("--mimic", type=click.Choice(["mse", "smooth-l1", "cosine"]), default="mse", show_default=True)

@@ -26,8 +26,8 @@ import torch.nn as nn
 
 from tcskd.errors import TcskdError
 from tcskd.train.head import TCSHead
-from tcskd.train.loop import CHECKPOINT, load_checkpoint
-from tcskd.train.students import Student, build_student
+from tcskd.train.loop import CHECKPOINT, load_checkpoint, make_student
+from tcskd.train.students import Student
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def load_run(run_dir: Path | str) -> tuple[Student, TCSHead, dict[str, Any]]:
         raise TcskdError(f"{run_dir} has no {CHECKPOINT} (not a tcskd run directory?)")
     ck = load_checkpoint(path)
     meta = ck["meta"]
-    student = build_student(meta["student"], meta["num_classes"], meta["in_channels"])
+    student = make_student(meta["student"], meta["num_classes"], meta["in_channels"])
     head = TCSHead(student.feature_dim, meta["num_classes"], meta["k"])
     student.load_state_dict(ck["student"])
     head.load_state_dict(ck["head"])

@@ -87,12 +87,13 @@ def resolve_basis(store: Store, method: str, name: str, dim: int | None) -> Basi
 # -- rows -------------------------------------------------------------------
 
 def check_complete(store: Store) -> None:
+    """Refuse a cache that is incomplete or visibly damaged (edited manifest, wrong shapes, chunks
+    marked done whose data are missing); damaged chunk contents are refused as they are read."""
+    from tcskd.cache.verify import require_complete
+
     if "chunk_done" not in store:
         raise StoreError(f"cache {store.path} has no chunk_done array (its creation was cut short)")
-    done = store.chunk_done()
-    if not done.all():
-        raise StoreError(f"cache {store.path} is incomplete ({int(done.sum())}/{len(done)} chunks done); "
-                         f"finish it by running the same `tcskd cache` command again")
+    require_complete(store)
 
 
 def match_rows(store: Store, split_source: Source, train_source: Source,
@@ -159,6 +160,13 @@ def load_targets(store: Store, store_rows: np.ndarray, basis: Basis, progress: b
     k = basis.k
     if use_coords and arr.shape[2] < k:
         raise StoreError(f"{coords_name} has {arr.shape[2]} columns; need {k}")
+    if use_coords:
+        from tcskd.cache.verify import missing_data
+
+        lost = missing_data(store, (coords_name,))
+        if lost:
+            raise StoreError(f"cache {store.path} is damaged: {lost[0]}; fit the basis again")
+    source = coords_name if use_coords else "features"
     chunk = int(store.manifest.get("chunk_rows") or 4096)
     out = np.empty((len(store_rows), views, k), np.float32)
     order = np.argsort(store_rows, kind="stable")
@@ -173,7 +181,10 @@ def load_targets(store: Store, store_rows: np.ndarray, basis: Basis, progress: b
             continue
         items = order[lo:hi]
         local = store_rows[items] - start
-        block = np.asarray(arr[start:stop])[local]
+        try:
+            block = np.asarray(arr[start:stop])[local]
+        except Exception as e:  # a damaged chunk fails its checksum: refuse, naming it
+            raise store.damaged(source, start, stop, e) from e
         if use_coords or raw:
             out[items] = block[..., :k]
         else:
@@ -307,7 +318,9 @@ class ViewImages(Dataset):
         if self.augment != "none":
             x = augment_image(x, self.augment, np.random.default_rng([self.seed, epoch, int(i), 1]))
         target = torch.from_numpy(self.targets[i, view]) if self.targets is not None else torch.zeros(0)
-        tx = apply_view(img, p, self.teacher_size) if self.teacher_size else torch.zeros(0)
+        # The teacher's input exactly as the cache stage builds it (uint8 crop and resize).
+        tx = (apply_view((img * 255).round_().to(torch.uint8), p, self.teacher_size) if self.teacher_size
+              else torch.zeros(0))
         return x.contiguous(), target, int(self.ce_labels[i]), int(i), int(view), tx
 
 
