@@ -41,6 +41,7 @@ from tcskd.errors import StoreError, TcskdError
 log = logging.getLogger(__name__)
 
 DTYPES = ("float16", "float32")
+VIEW_PIPELINE = "crop+resize-uint8-bilinear-aa/1"
 
 
 @dataclass
@@ -141,6 +142,8 @@ def identity_of(cfg: CacheConfig, source: Source, teacher_identity: dict[str, An
         "data": {"spec": source.spec, "fingerprint": source.fingerprint},
         "split": cfg.split, "limit": cfg.limit, "views": cfg.views, "dtype": cfg.dtype,
         "format": cfg.format,
+        # How views become teacher inputs (crop, then antialiased bilinear resize in uint8).
+        "view_pipeline": VIEW_PIPELINE,
     }
     if cfg.views > 1:
         ident["view_seed"] = cfg.seed
