@@ -195,7 +195,8 @@ def _array_source(spec: str, split: str, parts: dict[str, tuple[np.ndarray, np.n
                   load=lambda i: x[i], describe=lambda i: f"{spec} row {indices[i]}")
 
 
-def _sha256_file(path: Path, limit: int | None = None) -> str:
+def sha256_file(path: Path | str) -> str:
+    """The sha256 of a file, read in 1 MiB blocks (dataset fingerprints, teacher weights)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -228,7 +229,7 @@ def _npz(spec: str, path: Path, split: str) -> Source:
     num_classes = int(labelled.max()) + 1 if (labelled >= 0).any() else 0
     if (labelled < -1).any():
         raise DataError(f"{path}: labels must be >= 0 (or -1 for unlabelled)")
-    return _array_source(spec, split, parts, num_classes, _sha256_file(path))
+    return _array_source(spec, split, parts, num_classes, sha256_file(path))
 
 
 def _npz_array(z, key: str, path: Path) -> np.ndarray:
@@ -268,7 +269,7 @@ def _cifar(spec: str, kind: str, root: Path, split: str) -> Source:
             p = root / fn
             if not p.is_file():
                 raise DataError(f"{kind}: {p} is missing (expected the python-pickle release)")
-            digest.update(_sha256_file(p).encode())
+            digest.update(sha256_file(p).encode())
             with open(p, "rb") as f:
                 d = pickle.load(f, encoding="bytes")  # the dataset's own format is a pickle
             try:

@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from tcskd.data import sha256_file
 from tcskd.errors import TcskdError
 
 log = logging.getLogger(__name__)
@@ -78,14 +79,6 @@ class Teacher:
         """What makes two teachers' features comparable (part of a cache's key)."""
         return {"spec": self.spec, "weights_sha256": self.weights_sha256, "image_size": self.image_size,
                 "mean": list(self.mean), "std": list(self.std), "dim": self.dim}
-
-
-def sha256_file(path: Path | str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def sha256_state(module: nn.Module) -> str:
