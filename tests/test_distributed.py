@@ -43,16 +43,26 @@ def test_cache_two_ranks_equals_one_process(tmp_path, tiny_teacher):
             assert a.read(name).tobytes() == b.read(name).tobytes(), name
         assert b.manifest["complete"]
 
-    # Resume with another number of ranks: drop two chunks, finish them with 2 ranks... and with 1.
-    with open_store(p2, "a") as s:
-        s["chunk_done"][3] = False
-        s["chunk_done"][6] = False
-        s.set_attrs({"complete": False})
+    # Resume: chunks lost by a one-process run are finished by 2 ranks, and the reverse.
+    def drop(chunks):
+        with open_store(p2, "a") as s:
+            for c in chunks:
+                s["chunk_done"][c] = False
+            s.set_attrs({"complete": False})
+
+    def same():
+        with open_store(p1) as a, open_store(p2) as b:
+            assert a.read("features").tobytes() == b.read("features").tobytes()
+            assert b.manifest["complete"]
+
+    drop([3, 6])
     again = torchrun([*args, "--cache-root", str(tmp_path / "two")], nproc=2)
     assert again.returncode == 0, again.stderr
-    with open_store(p1) as a, open_store(p2) as b:
-        assert a.read("features").tobytes() == b.read("features").tobytes()
-        assert b.manifest["complete"]
+    same()
+    drop([0, 5, 8])
+    one_more = run_cli([*args, "--cache-root", str(tmp_path / "two")])
+    assert one_more.returncode == 0, one_more.stderr
+    same()
 
 
 def test_hdf5_under_torchrun_is_refused(tmp_path, tiny_teacher):
