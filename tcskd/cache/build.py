@@ -34,7 +34,7 @@ from tcskd import dist
 from tcskd.cache.registry import WriterLock, cache_key, cache_root_of
 from tcskd.cache.store import FORMATS, Store, detect_format, is_remote, iter_chunks, open_store
 from tcskd.cache.views import DEFAULT_SCALE, teacher_views, view_params
-from tcskd.data import DataError, Source, open_source
+from tcskd.data import DataError, Source, fingerprint, open_source
 from tcskd.device import autocast, resolve_device
 from tcskd.errors import StoreError, TcskdError
 
@@ -135,11 +135,11 @@ def _limit(source: Source, limit: int | None) -> Source:
                   source.num_classes, source.channels, source.fingerprint, source.load, source.describe)
 
 
-def identity_of(cfg: CacheConfig, source: Source, teacher_identity: dict[str, Any]) -> dict[str, Any]:
+def identity_of(cfg: CacheConfig, data_fingerprint: str, teacher_identity: dict[str, Any]) -> dict[str, Any]:
     """Everything a cache's content depends on; its hash is the cache key."""
     ident = {
         "teacher": teacher_identity,
-        "data": {"spec": source.spec, "fingerprint": source.fingerprint},
+        "data": {"spec": cfg.data, "fingerprint": data_fingerprint},
         "split": cfg.split, "limit": cfg.limit, "views": cfg.views, "dtype": cfg.dtype,
         "format": cfg.format,
         # How views become teacher inputs (crop, then antialiased bilinear resize in uint8).
@@ -284,17 +284,29 @@ def _clean_stale_tmp(root, key: str) -> None:
 # -- the stage --------------------------------------------------------------
 
 def prepare(cfg: CacheConfig):
-    """Resolve source, teacher and key without computing anything."""
+    """Resolve teacher, identity, key and path without computing anything.
+
+    The dataset is only fingerprinted here (a file hash where that is enough),
+    so a cache hit does not parse it; :func:`open_rows` opens it on a miss.
+    """
     from tcskd.teachers import load_teacher
 
     check_config(cfg)
+    data_fingerprint = fingerprint(cfg.data, cfg.split)
+    teacher = load_teacher(cfg.teacher, cfg.image_size)
+    ident = identity_of(cfg, data_fingerprint, teacher.identity())
+    key = cache_key(ident)
+    return teacher, ident, key, cache_root_of(cfg.cache_root) / key
+
+
+def open_rows(cfg: CacheConfig, ident: dict[str, Any]) -> Source:
+    """The rows a cache holds: the split, cut to ``--limit``; refuses an empty one."""
     source = _limit(open_source(cfg.data, cfg.split), cfg.limit)
     if len(source) == 0:
         raise DataError(f"{cfg.data} split '{cfg.split}' has no samples")
-    teacher = load_teacher(cfg.teacher, cfg.image_size)
-    ident = identity_of(cfg, source, teacher.identity())
-    key = cache_key(ident)
-    return source, teacher, ident, key, cache_root_of(cfg.cache_root) / key
+    if source.fingerprint != ident["data"]["fingerprint"]:
+        raise DataError(f"{cfg.data} changed while the cache was being prepared; run the command again")
+    return source
 
 
 def _check_identity(store: Store, ident: dict[str, Any]) -> None:
@@ -313,13 +325,14 @@ def build_cache(cfg: CacheConfig) -> CacheResult:
     rank 0 marks the cache complete once every rank is done.
     """
     t0 = time.perf_counter()
-    source, teacher, ident, key, path = prepare(cfg)
+    teacher, ident, key, path = prepare(cfg)
     device = dist.device_for_rank(resolve_device(cfg.device))
     dist.init(device)
     if dist.world() > 1:
-        return _build_distributed(cfg, source, teacher, ident, key, path, device, t0)
+        return _build_distributed(cfg, open_rows(cfg, ident), teacher, ident, key, path, device, t0)
     if _is_hit(path, ident):
         return CacheResult(path, key, True, 0, time.perf_counter() - t0)
+    source = open_rows(cfg, ident)
     path.parent.mkdir(parents=True, exist_ok=True)
     with WriterLock(path, wait=cfg.wait):
         store = _open_for_writing(path, cfg, source, teacher, key, ident)
