@@ -46,7 +46,7 @@ basis: cache
 # Stage 3: the default student with TCS on the default caches.
 train: basis
 	$(TCSKD) train --cache $(TRAIN_CACHE) --basis pca --student $(STUDENT) --method tcs \
-	  --dim $(DIM) --lambda $(LAMBDA) --epochs $(EPOCHS) --device $(DEVICE) --out $(RUNS)/train-tcs
+	  --dim $(DIM) --lambda $(LAMBDA) --epochs $(EPOCHS) --device $(DEVICE) --out $(RUNS)/train-tcs --resume
 
 # The teacher's reference accuracy from cached features alone.
 eval: cache

@@ -654,28 +654,13 @@ def _loader_only(args: tuple, kwargs: dict, orig: Callable, repeats: int = 1) ->
 
 def process_rss() -> int | None:
     """This process's resident set size now (Linux), else None."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    from tcskd.device import proc_status_bytes
+
+    return proc_status_bytes("VmRSS")
 
 
 def process_peak_rss() -> int:
-    """This process's peak resident set size in bytes.
-
-    Linux: ``VmHWM`` of /proc/self/status, the high-water mark of this process's own
-    address space. ``getrusage``'s ``ru_maxrss`` (tcskd.device.peak_memory_bytes) is
-    carried across fork + exec on Linux, so a child started by a large parent reports
-    at least the parent's size."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    """This process's peak resident set size in bytes (VmHWM on Linux; see tcskd.device)."""
     from tcskd.device import peak_memory_bytes
 
     return peak_memory_bytes(torch.device("cpu"))
