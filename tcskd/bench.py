@@ -277,10 +277,10 @@ def threads_probe(reps: int = 10) -> dict[str, Any] | None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
+    from tcskd.train.loop import write_text_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 # -- inputs: synthetic data and DINOv2 teachers ------------------------------------
