@@ -24,6 +24,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _hash_memo_in_tmp(tmp_path_factory):
+    """Keep the session's sha256 memo (tcskd.data.sha256_file) out of the user's ~/.cache; subprocesses inherit it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TCSKD_HASH_MEMO", str(tmp_path_factory.mktemp("hash-memo") / "sha256-memo.json"))
+        yield
+
+
 class TinyTeacher(nn.Module):
     """A small conv net: B x 3 x S x S -> B x 16."""
 
