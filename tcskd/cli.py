@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import IO, Any
 
 import click
 
@@ -21,12 +22,41 @@ log = logging.getLogger(__name__)
 DEVICE = click.Choice(["auto", "cpu", "cuda"])
 
 
+# click >= 8.2 signals "no arguments: show the help" with a UsageError subclass; that one stays as it is.
+_NO_ARGS_IS_HELP: tuple[type[Exception], ...] = tuple(
+    c for c in (getattr(click.exceptions, "NoArgsIsHelpError", None),) if c is not None)
+
+
+class _UsageLine(click.UsageError):
+    """A click usage error shown the house way: one ``tcskd: error:`` line on stderr, exit 2."""
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"tcskd: error: {self.message}", file=file, err=True)
+
+
+def _one_line(e: click.UsageError) -> click.UsageError:
+    """``e`` as a ``_UsageLine`` with click's message flattened to one line (help requests stay as they are)."""
+    if isinstance(e, (_UsageLine, *_NO_ARGS_IS_HELP)):
+        return e
+    msg = " ".join(line.strip() for line in e.format_message().splitlines() if line.strip())
+    return _UsageLine(msg or type(e).__name__, e.ctx)
+
+
 class _Group(click.Group):
-    """Turns TcskdError and OS errors into one line and an exit code."""
+    """Turns TcskdError, OS errors and click's usage errors into one line and an exit code."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as e:
+            raise _one_line(e) from e
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.UsageError as e:
+            raise _one_line(e) from e
         except (TcskdError, OSError) as e:
             if ctx.find_root().params.get("debug"):
                 raise

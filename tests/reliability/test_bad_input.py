@@ -45,12 +45,11 @@ def refused(args, pattern: str, code: int | None = None) -> str:
 
 
 def usage_error(args, option: str) -> None:
-    """click's own refusal of an option value: exit 2, an `Error:` line naming the option, no traceback."""
+    """click's own refusal of an option value: exit 2, one `tcskd: error:` line naming the option, no traceback."""
     r = _cli(args)
-    assert r.exit_code == 2 and r.exception is None or isinstance(r.exception, SystemExit), r.output
+    assert r.exit_code == 2 and (r.exception is None or isinstance(r.exception, SystemExit)), r.output
     assert "Traceback" not in r.output
-    errors = [l for l in r.stderr.splitlines() if l.startswith("Error:")]
-    assert len(errors) == 1 and option in errors[0], r.stderr
+    assert r.stderr.splitlines() == [one_error_line(r.stderr)] and option in r.stderr, r.stderr
     tally("bad_inputs", args[0])
 
 

@@ -1,0 +1,69 @@
+"""click's own usage errors follow the house rule: one `tcskd: error:` line on stderr, exit 2; help, --version and
+the bare `tcskd` are untouched."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import run_cli
+from tcskd import __version__
+from tcskd.cli import main
+
+USAGE_ERRORS = [
+    (["cache", "--split", "val"],
+     "tcskd: error: Invalid value for '--split': 'val' is not one of 'train', 'test', 'all'."),
+    (["cache", "--views", "two"], "tcskd: error: Invalid value for '--views': 'two' is not a valid integer."),
+    (["cache", "--bogus"], "tcskd: error: No such option '--bogus'"),
+    (["cache", "--data"], "tcskd: error: Option '--data' requires an argument."),
+    (["cache", "info"], "tcskd: error: Missing argument 'CACHE_REF'."),
+    (["cache", "verify", "x", "--recompute", "1.5"], "tcskd: error: Invalid value for '--recompute'"),
+    (["--threads", "x", "cache"], "tcskd: error: Invalid value for '--threads': 'x' is not a valid integer."),
+    (["--nope"], "tcskd: error: No such option '--nope'"),
+    (["no-such-command"], "tcskd: error: No such command 'no-such-command'."),
+    (["basis", "--no-such-option"], "tcskd: error: No such option '--no-such-option'"),
+    (["train", "--epochs", "many"], "tcskd: error: Invalid value for '--epochs'"),
+]
+
+
+def _invoke(args: list[str]):
+    return CliRunner().invoke(main, args, prog_name="tcskd")
+
+
+@pytest.mark.parametrize("args, starts", USAGE_ERRORS, ids=[" ".join(a) for a, _ in USAGE_ERRORS])
+def test_usage_error_is_one_line(args, starts):
+    r = _invoke(args)
+    assert r.exit_code == 2, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(starts), r.stderr
+    assert r.stdout == ""
+
+
+def test_usage_error_through_the_real_entry_point():
+    r = run_cli(["cache", "--split", "val"], timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.splitlines() == [
+        "tcskd: error: Invalid value for '--split': 'val' is not one of 'train', 'test', 'all'."], r.stderr
+    assert r.stdout == ""
+
+
+@pytest.mark.parametrize("args", [["--help"], ["-h"], ["cache", "--help"], ["cache", "info", "-h"], ["basis", "-h"]])
+def test_help_still_prints_usage(args):
+    r = _invoke(args)
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("Usage: tcskd"), r.stdout
+    assert "tcskd: error" not in r.output
+
+
+def test_version_still_works():
+    r = _invoke(["--version"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip() == f"tcskd, version {__version__}"
+
+
+def test_no_arguments_still_shows_help():
+    r = _invoke([])
+    assert "Usage: tcskd [OPTIONS] COMMAND [ARGS]..." in r.output
+    assert "Commands:" in r.output and "tcskd: error" not in r.output
+    assert r.exit_code in (0, 2)  # click < 8.2 exits 0, 8.2+ exits 2 (NoArgsIsHelpError)
