@@ -282,6 +282,29 @@ def test_nan_features_refused_naming_the_chunk(tmp_path, feats, fmt):
         assert s.bases() == [] and s.children("bases") == []
 
 
+@pytest.mark.parametrize("row, view, chunk", [(0, 0, r"chunk 0 \(rows 0-63\)"), (599, 1, r"chunk 9 \(rows 576-599\)")])
+def test_nan_in_the_first_or_last_sample_is_named(tmp_path, row, view, chunk):
+    # The sums are checked once at the end; the first sample is also the shift of the sums.
+    x = low_rank_features(n=600, d=16, rank=4, views=2, seed=2)
+    x[row, view, 3] = np.nan
+    path = make_store(tmp_path / "c", x, chunk_rows=64)
+    with pytest.raises(StoreError, match=chunk + rf".*NaN/Inf.*row {row}, view {view}"):
+        _fit(path, view="all")
+
+
+def test_shift_of_the_first_sample_matches_an_explicit_shift(feats):
+    x = feats[:, 0]
+    lazy, fixed = Moments(48, shift="first"), Moments(48, shift=x[0].astype(np.float64))
+    for part in (x[:7], x[7:300], x[300:]):
+        lazy.update(part)
+        fixed.update(part)
+    assert torch.equal(lazy.shift, fixed.shift) and torch.equal(lazy.aug, fixed.aug)
+    fixed.merge(lazy)  # same shift: mergeable
+    assert fixed.n == 1200
+    with pytest.raises(ValueError, match="unknown shift"):
+        Moments(48, shift="last")
+
+
 def test_config_validation(tmp_path, feats):
     path = make_store(tmp_path / "c", feats, fmt="zarr")
     with pytest.raises(TcskdError, match="not both"):

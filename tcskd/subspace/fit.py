@@ -195,10 +195,11 @@ def fit_basis(cfg: BasisConfig) -> dict[str, Any]:
                 fit_key = str(src.manifest.get("key") or fit_dir.name)
                 name = cfg.resolved_name(None if same else fit_key)
                 _remove_leftovers(store)
-                rows_used = int(row_mask(src).sum())
+                ok = row_mask(src)
+                rows_used = int(ok.sum())
                 log.info("fitting %s basis '%s' on %d rows (view %s) of %s on %s", cfg.kind, name,
                          rows_used, cfg.view, fit_dir, device)
-                fitted = _fit(src, cfg, device)
+                fitted = _fit(src, cfg, device, ok)
             finally:
                 if src is not store:
                     src.close()
@@ -279,15 +280,15 @@ def _remove_leftovers(store: Store) -> None:
 
 # -- fitting -----------------------------------------------------------------
 
-def _fit(src: Store, cfg: BasisConfig, device: torch.device) -> Fitted:
+def _fit(src: Store, cfg: BasisConfig, device: torch.device, ok: np.ndarray) -> Fitted:
     d = _dim(src)
     if cfg.dim is not None and cfg.dim > d:
         raise TcskdError(f"--dim {cfg.dim} exceeds the feature dimension {d}")
     if cfg.kind == "identity" and cfg.dim not in (None, d):
         raise TcskdError(f"an identity basis keeps every dimension (K = D = {d}): drop --dim or use --dim {d}")
     if cfg.kind == "pca" and cfg.method == "svd":
-        return _fit_pca_svd(src, cfg, device)
-    mom = _moments(src, cfg, device)
+        return _fit_pca_svd(src, cfg, device, ok)
+    mom = _moments(src, cfg, device, ok)
     if mom.n < 2:
         raise StoreError(f"cache {src.path} has {mom.n} usable sample(s); a basis needs at least 2")
     if cfg.kind == "pca":
@@ -297,15 +298,15 @@ def _fit(src: Store, cfg: BasisConfig, device: torch.device) -> Fitted:
     return _fit_identity(mom)
 
 
-def _moments(src: Store, cfg: BasisConfig, device: torch.device) -> Moments:
+def _moments(src: Store, cfg: BasisConfig, device: torch.device, ok: np.ndarray) -> Moments:
     """The moments of every usable sample; under torchrun each rank reads every
     world-th chunk and the sums are all-reduced, so every rank holds the total."""
     if dist.world() == 1:
-        return stream_moments(src, cfg.view, device, cfg.chunk_rows)
+        return stream_moments(src, cfg.view, device, cfg.chunk_rows, ok=ok)
     rows = int(src["features"].shape[0])
     step = int(cfg.chunk_rows or src.manifest.get("chunk_rows") or rows)
     ids = list(range(-(-rows // step)))[dist.rank()::dist.world()]
-    mom = stream_moments(src, cfg.view, device, cfg.chunk_rows, chunk_ids=ids)
+    mom = stream_moments(src, cfg.view, device, cfg.chunk_rows, chunk_ids=ids, ok=ok)
     mom.all_reduce()
     return mom
 
@@ -339,9 +340,8 @@ def _fit_pca_eigh(mom: Moments, cfg: BasisConfig) -> Fitted:
     return _fitted("pca", mom.mean(), comps[:k], spectrum, total, k, mom.n)
 
 
-def _fit_pca_svd(src: Store, cfg: BasisConfig, device: torch.device) -> Fitted:
+def _fit_pca_svd(src: Store, cfg: BasisConfig, device: torch.device, ok: np.ndarray) -> Fitted:
     d = _dim(src)
-    ok = row_mask(src)
     n = int(ok.sum()) * (int(src["features"].shape[1]) if cfg.view == "all" else 1)
     need = n * d * 8 * 3  # data, centred copy / U, workspace
     avail = _available_bytes(device)
@@ -356,7 +356,7 @@ def _fit_pca_svd(src: Store, cfg: BasisConfig, device: torch.device) -> Fitted:
         data[filled:filled + s.shape[0]] = s.to(torch.float64)
         filled += s.shape[0]
 
-    mom = stream_moments(src, cfg.view, device, cfg.chunk_rows, on_samples=keep)
+    mom = stream_moments(src, cfg.view, device, cfg.chunk_rows, on_samples=keep, ok=ok)
     if filled != n or mom.n != n:
         raise StoreError(f"cache {src.path}: expected {n} usable samples, read {filled}")
     if n < 2:

@@ -33,42 +33,74 @@ STATE_KEYS = ("count", "total", "outer")
 
 
 class Moments:
-    """Mergeable float64 sums of ``x - shift`` and ``(x - shift)(x - shift)^T``."""
+    """Mergeable float64 sums of ``x - shift`` and ``(x - shift)(x - shift)^T``.
+
+    The three sums live in one (D+1) x (D+1) matrix, the second moment of the
+    samples with a 1 appended: ``outer`` is its D x D block, ``total`` its last
+    column and ``count`` its corner. One matrix product per chunk then yields all
+    three, and the sums can be summed across processes as one tensor.
+    """
 
     def __init__(self, dim: int, device: torch.device | str = "cpu",
-                 shift: np.ndarray | torch.Tensor | None = None) -> None:
+                 shift: np.ndarray | torch.Tensor | str | None = None) -> None:
+        """``shift``: a [D] vector, None (zeros) or ``"first"`` (the first sample :meth:`update` sees;
+        only for one process: every part that is merged must use the same shift)."""
         self.dim = int(dim)
         self.device = torch.device(device)
         f64 = dict(dtype=torch.float64, device=self.device)
-        if shift is None:
+        self._shift_pending = isinstance(shift, str)
+        if isinstance(shift, str) and shift != "first":
+            raise ValueError(f"unknown shift '{shift}' (a vector, None or 'first')")
+        if shift is None or isinstance(shift, str):
             self.shift = torch.zeros(self.dim, **f64)
         else:
             self.shift = torch.as_tensor(np.asarray(shift, np.float64) if not isinstance(shift, torch.Tensor)
                                          else shift).to(**f64).reshape(self.dim).clone()
-        self.count = torch.zeros((), **f64)
-        self.total = torch.zeros(self.dim, **f64)
-        self.outer = torch.zeros(self.dim, self.dim, **f64)
+        self.aug = torch.zeros(self.dim + 1, self.dim + 1, **f64)
+
+    @property
+    def count(self) -> torch.Tensor:
+        return self.aug[self.dim, self.dim]
+
+    @property
+    def total(self) -> torch.Tensor:
+        return self.aug[: self.dim, self.dim]
+
+    @property
+    def outer(self) -> torch.Tensor:
+        return self.aug[: self.dim, : self.dim]
 
     # -- accumulation ---------------------------------------------------
     def update(self, x: torch.Tensor | np.ndarray) -> None:
-        """Add the samples ``x`` [n, D] (any float dtype; promoted to float64)."""
+        """Add the samples ``x`` [n, D] (any float dtype, any device; promoted to float64 here)."""
         t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
         if t.ndim != 2 or t.shape[1] != self.dim:
             raise ValueError(f"expected samples of shape [n, {self.dim}], got {tuple(t.shape)}")
         if t.shape[0] == 0:
             return
-        y = t.to(self.device, non_blocking=True).to(torch.float64) - self.shift
-        self.count += y.shape[0]
-        self.total += y.sum(0)
-        self.outer.addmm_(y.T, y)
+        if self._shift_pending:
+            self.shift = t[0].to(self.device, torch.float64).clone()
+            self._shift_pending = False
+        y = torch.empty(t.shape[0], self.dim + 1, dtype=torch.float64, device=self.device)
+        body = y[:, : self.dim]
+        body.copy_(t, non_blocking=True)
+        body.sub_(self.shift)
+        y[:, self.dim] = 1.0
+        self.aug.addmm_(y.T, y)
+
+    def finite(self) -> bool:
+        """Whether every sum is finite: false exactly when some sample held NaN/Inf."""
+        return bool(torch.isfinite(self.aug).all())
 
     def state(self) -> dict[str, torch.Tensor]:
-        """The summable tensors (count, total, outer): all-reduce these with SUM."""
+        """The summable tensors (count, total, outer): views of one matrix, see :meth:`all_reduce`."""
         return {"count": self.count, "total": self.total, "outer": self.outer}
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         for k in STATE_KEYS:
             getattr(self, k).copy_(torch.as_tensor(state[k]).to(self.device, torch.float64))
+        self.aug[self.dim, : self.dim] = self.total
+        self._shift_pending = False
 
     def merge(self, other: "Moments") -> "Moments":
         """Add another accumulator's sums into this one (same dim and shift)."""
@@ -76,16 +108,14 @@ class Moments:
             raise ValueError(f"cannot merge moments of dimension {other.dim} into {self.dim}")
         if not torch.equal(other.shift.to(self.device), self.shift):
             raise ValueError("cannot merge moments accumulated with different shifts")
-        for k in STATE_KEYS:
-            getattr(self, k).add_(getattr(other, k).to(self.device))
+        self.aug.add_(other.aug.to(self.device))
         return self
 
     def all_reduce(self, group: object | None = None) -> None:
         """Sum the state over the ranks of a torch.distributed process group, in place."""
         import torch.distributed as dist
 
-        for t in self.state().values():
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(self.aug, op=dist.ReduceOp.SUM, group=group)
 
     # -- results --------------------------------------------------------
     @property
@@ -151,14 +181,18 @@ def row_mask(store: Store) -> np.ndarray:
 
 
 def iter_feature_chunks(store: Store, chunk_rows: int | None = None, desc: str = "read",
-                        chunk_ids: Iterable[int] | None = None, prefetch: int = 2) -> Iterator[FeatureChunk]:
-    """Chunks of ``features`` in order, read ``prefetch`` ahead on a thread, with a progress bar."""
+                        chunk_ids: Iterable[int] | None = None, prefetch: int = 2,
+                        ok: np.ndarray | None = None, readers: int = 1) -> Iterator[FeatureChunk]:
+    """Chunks of ``features`` in order, read ``prefetch`` ahead on ``readers`` threads, with a progress bar.
+
+    ``ok`` is the store's :func:`row_mask` when the caller has it already (read here otherwise).
+    """
     from tqdm import tqdm
 
     feats = store["features"]
     n = int(feats.shape[0])
     ch = read_chunk_rows(store, chunk_rows)
-    ok_all = row_mask(store)
+    ok_all = row_mask(store) if ok is None else ok
     spans = list(iter_chunks(n, ch))
     if chunk_ids is not None:
         wanted = set(int(c) for c in chunk_ids)
@@ -174,13 +208,14 @@ def iter_feature_chunks(store: Store, chunk_rows: int | None = None, desc: str =
 
     bar = tqdm(total=len(spans), desc=desc, unit="chunk", file=sys.stderr, dynamic_ncols=True,
                disable=None, mininterval=1.0)
+    ahead = max(prefetch, readers)
     try:
-        with ThreadPoolExecutor(max_workers=1) as pool:
+        with ThreadPoolExecutor(max_workers=max(1, readers)) as pool:
             pending: list[Future[FeatureChunk]] = []
             it = iter(spans)
             for span in it:
                 pending.append(pool.submit(read, span))
-                if len(pending) > prefetch:
+                if len(pending) > ahead:
                     break
             while pending:
                 chunk = pending.pop(0).result()
@@ -216,9 +251,9 @@ def samples_of(x: torch.Tensor, view: str) -> torch.Tensor:
     raise StoreError(f"unknown view '{view}' (choose 0 or all)")
 
 
-def first_sample(store: Store) -> np.ndarray:
+def first_sample(store: Store, ok: np.ndarray | None = None) -> np.ndarray:
     """View 0 of the first usable row: the shift that keeps the sums well conditioned."""
-    ok = row_mask(store)
+    ok = row_mask(store) if ok is None else ok
     if not ok.any():
         raise StoreError(f"cache {store.path} has no usable rows (row_ok is False everywhere)")
     r = int(np.argmax(ok))
@@ -233,25 +268,52 @@ def first_sample(store: Store) -> np.ndarray:
 def stream_moments(store: Store, view: str = "0", device: torch.device | str = "cpu",
                    chunk_rows: int | None = None, chunk_ids: Iterable[int] | None = None,
                    on_samples: Callable[[torch.Tensor], None] | None = None,
-                   desc: str = "moments") -> Moments:
+                   desc: str = "moments", ok: np.ndarray | None = None) -> Moments:
     """One pass over ``features``: float64 moments of the usable samples on ``device``.
 
-    Every usable row is checked for NaN/Inf (a StoreError names the chunk).
-    ``on_samples`` gets each chunk's samples [m, D] (on ``device``, stored dtype)
-    before they are added, e.g. to keep them for an exact SVD.
+    Every usable row is checked for NaN/Inf: the sums are finite exactly when
+    the samples are, so they are checked once at the end and only then are the
+    chunks searched for the first bad row (a StoreError names it). ``on_samples``
+    gets each chunk's samples [m, D] (on ``device``, stored dtype, checked)
+    before they are added, e.g. to keep them for an exact SVD. With
+    ``chunk_ids`` (one share of the chunks, under torchrun) the shift is the
+    store's first usable sample, so that every share's sums can be added.
+
+    On CUDA each chunk goes through pinned memory and is copied asynchronously
+    in its stored dtype; reading runs on threads ahead of the device.
     """
     if view not in VIEWS:
         raise StoreError(f"unknown view '{view}' (choose 0 or all)")
     device = torch.device(device)
     dim = int(store["features"].shape[2])
-    mom = Moments(dim, device, shift=first_sample(store))
-    for chunk in iter_feature_chunks(store, chunk_rows, desc=desc, chunk_ids=chunk_ids):
+    ok = row_mask(store) if ok is None else ok
+    if not ok.any():
+        raise StoreError(f"cache {store.path} has no usable rows (row_ok is False everywhere)")
+    cuda = device.type == "cuda"
+    mom = Moments(dim, device, shift=first_sample(store, ok) if chunk_ids is not None else "first")
+    for chunk in iter_feature_chunks(store, chunk_rows, desc=desc, chunk_ids=chunk_ids, ok=ok,
+                                     readers=4 if cuda else 1):
         if not chunk.ok.any():
             continue
-        x = torch.from_numpy(np.ascontiguousarray(chunk.x[chunk.ok])).to(device, non_blocking=True)
-        check_finite(store, chunk, x)
+        rows = chunk.x if chunk.ok.all() else chunk.x[chunk.ok]
+        x = torch.from_numpy(np.ascontiguousarray(rows))
+        if cuda:
+            x = x.pin_memory()
+        x = x.to(device, non_blocking=True)
         s = samples_of(x, view)
         if on_samples is not None:
+            check_finite(store, chunk, x)
             on_samples(s)
         mom.update(s)
+    if not mom.finite():
+        _raise_first_nonfinite(store, chunk_rows, chunk_ids, ok)
     return mom
+
+
+def _raise_first_nonfinite(store: Store, chunk_rows: int | None, chunk_ids: Iterable[int] | None,
+                           ok: np.ndarray) -> None:
+    """Search the chunks for the first usable row with NaN/Inf and raise the StoreError naming it."""
+    for chunk in iter_feature_chunks(store, chunk_rows, desc="locating NaN/Inf", chunk_ids=chunk_ids, ok=ok):
+        if chunk.ok.any():
+            check_finite(store, chunk, torch.from_numpy(np.ascontiguousarray(chunk.x[chunk.ok])))
+    raise StoreError(f"cache {store.path}: the feature moments are not finite; the cache is damaged: rebuild it")
