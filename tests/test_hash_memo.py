@@ -137,18 +137,6 @@ def test_unwritable_memo_location_does_not_fail(tmp_path, monkeypatch, reads, wh
     assert list(tmp_path.glob(".blocker.*.tmp")) == []  # no temporary file left behind
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores permissions")
-def test_read_only_memo_folder_does_not_fail(tmp_path, memo, reads):
-    memo.parent.mkdir()
-    memo.parent.chmod(0o500)
-    try:
-        p = _weights(tmp_path)
-        assert data.sha256_file(p) == _sha(p.read_bytes())
-        assert not memo.exists()
-    finally:
-        memo.parent.chmod(0o700)
-
-
 def test_default_location(monkeypatch, tmp_path):
     monkeypatch.delenv("TCSKD_HASH_MEMO", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
