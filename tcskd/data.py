@@ -60,6 +60,8 @@ class Source:
     fingerprint: str
     load: Callable[[int], np.ndarray] = field(repr=False)
     describe: Callable[[int], str] = field(repr=False, default=lambda i: f"row {i}")
+    load_many: Callable[[np.ndarray], np.ndarray] | None = field(repr=False, default=None)
+    """Rows -> their images as one array, for sources held in memory (arrays, MNIST); None for folders."""
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -76,6 +78,24 @@ class Source:
         except Exception as e:
             raise DataError(f"unreadable image {self.describe(i)}: {e}") from e
         return _as_hwc(img, self.describe(i))
+
+    def images(self, rows: np.ndarray) -> np.ndarray | None:
+        """The uint8 images of ``rows`` as one B x H x W x C array, or None when the source cannot give
+        them at once (a folder, float pixels, odd shapes): then load them one by one with :meth:`image`,
+        which names any problem."""
+        if self.load_many is None or len(rows) == 0:
+            return None
+        try:
+            arr = np.asarray(self.load_many(np.asarray(rows, np.int64)))
+        except Exception:  # noqa: BLE001 - the one-by-one path reports it, naming the image
+            return None
+        if arr.dtype != np.uint8 or arr.ndim not in (3, 4) or len(arr) != len(rows):
+            return None
+        if arr.ndim == 3:
+            arr = arr[:, :, :, None]
+        if arr.shape[3] not in (1, 3, 4) or arr.shape[1] < 1 or arr.shape[2] < 1:
+            return None
+        return np.ascontiguousarray(arr[:, :, :, :3])
 
 
 def _as_hwc(img: np.ndarray, what: str) -> np.ndarray:
@@ -183,7 +203,8 @@ def _mnist5k(spec: str, split: str) -> Source:
     rows = {"train": train, "test": test, "all": np.arange(len(y))}[split]
     return Source(spec, split, rows.astype(np.int64), y[rows], 10, 1, digest,
                   load=lambda i, rows=rows: x[rows[i]],
-                  describe=lambda i, rows=rows: f"builtin:mnist5k row {rows[i]}")
+                  describe=lambda i, rows=rows: f"builtin:mnist5k row {rows[i]}",
+                  load_many=lambda i, rows=rows: x[rows[i]])
 
 
 # -- arrays (npz, cifar) ----------------------------------------------------
@@ -208,7 +229,7 @@ def _array_source(spec: str, split: str, parts: dict[str, tuple[np.ndarray, np.n
     indices = np.concatenate(idx).astype(np.int64)
     channels = 1 if x.ndim == 3 or x.shape[-1] == 1 else 3
     return Source(spec, split, indices, y.astype(np.int64), num_classes, channels, fingerprint,
-                  load=lambda i: x[i], describe=lambda i: f"{spec} row {indices[i]}")
+                  load=lambda i: x[i], describe=lambda i: f"{spec} row {indices[i]}", load_many=lambda i: x[i])
 
 
 # sha256 memo: (resolved path, size, st_mtime_ns, st_ino) -> digest, in this process and in a small JSON file, so

@@ -90,6 +90,50 @@ def test_one_view_augmentation_is_seeded_per_epoch(data):
     assert any(not torch.equal(ds[(i, 0, 1)][0], ds[(i, 0, 2)][0]) for i in range(8))
 
 
+@pytest.mark.parametrize("views, augment", [(1, "crop-flip"), (1, "flip"), (3, "none")])
+def test_a_batch_equals_its_images_one_by_one(data, views, augment):
+    # The in-memory path builds a batch as one tensor; it must give every image exactly as the
+    # one-by-one path does (a source without load_many, like an image folder), teacher input included.
+    from dataclasses import replace
+
+    from tcskd.train.targets import ViewImages
+
+    root, npz = data
+    cache = make_store(root, npz, views=views, name=f"batch{views}")
+    ds = prepare(resolve_config(TrainConfig(cache=str(cache), augment=augment, seed=3))).train_set
+    assert ds.source.load_many is not None
+    slow = ViewImages(replace(ds.source, load_many=None), ds.rows, ds.size, ds.channels, ds.params, ds.targets,
+                      ds.ce_labels, ds.augment, ds.seed, teacher_size=24)
+    fast = ViewImages(ds.source, ds.rows, ds.size, ds.channels, ds.params, ds.targets, ds.ce_labels,
+                      ds.augment, ds.seed, teacher_size=24)
+    keys = list(EpochSampler(48, views, seed=1, epoch=5))[:20]
+    a, b = fast.__getitems__(keys), slow.__getitems__(keys)
+    for got, want in zip(a, b):
+        assert got.shape == want.shape and torch.equal(got, want)
+    assert a[0].shape == (20, ds.channels, ds.size, ds.size) and a[5].dtype == torch.uint8
+    one = [fast[k] for k in keys[:4]]  # an item alone equals its row of a batch
+    assert all(torch.equal(o[0], a[0][j]) and o[2] == int(a[2][j]) for j, o in enumerate(one))
+
+
+def test_augmentation_draws_cover_every_offset_and_flip_half_the_images():
+    from tcskd.train.targets import augment_batch, row_uniforms
+
+    rows = np.arange(4000)
+    u = row_uniforms(0, np.full(4000, 2), rows, 3)
+    assert u.shape == (4000, 3) and (u >= 0).all() and (u < 1).all()
+    assert abs(u.mean() - 0.5) < 0.02 and abs(np.corrcoef(u[:, 0], u[:, 1])[0, 1]) < 0.05
+    assert not np.array_equal(u, row_uniforms(0, np.full(4000, 3), rows, 3))  # another epoch
+    assert np.array_equal(u[10:20], row_uniforms(0, np.full(10, 2), rows[10:20], 3))  # any batch
+    x = torch.arange(16.0).reshape(1, 1, 4, 4).expand(4000, 1, 4, 4).contiguous()
+    out = augment_batch(x, "crop-flip", 0, np.full(4000, 2), rows)  # pad 1: offsets 0..2, coin flip
+    assert out.shape == x.shape
+    seen = {tuple(o.flatten().tolist()) for o in out}
+    assert len(seen) == 18  # 3 x 3 offsets, each mirrored or not
+    flipped = augment_batch(x, "flip", 0, np.full(4000, 2), rows)
+    mirrored = (flipped == x.flip(-1)).flatten(1).all(1)
+    assert ((flipped == x).flatten(1).all(1) ^ mirrored).all() and 0.45 < float(mirrored.float().mean()) < 0.55
+
+
 def test_incomplete_cache_is_refused(data, tmp_path):
     root, npz = data
     cache = make_store(root, npz, complete=False, name="incomplete")

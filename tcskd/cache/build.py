@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -131,8 +131,7 @@ def _limit(source: Source, limit: int | None) -> Source:
         return source
     if limit < 1:
         raise TcskdError(f"--limit must be >= 1 (got {limit})")
-    return Source(source.spec, source.split, source.indices[:limit], source.labels[:limit],
-                  source.num_classes, source.channels, source.fingerprint, source.load, source.describe)
+    return replace(source, indices=source.indices[:limit], labels=source.labels[:limit])
 
 
 def identity_of(cfg: CacheConfig, data_fingerprint: str, teacher_identity: dict[str, Any]) -> dict[str, Any]:

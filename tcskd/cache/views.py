@@ -85,23 +85,25 @@ def teacher_views(img: np.ndarray, params: np.ndarray, size: int) -> torch.Tenso
 
 
 def apply_view(img: torch.Tensor, params: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
-    """Crop ``img`` (C x H x W, float or uint8) to the normalised box, resize to ``size``, flip."""
+    """Crop ``img`` (C x H x W, or B x C x H x W sharing one box; float or uint8) to the normalised box,
+    resize to ``size``, flip. Each image of a batch comes out exactly as it would alone."""
     p = [float(v) for v in params]
-    _, h, w = img.shape
+    h, w = img.shape[-2:]
     y0 = int(round(p[0] * h))
     x0 = int(round(p[1] * w))
     ch = max(1, int(round(p[2] * h)))
     cw = max(1, int(round(p[3] * w)))
     y0, x0 = min(y0, h - ch), min(x0, w - cw)
-    crop = img[:, y0:y0 + ch, x0:x0 + cw]
-    if crop.shape[1] != size or crop.shape[2] != size:
+    crop = img[..., y0:y0 + ch, x0:x0 + cw]
+    if crop.shape[-2] != size or crop.shape[-1] != size:
         if crop.dtype == torch.uint8:
             import torchvision.transforms.v2.functional as TF
 
             crop = TF.resize(crop.contiguous(), [size, size], antialias=True)
         else:
-            crop = F.interpolate(crop[None], size=(size, size), mode="bilinear",
-                                 align_corners=False, antialias=True)[0]
+            batch = crop if crop.ndim == 4 else crop[None]
+            crop = F.interpolate(batch, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+            crop = crop if img.ndim == 4 else crop[0]
     if p[4] >= 0.5:
         crop = crop.flip(-1)
     return crop

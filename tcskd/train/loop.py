@@ -340,13 +340,18 @@ def _online_teacher(prep: Prepared) -> Any:
 
 
 def _loader(ds: ViewImages, sampler: EpochSampler, batch_size: int, workers: int, device: torch.device,
-            drop_last: bool, seed: int) -> DataLoader:
+            drop_last: bool, seed: int, persistent: bool = False) -> DataLoader:
+    """Batches of ``ds`` in ``sampler``'s order (the dataset builds whole batches, see ViewImages).
+
+    ``persistent`` keeps the worker processes between epochs: set ``sampler.epoch`` before each pass.
+    """
     g = torch.Generator().manual_seed((int(seed) * 31 + sampler.epoch) % (2 ** 63))
     # Sources hold closures (not picklable): workers are forked, whatever the platform's default.
     ctx = "fork" if workers > 0 and sys.platform.startswith("linux") else None
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=device.type == "cuda", drop_last=drop_last, generator=g,
-                      multiprocessing_context=ctx)
+                      collate_fn=ViewImages.batch_collate, pin_memory=device.type == "cuda",
+                      drop_last=drop_last, generator=g, multiprocessing_context=ctx,
+                      persistent_workers=persistent and workers > 0)
 
 
 # -- evaluation -------------------------------------------------------------
@@ -521,12 +526,15 @@ def fit(cfg: TrainConfig, prep: Prepared, student: Student, head: TCSHead, optim
     last = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, cfg.stop_after)
     metrics_path = out / "metrics.jsonl"
 
+    # One loader for the whole run: its workers stay alive, and each epoch sets the sampler's epoch
+    # (order, views and augmentation are functions of (seed, epoch), not of the workers' state).
+    sampler = EpochSampler(n, prep.views, cfg.seed, state.epoch, rank=rank, world=world)
+    loader = _loader(ds, sampler, local_batch, workers, device, drop_last, cfg.seed, persistent=True)
     for epoch in range(state.epoch, last):
         t_epoch = time.perf_counter()
         student.train()
         head.train()
-        loader = _loader(ds, EpochSampler(n, prep.views, cfg.seed, epoch, rank=rank, world=world), local_batch,
-                         workers, device, drop_last, cfg.seed)
+        sampler.epoch = epoch
         sums = torch.zeros(4, device=device)
         steps = 0
         lr = cfg.lr

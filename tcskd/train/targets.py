@@ -29,7 +29,7 @@ one view the student sees view 0 (the centre crop) plus its own augmentation
 (``none``, ``flip``, ``crop`` = pad-and-random-crop with the pad 1/8 of the
 size, i.e. 4 px at 32 px, or ``crop-flip``), drawn from a generator seeded by
 (seed, epoch, row): independent of the target, of the batch order and of the
-number of DataLoader workers.
+number of DataLoader workers (a counter-based generator, :func:`row_uniforms`).
 """
 
 from __future__ import annotations
@@ -264,16 +264,52 @@ def resolve_augment(augment: str, data_spec: str, channels: int) -> str:
     return "crop" if ("mnist" in data_spec.lower() or channels == 1) else "crop-flip"
 
 
-def augment_image(x: torch.Tensor, kind: str, rng: np.random.Generator) -> torch.Tensor:
-    """Pad-and-random-crop (pad = size / 8) and/or a horizontal coin flip of a C x S x S image."""
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on a uint64 array (wrapping arithmetic)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def row_uniforms(seed: int, epochs: np.ndarray, rows: np.ndarray, draws: int) -> np.ndarray:
+    """[len(rows), draws] uniforms in [0, 1), a pure function of (seed, epoch, row, draw).
+
+    A counter-based generator: the augmentation of an image does not depend on
+    the batch it is in, the batch order or the number of DataLoader workers,
+    and a whole batch is drawn in a few array operations.
+    """
+    with np.errstate(over="ignore"):
+        key = _mix64(np.full(len(rows), int(seed) % 2 ** 64, np.uint64) + np.uint64(_GOLDEN))
+        key = _mix64(key ^ (np.asarray(epochs, np.int64).astype(np.uint64) * np.uint64(0xD1B54A32D192ED03)))
+        key = _mix64(key ^ (np.asarray(rows, np.int64).astype(np.uint64) * np.uint64(0xABC98388FB8FAC03)))
+        counters = (np.arange(1, draws + 1, dtype=np.uint64) * np.uint64(_GOLDEN))[None, :]
+        bits = _mix64(key[:, None] + counters)
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
+def augment_batch(x: torch.Tensor, kind: str, seed: int, epochs: np.ndarray, rows: np.ndarray) -> torch.Tensor:
+    """Pad-and-random-crop (pad = size / 8) and/or a horizontal coin flip of each image of B x C x S x S.
+
+    Row ``rows[b]`` of epoch ``epochs[b]`` always gets the same offsets and flip (:func:`row_uniforms`).
+    """
+    if kind == "none" or len(x) == 0:
+        return x
+    u = torch.from_numpy(row_uniforms(seed, epochs, rows, 3))
     if kind in ("crop", "crop-flip"):
-        s_h, s_w = x.shape[1], x.shape[2]
+        b, _, s_h, s_w = x.shape
         pad = max(1, round(min(s_h, s_w) / 8))
-        dy, dx = (int(v) for v in rng.integers(0, 2 * pad + 1, size=2))
-        x = F.pad(x, (pad, pad, pad, pad))[:, dy:dy + s_h, dx:dx + s_w]
-    if kind in ("flip", "crop-flip") and rng.random() < 0.5:
-        x = x.flip(-1)
-    return x
+        offsets = (u[:, :2] * (2 * pad + 1)).long().clamp_(max=2 * pad)
+        ys = offsets[:, :1] + torch.arange(s_h)                     # B x S_h rows of the padded image
+        xs = offsets[:, 1:] + torch.arange(s_w)                     # B x S_w columns
+        padded = F.pad(x, (pad, pad, pad, pad)).permute(0, 2, 3, 1)  # B x H' x W' x C
+        x = padded[torch.arange(b)[:, None, None], ys[:, :, None], xs[:, None, :]].permute(0, 3, 1, 2)
+    if kind in ("flip", "crop-flip"):
+        flip = (u[:, 2] < 0.5)[:, None, None, None]
+        x = torch.where(flip, x.flip(-1), x)
+    return x.contiguous()
 
 
 def _image(source: Source, row: int, channels: int) -> torch.Tensor:
@@ -281,6 +317,18 @@ def _image(source: Source, row: int, channels: int) -> torch.Tensor:
     if img.shape[2] != channels:  # a greyscale file in a colour folder, or the reverse
         img = np.repeat(img[:, :, :1], 3, axis=2) if channels == 3 else img[:, :, :1]
     return to_tensor(img)
+
+
+def _channels(imgs: np.ndarray, channels: int) -> np.ndarray:
+    """B x H x W x C uint8 with C made ``channels`` (greyscale repeated, or colour's first channel)."""
+    if imgs.shape[3] == channels:
+        return imgs
+    return np.repeat(imgs[..., :1], 3, axis=3) if channels == 3 else np.ascontiguousarray(imgs[..., :1])
+
+
+def _batch_collate(batch: tuple) -> tuple:
+    """ViewImages.__getitems__ returns whole batches already: nothing left to collate."""
+    return batch
 
 
 class ViewImages(Dataset):
@@ -291,7 +339,14 @@ class ViewImages(Dataset):
     when ``augment`` is not ``none``. ``target`` is ``targets[i, view]``
     (empty without targets); ``teacher_x`` the same view at ``teacher_size``
     (empty unless given, for method online).
+
+    The DataLoader takes whole batches (:meth:`__getitems__`, with
+    ``collate_fn=batch_collate``): images held in memory are cropped, resized
+    and augmented as one tensor, targets and labels gathered in one indexing
+    each; every image comes out exactly as :meth:`__getitem__` gives it alone.
     """
+
+    batch_collate = staticmethod(_batch_collate)
 
     def __init__(self, source: Source, rows: np.ndarray, size: int, channels: int,
                  params: np.ndarray | None = None, targets: np.ndarray | None = None,
@@ -305,23 +360,49 @@ class ViewImages(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def view_params(self, i: int, view: int, img: torch.Tensor) -> np.ndarray:
-        if self.params is None:
-            return center_params(img.shape[1], img.shape[2])
-        return self.params[i, view]
-
     def __getitem__(self, key: tuple[int, int, int]):
-        i, view, epoch = key
-        img = _image(self.source, int(self.rows[i]), self.channels)
-        p = self.view_params(i, view, img)
-        x = apply_view(img, p, self.size)
-        if self.augment != "none":
-            x = augment_image(x, self.augment, np.random.default_rng([self.seed, epoch, int(i), 1]))
-        target = torch.from_numpy(self.targets[i, view]) if self.targets is not None else torch.zeros(0)
-        # The teacher's input exactly as the cache stage builds it (uint8 crop and resize).
-        tx = (apply_view((img * 255).round_().to(torch.uint8), p, self.teacher_size) if self.teacher_size
-              else torch.zeros(0))
-        return x.contiguous(), target, int(self.ce_labels[i]), int(i), int(view), tx
+        x, target, label, i, view, tx = self.__getitems__([key])
+        return x[0], target[0], int(label[0]), int(i[0]), int(view[0]), tx[0]
+
+    def __getitems__(self, keys: list[tuple[int, int, int]]):
+        """A batch: (x B x C x S x S, targets B x K, labels B, items B, views B, teacher inputs B x C x T x T)."""
+        b = len(keys)
+        idx = np.fromiter((int(k[0]) for k in keys), np.int64, b)
+        views = np.fromiter((int(k[1]) for k in keys), np.int64, b)
+        epochs = np.fromiter((int(k[2]) for k in keys), np.int64, b)
+        x, tx = self._views(idx, views)
+        x = augment_batch(x, self.augment, self.seed, epochs, idx)
+        target = (torch.from_numpy(np.ascontiguousarray(self.targets[idx, views])) if self.targets is not None
+                  else torch.zeros(b, 0))
+        labels = torch.from_numpy(np.asarray(self.ce_labels, np.int64)[idx])
+        return x, target, labels, torch.from_numpy(idx), torch.from_numpy(views), tx
+
+    def _shared_box(self, idx: np.ndarray, views: np.ndarray, h: int, w: int) -> np.ndarray | None:
+        """The one crop box of every image of the batch, or None when they differ."""
+        if self.params is None:
+            return center_params(h, w)
+        p = self.params[idx, views]
+        return p[0] if (p == p[:1]).all() else None
+
+    def _views(self, idx: np.ndarray, views: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(student inputs B x C x S x S float, teacher inputs B x C x T x T uint8 or B x 0)."""
+        arr = self.source.images(self.rows[idx])
+        box = self._shared_box(idx, views, arr.shape[1], arr.shape[2]) if arr is not None else None
+        if arr is not None and box is not None:  # one shape, one box: the whole batch at once
+            u8 = torch.from_numpy(_channels(arr, self.channels)).permute(0, 3, 1, 2)
+            x = apply_view(u8.float().div_(255.0), box, self.size).contiguous()
+            tx = (apply_view(u8, box, self.teacher_size).contiguous() if self.teacher_size
+                  else torch.zeros(len(idx), 0))
+            return x, tx
+        xs, txs = [], []
+        for i, view in zip(idx, views):
+            img = _image(self.source, int(self.rows[i]), self.channels)
+            p = center_params(img.shape[1], img.shape[2]) if self.params is None else self.params[i, view]
+            xs.append(apply_view(img, p, self.size).contiguous())
+            # The teacher's input exactly as the cache stage builds it (uint8 crop and resize).
+            if self.teacher_size:
+                txs.append(apply_view((img * 255).round_().to(torch.uint8), p, self.teacher_size))
+        return torch.stack(xs), (torch.stack(txs) if txs else torch.zeros(len(idx), 0))
 
 
 class EpochSampler(Sampler):
