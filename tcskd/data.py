@@ -79,10 +79,10 @@ class Source:
             raise DataError(f"unreadable image {self.describe(i)}: {e}") from e
         return _as_hwc(img, self.describe(i))
 
-    def images(self, rows: np.ndarray) -> np.ndarray | None:
-        """The uint8 images of ``rows`` as one B x H x W x C array, or None when the source cannot give
-        them at once (a folder, float pixels, odd shapes): then load them one by one with :meth:`image`,
-        which names any problem."""
+    def images(self, rows: np.ndarray, channels: int | None = None) -> np.ndarray | None:
+        """The uint8 images of ``rows`` as one B x H x W x C array (C made ``channels`` when given: grey
+        repeated, or colour's first channel), or None when the source cannot give them at once (a folder,
+        float pixels, odd shapes): then load them one by one with :meth:`image`, which names any problem."""
         if self.load_many is None or len(rows) == 0:
             return None
         try:
@@ -95,7 +95,10 @@ class Source:
             arr = arr[:, :, :, None]
         if arr.shape[3] not in (1, 3, 4) or arr.shape[1] < 1 or arr.shape[2] < 1:
             return None
-        return np.ascontiguousarray(arr[:, :, :, :3])
+        arr = arr[:, :, :, :3]
+        if channels is not None and arr.shape[3] != channels:
+            arr = np.repeat(arr[..., :1], 3, axis=3) if channels == 3 else arr[..., :1]
+        return np.ascontiguousarray(arr)
 
 
 def _as_hwc(img: np.ndarray, what: str) -> np.ndarray:

@@ -124,6 +124,23 @@ def test_views_replay_exactly(tiny_npz, tiny_teacher, cache_root):
     assert not np.allclose(params[:, 1], params[:, 2])
 
 
+@pytest.mark.parametrize("views", [1, 3])
+def test_teacher_input_batches_equal_their_images(tiny_npz, views):
+    # In-memory sources give the teacher whole batches; each image must be exactly its one-by-one views.
+    from dataclasses import replace
+
+    from tcskd.cache.build import _collate, _TeacherInputs
+
+    src = open_source(tiny_npz, "train")
+    fast = _TeacherInputs(src, views, 20, 0, (0.25, 1.0))
+    slow = _TeacherInputs(replace(src, load_many=None), views, 20, 0, (0.25, 1.0))
+    rows = [3, 0, 17, 8, 21]
+    a, b = _collate(fast.__getitems__(rows)), _collate(slow.__getitems__(rows))
+    for got, want in zip(a[:4], b[:4]):
+        assert got.shape == want.shape and got.dtype == want.dtype and torch.equal(got, want)
+    assert a[1].shape == (5, views, src.channels, 20, 20) and a[1].dtype == torch.uint8 and a[4] == [""] * 5
+
+
 def test_apply_view_crop_and_flip():
     img = torch.arange(4 * 6, dtype=torch.float32).reshape(1, 4, 6)
     exact = apply_view(img, [0.25, 1 / 3, 0.5, 1 / 3, 0.0], 2)

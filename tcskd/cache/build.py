@@ -33,7 +33,7 @@ import tcskd
 from tcskd import dist
 from tcskd.cache.registry import WriterLock, cache_key, cache_root_of
 from tcskd.cache.store import FORMATS, Store, detect_format, is_remote, iter_chunks, open_store
-from tcskd.cache.views import DEFAULT_SCALE, teacher_views, view_params
+from tcskd.cache.views import DEFAULT_SCALE, apply_view, teacher_views, view_params
 from tcskd.data import DataError, Source, fingerprint, open_source
 from tcskd.device import autocast, resolve_device
 from tcskd.errors import StoreError, TcskdError
@@ -117,8 +117,32 @@ class _TeacherInputs(Dataset):
             blank = torch.zeros(self.views, c, self.size, self.size, dtype=torch.uint8)
             return row, blank, -1, torch.zeros(self.views, 5), str(e)
 
+    def __getitems__(self, rows: list[int]):
+        """A batch at once when the source holds its images in memory with one shape (each image exactly as
+        :meth:`__getitem__` makes it: the uint8 resize of a batch equals that of its images); else item by item."""
+        r = np.asarray(rows, np.int64)
+        imgs = self.source.images(r, self.source.channels)
+        if imgs is None:
+            return [self[int(i)] for i in r]
+        b, h, w, _ = imgs.shape
+        params = np.stack([view_params(int(i), h, w, self.views, self.seed, self.scale)
+                           for i in self.source.indices[r]])
+        u8 = torch.from_numpy(imgs).permute(0, 3, 1, 2)
+        per_view = [apply_view(u8, params[0, 0], self.size)]  # view 0, the centre crop: one box for all
+        per_view += [torch.stack([apply_view(u8[j], params[j, v], self.size) for j in range(b)])
+                     for v in range(1, self.views)]
+        x = torch.stack(per_view, dim=1) if self.views > 1 else per_view[0][:, None]
+        return _Batch((torch.from_numpy(r), x, torch.from_numpy(self.source.labels[r].astype(np.int64)),
+                       torch.from_numpy(params), [""] * b))
+
+
+class _Batch(tuple):
+    """A batch _TeacherInputs built whole: :func:`_collate` passes it through."""
+
 
 def _collate(items):
+    if isinstance(items, _Batch):
+        return tuple(items)
     rows, xs, labels, params, errors = zip(*items)
     return (torch.tensor(rows), torch.stack(xs), torch.tensor(labels, dtype=torch.int64),
             torch.stack(params), list(errors))

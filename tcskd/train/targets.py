@@ -319,13 +319,6 @@ def _image(source: Source, row: int, channels: int) -> torch.Tensor:
     return to_tensor(img)
 
 
-def _channels(imgs: np.ndarray, channels: int) -> np.ndarray:
-    """B x H x W x C uint8 with C made ``channels`` (greyscale repeated, or colour's first channel)."""
-    if imgs.shape[3] == channels:
-        return imgs
-    return np.repeat(imgs[..., :1], 3, axis=3) if channels == 3 else np.ascontiguousarray(imgs[..., :1])
-
-
 def _batch_collate(batch: tuple) -> tuple:
     """ViewImages.__getitems__ returns whole batches already: nothing left to collate."""
     return batch
@@ -386,10 +379,10 @@ class ViewImages(Dataset):
 
     def _views(self, idx: np.ndarray, views: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(student inputs B x C x S x S float, teacher inputs B x C x T x T uint8 or B x 0)."""
-        arr = self.source.images(self.rows[idx])
+        arr = self.source.images(self.rows[idx], self.channels)
         box = self._shared_box(idx, views, arr.shape[1], arr.shape[2]) if arr is not None else None
         if arr is not None and box is not None:  # one shape, one box: the whole batch at once
-            u8 = torch.from_numpy(_channels(arr, self.channels)).permute(0, 3, 1, 2)
+            u8 = torch.from_numpy(arr).permute(0, 3, 1, 2)
             x = apply_view(u8.float().div_(255.0), box, self.size).contiguous()
             tx = (apply_view(u8, box, self.teacher_size).contiguous() if self.teacher_size
                   else torch.zeros(len(idx), 0))
