@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from tcskd.cache.registry import cache_key
 from tcskd.cache.store import open_store
 from tcskd.errors import StoreError, TcskdError
 from tcskd.train.evaluate import EvalConfig, evaluate_teacher, knn_predict, knn_top1, linear_probe_top1
@@ -130,9 +131,13 @@ def _write_store(path: Path, x: np.ndarray, y: np.ndarray, teacher: str = "t:a",
         if not done:
             flags[-1] = False
         s["chunk_done"][...] = flags
-        s.set_attrs({"schema_version": 1, "key": path.name, "data_spec": "synthetic", "split": split,
-                     "teacher_spec": teacher, "n_rows": n, "views": views, "dim": d, "num_classes": 4,
-                     "chunk_rows": 64})
+        s.create("sample_index", (n,), "int64", (64,), fill_value=-1)[...] = np.arange(n)
+        s.create("view_params", (n, views, 5), "float32", (64, views, 5), fill_value=0)
+        identity = {"teacher": {"spec": teacher}, "data": {"spec": "synthetic"}, "split": split, "views": views,
+                    "test": str(path)}
+        s.set_attrs({"schema_version": 1, "key": cache_key(identity), "identity": identity,
+                     "data_spec": "synthetic", "split": split, "teacher_spec": teacher, "n_rows": n,
+                     "views": views, "dim": d, "num_classes": 4, "chunk_rows": 64, "complete": bool(done)})
     finally:
         s.close()
     return path
@@ -189,6 +194,25 @@ def test_evaluate_teacher_refuses_incomplete(pair):
     _write_store(tmp / "test", vx, vy)
     with pytest.raises(StoreError, match=r"train cache .* is incomplete \(3/4 chunks done\)"):
         evaluate_teacher(EvalConfig(cache=str(tmp / "train"), test_cache=str(tmp / "test"), device="cpu"))
+
+
+def test_evaluate_teacher_refuses_damaged_features(pair):
+    tmp, (tx, ty), (vx, vy) = pair
+    _write_store(tmp / "train", tx, ty)
+    _write_store(tmp / "test", vx, vy)
+    with open_store(tmp / "test", "a") as s:
+        feats = s.read("features")
+        feats[70, 0, 3] = np.inf
+        s["features"][...] = feats
+    cfg = EvalConfig(cache=str(tmp / "train"), test_cache=str(tmp / "test"), device="cpu", linear=False)
+    with pytest.raises(StoreError, match=r"features rows 64\.\.79 hold NaN/Inf"):
+        evaluate_teacher(cfg)
+    chunk = next(p for p in (tmp / "train" / "features").rglob("*") if p.is_file() and p.name != "zarr.json")
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    with pytest.raises(StoreError, match=r"is damaged: 'features' rows \d+\.\.\d+ cannot be read"):
+        evaluate_teacher(cfg)
 
 
 def test_eval_command(pair):

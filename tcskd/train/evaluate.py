@@ -220,6 +220,9 @@ def _check_complete(store: Any, what: str) -> None:
         else:
             state = "no chunk_done array"
         raise StoreError(f"{what} cache {store.path} is incomplete ({state}); finish it with `tcskd cache` first")
+    from tcskd.cache.verify import require_complete
+
+    require_complete(store)  # edited manifest, wrong shapes, lost chunks: refused before anything is read
 
 
 def read_view0(store: Any, desc: str = "features") -> tuple[np.ndarray, np.ndarray]:
@@ -232,8 +235,8 @@ def read_view0(store: Any, desc: str = "features") -> tuple[np.ndarray, np.ndarr
 
     feats = store["features"]
     n, _, d = feats.shape
-    ok = np.asarray(store["row_ok"][...], dtype=bool) if "row_ok" in store else np.ones(n, bool)
-    labels = np.asarray(store["labels"][...], dtype=np.int64)
+    ok = np.asarray(store.read("row_ok"), dtype=bool) if "row_ok" in store else np.ones(n, bool)
+    labels = np.asarray(store.read("labels"), dtype=np.int64)
     if ok.shape != (n,) or labels.shape != (n,):
         raise StoreError(f"{store.path}: features have {n} rows but labels/row_ok have "
                          f"{labels.shape[0]}/{ok.shape[0]}")
@@ -247,7 +250,13 @@ def read_view0(store: Any, desc: str = "features") -> tuple[np.ndarray, np.ndarr
         sel = ok[start:stop]
         if not sel.any():
             continue
-        block = np.asarray(feats[start:stop, 0, :], dtype=np.float32)[sel]
+        try:
+            block = np.asarray(feats[start:stop, 0, :], dtype=np.float32)[sel]
+        except Exception as e:  # a damaged chunk fails its checksum: refuse, naming it
+            raise store.damaged("features", start, stop, e) from e
+        if not np.isfinite(block).all():
+            raise StoreError(f"cache {store.path}: features rows {start}..{stop - 1} hold NaN/Inf values; "
+                             f"the cache is damaged: rebuild it")
         out[pos:pos + len(block)] = block
         pos += len(block)
     return out, labels[keep]
