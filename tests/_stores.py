@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 
 from tcskd import SCHEMA_VERSION
+from tcskd.cache.registry import cache_key
 from tcskd.cache.store import open_store
 
 
 def make_store(path: Path, features: np.ndarray, fmt: str = "zarr", chunk_rows: int = 64,
                row_ok: np.ndarray | None = None, chunk_done: np.ndarray | None = None,
-               key: str | None = None, dtype: str | None = None) -> Path:
+               dtype: str | None = None) -> Path:
     """A cache at ``path`` holding ``features`` [N, V, D] (or [N, D] for one view).
 
     ``row_ok`` and ``chunk_done`` default to all True; ``dtype`` defaults to the
@@ -27,8 +28,10 @@ def make_store(path: Path, features: np.ndarray, fmt: str = "zarr", chunk_rows: 
     n_chunks = -(-n // chunk_rows)
     store = open_store(path, "a", fmt)
     try:
+        identity = {"test": path.name, "data": {"spec": "synthetic"}, "teacher": {"spec": "synthetic"},
+                    "split": "train", "views": v, "dtype": dtype}
         store.set_attrs({
-            "schema_version": SCHEMA_VERSION, "key": key or path.name, "identity": {"test": path.name},
+            "schema_version": SCHEMA_VERSION, "key": cache_key(identity), "identity": identity,
             "data_spec": "synthetic", "split": "train", "teacher_spec": "synthetic",
             "n_rows": n, "views": v, "dim": d, "dtype": dtype, "chunk_rows": chunk_rows,
             "num_classes": 0, "complete": False, "skipped": [],
@@ -37,6 +40,7 @@ def make_store(path: Path, features: np.ndarray, fmt: str = "zarr", chunk_rows: 
         feats[...] = x.astype(dtype)
         store.create("labels", (n,), "int64", (chunk_rows,), fill_value=-1)
         store.create("sample_index", (n,), "int64", (chunk_rows,), fill_value=-1)[...] = np.arange(n)
+        store.create("view_params", (n, v, 5), "float32", (chunk_rows, v, 5), fill_value=0)
         ok = np.ones(n, bool) if row_ok is None else np.asarray(row_ok, bool)
         store.create("row_ok", (n,), "bool", (chunk_rows,), fill_value=False)[...] = ok
         done = np.ones(n_chunks, bool) if chunk_done is None else np.asarray(chunk_done, bool)

@@ -62,7 +62,9 @@ def test_pca_matches_numpy_svd(tmp_path, feats, fmt):
     r = b.explained_ratio
     assert (np.diff(r) >= -1e-15).all() and r[-1] <= 1.0 + 1e-12 and r[-1] == pytest.approx(1.0, abs=1e-9)
     np.testing.assert_allclose(r, np.cumsum(eig) / eig.sum(), rtol=1e-6)
-    assert b.attrs["rows_used"] == 600 and b.attrs["complete"] is True and b.attrs["fit_on"] == "c"
+    with open_store(path) as st:
+        key = st.manifest["key"]
+    assert b.attrs["rows_used"] == 600 and b.attrs["complete"] is True and b.attrs["fit_on"] == key
     x = feats[:, 0].astype(np.float64)
     errs = []
     for k in range(1, 12):
@@ -199,20 +201,23 @@ def test_coords_equal_projection(tmp_path, whiten):
 
 
 def test_fit_on_other_cache(tmp_path, feats):
-    a = make_store(tmp_path / "a", feats, fmt="zarr", key="aaaaaaaaaaaaaaaa")
+    a = make_store(tmp_path / "a", feats, fmt="zarr")
     other = low_rank_features(n=100, d=48, rank=3, seed=9)
-    b = make_store(tmp_path / "b", other, fmt="hdf5", key="bbbbbbbbbbbbbbbb")
+    b = make_store(tmp_path / "b", other, fmt="hdf5")
+    with open_store(a) as st:
+        key_a = st.manifest["key"]
     s = fit_basis(BasisConfig(cache="b", fit_on="a", dim=6, cache_root=str(tmp_path), device="cpu", coords=True))
-    assert s["name"] == "pca-fit-aaaaaaaa"
-    on_b = _load(b, "pca-fit-aaaaaaaa")
-    assert on_b.attrs["fit_on"] == "aaaaaaaaaaaaaaaa"
+    name = f"pca-fit-{key_a[:8]}"
+    assert s["name"] == name
+    on_b = _load(b, name)
+    assert on_b.attrs["fit_on"] == key_a
     _fit(a, dim=6)
     own = _load(a, "pca")
     np.testing.assert_allclose(on_b.components, own.components, atol=1e-10)
     np.testing.assert_allclose(on_b.eigenvalues, own.eigenvalues, rtol=1e-10)
     with open_store(b) as st:
-        assert st.read("bases/pca-fit-aaaaaaaa/coords").shape == (100, 1, 6)
-    assert (tmp_path / "b" / "basis-pca-fit-aaaaaaaa.png").is_file()
+        assert st.read(f"bases/{name}/coords").shape == (100, 1, 6)
+    assert (tmp_path / "b" / f"basis-{name}.png").is_file()
 
     small = make_store(tmp_path / "small", low_rank_features(n=50, d=16, rank=2), fmt="zarr")
     with pytest.raises(StoreError, match="16-dimensional"):
@@ -263,11 +268,21 @@ def test_error_inside_writer_leaves_nothing(tmp_path, feats, monkeypatch, fmt):
         assert s.bases() == [] and s.children("bases") == []
 
 
+def test_edited_manifest_refused(tmp_path, feats):
+    path = make_store(tmp_path / "c", feats, fmt="zarr")
+    with open_store(path, "a") as st:
+        st.set_attrs({"teacher_spec": "someone-else"})
+    with pytest.raises(StoreError, match="contradicts its identity"):
+        _fit(path)
+    with open_store(path) as st:
+        assert st.bases() == []
+
+
 def test_incomplete_cache_refused(tmp_path, feats):
     done = np.ones(10, bool)
     done[3] = False
     path = make_store(tmp_path / "c", feats, fmt="zarr", chunk_rows=60, chunk_done=done)
-    with pytest.raises(StoreError, match=r"incomplete \(9 of 10 chunks done\)"):
+    with pytest.raises(StoreError, match=r"incomplete \(9/10 chunks done\)"):
         _fit(path)
 
 

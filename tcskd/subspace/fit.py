@@ -247,26 +247,14 @@ def _dim(store: Store) -> int:
 
 
 def _check_ready(store: Store) -> None:
-    """StoreError unless the store has complete, well-shaped features."""
+    """StoreError unless the store is complete and undamaged (the checks every reader of a cache makes)."""
+    from tcskd.cache.verify import require_complete
+
     if "features" not in store:
         raise StoreError(f"cache {store.path} has no features array")
     if "chunk_done" not in store:
         raise StoreError(f"cache {store.path} has no chunk_done array: its creation was cut short; rebuild it")
-    done = store.chunk_done()
-    if not done.all():
-        raise StoreError(f"cache {store.path} is incomplete ({int(done.sum())} of {len(done)} chunks done): "
-                         f"finish it with the same `tcskd cache` command before fitting a basis")
-    from tcskd.cache.verify import missing_data
-
-    lost = missing_data(store, ("features", "row_ok"), done)
-    if lost:
-        raise StoreError(f"cache {store.path} is damaged: {lost[0]}; see `tcskd cache verify`")
-    shape = store["features"].shape
-    if len(shape) != 3:
-        raise StoreError(f"cache {store.path}: features have shape {tuple(shape)}, expected N x V x D")
-    n_rows = store.manifest.get("n_rows")
-    if n_rows is not None and int(n_rows) != shape[0]:
-        raise StoreError(f"cache {store.path}: manifest says {n_rows} rows but features have {shape[0]}")
+    require_complete(store, ("features", "row_ok"))
 
 
 def _remove_leftovers(store: Store) -> None:
