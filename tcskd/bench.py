@@ -468,6 +468,7 @@ def make_tiled_store(src: str | Path, dst: Path, rows: int) -> str:
     The basis stage's cost per row does not depend on the values, so this measures
     ``tcskd basis`` on a store large enough for reading to outweigh its fixed costs
     (eigh, writing, the plot) without running the teacher over ``rows`` images."""
+    from tcskd.cache.registry import cache_key
     from tcskd.cache.store import open_store
 
     with open_store(Path(src)) as s:
@@ -477,8 +478,9 @@ def make_tiled_store(src: str | Path, dst: Path, rows: int) -> str:
     n, v, d = x.shape
     ch = int(manifest.get("chunk_rows") or 1024)
     n_chunks = -(-rows // ch)
-    manifest.update(n_rows=rows, key=f"bench-tiled-{rows}", complete=False, skipped=[])
+    manifest.update(n_rows=rows, complete=False, skipped=[])
     manifest["identity"] = {**(manifest.get("identity") or {}), "bench_tiled_rows": rows}
+    manifest["key"] = cache_key(manifest["identity"])  # a cache of its own: readers check the key
     dst.parent.mkdir(parents=True, exist_ok=True)
     st = open_store(dst, "a", fmt)
     try:
