@@ -347,7 +347,7 @@ class ViewImages(Dataset):
                  teacher_size: int | None = None) -> None:
         self.source, self.rows, self.size, self.channels = source, rows, size, channels
         self.params, self.targets, self.augment, self.seed = params, targets, augment, seed
-        self.ce_labels = ce_labels if ce_labels is not None else source.labels[rows]
+        self.ce_labels = np.asarray(ce_labels if ce_labels is not None else source.labels[rows], np.int64)
         self.teacher_size = teacher_size
 
     def __len__(self) -> int:
@@ -367,7 +367,7 @@ class ViewImages(Dataset):
         x = augment_batch(x, self.augment, self.seed, epochs, idx)
         target = (torch.from_numpy(np.ascontiguousarray(self.targets[idx, views])) if self.targets is not None
                   else torch.zeros(b, 0))
-        labels = torch.from_numpy(np.asarray(self.ce_labels, np.int64)[idx])
+        labels = torch.from_numpy(self.ce_labels[idx])
         return x, target, labels, torch.from_numpy(idx), torch.from_numpy(views), tx
 
     def _shared_box(self, idx: np.ndarray, views: np.ndarray, h: int, w: int) -> np.ndarray | None:
