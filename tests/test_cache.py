@@ -141,6 +141,23 @@ def test_teacher_input_batches_equal_their_images(tiny_npz, views):
     assert a[1].shape == (5, views, src.channels, 20, 20) and a[1].dtype == torch.uint8 and a[4] == [""] * 5
 
 
+def test_resize_on_the_device_gives_the_same_cache(tiny_npz, tiny_teacher, tmp_path, monkeypatch):
+    # On a GPU, batches of in-memory images travel unresized and _forward crops and resizes them on the
+    # device; on the CPU that path must give exactly the cache of the usual one.
+    import tcskd.cache.build as build
+
+    ref = build_cache(_cfg(tiny_npz, tiny_teacher, tmp_path / "a", dtype="float32", batch_size=8))
+    seen = []
+    forward = build._forward
+    monkeypatch.setattr(build, "_resize_on_device", lambda device: True)
+    monkeypatch.setattr(build, "_forward", lambda t, x, d: seen.append(tuple(x.shape[-2:])) or forward(t, x, d))
+    deferred = build_cache(_cfg(tiny_npz, tiny_teacher, tmp_path / "b", dtype="float32", batch_size=8))
+    assert seen and all(s != (16, 16) for s in seen)  # the images did arrive at their own size
+    a, b = _arrays(ref.path), _arrays(deferred.path)
+    for name in ("features", "labels", "sample_index", "view_params", "row_ok"):
+        np.testing.assert_array_equal(a[name], b[name])
+
+
 def test_apply_view_crop_and_flip():
     img = torch.arange(4 * 6, dtype=torch.float32).reshape(1, 4, 6)
     exact = apply_view(img, [0.25, 1 / 3, 0.5, 1 / 3, 0.0], 2)

@@ -33,7 +33,7 @@ import tcskd
 from tcskd import dist
 from tcskd.cache.registry import WriterLock, cache_key, cache_root_of
 from tcskd.cache.store import FORMATS, Store, detect_format, is_remote, iter_chunks, open_store
-from tcskd.cache.views import DEFAULT_SCALE, apply_view, teacher_views, view_params
+from tcskd.cache.views import DEFAULT_SCALE, apply_view, center_params, teacher_views, view_params
 from tcskd.data import DataError, Source, fingerprint, open_source
 from tcskd.device import autocast, resolve_device
 from tcskd.errors import StoreError, TcskdError
@@ -94,11 +94,23 @@ class CacheResult:
 
 # -- the dataset the teacher reads -----------------------------------------
 
-class _TeacherInputs(Dataset):
-    """Row -> (row, V x C x S x S uint8 views, label, V x 5 params, error)."""
+def _resize_on_device(device: torch.device) -> bool:
+    """Whether batches of in-memory images travel at their own size and are cropped and resized by the
+    teacher's device (:func:`_forward`): on a GPU the CPU's per-image resize would feed it too slowly."""
+    return device.type == "cuda"
 
-    def __init__(self, source: Source, views: int, size: int, seed: int, scale: tuple[float, float]) -> None:
+
+class _TeacherInputs(Dataset):
+    """Row -> (row, V x C x S x S uint8 views, label, V x 5 params, error).
+
+    With ``defer_resize`` and one view, a batch of in-memory images keeps the images' own size
+    (V x C x H x W): :func:`_forward` applies view 0, the centre crop, on the teacher's device.
+    """
+
+    def __init__(self, source: Source, views: int, size: int, seed: int, scale: tuple[float, float],
+                 defer_resize: bool = False) -> None:
         self.source, self.views, self.size, self.seed, self.scale = source, views, size, seed, scale
+        self.defer_resize = defer_resize
 
     def __len__(self) -> int:
         return len(self.source)
@@ -128,12 +140,14 @@ class _TeacherInputs(Dataset):
         params = np.stack([view_params(int(i), h, w, self.views, self.seed, self.scale)
                            for i in self.source.indices[r]])
         u8 = torch.from_numpy(imgs).permute(0, 3, 1, 2)
+        labels = torch.from_numpy(self.source.labels[r].astype(np.int64))
+        if self.defer_resize and self.views == 1:
+            return _Batch((torch.from_numpy(r), u8[:, None], labels, torch.from_numpy(params), [""] * b))
         per_view = [apply_view(u8, params[0, 0], self.size)]  # view 0, the centre crop: one box for all
         per_view += [torch.stack([apply_view(u8[j], params[j, v], self.size) for j in range(b)])
                      for v in range(1, self.views)]
         x = torch.stack(per_view, dim=1) if self.views > 1 else per_view[0][:, None]
-        return _Batch((torch.from_numpy(r), x, torch.from_numpy(self.source.labels[r].astype(np.int64)),
-                       torch.from_numpy(params), [""] * b))
+        return _Batch((torch.from_numpy(r), x, labels, torch.from_numpy(params), [""] * b))
 
 
 class _Batch(tuple):
@@ -459,7 +473,7 @@ def _fill(store: Store, cfg: CacheConfig, source: Source, teacher, device: torch
         return 0
     teacher.to(device)
     size = teacher.image_size
-    ds = _TeacherInputs(source, cfg.views, size, cfg.seed, tuple(cfg.crop_scale))
+    ds = _TeacherInputs(source, cfg.views, size, cfg.seed, tuple(cfg.crop_scale), _resize_on_device(device))
     batch = cfg.batch_size or (256 if device.type == "cuda" else 32)
     loader = DataLoader(ds, batch_sampler=_batches(todo, batch), num_workers=cfg.workers,
                         collate_fn=_collate, pin_memory=device.type == "cuda",
@@ -521,9 +535,16 @@ def _fill(store: Store, cfg: CacheConfig, source: Source, teacher, device: torch
 
 
 def _forward(teacher, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 (or [0, 1] float) B x V x C x S x S -> float32 features B x V x D."""
+    """uint8 (or [0, 1] float) B x V x C x S x S -> float32 features B x V x D.
+
+    Images of another size are a deferred batch (one view, see _TeacherInputs): their centre crop is
+    taken and resized here, on the device, as the CPU would have done it image by image.
+    """
     b, v = x.shape[:2]
     flat = x.reshape(b * v, *x.shape[2:]).to(device, non_blocking=True)
+    size = teacher.image_size
+    if tuple(flat.shape[-2:]) != (size, size):
+        flat = apply_view(flat, center_params(*flat.shape[-2:]), size)
     with torch.inference_mode(), autocast(device):
         f = teacher.features(flat)
     return f.float().reshape(b, v, -1)
