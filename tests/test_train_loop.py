@@ -126,6 +126,32 @@ def test_online_computes_the_cached_targets(data, tmp_path):
     assert 0.0 <= res["test_top1"] <= 1.0 and res["method"] == "online"
 
 
+def test_online_with_the_teacher_input_made_on_the_device_trains_the_same(data, tmp_path, monkeypatch):
+    # On a GPU the loop takes the teacher's centre view itself (center_view); forced here on the CPU,
+    # one epoch must give the very same losses as the worker-made input.
+    import tcskd.train.loop as loop
+
+    root, npz = data
+    spec = make_script_teacher(tmp_path / "teacher.pt", size=16, dim=16)
+    cache = make_store(root, npz, views=1, name="online1", teacher_spec=spec)
+    ref = train(_cfg(cache, tmp_path / "a", method="online", epochs=1))
+
+    class Deferring(loop.ViewImages):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.defer_teacher_resize = self.teacher_size is not None
+
+    monkeypatch.setattr(loop, "ViewImages", Deferring)
+    sizes, center_view = [], loop.center_view
+    monkeypatch.setattr(loop, "center_view", lambda x, s: sizes.append(tuple(x.shape[-2:])) or center_view(x, s))
+    got = train(_cfg(cache, tmp_path / "b", method="online", epochs=1))
+    assert sizes and set(sizes) == {(12, 12)}  # the 12 px images reached the loop unresized
+    metric = lambda run: json.loads((run / "metrics.jsonl").read_text().splitlines()[0])  # noqa: E731
+    a, b = metric(tmp_path / "a"), metric(tmp_path / "b")
+    assert (a["loss"], a["loss_mimic"]) == (b["loss"], b["loss_mimic"]) and a["loss_mimic"] > 0
+    assert got["test_top1"] == ref["test_top1"]
+
+
 @pytest.fixture(scope="module")
 def cli_run(data, tmp_path_factory):
     from tcskd.train.commands import train as train_cmd

@@ -115,6 +115,24 @@ def test_a_batch_equals_its_images_one_by_one(data, views, augment):
     assert all(torch.equal(o[0], a[0][j]) and o[2] == int(a[2][j]) for j, o in enumerate(one))
 
 
+def test_teacher_input_left_to_the_device_is_the_same_view(data):
+    # Online on a GPU: the worker ships the image at its own size and the loop takes the centre crop
+    # at the teacher's size on the device (center_view); that must equal the worker-made input.
+    from tcskd.cache.views import center_view
+    from tcskd.train.targets import ViewImages
+
+    root, npz = data
+    cache = make_store(root, npz, name="defer")
+    ds = prepare(resolve_config(TrainConfig(cache=str(cache), augment="crop", seed=2))).train_set
+    args = (ds.source, ds.rows, ds.size, ds.channels, ds.params, ds.targets, ds.ce_labels, ds.augment, ds.seed, 40)
+    keys = list(EpochSampler(48, 1, seed=1, epoch=0))[:16]
+    made = ViewImages(*args).__getitems__(keys)
+    left = ViewImages(*args, defer_teacher_resize=True).__getitems__(keys)
+    assert made[5].shape[-1] == 40 and left[5].shape[-1] != 40  # really left at the images' size
+    assert torch.equal(center_view(left[5], 40), made[5])
+    assert all(torch.equal(a, b) for a, b in zip(made[:5], left[:5]))
+
+
 def test_augmentation_draws_cover_every_offset_and_flip_half_the_images():
     from tcskd.train.targets import augment_batch, row_uniforms
 

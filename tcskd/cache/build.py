@@ -33,7 +33,7 @@ import tcskd
 from tcskd import dist
 from tcskd.cache.registry import WriterLock, cache_key, cache_root_of
 from tcskd.cache.store import FORMATS, Store, detect_format, is_remote, iter_chunks, open_store
-from tcskd.cache.views import DEFAULT_SCALE, apply_view, center_params, teacher_views, view_params
+from tcskd.cache.views import DEFAULT_SCALE, apply_view, center_view, teacher_views, view_params
 from tcskd.data import DataError, Source, fingerprint, open_source
 from tcskd.device import autocast, resolve_device
 from tcskd.errors import StoreError, TcskdError
@@ -542,9 +542,7 @@ def _forward(teacher, x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """
     b, v = x.shape[:2]
     flat = x.reshape(b * v, *x.shape[2:]).to(device, non_blocking=True)
-    size = teacher.image_size
-    if tuple(flat.shape[-2:]) != (size, size):
-        flat = apply_view(flat, center_params(*flat.shape[-2:]), size)
+    flat = center_view(flat, teacher.image_size)
     with torch.inference_mode(), autocast(device):
         f = teacher.features(flat)
     return f.float().reshape(b, v, -1)

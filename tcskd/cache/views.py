@@ -107,3 +107,11 @@ def apply_view(img: torch.Tensor, params: np.ndarray | torch.Tensor, size: int) 
     if p[4] >= 0.5:
         crop = crop.flip(-1)
     return crop
+
+
+def center_view(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Images (.. x C x H x W) at ``size`` px: as they are when already that size, else view 0 (the centre
+    crop) resized, for batches whose crop and resize were left to the device."""
+    if tuple(x.shape[-2:]) == (size, size):
+        return x
+    return apply_view(x, center_params(*x.shape[-2:]), size)

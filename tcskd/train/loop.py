@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from tcskd.cache.views import center_view
 from tcskd.errors import StoreError, TcskdError
 from tcskd.train.head import TCSHead
 from tcskd.train.losses import MIMICS, elsh_params, tcs_loss
@@ -245,6 +246,7 @@ class Prepared:
 def prepare(cfg: TrainConfig) -> Prepared:
     """Open the data and the cache, check they match, and load the targets into memory."""
     from tcskd.data import has_split, open_source
+    from tcskd.device import resolve_device
 
     t0 = time.perf_counter()
     manifest: dict[str, Any] = {}
@@ -303,8 +305,10 @@ def prepare(cfg: TrainConfig) -> Prepared:
         log.info("a %d-view cache: the student replays the stored views; --augment %s is not used",
                  views, cfg.augment)
     teacher_size = int(manifest["image_size"]) if cfg.method == "online" else None
+    # Online on a GPU: the teacher's upsampled input is made on the device, not image by image on the CPU.
+    defer = teacher_size is not None and resolve_device(cfg.device).type == "cuda"
     train_set = ViewImages(train_source, rows, size, channels, params, targets, ce_labels, augment, cfg.seed,
-                           teacher_size)
+                           teacher_size, defer)
     train_eval_set = ViewImages(train_source, rows, size, channels, params[:, :1] if params is not None else None)
     test_set = None
     if train_split == "train" and has_split(data_spec, "test"):
@@ -551,8 +555,9 @@ def fit(cfg: TrainConfig, prep: Prepared, student: Student, head: TCSHead, optim
                 x = x.contiguous(memory_format=torch.channels_last)
             if teacher is not None:
                 with torch.no_grad():
+                    tx = center_view(tx.to(device, non_blocking=True), teacher.image_size)
                     with autocast(device):
-                        feats = teacher.features(tx.to(device, non_blocking=True))
+                        feats = teacher.features(tx)
                     c = project(feats)  # in float32, like the cached targets
             elif head.k:
                 c = c.to(device, non_blocking=True)

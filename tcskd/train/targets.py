@@ -331,7 +331,9 @@ class ViewImages(Dataset):
     or the centre crop without them) at ``size`` px, plus the augmentation
     when ``augment`` is not ``none``. ``target`` is ``targets[i, view]``
     (empty without targets); ``teacher_x`` the same view at ``teacher_size``
-    (empty unless given, for method online).
+    (empty unless given, for method online). With ``defer_teacher_resize`` a
+    batch of in-memory images in their centre view leaves ``teacher_x`` at the
+    images' own size, for :func:`tcskd.cache.views.center_view` on the device.
 
     The DataLoader takes whole batches (:meth:`__getitems__`, with
     ``collate_fn=batch_collate``): images held in memory are cropped, resized
@@ -344,8 +346,9 @@ class ViewImages(Dataset):
     def __init__(self, source: Source, rows: np.ndarray, size: int, channels: int,
                  params: np.ndarray | None = None, targets: np.ndarray | None = None,
                  ce_labels: np.ndarray | None = None, augment: str = "none", seed: int = 0,
-                 teacher_size: int | None = None) -> None:
+                 teacher_size: int | None = None, defer_teacher_resize: bool = False) -> None:
         self.source, self.rows, self.size, self.channels = source, rows, size, channels
+        self.defer_teacher_resize = defer_teacher_resize
         self.params, self.targets, self.augment, self.seed = params, targets, augment, seed
         self.ce_labels = np.asarray(ce_labels if ce_labels is not None else source.labels[rows], np.int64)
         self.teacher_size = teacher_size
@@ -384,8 +387,12 @@ class ViewImages(Dataset):
         if arr is not None and box is not None:  # one shape, one box: the whole batch at once
             u8 = torch.from_numpy(arr).permute(0, 3, 1, 2)
             x = apply_view(u8.float().div_(255.0), box, self.size).contiguous()
-            tx = (apply_view(u8, box, self.teacher_size).contiguous() if self.teacher_size
-                  else torch.zeros(len(idx), 0))
+            if not self.teacher_size:
+                tx = torch.zeros(len(idx), 0)
+            elif self.defer_teacher_resize and np.array_equal(box, center_params(arr.shape[1], arr.shape[2])):
+                tx = u8.contiguous()  # the centre crop at the teacher's size is taken on its device (center_view)
+            else:
+                tx = apply_view(u8, box, self.teacher_size).contiguous()
             return x, tx
         xs, txs = [], []
         for i, view in zip(idx, views):
