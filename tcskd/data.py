@@ -235,9 +235,10 @@ def _array_source(spec: str, split: str, parts: dict[str, tuple[np.ndarray, np.n
                   load=lambda i: x[i], describe=lambda i: f"{spec} row {indices[i]}", load_many=lambda i: x[i])
 
 
-# sha256 memo: (resolved path, size, st_mtime_ns, st_ino) -> digest, in this process and in a small JSON file, so
+# sha256 memo: (resolved path, size, st_mtime_ns, st_ctime_ns, st_ino, st_dev) -> digest, in this process and in a small JSON file, so
 # that a multi-GB teacher's weights are hashed once rather than on every `tcskd cache`.
-_MemoKey = tuple[str, int, int, int]
+_MemoKey = tuple[str, int, int, int, int, int]
+_MEMO_FIELDS = ("size", "mtime_ns", "ctime_ns", "ino", "dev")
 _MEMO: dict[_MemoKey, str] = {}
 _MEMO_MAX_ENTRIES = 1000  # the on-disk memo keeps the most recently hashed files (one entry per path)
 
@@ -274,7 +275,7 @@ def _write_memo(path: Path, key: _MemoKey, digest: str) -> None:
     try:
         entries = _read_memo(path)
         entries.pop(key[0], None)  # re-inserted last: the newest entries survive the cap
-        entries[key[0]] = {"size": key[1], "mtime_ns": key[2], "ino": key[3], "sha256": digest}
+        entries[key[0]] = {**dict(zip(_MEMO_FIELDS, key[1:])), "sha256": digest}
         entries = dict(list(entries.items())[-_MEMO_MAX_ENTRIES:])
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -302,18 +303,20 @@ def _sha256_contents(path: Path | str) -> str:
 def sha256_file(path: Path | str) -> str:
     """The sha256 of a file (dataset fingerprints, teacher weights).
 
-    Memoised by (resolved path, size, st_mtime_ns, st_ino), in this process and on disk (``hash_memo_path()``):
-    an unchanged file is not read again; any change of size, mtime or inode hashes it afresh.
+    Memoised by (resolved path, size, mtime, ctime, inode, device), in this process and on disk
+    (``hash_memo_path()``): an unchanged file is not read again; any change of these hashes it afresh.
+    The ctime is set by the kernel on every write, so a rewrite whose mtime was put back (``cp -p``,
+    ``touch -r``, ``rsync -t``) still counts as a change.
     """
     resolved = Path(path).resolve()
     st = resolved.stat()
-    key: _MemoKey = (str(resolved), st.st_size, st.st_mtime_ns, st.st_ino)
+    key: _MemoKey = (str(resolved), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
     if digest := _MEMO.get(key):
         return digest
     memo = hash_memo_path()
     entry = _read_memo(memo).get(key[0]) if memo is not None else None
     if (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
-            and (entry.get("size"), entry.get("mtime_ns"), entry.get("ino")) == key[1:]):
+            and tuple(entry.get(f) for f in _MEMO_FIELDS) == key[1:]):
         digest = entry["sha256"]
         log.debug("sha256 of %s from the memo %s", resolved, memo)
     else:

@@ -1,4 +1,4 @@
-"""sha256_file's memo: an unchanged file is not read again; any change of size, mtime or inode is; the memo file
+"""sha256_file's memo: an unchanged file is not read again; any change of size, mtime, ctime or inode is; the memo file
 can be missing, corrupt or unwritable without failing anything."""
 
 from __future__ import annotations
@@ -82,6 +82,24 @@ def test_content_change_with_new_mtime_rehashes(tmp_path, memo, reads, monkeypat
     assert len(reads) == 2
 
 
+def test_rewrite_with_the_mtime_put_back_rehashes(tmp_path, memo, reads):
+    # cp -p, touch -r, rsync -t: same size, same mtime, same inode, other bytes; only the ctime tells.
+    import time
+
+    p = _weights(tmp_path, b"a" * 4096)
+    st = p.stat()
+    assert data.sha256_file(p) == _sha(b"a" * 4096)
+    time.sleep(0.01)
+    with open(p, "r+b") as f:
+        f.write(b"b" * 4096)
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    now = p.stat()
+    assert (now.st_size, now.st_mtime_ns, now.st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
+    assert now.st_ctime_ns != st.st_ctime_ns
+    assert data.sha256_file(p) == _sha(b"b" * 4096)
+    assert len(reads) == 2
+
+
 def test_size_or_inode_change_rehashes(tmp_path, memo, reads):
     p = _weights(tmp_path, b"a" * 100)
     st = p.stat()
@@ -114,7 +132,8 @@ def test_wrong_digest_type_in_memo_is_not_trusted(tmp_path, memo, reads):
     p = _weights(tmp_path)
     st = p.stat()
     memo.parent.mkdir(parents=True)
-    entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino, "sha256": 7}
+    entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino,
+             "dev": st.st_dev, "sha256": 7}
     memo.write_text(json.dumps({"version": 1, "entries": {str(p.resolve()): entry}}))
     assert data.sha256_file(p) == _sha(p.read_bytes())
     assert len(reads) == 1
