@@ -141,7 +141,7 @@ def test_teacher_input_batches_equal_their_images(tiny_npz, views):
     assert a[1].shape == (5, views, src.channels, 20, 20) and a[1].dtype == torch.uint8 and a[4] == [""] * 5
 
 
-def test_resize_on_the_device_gives_the_same_cache(tiny_npz, tiny_teacher, tmp_path, monkeypatch):
+def test_resize_left_to_the_device_gives_the_same_cache_on_the_cpu(tiny_npz, tiny_teacher, tmp_path, monkeypatch):
     # On a GPU, batches of in-memory images travel unresized and _forward crops and resizes them on the
     # device; on the CPU that path must give exactly the cache of the usual one.
     import tcskd.cache.build as build

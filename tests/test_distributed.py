@@ -92,6 +92,12 @@ def test_basis_two_ranks_equals_one_process(tmp_path, tiny_teacher):
         np.testing.assert_allclose(np.abs((a.components * b.components).sum(1)), 1.0, atol=1e-8)
         np.testing.assert_allclose(s.read("bases/two/coords"), s.read("bases/one/coords"), atol=1e-3)
         assert a.attrs["rows_used"] == b.attrs["rows_used"] == 90
+    # NaN in one rank's share: every rank fails (none waits forever in all_reduce), naming the chunk.
+    with open_store(path, "a") as s:
+        s["features"][20, 0, 3] = np.nan
+    bad = torchrun(["basis", "--cache", str(path), "--name", "bad", "--dim", "8", "--device", "cpu"], timeout=180)
+    assert bad.returncode != 0
+    assert "chunk 2 (rows 16-23)" in bad.stderr and "NaN/Inf" in bad.stderr, bad.stderr[-2000:]
 
 
 def test_ddp_training_and_resume_in_one_process(tmp_path, tiny_teacher):

@@ -538,7 +538,7 @@ def _forward(teacher, x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 (or [0, 1] float) B x V x C x S x S -> float32 features B x V x D.
 
     Images of another size are a deferred batch (one view, see _TeacherInputs): their centre crop is
-    taken and resized here, on the device, as the CPU would have done it image by image.
+    taken and resized here, on the device (:func:`tcskd.cache.views.center_view`).
     """
     b, v = x.shape[:2]
     flat = x.reshape(b * v, *x.shape[2:]).to(device, non_blocking=True)

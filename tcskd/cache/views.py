@@ -110,8 +110,10 @@ def apply_view(img: torch.Tensor, params: np.ndarray | torch.Tensor, size: int) 
 
 
 def center_view(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Images (.. x C x H x W) at ``size`` px: as they are when already that size, else view 0 (the centre
-    crop) resized, for batches whose crop and resize were left to the device."""
+    """Images (C x H x W or B x C x H x W) at ``size`` px: as they are when already that size, else view 0
+    (the centre crop) resized, for batches whose crop and resize were left to the device. On the CPU this
+    is exactly the workers' uint8 resize; on CUDA torchvision resizes uint8 in float and rounds, which can
+    differ by one grey level."""
     if tuple(x.shape[-2:]) == (size, size):
         return x
     return apply_view(x, center_params(*x.shape[-2:]), size)

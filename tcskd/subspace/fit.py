@@ -47,8 +47,8 @@ from tcskd.cache.store import Store, is_remote, open_store
 from tcskd.device import resolve_device
 from tcskd.errors import StoreError, TcskdError
 from tcskd.subspace.basis import WHITEN_EPS
-from tcskd.subspace.moments import (VIEWS, Moments, check_finite, iter_feature_chunks, read_chunk_rows,
-                                    row_mask, stream_moments)
+from tcskd.subspace.moments import (VIEWS, Moments, check_finite, iter_feature_chunks, raise_if_not_finite,
+                                    read_chunk_rows, row_mask, stream_moments)
 
 log = logging.getLogger(__name__)
 
@@ -294,8 +294,9 @@ def _moments(src: Store, cfg: BasisConfig, device: torch.device, ok: np.ndarray)
     rows = int(src["features"].shape[0])
     step = int(cfg.chunk_rows or src.manifest.get("chunk_rows") or rows)
     ids = list(range(-(-rows // step)))[dist.rank()::dist.world()]
-    mom = stream_moments(src, cfg.view, device, cfg.chunk_rows, chunk_ids=ids, ok=ok)
-    mom.all_reduce()
+    mom = stream_moments(src, cfg.view, device, cfg.chunk_rows, chunk_ids=ids, ok=ok, check=False)
+    mom.all_reduce()  # first, so that every rank sees the same sums and fails alike on NaN/Inf
+    raise_if_not_finite(mom, src, cfg.chunk_rows, ids, ok)
     return mom
 
 

@@ -268,12 +268,14 @@ def first_sample(store: Store, ok: np.ndarray | None = None) -> np.ndarray:
 def stream_moments(store: Store, view: str = "0", device: torch.device | str = "cpu",
                    chunk_rows: int | None = None, chunk_ids: Iterable[int] | None = None,
                    on_samples: Callable[[torch.Tensor], None] | None = None,
-                   desc: str = "moments", ok: np.ndarray | None = None) -> Moments:
+                   desc: str = "moments", ok: np.ndarray | None = None, check: bool = True) -> Moments:
     """One pass over ``features``: float64 moments of the usable samples on ``device``.
 
-    Every usable row is checked for NaN/Inf: the sums are finite exactly when
+    Every sample summed is checked for NaN/Inf: the sums are finite exactly when
     the samples are, so they are checked once at the end and only then are the
-    chunks searched for the first bad row (a StoreError names it). ``on_samples``
+    chunks searched for the first bad row (a StoreError names it). ``check=False``
+    leaves that to the caller (:func:`raise_if_not_finite`, after summing the
+    parts of several processes, so that every process fails alike). ``on_samples``
     gets each chunk's samples [m, D] (on ``device``, stored dtype, checked)
     before they are added, e.g. to keep them for an exact SVD. With
     ``chunk_ids`` (one share of the chunks, under torchrun) the shift is the
@@ -305,15 +307,21 @@ def stream_moments(store: Store, view: str = "0", device: torch.device | str = "
             check_finite(store, chunk, x)
             on_samples(s)
         mom.update(s)
-    if not mom.finite():
-        _raise_first_nonfinite(store, chunk_rows, chunk_ids, ok)
+    if check:
+        raise_if_not_finite(mom, store, chunk_rows, chunk_ids, ok)
     return mom
 
 
-def _raise_first_nonfinite(store: Store, chunk_rows: int | None, chunk_ids: Iterable[int] | None,
-                           ok: np.ndarray) -> None:
-    """Search the chunks for the first usable row with NaN/Inf and raise the StoreError naming it."""
+def raise_if_not_finite(mom: Moments, store: Store, chunk_rows: int | None = None,
+                        chunk_ids: Iterable[int] | None = None, ok: np.ndarray | None = None) -> None:
+    """When the sums are not finite: search the chunks (``chunk_ids``, else all) for the first usable row
+    with NaN/Inf and raise the StoreError naming it (a generic one when the bad row is in another
+    process's share)."""
+    if mom.finite():
+        return
+    ok = row_mask(store) if ok is None else ok
     for chunk in iter_feature_chunks(store, chunk_rows, desc="locating NaN/Inf", chunk_ids=chunk_ids, ok=ok):
         if chunk.ok.any():
             check_finite(store, chunk, torch.from_numpy(np.ascontiguousarray(chunk.x[chunk.ok])))
-    raise StoreError(f"cache {store.path}: the feature moments are not finite; the cache is damaged: rebuild it")
+    raise StoreError(f"cache {store.path}: the feature moments are not finite (NaN/Inf in the features); "
+                     f"the cache is damaged: run `tcskd cache verify`")
