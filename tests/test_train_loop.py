@@ -76,6 +76,25 @@ def test_resume_is_bit_identical(data, tmp_path):
         train(_cfg(cache, tmp_path / "part", resume=True, **dict(opts, seed=4)))
 
 
+def test_resume_warns_when_the_augmentation_generator_changed(data, tmp_path, caplog):
+    root, npz = data
+    cache = make_store(root, npz, views=1, name="augrng")
+    opts = dict(augment="crop-flip", seed=1)
+    train(_cfg(cache, tmp_path / "run", stop_after=1, **opts))
+    ck = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)
+    assert ck["meta"]["augment_rng"] == "splitmix64-v1"
+    with caplog.at_level("WARNING", logger="tcskd.train.loop"):
+        train(_cfg(cache, tmp_path / "run", stop_after=2, resume=True, **opts))
+    assert "augmentation generator" not in caplog.text  # the same generator: silent
+    ck = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)
+    del ck["meta"]["augment_rng"]  # as an older tcskd wrote it
+    torch.save(ck, tmp_path / "run" / CHECKPOINT)
+    with caplog.at_level("WARNING", logger="tcskd.train.loop"):
+        train(_cfg(cache, tmp_path / "run", resume=True, **opts))
+    assert "another augmentation generator (numpy-per-row, now splitmix64-v1)" in caplog.text
+    assert (tmp_path / "run" / "final.json").is_file()  # it went on to the end
+
+
 def test_training_never_imports_the_teacher(data, tmp_path):
     root, npz = data
     cache = make_store(root, npz, identity=False, name="noteacher")

@@ -49,7 +49,7 @@ from tcskd.train.head import TCSHead
 from tcskd.train.losses import MIMICS, elsh_params, tcs_loss
 from tcskd.train.selection import SELECT_BY, SelectionSchedule, apply_selection
 from tcskd.train.students import Student, StudentError, build_student, count_parameters
-from tcskd.train.targets import (METHODS, TARGET_NORMS, EpochSampler, TorchProjection, ViewImages,
+from tcskd.train.targets import (AUGMENT_RNG, METHODS, TARGET_NORMS, EpochSampler, TorchProjection, ViewImages,
                                  check_complete, labelled_subset, load_targets, match_rows, resolve_augment,
                                  resolve_basis, target_scale)
 
@@ -726,7 +726,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     meta = {"student": cfg.student, "feature_dim": student.feature_dim, "in_channels": prep.channels,
             "num_classes": prep.num_classes, "image_size": prep.image_size, "k": prep.k,
             "cache_key": prep.cache_key, "basis": prep.basis_name, "basis_kind": prep.basis_kind,
-            "method": cfg.method, "data": prep.data_spec}
+            "method": cfg.method, "data": prep.data_spec, "augment_rng": AUGMENT_RNG}
     state = LoopState()
     if saved is not None:
         student.load_state_dict(saved["student"])
@@ -735,6 +735,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         set_rng_state(saved["rng"])
         state = LoopState(saved["epoch"], saved["step"], saved["train_seconds"], saved["images"])
         log.info("resuming %s after epoch %d", out, state.epoch)
+        was = (saved.get("meta") or {}).get("augment_rng", "numpy-per-row")
+        if prep.augment != "none" and was != AUGMENT_RNG:
+            log.warning("the checkpoint was written with another augmentation generator (%s, now %s): the run "
+                        "goes on with the current one and will not equal an uninterrupted run", was, AUGMENT_RNG)
     # Metric rows beyond the checkpoint belong to an epoch that must be redone.
     rows = _read_metrics(out / "metrics.jsonl", state.epoch)
     if dist.is_main():

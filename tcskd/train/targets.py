@@ -264,6 +264,9 @@ def resolve_augment(augment: str, data_spec: str, channels: int) -> str:
     return "crop" if ("mnist" in data_spec.lower() or channels == 1) else "crop-flip"
 
 
+AUGMENT_RNG = "splitmix64-v1"
+"""The augmentation generator (:func:`row_uniforms`), recorded in checkpoints: a run resumed under
+another one continues correctly but no longer equals an uninterrupted run."""
 _GOLDEN = 0x9E3779B97F4A7C15
 
 
