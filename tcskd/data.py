@@ -87,13 +87,17 @@ class Source:
             return None
         try:
             arr = np.asarray(self.load_many(np.asarray(rows, np.int64)))
-        except Exception:  # noqa: BLE001 - the one-by-one path reports it, naming the image
-            return None
-        if arr.dtype != np.uint8 or arr.ndim not in (3, 4) or len(arr) != len(rows):
+        except Exception as e:  # noqa: BLE001 - the one-by-one path reports it, naming the image
+            log.debug("%s: no batch of %d images (%s); loading them one by one", self.spec, len(rows), e)
             return None
         if arr.ndim == 3:
             arr = arr[:, :, :, None]
-        if arr.shape[3] not in (1, 3, 4) or arr.shape[1] < 1 or arr.shape[2] < 1:
+        if (arr.dtype != np.uint8 or arr.ndim != 4 or len(arr) != len(rows) or arr.shape[3] not in (1, 3, 4)
+                or arr.shape[1] < 1 or arr.shape[2] < 1):
+            # The array's dtype or shape: true of every batch, so this source stops trying.
+            log.debug("%s holds %s images of shape %s: loading them one by one", self.spec, arr.dtype,
+                      arr.shape[1:])
+            self.load_many = None
             return None
         arr = arr[:, :, :, :3]
         if channels is not None and arr.shape[3] != channels:

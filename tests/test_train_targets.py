@@ -133,6 +133,21 @@ def test_teacher_input_left_to_the_device_is_the_same_view(data):
     assert all(torch.equal(a, b) for a, b in zip(made[:5], left[:5]))
 
 
+def test_float_pixels_fall_back_to_one_by_one_once(tmp_path):
+    from tcskd.train.targets import ViewImages
+
+    x = np.random.default_rng(0).random((12, 10, 10)).astype(np.float32)  # floats in [0, 1]
+    np.savez(tmp_path / "f.npz", x=x, y=np.arange(12) % 3)
+    src = open_source(f"npz:{tmp_path / 'f.npz'}", "train")
+    assert src.load_many is not None
+    ds = ViewImages(src, np.arange(12), 8, 1, augment="crop", seed=0)
+    keys = [(i, 0, 1) for i in (4, 0, 9)]
+    batch = ds.__getitems__(keys)
+    assert src.load_many is None  # decided once for this source: its images are not uint8
+    assert torch.equal(batch[0], torch.stack([ds[k][0] for k in keys]))
+    assert batch[0].shape == (3, 1, 8, 8) and batch[2].tolist() == [1, 0, 0]
+
+
 def test_augmentation_draws_cover_every_offset_and_flip_half_the_images():
     from tcskd.train.targets import augment_batch, row_uniforms
 
