@@ -69,15 +69,17 @@ class Source:
     def __getitem__(self, i: int) -> tuple[int, np.ndarray, int]:
         return int(self.indices[i]), self.load(i), int(self.labels[i])
 
-    def image(self, i: int) -> np.ndarray:
-        """The image of row ``i``, or a DataError naming the sample."""
+    def image(self, i: int, channels: int | None = None) -> np.ndarray:
+        """The image of row ``i`` (C made ``channels`` when given, see :func:`match_channels`), or a
+        DataError naming the sample."""
         try:
             img = self.load(i)
         except DataError:
             raise
         except Exception as e:
             raise DataError(f"unreadable image {self.describe(i)}: {e}") from e
-        return _as_hwc(img, self.describe(i))
+        img = _as_hwc(img, self.describe(i))
+        return img if channels is None else match_channels(img, channels)
 
     def images(self, rows: np.ndarray, channels: int | None = None) -> np.ndarray | None:
         """The uint8 images of ``rows`` as one B x H x W x C array (C made ``channels`` when given: grey
@@ -100,9 +102,15 @@ class Source:
             self.load_many = None
             return None
         arr = arr[:, :, :, :3]
-        if channels is not None and arr.shape[3] != channels:
-            arr = np.repeat(arr[..., :1], 3, axis=3) if channels == 3 else arr[..., :1]
-        return np.ascontiguousarray(arr)
+        return np.ascontiguousarray(arr if channels is None else match_channels(arr, channels))
+
+
+def match_channels(img: np.ndarray, channels: int) -> np.ndarray:
+    """Images (... x C) with C made ``channels``: greyscale repeated to 3, or colour's first channel
+    (a greyscale file in a colour folder, or the reverse)."""
+    if img.shape[-1] == channels:
+        return img
+    return np.repeat(img[..., :1], 3, axis=-1) if channels == 3 else img[..., :1]
 
 
 def _as_hwc(img: np.ndarray, what: str) -> np.ndarray:

@@ -119,9 +119,7 @@ class _TeacherInputs(Dataset):
         idx = int(self.source.indices[row])
         c = self.source.channels
         try:
-            img = self.source.image(row)
-            if img.shape[2] != c:  # a greyscale file in a colour folder, or the reverse
-                img = np.repeat(img[:, :, :1], 3, axis=2) if c == 3 else img[:, :, :1]
+            img = self.source.image(row, c)
             params = view_params(idx, img.shape[0], img.shape[1], self.views, self.seed, self.scale)
             x = teacher_views(img, params, self.size)
             return row, x, int(self.source.labels[row]), torch.from_numpy(params), ""

@@ -316,10 +316,7 @@ def augment_batch(x: torch.Tensor, kind: str, seed: int, epochs: np.ndarray, row
 
 
 def _image(source: Source, row: int, channels: int) -> torch.Tensor:
-    img = source.image(row)
-    if img.shape[2] != channels:  # a greyscale file in a colour folder, or the reverse
-        img = np.repeat(img[:, :, :1], 3, axis=2) if channels == 3 else img[:, :, :1]
-    return to_tensor(img)
+    return to_tensor(source.image(row, channels))
 
 
 def _batch_collate(batch: tuple) -> tuple:
