@@ -367,13 +367,13 @@ def bench_cache_inputs(data: str, image_size: int, rows: int, batch: int, worker
     (on a GPU, in-memory images are resized by the device, inside the cache's forward, not here)."""
     from torch.utils.data import DataLoader
 
-    from tcskd.cache.build import _batches, _collate, _limit, _resize_on_device, _TeacherInputs
+    from tcskd.cache.build import _batches, _collate, _limit, _TeacherInputs
     from tcskd.cache.store import iter_chunks
-    from tcskd.cache.views import DEFAULT_SCALE
+    from tcskd.cache.views import DEFAULT_SCALE, resize_on_device
     from tcskd.data import open_source
 
     source = _limit(open_source(data, "train"), rows)
-    ds = _TeacherInputs(source, 1, image_size, 0, DEFAULT_SCALE, _resize_on_device(device))
+    ds = _TeacherInputs(source, 1, image_size, 0, DEFAULT_SCALE, resize_on_device(device))
     todo = list(iter_chunks(len(source), chunk_rows))
     runs = []
     for _ in range(repeats):

@@ -149,7 +149,7 @@ def test_resize_left_to_the_device_gives_the_same_cache_on_the_cpu(tiny_npz, tin
     ref = build_cache(_cfg(tiny_npz, tiny_teacher, tmp_path / "a", dtype="float32", batch_size=8))
     seen = []
     forward = build._forward
-    monkeypatch.setattr(build, "_resize_on_device", lambda device: True)
+    monkeypatch.setattr(build, "resize_on_device", lambda device: True)
     monkeypatch.setattr(build, "_forward", lambda t, x, d: seen.append(tuple(x.shape[-2:])) or forward(t, x, d))
     deferred = build_cache(_cfg(tiny_npz, tiny_teacher, tmp_path / "b", dtype="float32", batch_size=8))
     assert seen and all(s != (16, 16) for s in seen)  # the images did arrive at their own size

@@ -33,7 +33,8 @@ import tcskd
 from tcskd import dist
 from tcskd.cache.registry import WriterLock, cache_key, cache_root_of
 from tcskd.cache.store import FORMATS, Store, detect_format, is_remote, iter_chunks, open_store
-from tcskd.cache.views import DEFAULT_SCALE, apply_view, center_view, teacher_views, view_params
+from tcskd.cache.views import (DEFAULT_SCALE, apply_view, center_view, resize_on_device, teacher_views,
+                               view_params)
 from tcskd.data import DataError, Source, fingerprint, open_source
 from tcskd.device import autocast, resolve_device
 from tcskd.errors import StoreError, TcskdError
@@ -93,12 +94,6 @@ class CacheResult:
 
 
 # -- the dataset the teacher reads -----------------------------------------
-
-def _resize_on_device(device: torch.device) -> bool:
-    """Whether batches of in-memory images travel at their own size and are cropped and resized by the
-    teacher's device (:func:`_forward`): on a GPU the CPU's per-image resize would feed it too slowly."""
-    return device.type == "cuda"
-
 
 class _TeacherInputs(Dataset):
     """Row -> (row, V x C x S x S uint8 views, label, V x 5 params, error).
@@ -471,7 +466,7 @@ def _fill(store: Store, cfg: CacheConfig, source: Source, teacher, device: torch
         return 0
     teacher.to(device)
     size = teacher.image_size
-    ds = _TeacherInputs(source, cfg.views, size, cfg.seed, tuple(cfg.crop_scale), _resize_on_device(device))
+    ds = _TeacherInputs(source, cfg.views, size, cfg.seed, tuple(cfg.crop_scale), resize_on_device(device))
     batch = cfg.batch_size or (256 if device.type == "cuda" else 32)
     loader = DataLoader(ds, batch_sampler=_batches(todo, batch), num_workers=cfg.workers,
                         collate_fn=_collate, pin_memory=device.type == "cuda",

@@ -109,6 +109,12 @@ def apply_view(img: torch.Tensor, params: np.ndarray | torch.Tensor, size: int) 
     return crop
 
 
+def resize_on_device(device: torch.device) -> bool:
+    """Whether batches of in-memory images travel at their own size and the teacher's device takes their
+    centre view (:func:`center_view`): on a GPU, CPU workers resizing image by image would starve it."""
+    return device.type == "cuda"
+
+
 def center_view(x: torch.Tensor, size: int) -> torch.Tensor:
     """Images (C x H x W or B x C x H x W) at ``size`` px: as they are when already that size, else view 0
     (the centre crop) resized, for batches whose crop and resize were left to the device. On the CPU this

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from tcskd.cache.views import center_view
+from tcskd.cache.views import center_view, resize_on_device
 from tcskd.errors import StoreError, TcskdError
 from tcskd.train.head import TCSHead
 from tcskd.train.losses import MIMICS, elsh_params, tcs_loss
@@ -306,7 +306,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
                  views, cfg.augment)
     teacher_size = int(manifest["image_size"]) if cfg.method == "online" else None
     # Online on a GPU: the teacher's upsampled input is made on the device, not image by image on the CPU.
-    defer = teacher_size is not None and resolve_device(cfg.device).type == "cuda"
+    defer = teacher_size is not None and resize_on_device(resolve_device(cfg.device))
     train_set = ViewImages(train_source, rows, size, channels, params, targets, ce_labels, augment, cfg.seed,
                            teacher_size, defer)
     train_eval_set = ViewImages(train_source, rows, size, channels, params[:, :1] if params is not None else None)
