@@ -251,11 +251,9 @@ def samples_of(x: torch.Tensor, view: str) -> torch.Tensor:
     raise StoreError(f"unknown view '{view}' (choose 0 or all)")
 
 
-def first_sample(store: Store, ok: np.ndarray | None = None) -> np.ndarray:
-    """View 0 of the first usable row: the shift that keeps the sums well conditioned."""
-    ok = row_mask(store) if ok is None else ok
-    if not ok.any():
-        raise StoreError(f"cache {store.path} has no usable rows (row_ok is False everywhere)")
+def first_sample(store: Store, ok: np.ndarray) -> np.ndarray:
+    """View 0 of the first usable row (``ok``, the row mask, has one): the shift that keeps the sums well
+    conditioned."""
     r = int(np.argmax(ok))
     x = np.asarray(store.read_rows("features", r, r + 1)[0, 0], dtype=np.float64)
     if not np.isfinite(x).all():
