@@ -106,7 +106,7 @@ def main(debug: bool, verbose: int, quiet: bool, threads: int | None) -> None:
 @click.option("--format", "fmt", type=click.Choice(["zarr", "hdf5"]), default="zarr", show_default=True)
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--cache-root", type=str, default=None, help="Default: $TCSKD_CACHE, else ./caches.")
-@click.option("--limit", type=int, default=None, help="Only the first N samples of the split.")
+@click.option("--limit", type=int, default=None, help="A seeded (--seed), class-stratified subset of N samples of the split, in source order.")
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
 @click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random views.")
