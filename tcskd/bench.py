@@ -778,7 +778,7 @@ def bench_train(cache: str, methods: tuple[str, ...], student: str, batch: int, 
         run_dir = workdir / f"run-{method}"
         shutil.rmtree(run_dir, ignore_errors=True)
         config = dict(cache=cache, basis="pca", student=student, method=method, dim=dim, batch_size=batch,
-                      epochs=epochs + 2, stop_after=epochs + 1, eval_every=10**6, device=device.type,
+                      epochs=epochs + 2, stop_after=epochs + 1, eval_every=10**6, val_frac=0.0, device=device.type,
                       workers=workers, out=str(run_dir), seed=0)
         spec = {"config": config, "threads": threads}
         _free(device)

@@ -163,9 +163,26 @@ def test_evaluate_teacher(pair):
     res = evaluate_teacher(EvalConfig(cache=str(tmp / "train"), test_cache=str(tmp / "test"), device="cpu",
                                       out=str(out), probe_epochs=30))
     assert res["knn_top1"] == 1.0 and res["linear_top1"] == 1.0
-    assert (res["train_rows"], res["test_rows"], res["k"]) == (200, 70, 20)
+    assert (res["train_rows"], res["val_rows"], res["test_rows"], res["k"]) == (180, 20, 70, 20)
+    assert res["val_knn_top1"] == 1.0 and res["val_linear_top1"] == 1.0
     assert res["teacher"] == "t:a" and res["data"] == "synthetic"
     assert json.loads(out.read_text())["knn_top1"] == 1.0
+
+
+def test_evaluate_teacher_with_a_label_budget_uses_the_runs_rows(pair):
+    from tcskd.splits import Holdout, labelled_mask
+
+    tmp, (tx, ty), (vx, vy) = pair
+    _write_store(tmp / "train", tx, ty)
+    _write_store(tmp / "test", vx, vy, split="test")
+    res = evaluate_teacher(EvalConfig(cache=str(tmp / "train"), test_cache=str(tmp / "test"), device="cpu",
+                                      labels_per_class=3, seed=4, probe_epochs=30))
+    classes = len(np.unique(ty))
+    assert res["train_rows"] == 3 * classes and res["k"] == 3 * classes and res["labels_per_class"] == 3
+    # the same rows a training run with seed 4 is given: the helper that picks them agrees
+    si = np.arange(len(ty))
+    val = Holdout().mask(ty, si)
+    assert int(labelled_mask(ty, si, 3, 4, eligible=~val).sum()) == res["train_rows"]
 
 
 def test_evaluate_teacher_by_key(pair):

@@ -18,7 +18,7 @@ def _run(root: Path, name: str, method: str, seed: int, top1: float, lpc: int | 
          basis_kind: str | None = "pca", dim: int | None = 64, **extra) -> Path:
     d = root / name
     d.mkdir(parents=True)
-    final = {"test_top1": top1, "knn_top1": top1 - 0.05, "train_seconds": 10.0 + seed,
+    final = {"val_top1": top1 + 0.01, "test_top1": top1, "knn_top1": top1 - 0.05, "train_seconds": 10.0 + seed,
              "img_per_s": 1000.0 * (seed + 1), "peak_mem_bytes": (100 + seed) * 1024 * 1024, "method": method,
              "dim": dim, "labels_per_class": lpc, "seed": seed, "student": "resnet8", "basis": "pca",
              "basis_kind": basis_kind, "cache_key": "abcdef0123456789", "lambda": 1.0}
@@ -67,13 +67,15 @@ def test_load_runs_and_table(runs_dir):
     assert [(r[0], r[1]) for r in rows] == [("10", "tcs"), ("all", "ce"), ("all", "tcs")]
     few, ce, tcs = rows
     accs = np.array([90.0, 92.0, 97.0])
-    assert tcs[4] == f"{accs.mean():.2f} ± {accs.std(ddof=1):.2f}"
-    assert tcs[5] == f"{(accs - 5).mean():.2f} ± {(accs - 5).std(ddof=1):.2f}"
-    assert tcs[6] == "2,000 ± 1,000"  # img/s 1000, 2000, 3000
-    assert tcs[7] == "101 ± 1"  # 100, 101, 102 MB
-    assert tcs[8] == "3"
-    assert ce[2] == "-" and ce[3] == "-" and ce[4] == "82.00 ± 2.83" and ce[8] == "2"
-    assert few[4] == "70.00" and few[8] == "1"
+    assert tcs[4] == f"{(accs + 1).mean():.2f} ± {(accs + 1).std(ddof=1):.2f}"  # val
+    assert tcs[5] == f"{accs.mean():.2f} ± {accs.std(ddof=1):.2f}"
+    assert tcs[6] == f"{(accs - 5).mean():.2f} ± {(accs - 5).std(ddof=1):.2f}"
+    assert tcs[7] == "2,000 ± 1,000"  # img/s 1000, 2000, 3000
+    assert tcs[8] == "101 ± 1"  # 100, 101, 102 MB
+    assert tcs[9] == "3"
+    assert ce[2] == "-" and ce[3] == "-" and ce[5] == "82.00 ± 2.83" and ce[9] == "2"
+    assert few[5] == "70.00" and few[9] == "1"
+    assert "settings are chosen" in table and "val top-1 (%)" in table.splitlines()[0]
     assert "student" not in table.splitlines()[0]  # student does not vary: no column
 
 
@@ -86,11 +88,17 @@ def test_varying_student_splits_groups(tmp_path):
 
 def test_teacher_line_and_png(runs_dir, tmp_path):
     runs = load_runs([runs_dir / "tcs-s0", runs_dir / "ce-s0"])
-    teacher = {"knn_top1": 0.951, "linear_top1": 0.9634, "k": 20, "teacher": "builtin:x", "data": "d",
-               "train_rows": 4000, "test_rows": 1000}
+    teacher = [{"knn_top1": 0.951, "linear_top1": 0.9634, "val_knn_top1": 0.96, "val_linear_top1": 0.97,
+                "k": 20, "teacher": "builtin:x", "data": "d", "train_rows": 3600, "test_rows": 1000,
+                "labels_per_class": None}] + [
+        {"knn_top1": acc, "linear_top1": acc + 0.1, "val_knn_top1": acc, "val_linear_top1": acc, "k": 20,
+         "teacher": "builtin:x", "data": "d", "train_rows": 100, "labels_per_class": 10, "seed": s}
+        for s, acc in enumerate((0.5, 0.7))]
     table = markdown_table(runs, teacher)
-    first = table.splitlines()[0]
-    assert first.startswith("**teacher (kNN / linear probe on cached features)**: 95.10 % / 96.34 %")
+    first, second = table.splitlines()[:2]
+    assert first.startswith("**teacher, 10 labels/class**") and "n=2" in first
+    assert "kNN val 60.00 ± 14.14 / test 60.00 ± 14.14; linear probe val 60.00 ± 14.14 / test 70.00 ± 14.14" in first
+    assert second.startswith("**teacher, all labels/class**") and "linear probe val 97.00 / test 96.34" in second
     png = plot_runs(runs, tmp_path / "out" / "chart.png", teacher)
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
@@ -126,7 +134,7 @@ def test_report_command_glob_and_png(runs_dir, tmp_path):
     png = tmp_path / "c.png"
     r = CliRunner().invoke(report_cmd, [str(runs_dir / "tcs-s*"), "--png", str(png)])
     assert r.exit_code == 0, r.output
-    assert len(_rows(r.stdout)) == 1 and _rows(r.stdout)[0][8] == "3"
+    assert len(_rows(r.stdout)) == 1 and _rows(r.stdout)[0][9] == "3"
     assert png.stat().st_size > 0
     # A directory of run directories stands for its runs.
     r = CliRunner().invoke(report_cmd, [str(runs_dir), "--png", str(png)])

@@ -11,7 +11,7 @@ from tcskd.data import open_source
 from tcskd.errors import StoreError
 from tcskd.subspace.basis import load_basis
 from tcskd.train.loop import TrainConfig, prepare, resolve_config, train
-from tcskd.train.targets import (EpochSampler, labelled_subset, load_targets, match_rows, resolve_basis,
+from tcskd.train.targets import (EpochSampler, load_targets, match_rows, resolve_basis,
                                  target_scale)
 
 
@@ -22,19 +22,6 @@ def data(tmp_path_factory):
     return root, npz
 
 
-def test_labelled_subset_is_seeded_with_n_per_class():
-    labels = np.repeat(np.arange(5), 20)
-    np.random.default_rng(0).shuffle(labels)
-    labels[:3] = -1
-    a = labelled_subset(labels, 4, seed=1)
-    assert a.sum() == 20
-    assert all(a[labels == c].sum() == 4 for c in range(5))
-    assert not a[labels < 0].any()
-    assert np.array_equal(a, labelled_subset(labels, 4, seed=1))
-    assert not np.array_equal(a, labelled_subset(labels, 4, seed=2))
-    assert np.array_equal(labelled_subset(labels, None, seed=0), labels >= 0)
-
-
 def test_few_labels_in_training_config(data):
     root, npz = data
     cache = make_store(root, npz, name="few")
@@ -42,8 +29,18 @@ def test_few_labels_in_training_config(data):
     ce = prep.train_set.ce_labels
     assert (ce >= 0).sum() == 3 * 4 and prep.n_labelled == 12
     assert all((ce == c).sum() == 3 for c in range(4))
-    # the mimic term sees every image: every row has its target
-    assert prep.train_set.targets.shape[0] == 48
+    # the mimic term sees every training image; the validation rows (1 of each class's 12) are held out
+    train_ids, val_ids = set(prep.split["train"]), set(prep.split["val"])
+    assert len(val_ids) == 4 and not train_ids & val_ids and len(train_ids | val_ids) == 48
+    assert prep.train_set.targets.shape[0] == len(prep.train_set) == 44
+    assert set(prep.split["labelled"]) <= train_ids and len(prep.split["labelled"]) == 12
+    assert len(prep.val_set) == 4 and (prep.val_set.ce_labels >= 0).all()
+    # kNN references: exactly the labelled rows
+    assert len(prep.knn_set) == 12 and sorted(prep.knn_set.rows.tolist()) == sorted(
+        np.flatnonzero(np.isin(prep.train_set.source.indices, prep.split["labelled"])).tolist())
+    # the validation rows do not depend on the run's seed
+    other = prepare(resolve_config(TrainConfig(cache=str(cache), labels_per_class=3, seed=6)))
+    assert other.split["val"] == prep.split["val"] and other.split["labelled"] != prep.split["labelled"]
 
 
 def test_targets_from_coords_match_projected_features(data):
@@ -70,11 +67,12 @@ def test_multi_view_replay_uses_the_stored_crop(data):
     src = open_source(f"npz:{npz}", "train")
     for i, v in ((0, 1), (7, 2), (11, 0)):
         x, target, label, item, view, _ = ds[(i, v, 4)]
-        img = src.image(i)
-        want = apply_view(to_tensor(img), params[i, v], ds.size)
+        row = int(ds.rows[i])  # the training rows skip the validation rows; store row = source row here
+        img = src.image(row)
+        want = apply_view(to_tensor(img), params[row, v], ds.size)
         assert torch.equal(x, want)
         assert torch.equal(target, torch.from_numpy(ds.targets[i, v]))
-        assert (item, view, label) == (i, v, int(src.labels[i]))
+        assert (item, view, label) == (i, v, int(src.labels[row]))
     # each epoch picks one view per image, seeded by (seed, epoch)
     a = list(EpochSampler(48, 3, seed=0, epoch=2))
     assert a == list(EpochSampler(48, 3, seed=0, epoch=2))
@@ -106,7 +104,7 @@ def test_a_batch_equals_its_images_one_by_one(data, views, augment):
                       ds.ce_labels, ds.augment, ds.seed, teacher_size=24)
     fast = ViewImages(ds.source, ds.rows, ds.size, ds.channels, ds.params, ds.targets, ds.ce_labels,
                       ds.augment, ds.seed, teacher_size=24)
-    keys = list(EpochSampler(48, views, seed=1, epoch=5))[:20]
+    keys = list(EpochSampler(len(ds), views, seed=1, epoch=5))[:20]
     a, b = fast.__getitems__(keys), slow.__getitems__(keys)
     for got, want in zip(a, b):
         assert got.shape == want.shape and torch.equal(got, want)
@@ -125,7 +123,7 @@ def test_teacher_input_left_to_the_device_is_the_same_view(data):
     cache = make_store(root, npz, name="defer")
     ds = prepare(resolve_config(TrainConfig(cache=str(cache), augment="crop", seed=2))).train_set
     args = (ds.source, ds.rows, ds.size, ds.channels, ds.params, ds.targets, ds.ce_labels, ds.augment, ds.seed, 40)
-    keys = list(EpochSampler(48, 1, seed=1, epoch=0))[:16]
+    keys = list(EpochSampler(len(ds), 1, seed=1, epoch=0))[:16]
     made = ViewImages(*args).__getitems__(keys)
     left = ViewImages(*args, defer_teacher_resize=True).__getitems__(keys)
     assert made[5].shape[-1] == 40 and left[5].shape[-1] != 40  # really left at the images' size
@@ -233,4 +231,17 @@ def test_target_scale(data):
     assert target_scale(basis, t, "none") == 1.0
     assert target_scale(raw, t, "global") == pytest.approx(float(np.sqrt(np.mean(t.astype(np.float64) ** 2))))
     prep = prepare(resolve_config(TrainConfig(cache=str(cache), dim=4)))
-    assert np.allclose(prep.train_set.targets, t / scale, atol=1e-6)
+    assert np.allclose(prep.train_set.targets, t[prep.train_set.rows] / scale, atol=1e-6)
+
+
+def test_tcs_without_dim_takes_the_default_k_not_every_coordinate(data, monkeypatch):
+    import tcskd.train.targets as targets
+
+    root, npz = data
+    cache = make_store(root, npz, name="defaultk", k=8)
+    with open_store(cache) as s:
+        monkeypatch.setattr(targets, "DEFAULT_DIM", 5)
+        assert resolve_basis(s, "tcs", "pca", None).k == 5  # not all 8: tcs is not FitNet in a rotated basis
+        assert resolve_basis(s, "tcs", "pca", 7).k == 7
+        monkeypatch.setattr(targets, "DEFAULT_DIM", 64)
+        assert resolve_basis(s, "tcs", "pca", None).k == 8  # a basis with fewer components: all of them

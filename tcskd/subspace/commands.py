@@ -29,13 +29,21 @@ from tcskd.subspace.fit import KINDS, METHODS, BasisConfig, fit_basis
 @click.option("--cache-root", type=str, default=None,
               help="Default: $TCSKD_CACHE, else ./caches.")
 @click.option("--chunk-rows", type=int, default=None, help="Rows per read (default: the cache's chunk size).")
+@click.option("--exclude-val", is_flag=True,
+              help="Leave the training runs' validation rows (--val-frac / --val-per-class / --val-seed) out.")
+@click.option("--val-frac", type=float, default=0.1, show_default=True,
+              help="With --exclude-val: share of each class held out, as in tcskd train.")
+@click.option("--val-per-class", type=int, default=None, help="With --exclude-val: rows per class held out.")
+@click.option("--val-seed", type=int, default=0, show_default=True, help="With --exclude-val: holdout seed.")
 def basis(cache_ref: str, name: str | None, kind: str, dim: int | None, energy: float | None, whiten: bool,
           fit_on: str | None, view: str, coords: bool, method: str, seed: int, device: str,
-          cache_root: str | None, chunk_rows: int | None) -> None:
+          cache_root: str | None, chunk_rows: int | None, exclude_val: bool, val_frac: float,
+          val_per_class: int | None, val_seed: int) -> None:
     """Fit a coordinate system (PCA basis) on a cache's features and store it in the cache."""
     cfg = BasisConfig(cache=cache_ref, name=name, kind=kind, dim=dim, energy=energy, whiten=whiten,
                       fit_on=fit_on, view=view, coords=coords, device=device, cache_root=cache_root,
-                      method=method, seed=seed, chunk_rows=chunk_rows)
+                      method=method, seed=seed, chunk_rows=chunk_rows, exclude_val=exclude_val,
+                      val_frac=val_frac, val_per_class=val_per_class, val_seed=val_seed)
     s = fit_basis(cfg)
     top = ", ".join(f"{v:.4g}" for v in s["top_eigenvalues"][:5])
     click.echo(f"basis '{s['name']}' ({s['kind']}) in {s['cache']}")

@@ -46,6 +46,7 @@ from tcskd.cache.registry import WriterLock, resolve_cache
 from tcskd.cache.store import Store, is_remote, open_store
 from tcskd.device import resolve_device
 from tcskd.errors import StoreError, TcskdError
+from tcskd.splits import Holdout
 from tcskd.subspace.basis import WHITEN_EPS
 from tcskd.subspace.moments import (VIEWS, Moments, check_finite, iter_feature_chunks, raise_if_not_finite,
                                     read_chunk_rows, row_mask, stream_moments)
@@ -109,6 +110,23 @@ class BasisConfig:
     chunk_rows: int | None = None
     """Rows per read (default: the cache's chunk size). The result does not depend on it."""
 
+    exclude_val: bool = False
+    """Leave the validation rows of the training runs (the seeded, stratified holdout of
+    ``tcskd.splits``, chosen by ``val_frac`` / ``val_per_class`` / ``val_seed``) out of the fit."""
+
+    val_frac: float = 0.1
+    """With ``exclude_val``: the share of each class held out (as ``tcskd train --val-frac``)."""
+
+    val_per_class: int | None = None
+    """With ``exclude_val``: rows per class held out instead of a share (as ``tcskd train --val-per-class``)."""
+
+    val_seed: int = 0
+    """With ``exclude_val``: the seed of the holdout (as ``tcskd train --val-seed``)."""
+
+    def holdout(self) -> Holdout | None:
+        """The validation rule left out of the fit, or None."""
+        return Holdout(self.val_frac, self.val_per_class, self.val_seed) if self.exclude_val else None
+
     def validate(self) -> None:
         """TcskdError (one line) for an inconsistent configuration."""
         if self.kind not in KINDS:
@@ -125,6 +143,7 @@ class BasisConfig:
             raise TcskdError(f"--energy must be in (0, 1], got {self.energy}")
         if self.kind == "identity" and self.energy is not None:
             raise TcskdError("an identity basis keeps every dimension (K = D): drop --energy")
+        self.holdout()  # checks the validation options
         if self.chunk_rows is not None and self.chunk_rows < 1:
             raise TcskdError(f"--chunk-rows must be at least 1, got {self.chunk_rows}")
         if self.name is not None and (not _NAME_RE.match(self.name) or len(self.name) > 100):
@@ -196,6 +215,9 @@ def fit_basis(cfg: BasisConfig) -> dict[str, Any]:
                 name = cfg.resolved_name(None if same else fit_key)
                 _remove_leftovers(store)
                 ok = row_mask(src)
+                holdout = cfg.holdout()
+                if holdout is not None:
+                    ok &= ~holdout_rows(src, ok, holdout)
                 rows_used = int(ok.sum())
                 log.info("fitting %s basis '%s' on %d rows (view %s) of %s on %s", cfg.kind, name,
                          rows_used, cfg.view, fit_dir, device)
@@ -210,6 +232,7 @@ def fit_basis(cfg: BasisConfig) -> dict[str, Any]:
                 "samples": fitted.samples, "total_variance": fitted.total_variance,
                 "method": cfg.method if cfg.kind == "pca" else None,
                 "seed": cfg.seed if cfg.kind == "random" else None,
+                "holdout": holdout.as_dict() if holdout is not None else None,
                 "dim_requested": cfg.dim, "energy": cfg.energy, "feature_dim": int(fitted.mean.shape[0]),
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "tool_version": tcskd.__version__,
@@ -255,6 +278,16 @@ def _check_ready(store: Store) -> None:
     if "chunk_done" not in store:
         raise StoreError(f"cache {store.path} has no chunk_done array: its creation was cut short; rebuild it")
     require_complete(store, ("features", "row_ok"))
+
+
+def holdout_rows(store: Store, ok: np.ndarray, holdout: Holdout) -> np.ndarray:
+    """The validation rows (``tcskd.splits``) among the usable rows ``ok`` of a cache."""
+    labels = np.asarray(store.read("labels"), np.int64)
+    sample_index = np.asarray(store.read("sample_index"), np.int64)
+    out = np.zeros(len(ok), bool)
+    out[ok] = holdout.mask(labels[ok], sample_index[ok])
+    log.info("leaving out %d validation rows (%s)", int(out.sum()), holdout.as_dict())
+    return out
 
 
 def _remove_leftovers(store: Store) -> None:

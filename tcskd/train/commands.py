@@ -21,7 +21,8 @@ _FIELD = {"lambda_": "lam"}
               help="cnn, resnet8x4, resnet20, resnet32x4, resnet56, wrn-16-2, wrn-40-2, mobilenetv2, "
                    "shufflenetv2, tv:NAME or python:MODULE:FACTORY.")
 @click.option("--method", type=click.Choice(["tcs", "fitnet", "ce", "online"]), default="tcs", show_default=True)
-@click.option("--dim", type=int, default=None, help="K: first K coordinates of the basis (default: all).")
+@click.option("--dim", type=int, default=None,
+              help="K: first K coordinates of the basis (default: 64, or all when the basis has fewer).")
 @click.option("--lambda", "lambda_", type=float, default=10.0, show_default=True,
               help="Weight of the mimic term (10: best of a grid on the built-in default, see README).")
 @click.option("--target-norm", type=click.Choice(["global", "none"]), default="global", show_default=True,
@@ -35,11 +36,21 @@ _FIELD = {"lambda_": "lam"}
 @click.option("--momentum", type=float, default=0.9, show_default=True)
 @click.option("--warmup-epochs", type=float, default=1.0, show_default=True)
 @click.option("--schedule", type=click.Choice(["cosine", "step"]), default="cosine", show_default=True)
-@click.option("--labels-per-class", type=int, default=None, help="CE on n labelled images per class.")
+@click.option("--labels-per-class", type=int, default=None,
+              help="CE (and kNN references) on n labelled training images per class (default: every label).")
+@click.option("--val-frac", type=float, default=0.1, show_default=True,
+              help="Share of each class of the training split held out for validation (0: none).")
+@click.option("--val-per-class", type=int, default=None, help="Hold out n rows per class instead of --val-frac.")
+@click.option("--val-seed", type=int, default=0, show_default=True,
+              help="Seed of the validation split (the same for every --seed).")
 @click.option("--select-every", type=int, default=0, show_default=True, help="Tailoring period in epochs (0: off).")
 @click.option("--drop-frac", type=float, default=0.1, show_default=True)
 @click.option("--min-dim", type=int, default=8, show_default=True)
-@click.option("--select-by", type=click.Choice(["grad", "error"]), default="grad", show_default=True)
+@click.option("--select-by", type=click.Choice(["grad", "taylor", "error", "worst"]), default="grad", show_default=True,
+              help="Tailoring importance: |dL/dgate|, first-order loss change (taylor), or the per-coordinate "
+                   "error dropping the best- (error) or worst-matched (worst) coordinates.")
+@click.option("--classify-from", type=click.Choice(["feature", "coords"]), default="feature", show_default=True,
+              help="The classifier reads the student feature, or the active predicted teacher coordinates.")
 @click.option("--elsh-bits", type=int, default=0, show_default=True, help="Bits of the eLSH term (0: off).")
 @click.option("--elsh-weight", type=float, default=1.0, show_default=True)
 @click.option("--augment", type=click.Choice(["auto", "none", "flip", "crop", "crop-flip"]), default="auto",
@@ -76,8 +87,8 @@ def train(ctx: click.Context, **opts) -> None:
     def pct(v: float | None) -> str:
         return "n/a" if v is None else f"{100 * v:.2f}%"
 
-    click.echo(f"{res['method']} {res['student']} K={res['dim']} seed {res['seed']}: test top-1 "
-               f"{pct(res['test_top1'])}, kNN top-1 {pct(res['knn_top1'])}, {res['train_seconds']:.1f} s "
+    click.echo(f"{res['method']} {res['student']} K={res['dim']} seed {res['seed']}: val top-1 "
+               f"{pct(res['val_top1'])}, test top-1 {pct(res['test_top1'])}, kNN top-1 {pct(res['knn_top1'])}, {res['train_seconds']:.1f} s "
                f"({res['img_per_s'] or 0:.0f} img/s)")
     click.echo(res["run_dir"])
 

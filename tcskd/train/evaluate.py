@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from tcskd.errors import StoreError, TcskdError
+from tcskd.splits import Holdout, labelled_mask
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,16 @@ class EvalConfig:
     probe_epochs: int = 100
     """L-BFGS iterations of the linear probe."""
     seed: int = 0
-    """Seed of the linear probe's initialisation."""
+    """Seed of the labelled subset (``labels_per_class``, as in ``tcskd train --seed``) and of the probe."""
+    labels_per_class: int | None = None
+    """Fit kNN references and probe on n labelled training rows per class (the rows ``tcskd train`` with
+    the same seed and validation options labels); None = every training row."""
+    val_frac: float = 0.1
+    """Validation share of each class of the train cache, held out as in ``tcskd train`` (0 = none)."""
+    val_per_class: int | None = None
+    """Validation rows per class instead of ``val_frac``."""
+    val_seed: int = 0
+    """Seed of the validation split (as ``tcskd train --val-seed``)."""
     device: str = "auto"
     """auto | cpu | cuda."""
     cache_root: str | None = None
@@ -225,8 +235,8 @@ def _check_complete(store: Any, what: str) -> None:
     require_complete(store)  # edited manifest, wrong shapes, lost chunks: refused before anything is read
 
 
-def read_view0(store: Any, desc: str = "features") -> tuple[np.ndarray, np.ndarray]:
-    """(features of view 0 as float32 N' x D, labels N') of the rows with ``row_ok``.
+def read_view0(store: Any, desc: str = "features") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features of view 0 as float32 N' x D, labels N', sample_index N') of the rows with ``row_ok``.
 
     Reads the store chunk by chunk (its ``chunk_rows``), so memory holds only
     the result and one chunk.
@@ -259,7 +269,7 @@ def read_view0(store: Any, desc: str = "features") -> tuple[np.ndarray, np.ndarr
                              f"the cache is damaged: rebuild it")
         out[pos:pos + len(block)] = block
         pos += len(block)
-    return out, labels[keep]
+    return out, labels[keep], np.asarray(store.read("sample_index"), np.int64)[keep]
 
 
 def evaluate_teacher(cfg: EvalConfig) -> dict[str, Any]:
@@ -293,8 +303,14 @@ def evaluate_teacher(cfg: EvalConfig) -> dict[str, Any]:
         if mtr.get("data_spec") != mte.get("data_spec"):
             log.warning("train and test caches hold different datasets: %s vs %s",
                         mtr.get("data_spec"), mte.get("data_spec"))
-        train_x, train_y = read_view0(tr, "train features")
-        test_x, test_y = read_view0(te, "test features")
+        train_x, train_y, train_si = read_view0(tr, "train features")
+        test_x, test_y, _ = read_view0(te, "test features")
+    # The rows a training run with the same options holds out and labels (tcskd.splits).
+    holdout = Holdout(cfg.val_frac, cfg.val_per_class, cfg.val_seed)
+    val = holdout.mask(train_y, train_si)
+    labelled = labelled_mask(train_y, train_si, cfg.labels_per_class, cfg.seed, eligible=~val)
+    val_x, val_y = train_x[val], train_y[val]
+    train_x, train_y = train_x[labelled], train_y[labelled]
     n_train, n_test = int((train_y >= 0).sum()), int((test_y >= 0).sum())
     if n_train == 0:
         raise StoreError(f"train cache {train_path} has no labelled rows to evaluate with")
@@ -302,16 +318,24 @@ def evaluate_teacher(cfg: EvalConfig) -> dict[str, Any]:
         raise StoreError(f"test cache {test_path} has no labelled rows to evaluate on")
     log.info("evaluating teacher %s: %d train / %d test rows, dim %d", mtr.get("teacher_spec"),
              n_train, n_test, dtr)
-    knn = knn_top1(train_x, train_y, test_x, test_y, k=cfg.k, temperature=cfg.temperature, device=dev)
-    linear = (linear_probe_top1(train_x, train_y, test_x, test_y, epochs=cfg.probe_epochs, device=dev,
-                                seed=cfg.seed) if cfg.linear else None)
-    result: dict[str, Any] = {
-        "knn_top1": knn, "linear_top1": linear, "k": min(cfg.k, n_train), "train_rows": n_train,
+    result: dict[str, Any] = {}
+    for name, (qx, qy) in (("val", (val_x, val_y)), ("test", (test_x, test_y))):
+        prefix = "" if name == "test" else "val_"
+        if not (qy >= 0).any():
+            result[f"{prefix}knn_top1"] = result[f"{prefix}linear_top1"] = None
+            continue
+        result[f"{prefix}knn_top1"] = knn_top1(train_x, train_y, qx, qy, k=cfg.k, temperature=cfg.temperature,
+                                               device=dev)
+        result[f"{prefix}linear_top1"] = (linear_probe_top1(train_x, train_y, qx, qy, epochs=cfg.probe_epochs,
+                                                            device=dev, seed=cfg.seed) if cfg.linear else None)
+    result.update({
+        "k": min(cfg.k, n_train), "train_rows": n_train, "val_rows": int(val.sum()),
+        "labels_per_class": cfg.labels_per_class, "seed": cfg.seed, "holdout": holdout.as_dict(),
         "test_rows": n_test, "teacher": mtr.get("teacher_spec"), "data": mtr.get("data_spec"),
         "test_data": mte.get("data_spec"), "dim": int(dtr), "temperature": cfg.temperature,
         "train_cache": str(train_path), "test_cache": str(test_path),
         "seconds": round(time.perf_counter() - t0, 3), "config": asdict(cfg),
-    }
+    })
     if cfg.out:
         out = Path(cfg.out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,10 @@
 """Export a trained run as a plain student: images in [0, 1] -> logits.
 
-The TCS head is a training-time device: the classifier reads the student's
-feature ``f`` directly, so the projector, the mask and the gate (which only
-shape the training signal) are dropped, and what is left is
+The TCS head is a training-time device. When the classifier reads the
+student's feature ``f`` directly, the projector, the mask and the gate (which
+only shape the training signal) are dropped; when it reads the predicted
+coordinates, classifier, mask, gate and projector are linear and merge into
+one linear layer (TCSHead.inference_classifier). Either way what is left is
 ``classifier(student(x))``: the student's own cost, nothing added.
 
 Format: a ``torch.export`` program (``.pt2``; TorchScript is deprecated) of
@@ -52,7 +54,7 @@ def load_run(run_dir: Path | str) -> tuple[Student, TCSHead, dict[str, Any]]:
     ck = load_checkpoint(path)
     meta = ck["meta"]
     student = make_student(meta["student"], meta["num_classes"], meta["in_channels"])
-    head = TCSHead(student.feature_dim, meta["num_classes"], meta["k"])
+    head = TCSHead(student.feature_dim, meta["num_classes"], meta["k"], meta.get("classify_from", "feature"))
     student.load_state_dict(ck["student"])
     head.load_state_dict(ck["head"])
     student.eval()
@@ -68,7 +70,7 @@ def export_run(run_dir: Path | str, out_file: Path | str) -> Path:
     if meta["epoch"] < meta["epochs"]:
         log.warning("%s stopped after epoch %d of %d: exporting the unfinished model",
                     run_dir, meta["epoch"], meta["epochs"])
-    model = ExportedStudent(student, head.classifier).eval()
+    model = ExportedStudent(student, head.inference_classifier()).eval()
     size, ch = int(meta["image_size"]), int(meta["in_channels"])
     example = torch.rand(2, ch, size, size, generator=torch.Generator().manual_seed(0))
     batch = torch.export.Dim("batch", min=1, max=1 << 20)

@@ -45,12 +45,13 @@ from torch.utils.data import DataLoader
 
 from tcskd.cache.views import center_view, resize_on_device
 from tcskd.errors import StoreError, TcskdError
-from tcskd.train.head import TCSHead
-from tcskd.train.losses import MIMICS, elsh_params, tcs_loss
-from tcskd.train.selection import SELECT_BY, SelectionSchedule, apply_selection
+from tcskd.splits import Holdout, labelled_mask
+from tcskd.train.head import CLASSIFY_FROM, TCSHead
+from tcskd.train.losses import MIMICS, elsh_bias, elsh_params, elsh_sample, tcs_loss
+from tcskd.train.selection import SELECT_BY, SelectionSchedule, apply_selection, step_importance
 from tcskd.train.students import Student, StudentError, build_student, count_parameters
 from tcskd.train.targets import (AUGMENT_RNG, METHODS, TARGET_NORMS, EpochSampler, TorchProjection, ViewImages,
-                                 check_complete, labelled_subset, load_targets, match_rows, resolve_augment,
+                                 RAW, check_complete, load_targets, match_rows, resolve_augment,
                                  resolve_basis, target_scale)
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,8 @@ class TrainConfig:
     method: str = "tcs"
     """tcs (basis coordinates), fitnet (identity basis / raw features), ce (no distillation), online (live teacher)."""
     dim: int | None = None
-    """K: the first K coordinates of the basis; None = all of them."""
+    """K: the first K coordinates of the basis; None = min(DEFAULT_DIM, the basis's K) (tcskd.train.targets,
+    chosen on validation). fitnet always uses every dimension."""
     lam: float = 10.0
     """lambda: weight of the mimic term (forced to 0 for ce); 10 was best of a grid on the built-in default."""
     target_norm: str = "global"
@@ -103,7 +105,15 @@ class TrainConfig:
     schedule: str = "cosine"
     """cosine (to 0) or step (x0.1 at 50% and 75% of the steps)."""
     labels_per_class: int | None = None
-    """CE on this many labelled images per class (seeded); None = every label. The mimic term uses every image."""
+    """CE on this many labelled images per class (seeded by ``seed``, drawn from the training rows); None =
+    every label. The mimic term uses every training image; the kNN references are the labelled rows."""
+    val_frac: float = 0.1
+    """Share of each class of the training split held out for validation (seeded by ``val_seed``,
+    stratified): used for ``val_top1`` only, never for CE, the mimic term or kNN references. 0 = none."""
+    val_per_class: int | None = None
+    """Hold out this many rows of each class instead of ``val_frac``."""
+    val_seed: int = 0
+    """Seed of the validation split; the same for every run seed, so seeds are compared on the same rows."""
     select_every: int = 0
     """Tailoring: drop coordinates after every this-many epochs; 0 = off."""
     drop_frac: float = 0.1
@@ -111,7 +121,13 @@ class TrainConfig:
     min_dim: int = 8
     """Tailoring never goes below this many active coordinates."""
     select_by: str = "grad"
-    """Importance for tailoring: grad (accumulated |dL/dgate|) or error (accumulated squared error)."""
+    """Importance for tailoring (tcskd.train.selection): grad (accumulated |dL/dgate|), taylor (first-order loss
+    change when a coordinate is switched off), error (drops the best-matched coordinates) or worst (drops the
+    worst-matched ones)."""
+    classify_from: str = "feature"
+    """What the classifier reads: feature (the student's feature f) or coords (the predicted, active teacher
+    coordinates m * c_hat, so CE also shapes the coordinates and the tailoring criteria see the task; merged
+    into one linear layer at export)."""
     elsh_bits: int = 0
     """Bits of the eLSH term; 0 = off."""
     elsh_weight: float = 1.0
@@ -136,7 +152,8 @@ class TrainConfig:
     cache_root: str | None = None
     """Where cache keys are looked up (default: $TCSKD_CACHE, else ./caches)."""
     eval_every: int = 1
-    """Evaluate test top-1 after every this-many epochs (and always after the last)."""
+    """Evaluate validation top-1 after every this-many epochs (and always after the last); the test split
+    is evaluated once, after training."""
     stop_after: int | None = None
     """Stop (as if interrupted) after this many epochs, leaving a resumable run; for tests and time-boxed jobs."""
     sync_bn: bool = False
@@ -158,7 +175,9 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     if cfg.target_norm not in TARGET_NORMS:
         raise TcskdError(f"unknown --target-norm '{cfg.target_norm}' (choose {', '.join(TARGET_NORMS)})")
     if cfg.select_by not in SELECT_BY:
-        raise TcskdError(f"unknown --select-by '{cfg.select_by}' (choose grad or error)")
+        raise TcskdError(f"unknown --select-by '{cfg.select_by}' (choose {', '.join(SELECT_BY)})")
+    if cfg.classify_from not in CLASSIFY_FROM:
+        raise TcskdError(f"unknown --classify-from '{cfg.classify_from}' (choose {', '.join(CLASSIFY_FROM)})")
     for name, value, low in (("epochs", cfg.epochs, 1), ("batch-size", cfg.batch_size, 1),
                              ("select-every", cfg.select_every, 0), ("min-dim", cfg.min_dim, 1),
                              ("elsh-bits", cfg.elsh_bits, 0), ("eval-every", cfg.eval_every, 1)):
@@ -173,6 +192,7 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
             raise TcskdError(f"--{name} must be a finite number {'>' if strict else '>='} 0 (got {value})")
     if not 0.0 <= cfg.momentum < 1.0:
         raise TcskdError(f"--momentum must be in [0, 1) (got {cfg.momentum})")
+    Holdout(cfg.val_frac, cfg.val_per_class, cfg.val_seed)  # checks the validation options
     if not 0.0 <= cfg.drop_frac < 1.0:
         raise TcskdError(f"--drop-frac must be in [0, 1) (got {cfg.drop_frac})")
     if cfg.cache is None and not (cfg.method == "ce" and cfg.data):
@@ -220,8 +240,9 @@ class Prepared:
     """Everything the loop needs that comes from the dataset and the cache."""
 
     train_set: ViewImages
+    val_set: ViewImages | None
     test_set: ViewImages | None
-    train_eval_set: ViewImages
+    knn_set: ViewImages
     views: int
     num_classes: int
     channels: int
@@ -240,7 +261,10 @@ class Prepared:
     teacher_size: int | None
     n_labelled: int
     setup_seconds: float
+    split: dict[str, Any]
+    basis_excludes_val: bool
     teacher_identity: dict[str, Any] | None = None
+    elsh_rows: torch.Tensor | None = None
 
 
 def prepare(cfg: TrainConfig) -> Prepared:
@@ -279,16 +303,23 @@ def prepare(cfg: TrainConfig) -> Prepared:
                 log.warning("the dataset's files differ from those the cache was built from")
         else:
             rows, store_rows, views, params = np.arange(len(train_source)), None, 1, None
+        # The validation rows are chosen before anything is read for training: no target of theirs is loaded.
+        labels = train_source.labels[rows]
+        sample_index = np.asarray(train_source.indices, np.int64)[rows]
+        holdout = Holdout(cfg.val_frac, cfg.val_per_class, cfg.val_seed)
+        val = holdout.mask(labels, sample_index)
+        fit_rows = ~val
         basis = resolve_basis(store, cfg.method, cfg.basis, cfg.dim) if store is not None else None
         targets = None
-        elsh = None
+        elsh = elsh_rows = None
         if basis is not None and (cfg.method != "online" or cfg.elsh_bits):
-            targets = load_targets(store, store_rows, basis)
+            targets = load_targets(store, store_rows[fit_rows], basis)
         scale = target_scale(basis, targets, cfg.target_norm) if basis is not None else None
         if targets is not None:
             targets /= np.float32(scale)
             if cfg.elsh_bits:
                 elsh = elsh_params(targets, cfg.elsh_bits, cfg.seed)
+                elsh_rows = elsh_sample(targets, cfg.seed)  # the bias is fitted again when the mask changes
             if cfg.method == "online":
                 targets = None  # only needed for the eLSH bias; the teacher computes them live
     finally:
@@ -296,9 +327,13 @@ def prepare(cfg: TrainConfig) -> Prepared:
             store.close()
 
     channels = train_source.channels
-    labels = train_source.labels[rows]
-    ce_mask = labelled_subset(labels, cfg.labels_per_class, cfg.seed)
-    ce_labels = np.where(ce_mask, labels, -1).astype(np.int64)
+    if holdout.empty:
+        log.warning("no validation rows (--val-frac 0): choose settings on a held-out split, not on test")
+    labelled = labelled_mask(labels, sample_index, cfg.labels_per_class, cfg.seed, eligible=fit_rows)
+    basis_holdout = basis.attrs.get("holdout") if basis is not None else None
+    if basis is not None and basis.name != RAW and val.any() and basis_holdout != holdout.as_dict():
+        log.warning("basis '%s' was fitted on rows this run holds out for validation (fit it with "
+                    "`tcskd basis --exclude-val` and the same --val-* options)", basis.name)
     size = cfg.image_size or min(train_source.image(int(rows[0])).shape[:2])
     augment = resolve_augment(cfg.augment, data_spec, channels) if views == 1 else "none"
     if views > 1 and cfg.augment not in ("auto", "none"):
@@ -307,23 +342,37 @@ def prepare(cfg: TrainConfig) -> Prepared:
     teacher_size = int(manifest["image_size"]) if cfg.method == "online" else None
     # Online on a GPU: the teacher's upsampled input is made on the device, not image by image on the CPU.
     defer = teacher_size is not None and resize_on_device(resolve_device(cfg.device))
-    train_set = ViewImages(train_source, rows, size, channels, params, targets, ce_labels, augment, cfg.seed,
-                           teacher_size, defer)
-    train_eval_set = ViewImages(train_source, rows, size, channels, params[:, :1] if params is not None else None)
+    view0 = params[:, :1] if params is not None else None
+
+    def part(mask: np.ndarray, **kw: Any) -> ViewImages:
+        p = kw.pop("params", view0)
+        return ViewImages(train_source, rows[mask], size, channels, p[mask] if p is not None else None, **kw)
+
+    ce_labels = np.where(labelled, labels, -1).astype(np.int64)
+    train_set = part(fit_rows, params=params, targets=targets, ce_labels=ce_labels[fit_rows], augment=augment,
+                     seed=cfg.seed, teacher_size=teacher_size, defer_teacher_resize=defer)
+    knn_set = part(labelled)  # the kNN references: only the labels the run was given
+    val_set = part(val) if val.any() else None
     test_set = None
     if train_split == "train" and has_split(data_spec, "test"):
         test_source = open_source(data_spec, "test")
         test_set = ViewImages(test_source, np.arange(len(test_source)), size, channels)
+    split = {"train": sample_index[fit_rows].tolist(), "val": sample_index[val].tolist(),
+             "labelled": sample_index[labelled].tolist(), "holdout": holdout.as_dict(),
+             "labels_per_class": cfg.labels_per_class, "seed": cfg.seed,
+             "source_split": train_split, "data": data_spec, "cache_key": manifest.get("key")}
     return Prepared(
-        train_set=train_set, test_set=test_set, train_eval_set=train_eval_set, views=views,
+        train_set=train_set, val_set=val_set, test_set=test_set, knn_set=knn_set, views=views,
         num_classes=int(train_source.num_classes), channels=channels, image_size=int(size), augment=augment,
         k=basis.k if basis is not None else None,
         basis_name=basis.name if basis is not None else None,
         basis_kind=basis.kind if basis is not None else None, basis=basis, target_scale=scale, elsh=elsh,
+        elsh_rows=elsh_rows,
         data_spec=data_spec,
         cache_path=str(cache_path) if cache_path else None, cache_key=manifest.get("key"),
-        teacher_spec=manifest.get("teacher_spec"), teacher_size=teacher_size, n_labelled=int(ce_mask.sum()),
-        teacher_identity=(manifest.get("identity") or {}).get("teacher"),
+        teacher_spec=manifest.get("teacher_spec"), teacher_size=teacher_size, n_labelled=int(labelled.sum()),
+        teacher_identity=(manifest.get("identity") or {}).get("teacher"), split=split,
+        basis_excludes_val=bool(val.any()) and basis is not None and basis_holdout == holdout.as_dict(),
         setup_seconds=time.perf_counter() - t0)
 
 
@@ -390,6 +439,28 @@ def top1(logits: np.ndarray, labels: np.ndarray) -> float | None:
     if not keep.any():
         return None
     return float((logits[keep].argmax(1) == labels[keep]).mean())
+
+
+def final_scores(student: Student, head: TCSHead, prep: Prepared, device: torch.device, batch_size: int,
+                 workers: int) -> dict[str, Any]:
+    """Top-1 of the classifier on the validation rows and on the test split, and of a weighted kNN on the
+    student's features whose references are the labelled training rows only (``knn_reference_rows``)."""
+    from tcskd.train.evaluate import knn_top1
+
+    out: dict[str, Any] = {"val_top1": None, "test_top1": None, "knn_top1": None, "knn_val_top1": None,
+                           "knn_reference_rows": int((prep.knn_set.ce_labels >= 0).sum())}
+    ref = None
+    for name, ds in (("val", prep.val_set), ("test", prep.test_set)):
+        if ds is None or not (ds.ce_labels >= 0).any():
+            continue
+        feats, logits = embed(student, head, ds, device, batch_size, workers)
+        out[f"{name}_top1"] = top1(logits, ds.ce_labels)
+        if out["knn_reference_rows"]:
+            if ref is None:
+                ref = embed(student, head, prep.knn_set, device, batch_size, workers)[0]
+            key = "knn_top1" if name == "test" else "knn_val_top1"
+            out[key] = knn_top1(ref, prep.knn_set.ce_labels, feats, ds.ce_labels, k=20, device=device)
+    return out
 
 
 # -- checkpoints ------------------------------------------------------------
@@ -494,9 +565,9 @@ class StudentWithHead(torch.nn.Module):
         super().__init__()
         self.student, self.head = student, head
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
         f = self.student(x)
-        logits, c_hat = self.head(f)
+        logits, c_hat = self.head(f, mask)
         return f, logits, c_hat
 
 
@@ -525,7 +596,7 @@ def fit(cfg: TrainConfig, prep: Prepared, student: Student, head: TCSHead, optim
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     schedule = SelectionSchedule(prep.k or 0, cfg.epochs, cfg.select_every, cfg.drop_frac, cfg.min_dim)
     project = TorchProjection(prep.basis, device, prep.target_scale) if teacher is not None else None
-    elsh = tuple(t.to(device) for t in prep.elsh) if prep.elsh is not None else None
+    elsh = _elsh_for_mask(prep, head, device)
     eval_bs = max(cfg.batch_size, 256)
     last = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, cfg.stop_after)
     metrics_path = out / "metrics.jsonl"
@@ -561,19 +632,18 @@ def fit(cfg: TrainConfig, prep: Prepared, student: Student, head: TCSHead, optim
                     c = project(feats)  # in float32, like the cached targets
             elif head.k:
                 c = c.to(device, non_blocking=True)
+            # The mask enters the loss (and the classifier, reading coords) as a copy whose gradient
+            # is the taylor criterion; its values are the head's.
+            mask = head.mask.clone().requires_grad_(cfg.select_by == "taylor") if head.k else None
             with autocast(device):
-                f, logits, c_hat = model(x)
-            mask = head.mask if head.k else None
+                f, logits, c_hat = model(x, mask)
             parts = tcs_loss(logits, y, c_hat, c if head.k else None, mask, cfg.lam, cfg.mimic, elsh,
                              cfg.elsh_weight if cfg.elsh_bits else 0.0)
             optimizer.zero_grad(set_to_none=True)
             parts.total.backward()
             if head.k:
                 with torch.no_grad():
-                    if cfg.select_by == "grad":
-                        head.importance += head.gate.grad.abs()
-                    else:
-                        head.importance += ((c_hat.detach().float() - c.float()) ** 2).sum(0)
+                    head.importance += step_importance(cfg.select_by, head.gate.grad, mask.grad, c_hat, c)
                 head.gate.grad = None
             optimizer.step()
             state.step += 1
@@ -594,23 +664,24 @@ def fit(cfg: TrainConfig, prep: Prepared, student: Student, head: TCSHead, optim
             dist.all_reduce_sum(sums)
             sums /= world
             means = (sums / max(1, steps)).tolist()
-        test = None
-        if (dist.is_main() and prep.test_set is not None
+        val = None  # the test split is never looked at during training: only the validation rows
+        if (dist.is_main() and prep.val_set is not None
                 and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)):
-            _, logits = embed(student, head, prep.test_set, device, eval_bs, workers)
-            test = top1(logits, prep.test_set.ce_labels)
+            _, logits = embed(student, head, prep.val_set, device, eval_bs, workers)
+            val = top1(logits, prep.val_set.ce_labels)
         if world > 1 and head.k and schedule.selects_after(epoch):
             # Every rank must drop the same coordinates: select on the importance of all ranks.
             dist.all_reduce_sum(head.importance)
             if cfg.select_by == "grad":  # DDP already averaged the gate's gradient
                 head.importance /= world
-        apply_selection(head, schedule, epoch)
+        if apply_selection(head, schedule, epoch) and elsh is not None:
+            elsh = _elsh_for_mask(prep, head, device)  # the hash of the coordinates still active
         state.epoch = epoch + 1
         if not dist.is_main():
             continue
         row = {"epoch": epoch + 1, "loss": means[0], "loss_ce": means[1], "loss_mimic": means[2],
                "loss_elsh": means[3], "lr": lr, "active_coords": active, "train_img_per_s": images / seconds,
-               "test_top1": test, "seconds": time.perf_counter() - t_epoch}
+               "val_top1": val, "seconds": time.perf_counter() - t_epoch}
         with open(metrics_path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
         save_checkpoint(out / CHECKPOINT, {
@@ -618,10 +689,26 @@ def fit(cfg: TrainConfig, prep: Prepared, student: Student, head: TCSHead, optim
             "train_seconds": state.train_seconds, "images": state.images,
             "student": student.state_dict(), "head": head.state_dict(), "optimizer": optimizer.state_dict(),
             "rng": rng_state(), "config": _config_dict(cfg), "meta": meta})
-        log.info("epoch %d/%d: loss %.4f (ce %.4f, mimic %.4f, elsh %.4f), active %s, test top-1 %s, %.0f img/s",
-                 epoch + 1, cfg.epochs, *means, active, "-" if test is None else f"{test:.4f}", images / seconds)
+        log.info("epoch %d/%d: loss %.4f (ce %.4f, mimic %.4f, elsh %.4f), active %s, val top-1 %s, %.0f img/s",
+                 epoch + 1, cfg.epochs, *means, active, "-" if val is None else f"{val:.4f}", images / seconds)
     dist.barrier()
     return state
+
+
+def _elsh_for_mask(prep: Prepared, head: TCSHead, device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(W, b) of the eLSH term with ``b = -median(W (m * c))`` for the head's current mask (None: off)."""
+    if prep.elsh is None:
+        return None
+    w, _ = prep.elsh
+    return w.to(device), elsh_bias(prep.elsh_rows, w, head.mask.detach().cpu()).to(device)
+
+
+def tailoring_label(cfg: TrainConfig) -> str:
+    """A short description of the tailoring schedule (``off`` when it is)."""
+    if cfg.method not in ("tcs", "fitnet", "online") or not cfg.select_every or not cfg.drop_frac:
+        return "off"
+    return f"{cfg.select_by}/{cfg.select_every}ep/-{cfg.drop_frac:g}/min{cfg.min_dim}"
 
 
 # -- the stage --------------------------------------------------------------
@@ -650,11 +737,11 @@ def plot_curves(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     a.set_xlabel("epoch")
     a.set_ylabel("loss")
     a.legend(fontsize=8)
-    acc = [(r["epoch"], r["test_top1"]) for r in rows if r.get("test_top1") is not None]
+    acc = [(r["epoch"], r["val_top1"]) for r in rows if r.get("val_top1") is not None]
     if acc:
         b.plot([e for e, _ in acc], [v for _, v in acc], marker="o")
     b.set_xlabel("epoch")
-    b.set_ylabel("test top-1")
+    b.set_ylabel("validation top-1")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
@@ -699,7 +786,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     np.random.seed(cfg.seed % (2 ** 32))
     random.seed(cfg.seed)
     student = make_student(cfg.student, prep.num_classes, prep.channels)
-    head = TCSHead(student.feature_dim, prep.num_classes, prep.k)
+    head = TCSHead(student.feature_dim, prep.num_classes, prep.k, cfg.classify_from)
 
     out = _shared_run_dir(cfg, prep.k)
     ckpt_path = out / CHECKPOINT
@@ -726,7 +813,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     meta = {"student": cfg.student, "feature_dim": student.feature_dim, "in_channels": prep.channels,
             "num_classes": prep.num_classes, "image_size": prep.image_size, "k": prep.k,
             "cache_key": prep.cache_key, "basis": prep.basis_name, "basis_kind": prep.basis_kind,
-            "method": cfg.method, "data": prep.data_spec, "augment_rng": AUGMENT_RNG}
+            "method": cfg.method, "data": prep.data_spec, "augment_rng": AUGMENT_RNG,
+            "classify_from": head.classify_from}
     state = LoopState()
     if saved is not None:
         student.load_state_dict(saved["student"])
@@ -757,6 +845,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     resolved["resolved"]["world_size"] = dist.world()
     if dist.is_main():
         (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        _write_json(out / "split.json", prep.split)
 
     if teacher is not None:
         teacher.to(device)
@@ -766,6 +855,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     model: torch.nn.Module = StudentWithHead(student, head)
     if dist.world() > 1:
+        # Each rank accumulates its own importance (summed over ranks before a selection step): DDP must
+        # not overwrite it with rank 0's buffer at every forward.
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, ["head.importance"])
         if cfg.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = torch.nn.parallel.DistributedDataParallel(
@@ -778,21 +871,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         log.info("stopped after epoch %d of %d (--stop-after); resume with --resume", state.epoch, cfg.epochs)
         return dist.broadcast_object({"stopped_after": state.epoch, "run_dir": str(out)})
 
+    # The end of training: validation and, once, the test split; kNN references are the labelled rows.
     t_eval = time.perf_counter()
-    eval_bs = max(cfg.batch_size, 256)
-    test_top1 = knn = None
-    if prep.test_set is not None:
-        test_feats, test_logits = embed(student, head, prep.test_set, device, eval_bs, workers)
-        test_top1 = top1(test_logits, prep.test_set.ce_labels)
-        train_feats, _ = embed(student, head, prep.train_eval_set, device, eval_bs, workers)
-        train_labels = prep.train_set.source.labels[prep.train_set.rows]
-        if (train_labels >= 0).any() and (prep.test_set.ce_labels >= 0).any():
-            from tcskd.train.evaluate import knn_top1
-
-            knn = knn_top1(train_feats, train_labels, test_feats, prep.test_set.ce_labels, k=20, device=device)
+    scores = final_scores(student, head, prep, device, max(cfg.batch_size, 256), workers)
     rows = _read_metrics(out / "metrics.jsonl", state.epoch)
     final = {
-        "test_top1": test_top1, "knn_top1": knn, "train_seconds": state.train_seconds,
+        **scores, "train_seconds": state.train_seconds,
         "img_per_s": state.images / state.train_seconds if state.train_seconds > 0 else None,
         "peak_mem_bytes": peak_memory_bytes(device), "method": cfg.method, "dim": prep.k,
         "active_coords": head.active if prep.k else None, "labels_per_class": cfg.labels_per_class,
@@ -800,17 +884,20 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "basis": prep.basis_name, "basis_kind": prep.basis_kind, "cache_key": prep.cache_key,
         "cache": prep.cache_path, "data": prep.data_spec, "lambda": cfg.lam, "mimic": cfg.mimic,
         "target_norm": cfg.target_norm, "target_scale": prep.target_scale,
-        "elsh_bits": cfg.elsh_bits, "epochs": cfg.epochs, "train_images": len(prep.train_set),
+        "elsh_bits": cfg.elsh_bits, "tailoring": tailoring_label(cfg), "classify_from": head.classify_from,
+        "select_by": cfg.select_by, "epochs": cfg.epochs, "train_images": len(prep.train_set),
         "labelled_images": prep.n_labelled, "image_size": prep.image_size, "device": str(device),
         "setup_seconds": prep.setup_seconds, "eval_seconds": time.perf_counter() - t_eval,
         "total_seconds": time.perf_counter() - t_start, "run_dir": str(out),
-        "best_test_top1": max((r["test_top1"] for r in rows if r.get("test_top1") is not None), default=None),
+        "best_val_top1": max((r["val_top1"] for r in rows if r.get("val_top1") is not None), default=None),
+        "val_rows": len(prep.split["val"]), "holdout": prep.split["holdout"],
+        "basis_excludes_val": prep.basis_excludes_val,
     }
     # final.json marks the run finished (a resume then does nothing): every other artifact comes first.
     plot_curves(rows, out / "curves.png", f"{cfg.method} {cfg.student} K={prep.k} seed {cfg.seed}")
     _write_json(out / "final.json", final)
-    log.info("finished: test top-1 %s, kNN top-1 %s, %.1f s of training; %s", test_top1, knn,
-             state.train_seconds, out)
+    log.info("finished: val top-1 %s, test top-1 %s, kNN top-1 %s, %.1f s of training; %s",
+             final["val_top1"], final["test_top1"], final["knn_top1"], state.train_seconds, out)
     return dist.broadcast_object(final)
 
 

@@ -8,9 +8,12 @@
   coordinates only; ``cosine`` is ``1 - cos(m * c_hat, m * c)`` averaged over
   the batch.
 - eLSH: fixed Gaussian hyperplanes ``W`` (bits x K) with bias
-  ``b = -median(W c)`` over the cached targets (:func:`elsh_params`); the
-  loss is BCE-with-logits of ``W (m * c_hat) + b`` against the bits
-  ``1[W (m * c) + b > 0]``, averaged over batch and bits.
+  ``b = -median(W (m * c))`` over the cached targets (:func:`elsh_params`:
+  on a seeded sample of at most ``ELSH_SAMPLE`` target rows, bits in blocks,
+  so memory does not grow with N x bits; the bias is fitted again whenever
+  tailoring changes the mask ``m``); the loss is BCE-with-logits of
+  ``W (m * c_hat) + b`` against the bits ``1[W (m * c) + b > 0]``, averaged
+  over batch and bits.
 """
 
 from __future__ import annotations
@@ -51,14 +54,35 @@ def mimic_loss(c_hat: torch.Tensor, c: torch.Tensor, mask: torch.Tensor, kind: s
     return (per * mask).sum() / (c.shape[0] * mask.sum().clamp(min=1))
 
 
+#: Target rows the eLSH medians are taken over (a seeded sample when there are more).
+ELSH_SAMPLE = 65_536
+#: Hyperplanes projected at once when the medians are taken (bounds the memory to sample x block).
+ELSH_BLOCK = 256
+
+
+def elsh_sample(targets: np.ndarray, seed: int, size: int = ELSH_SAMPLE) -> torch.Tensor:
+    """A seeded sample of at most ``size`` rows of ``targets`` (any leading shape x K), as float32 M x K."""
+    k = targets.shape[-1]
+    flat = targets.reshape(-1, k)
+    if len(flat) > size:
+        rows = np.sort(np.random.default_rng([int(seed), 15_485_863]).choice(len(flat), size, replace=False))
+        flat = flat[rows]
+    return torch.from_numpy(np.ascontiguousarray(flat, dtype=np.float32))
+
+
+def elsh_bias(sample: torch.Tensor, w: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``b = -median(W (m * c))`` over the sample rows, ``ELSH_BLOCK`` hyperplanes at a time."""
+    c = sample if mask is None else sample * mask.to(sample)
+    return torch.cat([-(c @ w[i:i + ELSH_BLOCK].T.to(c)).median(dim=0).values
+                      for i in range(0, len(w), ELSH_BLOCK)]).to(w)
+
+
 def elsh_params(targets: np.ndarray, bits: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W bits x K, b bits): seeded Gaussian hyperplanes, ``b = -median(W c)`` over ``targets`` (M x K)."""
+    """(W bits x K, b bits): seeded Gaussian hyperplanes, ``b = -median(W c)`` over (a sample of) ``targets``."""
     k = targets.shape[-1]
     gen = torch.Generator().manual_seed(int(seed) * 7919 + 17)
     w = torch.randn(bits, k, generator=gen)
-    proj = torch.from_numpy(np.ascontiguousarray(targets.reshape(-1, k), dtype=np.float32)) @ w.T
-    b = -proj.median(dim=0).values
-    return w, b
+    return w, elsh_bias(elsh_sample(targets, seed), w)
 
 
 def elsh_loss(c_hat: torch.Tensor, c: torch.Tensor, mask: torch.Tensor, w: torch.Tensor,

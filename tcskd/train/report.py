@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 #: Always part of a group's key.
 GROUP_KEYS = ("method", "basis_kind", "dim", "labels_per_class")
 #: Added to the key (and shown as a column) only when they vary across runs.
-OPTIONAL_KEYS = ("student", "lambda", "cache_key")
+OPTIONAL_KEYS = ("student", "lambda", "tailoring", "elsh_bits", "classify_from", "cache_key")
 #: Baselines first (no KD, FitNet, online KD), in this order; other methods (tcs) follow alphabetically.
 METHOD_ORDER = ("ce", "fitnet", "online")
 MB = 1024 * 1024
@@ -208,6 +208,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, tuple[float | None, float
         return [(_num(r.get(name)) * scale) if _num(r.get(name)) is not None else None for r in runs]
 
     return {
+        "val_top1": mean_std(col("val_top1", 100.0)),
         "test_top1": mean_std(col("test_top1", 100.0)),
         "knn_top1": mean_std(col("knn_top1", 100.0)),
         "img_per_s": mean_std(col("img_per_s", 1.0)),
@@ -242,48 +243,58 @@ def _fmt_key(name: str, value: Any) -> str:
     return str(value)
 
 
-def teacher_line(teacher_eval: dict[str, Any]) -> str:
-    """The one-line summary of a ``tcskd eval`` result shown above the table."""
-    def pct(v: Any) -> str:
-        f = _num(v)
-        return "-" if f is None else f"{100 * f:.2f} %"
-
-    extra = []
-    if teacher_eval.get("teacher"):
-        extra.append(f"`{teacher_eval['teacher']}`")
-    if teacher_eval.get("data"):
-        extra.append(f"on `{teacher_eval['data']}`")
-    if teacher_eval.get("k") is not None:
-        extra.append(f"k={teacher_eval['k']}")
-    if teacher_eval.get("train_rows") is not None and teacher_eval.get("test_rows") is not None:
-        extra.append(f"{teacher_eval['train_rows']} train / {teacher_eval['test_rows']} test rows")
-    tail = f" ({', '.join(extra)})" if extra else ""
-    return (f"**teacher (kNN / linear probe on cached features)**: "
-            f"{pct(teacher_eval.get('knn_top1'))} / {pct(teacher_eval.get('linear_top1'))}{tail}")
-
-
 HEADERS = {"method": "method", "basis_kind": "basis", "dim": "dim", "labels_per_class": "labels/class",
-           "student": "student", "lambda": "lambda", "cache_key": "cache"}
+           "student": "student", "lambda": "lambda", "tailoring": "tailoring", "elsh_bits": "eLSH bits",
+           "classify_from": "classifier on", "cache_key": "cache"}
+#: Said under every table: which column choices are made on.
+PROTOCOL = ("val top-1: the held-out validation rows of the training split, where settings are chosen; "
+            "test top-1: the test split, evaluated once per run after training; kNN: test top-1 of a "
+            "weighted kNN on the student's features whose references are only the labelled training rows.")
 
 
-def markdown_table(runs: list[dict[str, Any]], teacher_eval: dict[str, Any] | None = None) -> str:
-    """A Markdown comparison table of the runs (one row per group), optionally under a teacher line."""
+def teacher_lines(evals: list[dict[str, Any]]) -> list[str]:
+    """One line per label budget of ``tcskd eval`` results: kNN / linear probe, val and test, mean ± std."""
+    by: dict[str, list[dict[str, Any]]] = {}
+    for e in evals:
+        by.setdefault(_fmt_key("labels_per_class", e.get("labels_per_class")), []).append(e)
+    lines = []
+    for lpc in sorted(by, key=lambda v: (v == "all", float(v) if v != "all" else 0.0)):
+        group = by[lpc]
+
+        def stat(name: str) -> str:
+            return _fmt(mean_std(100 * _num(e.get(name)) if _num(e.get(name)) is not None else None
+                                 for e in group), 2)
+
+        first = group[0]
+        lines.append(f"**teacher, {lpc} labels/class** (`{first.get('teacher')}` on `{first.get('data')}`, "
+                     f"{first.get('train_rows')} reference rows, n={len(group)}): kNN val {stat('val_knn_top1')} / "
+                     f"test {stat('knn_top1')}; linear probe val {stat('val_linear_top1')} / "
+                     f"test {stat('linear_top1')}")
+    return lines
+
+
+def markdown_table(runs: list[dict[str, Any]],
+                   teacher_eval: dict[str, Any] | list[dict[str, Any]] | None = None) -> str:
+    """A Markdown comparison table of the runs (one row per group), optionally under teacher lines."""
     names, groups = group_runs(runs)
     order = ["labels_per_class", "method", "basis_kind", "dim"] + names[4:]
-    head = [HEADERS[n] for n in order] + ["test top-1 (%)", "kNN top-1 (%)", "train img/s",
+    head = [HEADERS[n] for n in order] + ["val top-1 (%)", "test top-1 (%)", "kNN top-1 (%)", "train img/s",
                                           "peak mem (MB)", "n"]
-    align = ["---"] * len(order) + ["---:"] * 5
+    align = ["---"] * len(order) + ["---:"] * 6
     lines = []
-    if teacher_eval is not None:
-        lines += [teacher_line(teacher_eval), ""]
+    if isinstance(teacher_eval, dict):
+        teacher_eval = [teacher_eval]
+    if teacher_eval:
+        lines += [line + "  " for line in teacher_lines(teacher_eval)] + [""]
     lines += ["| " + " | ".join(head) + " |", "| " + " | ".join(align) + " |"]
     for g in groups:
         s = g["stats"]
         cells = [_fmt_key(n, g["key"][n]) for n in order]
-        cells += [_fmt(s["test_top1"], 2), _fmt(s["knn_top1"], 2), _fmt(s["img_per_s"], 0),
+        cells += [_fmt(s["val_top1"], 2), _fmt(s["test_top1"], 2), _fmt(s["knn_top1"], 2), _fmt(s["img_per_s"], 0),
                   _fmt(s["peak_mem_mb"], 0), str(len(g["runs"]))]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"mean ± sample std (ddof=1) over n runs (seeds); {len(runs)} run(s) in {len(groups)} group(s)."]
+    lines += ["", f"mean ± sample std (ddof=1) over n runs (seeds); {len(runs)} run(s) in {len(groups)} group(s). "
+              + PROTOCOL]
     return "\n".join(lines) + "\n"
 
 
@@ -304,7 +315,7 @@ def _group_label(key: dict[str, Any]) -> str:
 
 
 def plot_runs(runs: list[dict[str, Any]], png_path: str | Path,
-              teacher_eval: dict[str, Any] | None = None) -> Path:
+              teacher_eval: dict[str, Any] | list[dict[str, Any]] | None = None) -> Path:
     """A bar chart of test top-1 (mean ± sample std per group) written to ``png_path``.
 
     Uses the Agg canvas directly (no pyplot, no global backend change).
@@ -313,6 +324,9 @@ def plot_runs(runs: list[dict[str, Any]], png_path: str | Path,
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    if isinstance(teacher_eval, list):  # the lines of the all-labels reference, if there is one
+        every = [e for e in teacher_eval if _num(e.get("labels_per_class")) is None]
+        teacher_eval = every[0] if every else None
     _, groups = group_runs(runs)
     labels = [_group_label(g["key"]) for g in groups]
     means = [g["stats"]["test_top1"][0] for g in groups]

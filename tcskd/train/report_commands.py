@@ -29,25 +29,41 @@ def _pct(v: float | None) -> str:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--cache-root", type=str, default=None,
               help="Default: $TCSKD_CACHE, else ./caches.")
+@click.option("--labels-per-class", type=int, default=None,
+              help="References: n labelled training rows per class, as tcskd train (default: every label).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the labelled subset (as tcskd train --seed) and of the probe.")
+@click.option("--val-frac", type=float, default=0.1, show_default=True,
+              help="Validation share of each class of the train cache, held out as in tcskd train.")
+@click.option("--val-per-class", type=int, default=None, help="Validation rows per class instead of --val-frac.")
+@click.option("--val-seed", type=int, default=0, show_default=True, help="Seed of the validation split.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the result as JSON here.")
 def eval_cmd(cache_ref: str, test_ref: str, k: int, temperature: float, linear: bool, device: str,
-             cache_root: str | None, out: str | None) -> None:
+             cache_root: str | None, labels_per_class: int | None, seed: int, val_frac: float,
+             val_per_class: int | None, val_seed: int, out: str | None) -> None:
     """The teacher's kNN / linear-probe top-1 from cached features (no teacher forward).
 
     Uses view 0 of the train and test caches; rows marked bad (row_ok False)
-    and unlabelled rows are left out.
+    and unlabelled rows are left out. The validation rows of the train cache
+    are held out exactly as tcskd train holds them out, and with
+    --labels-per-class the references are the n rows per class a run with the
+    same --seed is given.
     """
     from tcskd.train.evaluate import EvalConfig, evaluate_teacher
 
     res = evaluate_teacher(EvalConfig(cache=cache_ref, test_cache=test_ref, k=k, temperature=temperature,
-                                      linear=linear, device=device, cache_root=cache_root, out=out))
+                                      linear=linear, device=device, cache_root=cache_root, out=out,
+                                      labels_per_class=labels_per_class, seed=seed, val_frac=val_frac,
+                                      val_per_class=val_per_class, val_seed=val_seed))
     rows = [
         ("teacher", str(res["teacher"])),
         ("data", str(res["data"]) + ("" if res.get("test_data") in (None, res["data"])
                                      else f" / test: {res['test_data']}")),
-        ("rows", f"{res['train_rows']} train / {res['test_rows']} test, dim {res['dim']}"),
-        (f"kNN top-1 (k={res['k']}, T={res['temperature']:g})", _pct(res["knn_top1"])),
-        ("linear probe top-1", _pct(res["linear_top1"])),
+        ("rows", f"{res['train_rows']} labelled train / {res['val_rows']} val / {res['test_rows']} test, "
+                 f"dim {res['dim']}"),
+        (f"kNN top-1 (k={res['k']}, T={res['temperature']:g})",
+         f"val {_pct(res['val_knn_top1'])}, test {_pct(res['knn_top1'])}"),
+        ("linear probe top-1", f"val {_pct(res['val_linear_top1'])}, test {_pct(res['linear_top1'])}"),
     ]
     width = max(len(a) for a, _ in rows)
     for a, b in rows:
@@ -69,12 +85,12 @@ def _default_png(run_dirs: list[Path]) -> Path:
 
 @click.command("report")
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
-@click.option("--teacher-eval", type=click.Path(dir_okay=False), default=None,
-              help="JSON from `tcskd eval --out`, shown above the table.")
+@click.option("--teacher-eval", type=click.Path(dir_okay=False), multiple=True,
+              help="JSON from `tcskd eval --out`, shown above the table (repeatable: label budgets, seeds).")
 @click.option("--png", type=click.Path(dir_okay=False), default=None,
               help="Chart file (default: report.png in the run dirs' common parent).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the Markdown here.")
-def report_cmd(run_dirs: tuple[str, ...], teacher_eval: str | None, png: str | None, out: str | None) -> None:
+def report_cmd(run_dirs: tuple[str, ...], teacher_eval: tuple[str, ...], png: str | None, out: str | None) -> None:
     """Compare finished runs: Markdown table on stdout, bar chart as PNG.
 
     RUN_DIR... are run directories (globs welcome; a directory of run
@@ -89,7 +105,7 @@ def report_cmd(run_dirs: tuple[str, ...], teacher_eval: str | None, png: str | N
         click.echo(f"tcskd: warning: skipping {p}: {why}", err=True)
     if not found:
         raise TcskdError(f"none of the {len(run_dirs)} path(s) given is a finished run (no final.json)")
-    teacher = load_teacher_eval(teacher_eval) if teacher_eval else None
+    teacher = [load_teacher_eval(p) for p in teacher_eval] or None
     runs = load_runs(found)
     table = markdown_table(runs, teacher)
     click.echo(table, nl=False)

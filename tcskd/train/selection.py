@@ -5,16 +5,25 @@ epoch (never after the last one, so the final mask is the one the student
 was trained with) the ``drop_frac`` of the active coordinates with the lowest
 importance are dropped (at least one per step while ``drop_frac > 0``), but
 never below ``min_dim``. Importance is accumulated between two selection
-steps and then reset:
+steps and then reset (:func:`step_importance`, the amount one optimizer step adds):
 
-- ``grad``: ``|dL/dg|`` of the per-coordinate gate, summed over steps;
-- ``error``: the per-coordinate squared error ``sum_b (c_hat - c)^2``.
+- ``grad``: ``|dL/dg|`` of the per-coordinate gate, summed over steps. As the
+  projector fits, it shrinks with the error, so it ranks coordinates much like
+  ``error``;
+- ``taylor``: the first-order change of the total loss when coordinate j is
+  switched off, ``-dL/dm_j`` of the mask (``L(m_j = 0) - L(m) ~ -dL/dm_j``),
+  summed over steps: a coordinate whose removal would raise the loss (CE too,
+  when the classifier reads the coordinates) is important; one whose removal
+  would lower it (a target the student cannot follow) is dropped first;
+- ``error``: the per-coordinate squared error ``sum_b (c_hat - c)^2``; the
+  coordinates the student already matches best (lowest error) are dropped;
+- ``worst``: the same error with the opposite sign: the coordinates the
+  student matches worst are dropped (the capacity-gap reading of tailoring).
 
-With ``error`` the coordinates the student already matches best count as
-least important (lowest accumulated error) and are dropped first, the same
-ordering as ``grad`` (the gradient of the MSE is proportional to the error).
 Ties drop the later (lower-variance) coordinate first. ``select_every = 0``
-switches tailoring off.
+switches tailoring off. Under torchrun every criterion is summed over the
+ranks before a selection step (the loop does that), so all ranks keep the
+same coordinates, chosen on all ranks' data.
 """
 
 from __future__ import annotations
@@ -24,7 +33,26 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-SELECT_BY = ("grad", "error")
+SELECT_BY = ("grad", "taylor", "error", "worst")
+
+
+def step_importance(select_by: str, gate_grad: torch.Tensor | None, mask_grad: torch.Tensor | None,
+                    c_hat: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """What one optimizer step adds to ``importance`` (K), for criterion ``select_by``."""
+    if select_by == "grad":
+        if gate_grad is None:
+            raise ValueError("select_by grad needs the gate's gradient")
+        return gate_grad.detach().abs()
+    if select_by == "taylor":
+        if mask_grad is None:
+            raise ValueError("select_by taylor needs the mask's gradient")
+        return -mask_grad.detach()
+    err = ((c_hat.detach().float() - c.float()) ** 2).sum(0)
+    if select_by == "error":
+        return err
+    if select_by == "worst":
+        return -err
+    raise ValueError(f"unknown select_by '{select_by}' (choose {', '.join(SELECT_BY)})")
 
 
 @dataclass(frozen=True)

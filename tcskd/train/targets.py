@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 AUGMENTS = ("auto", "none", "flip", "crop", "crop-flip")
 METHODS = ("tcs", "fitnet", "ce", "online")
 RAW = "raw"
+#: K of ``--method tcs`` without ``--dim``: the leading coordinates kept (chosen on validation, see README).
+DEFAULT_DIM = 64
 
 
 # -- which basis ------------------------------------------------------------
@@ -81,7 +83,9 @@ def resolve_basis(store: Store, method: str, name: str, dim: int | None) -> Basi
     basis = load_basis(store, name)
     if dim is not None and dim > basis.k:
         raise StoreError(f"--dim {dim} exceeds the {basis.k} components of basis '{basis.name}'")
-    return basis.truncate(dim)
+    if dim is None and basis.k > DEFAULT_DIM:
+        log.info("K = %d, the default (of the %d components of basis '%s')", DEFAULT_DIM, basis.k, basis.name)
+    return basis.truncate(dim if dim is not None else min(DEFAULT_DIM, basis.k))
 
 
 # -- rows -------------------------------------------------------------------
@@ -231,26 +235,6 @@ class TorchProjection:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return ((x.float() - self.mean) @ self.components.T) / self.scale
-
-
-# -- labels -----------------------------------------------------------------
-
-def labelled_subset(labels: np.ndarray, per_class: int | None, seed: int) -> np.ndarray:
-    """Boolean mask of the rows whose label CE may use: all labelled rows, or ``per_class`` per class (seeded)."""
-    labels = np.asarray(labels)
-    keep = labels >= 0
-    if per_class is None:
-        return keep
-    if per_class < 1:
-        raise TcskdError(f"--labels-per-class must be >= 1 (got {per_class})")
-    rng = np.random.default_rng([int(seed), 104729])
-    out = np.zeros(len(labels), bool)
-    for c in np.unique(labels[keep]):
-        rows = np.flatnonzero(labels == c)
-        if len(rows) < per_class:
-            log.warning("class %d has only %d labelled images (< %d per class)", c, len(rows), per_class)
-        out[rng.permutation(rows)[:per_class]] = True
-    return out
 
 
 # -- images -----------------------------------------------------------------

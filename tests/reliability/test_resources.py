@@ -166,7 +166,7 @@ def test_read_only_cache_root(world, tmp_path, fmt):
         from tcskd.train.loop import TrainConfig, prepare, resolve_config
 
         prep = prepare(resolve_config(TrainConfig(cache=str(cache), method="fitnet", device="cpu")))
-        assert len(prep.train_set) == 48
+        assert len(prep.train_set) + len(prep.val_set) == 48  # training + validation rows
         r = _cli(["basis", "--cache", cache, "--device", "cpu"])
         assert r.exit_code == 2 and "Read-only file system" in one_error_line(r.stderr), r.output
     tally("faults", "read-only cache root")
