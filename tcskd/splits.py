@@ -20,6 +20,7 @@ their own for the validation split and are never labelled.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from dataclasses import dataclass
@@ -107,3 +108,9 @@ def _check(labels: np.ndarray, sample_index: np.ndarray) -> tuple[np.ndarray, np
 def _in_source_order(rows: np.ndarray, sample_index: np.ndarray) -> np.ndarray:
     """``rows`` sorted by their sample_index: the order a permutation is applied to."""
     return rows[np.argsort(sample_index[rows], kind="stable")]
+
+
+def rows_digest(sample_index: np.ndarray) -> str:
+    """A digest of a set of rows (their sample_index values, in any order): two stages that held out
+    the same rows have the same digest."""
+    return hashlib.sha256(np.sort(np.asarray(sample_index, np.int64)).tobytes()).hexdigest()

@@ -172,7 +172,8 @@ def _efficientnet_lite0(spec: str, name: str, image_size: int | None) -> Teacher
     # set_swish() on it: that swaps every ReLU6 for Swish and the pretrained features are lost.
     model = EfficientNet.from_name("efficientnet-lite0")
     model.load_state_dict(_load_weights(weights_path))
-    if not isinstance(model._swish, nn.ReLU6):
+    if not isinstance(model._swish, nn.ReLU6) or any(type(m).__name__ in ("Swish", "MemoryEfficientSwish")
+                                                     for m in model.modules()):
         raise TeacherError("efficientnet-lite-pytorch no longer builds efficientnet-lite0 with ReLU6 activations; "
                            "its pretrained weights need them")
 

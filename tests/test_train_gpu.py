@@ -32,21 +32,33 @@ def knn(monkeypatch):
 
 def test_cuda_training_online_and_export(tmp_path, knn):
     npz = make_npz(tmp_path / "d.npz", n_train=512, n_test=128, size=32, channels=3, classes=4)
+    chance = 1.0 / len(np.unique(np.load(npz)["y"]))
     spec = make_script_teacher(tmp_path / "teacher.pt", size=24, dim=32, channels=3)
     cache = make_store(tmp_path, npz, views=2, dim=32, k=16, coords=True, teacher_size=24, chunk_rows=128,
                        fmt="hdf5", teacher_spec=spec)
-    common = dict(cache=str(cache), student="resnet20", epochs=2, batch_size=64, device="cuda", workers=2,
-                  lam=5.0, select_every=1, drop_frac=0.25, min_dim=4, elsh_bits=16)
+    # 6 epochs (48 steps): after 2 the BatchNorm running statistics still lag, and the eval-mode classifier
+    # of this toy (whose classes are plainly visible) answers one class: top-1 at chance, kNN near 100 %.
+    # One selection step, after epoch 3: 16 -> 12 coordinates.
+    common = dict(cache=str(cache), student="resnet20", epochs=6, batch_size=64, device="cuda", workers=2,
+                  lam=5.0, select_every=3, drop_frac=0.25, min_dim=4, elsh_bits=16)
     res = train(TrainConfig(out=str(tmp_path / "tcs"), **common))
-    assert res["device"].startswith("cuda") and 0.0 <= res["test_top1"] <= 1.0 and 0.0 <= res["knn_top1"] <= 1.0
+    assert res["device"].startswith("cuda")
     assert res["peak_mem_bytes"] > 0 and res["img_per_s"] > 0 and res["active_coords"] == 12
     rows = [json.loads(x) for x in (tmp_path / "tcs" / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["loss"]) for r in rows) and rows[-1]["loss_mimic"] < rows[0]["loss_mimic"] * 1.5
-    print("tcs", {k: res[k] for k in ("test_top1", "knn_top1", "img_per_s", "peak_mem_bytes")})
+    assert [r["active_coords"] for r in rows] == [16, 16, 16, 12, 12, 12]
+    assert all(r["val_top1"] is not None and "test_top1" not in r for r in rows)  # the test split: once, at the end
+    assert res["val_top1"] == rows[-1]["val_top1"]
+    print("tcs", {k: res[k] for k in ("val_top1", "test_top1", "knn_top1", "img_per_s", "peak_mem_bytes")})
+    # observed on the CPU (fp32, same config): val, test and kNN top-1 all 1.0
+    for key in ("val_top1", "test_top1", "knn_top1"):
+        assert res[key] >= chance + 0.5, (key, res[key])
 
     online = train(TrainConfig(out=str(tmp_path / "online"), method="online", **common))
-    assert 0.0 <= online["test_top1"] <= 1.0
-    print("online", {k: online[k] for k in ("test_top1", "knn_top1", "img_per_s", "peak_mem_bytes")})
+    print("online", {k: online[k] for k in ("val_top1", "test_top1", "knn_top1", "img_per_s", "peak_mem_bytes")})
+    assert online["method"] == "online" and online["active_coords"] == 12
+    for key in ("val_top1", "test_top1", "knn_top1"):
+        assert online[key] >= chance + 0.5, (key, online[key])
 
     from tcskd.train.export import export_run, load_run
 

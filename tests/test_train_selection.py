@@ -45,3 +45,41 @@ def test_apply_selection_on_head():
     assert head.mask.tolist() == [0, 1, 0, 1, 0, 1]
     assert head.importance.sum().item() == 0.0
     assert not apply_selection(head, sched, epoch=3)
+
+
+def test_step_importance_of_each_criterion():
+    import pytest
+
+    from tcskd.train.losses import tcs_loss
+    from tcskd.train.selection import SELECT_BY, step_importance
+
+    assert SELECT_BY == ("grad", "taylor", "error", "worst")
+    g = torch.Generator().manual_seed(0)
+    c = torch.randn(16, 4, generator=g)
+    off = torch.tensor([0.1, 0.5, 0.3, 2.0])  # coordinate 3 is matched worst, coordinate 0 best
+    c_hat = (c + off * torch.randn(16, 4, generator=g)).requires_grad_(True)
+    mask = torch.ones(4, requires_grad=True)
+    gate = torch.ones(4, requires_grad=True)
+    logits = torch.zeros(16, 3, requires_grad=True)
+    parts = tcs_loss(logits, torch.zeros(16, dtype=torch.long), c_hat * gate, c, mask, lam=10.0)
+    parts.total.backward()
+    err = ((c_hat.detach() - c) ** 2).sum(0)
+    rel = err / (c ** 2).sum(0)  # error and worst: relative to the coordinate's energy in the batch (1 - R^2)
+    assert torch.allclose(step_importance("error", gate.grad, mask.grad, c_hat, c), rel, rtol=1e-6)
+    assert torch.allclose(step_importance("worst", gate.grad, mask.grad, c_hat, c), -rel, rtol=1e-6)
+    assert rel.argmin() == 0 and rel.argmax() == 3
+    assert torch.equal(step_importance("grad", gate.grad, mask.grad, c_hat, c), gate.grad.abs())
+    taylor = step_importance("taylor", gate.grad, mask.grad, c_hat, c)
+    assert torch.equal(taylor, -mask.grad)
+    # mse on the active coordinates, averaged over them: switching coordinate j off changes the loss by about
+    # lam * (mean error - error_j) / B (absolute errors), so the worst-matched coordinate has the lowest
+    # taylor importance
+    want = 10.0 * (err.mean() - err) / (16 * 4)
+    assert torch.allclose(taylor, want, rtol=1e-4, atol=1e-6)
+    assert taylor.argsort().tolist() == (-err).argsort().tolist() and taylor.argmin() == err.argmax() == 3
+    with pytest.raises(ValueError, match="gate"):
+        step_importance("grad", None, mask.grad, c_hat, c)
+    with pytest.raises(ValueError, match="mask"):
+        step_importance("taylor", gate.grad, None, c_hat, c)
+    with pytest.raises(ValueError, match="unknown"):
+        step_importance("random", gate.grad, mask.grad, c_hat, c)

@@ -345,6 +345,10 @@ class ZarrStore(Store):
     def delete(self, name):
         if name in self:
             del self._g[name]
+        if not is_remote(self.path):
+            # A write cut short (a full disk) can leave a folder whose metadata never landed: not a
+            # member for zarr, but still on disk.
+            shutil.rmtree(self.path / name, ignore_errors=True)
 
     def rename(self, src, dst):
         if is_remote(self.path):

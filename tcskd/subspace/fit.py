@@ -46,7 +46,7 @@ from tcskd.cache.registry import WriterLock, resolve_cache
 from tcskd.cache.store import Store, is_remote, open_store
 from tcskd.device import resolve_device
 from tcskd.errors import StoreError, TcskdError
-from tcskd.splits import Holdout
+from tcskd.splits import Holdout, rows_digest
 from tcskd.subspace.basis import WHITEN_EPS
 from tcskd.subspace.moments import (VIEWS, Moments, check_finite, iter_feature_chunks, raise_if_not_finite,
                                     read_chunk_rows, row_mask, stream_moments)
@@ -216,8 +216,11 @@ def fit_basis(cfg: BasisConfig) -> dict[str, Any]:
                 _remove_leftovers(store)
                 ok = row_mask(src)
                 holdout = cfg.holdout()
+                held_out = None
                 if holdout is not None:
-                    ok &= ~holdout_rows(src, ok, holdout)
+                    val = holdout_rows(src, ok, holdout)
+                    held_out = rows_digest(np.asarray(src.read("sample_index"), np.int64)[val])
+                    ok &= ~val
                 rows_used = int(ok.sum())
                 log.info("fitting %s basis '%s' on %d rows (view %s) of %s on %s", cfg.kind, name,
                          rows_used, cfg.view, fit_dir, device)
@@ -232,7 +235,7 @@ def fit_basis(cfg: BasisConfig) -> dict[str, Any]:
                 "samples": fitted.samples, "total_variance": fitted.total_variance,
                 "method": cfg.method if cfg.kind == "pca" else None,
                 "seed": cfg.seed if cfg.kind == "random" else None,
-                "holdout": holdout.as_dict() if holdout is not None else None,
+                "holdout": holdout.as_dict() if holdout is not None else None, "held_out_rows": held_out,
                 "dim_requested": cfg.dim, "energy": cfg.energy, "feature_dim": int(fitted.mean.shape[0]),
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "tool_version": tcskd.__version__,
@@ -281,7 +284,11 @@ def _check_ready(store: Store) -> None:
 
 
 def holdout_rows(store: Store, ok: np.ndarray, holdout: Holdout) -> np.ndarray:
-    """The validation rows (``tcskd.splits``) among the usable rows ``ok`` of a cache."""
+    """The validation rows (``tcskd.splits``) among the usable rows ``ok`` of a cache of the train split."""
+    split = store.manifest.get("split", "train")
+    if split != "train":
+        raise TcskdError(f"--exclude-val needs a cache of the train split (the rows training runs hold out); "
+                         f"{store.path} holds split '{split}'")
     labels = np.asarray(store.read("labels"), np.int64)
     sample_index = np.asarray(store.read("sample_index"), np.int64)
     out = np.zeros(len(ok), bool)

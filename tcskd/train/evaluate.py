@@ -297,6 +297,14 @@ def evaluate_teacher(cfg: EvalConfig) -> dict[str, Any]:
         if mtr.get("teacher_spec") != mte.get("teacher_spec"):
             raise StoreError(f"train and test caches come from different teachers: "
                              f"'{mtr.get('teacher_spec')}' vs '{mte.get('teacher_spec')}'")
+        t_tr, t_te = ((m.get("identity") or {}).get("teacher") for m in (mtr, mte))
+        if t_tr and t_te and t_tr != t_te:
+            diff = sorted(k for k in set(t_tr) | set(t_te) if t_tr.get(k) != t_te.get(k))
+            raise StoreError(f"train and test caches come from different versions of teacher "
+                             f"'{mtr.get('teacher_spec')}' (they differ in: {', '.join(diff)}); rebuild the older one")
+        if mtr.get("split", "train") not in ("train",):
+            raise StoreError(f"--cache must be a cache of the train split (the references and the held-out "
+                             f"validation rows come from it); {train_path} holds split '{mtr.get('split')}'")
         dtr, dte = tr["features"].shape[2], te["features"].shape[2]
         if dtr != dte or mtr.get("dim", dtr) != mte.get("dim", dte):
             raise StoreError(f"train and test caches have different feature dims: {dtr} vs {dte}")

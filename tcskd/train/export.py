@@ -83,7 +83,7 @@ def export_run(run_dir: Path | str, out_file: Path | str) -> Path:
         probe = torch.rand(3, ch, size, size, generator=torch.Generator().manual_seed(1))
         ref, _ = head(student(probe))
         got = program.module()(probe)
-    if not torch.allclose(ref, got, rtol=1e-5, atol=1e-5):
+    if not torch.allclose(ref, got, rtol=1e-4, atol=1e-5):  # a merged head sums in another order
         raise TcskdError(f"export check failed: exported logits differ by {float((ref - got).abs().max()):.3g}")
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(f".tmp-{out_file.name}")
@@ -94,7 +94,7 @@ def export_run(run_dir: Path | str, out_file: Path | str) -> Path:
         "format": "torch.export", "load": "torch.export.load(FILE).module()", "input": "B x C x S x S float in [0, 1]",
         "output": "B x num_classes logits", "student": meta["student"], "in_channels": ch, "image_size": size,
         "num_classes": meta["num_classes"], "feature_dim": student.feature_dim, "method": meta.get("method"),
-        "dim": meta.get("k"), "run_dir": str(run_dir),
+        "dim": meta.get("k"), "classify_from": meta.get("classify_from", "feature"), "run_dir": str(run_dir),
         "final": json.loads(final.read_text()) if final.exists() else None,
     }
     Path(str(out_file) + ".json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader
 
 from tcskd.cache.views import center_view, resize_on_device
 from tcskd.errors import StoreError, TcskdError
-from tcskd.splits import Holdout, labelled_mask
+from tcskd.splits import Holdout, labelled_mask, rows_digest
 from tcskd.train.head import CLASSIFY_FROM, TCSHead
 from tcskd.train.losses import MIMICS, elsh_bias, elsh_params, elsh_sample, tcs_loss
 from tcskd.train.selection import SELECT_BY, SelectionSchedule, apply_selection, step_importance
@@ -262,7 +262,7 @@ class Prepared:
     n_labelled: int
     setup_seconds: float
     split: dict[str, Any]
-    basis_excludes_val: bool
+    basis_excludes_val: bool | None
     teacher_identity: dict[str, Any] | None = None
     elsh_rows: torch.Tensor | None = None
 
@@ -291,6 +291,8 @@ def prepare(cfg: TrainConfig) -> Prepared:
             raise StoreError(f"cache {cache_path} names no dataset (data_spec); pass --data")
         split = manifest.get("split", "train")
         train_split = "test" if split == "test" else "train"
+        if split == "test":
+            log.warning("cache %s holds the test split: the student trains on test images", cache_path)
         train_source = open_source(data_spec, train_split)
         if store is not None:
             split_source = train_source if split == train_split else open_source(data_spec, split)
@@ -330,8 +332,11 @@ def prepare(cfg: TrainConfig) -> Prepared:
     if holdout.empty:
         log.warning("no validation rows (--val-frac 0): choose settings on a held-out split, not on test")
     labelled = labelled_mask(labels, sample_index, cfg.labels_per_class, cfg.seed, eligible=fit_rows)
-    basis_holdout = basis.attrs.get("holdout") if basis is not None else None
-    if basis is not None and basis.name != RAW and val.any() and basis_holdout != holdout.as_dict():
+    # The basis left exactly this run's validation rows out when it recorded the same set of rows.
+    fitted = basis is not None and basis.name != RAW and basis.kind != "identity"
+    basis_excludes_val = (None if not fitted else
+                          bool(val.any()) and basis.attrs.get("held_out_rows") == rows_digest(sample_index[val]))
+    if fitted and val.any() and not basis_excludes_val:
         log.warning("basis '%s' was fitted on rows this run holds out for validation (fit it with "
                     "`tcskd basis --exclude-val` and the same --val-* options)", basis.name)
     size = cfg.image_size or min(train_source.image(int(rows[0])).shape[:2])
@@ -372,7 +377,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
         cache_path=str(cache_path) if cache_path else None, cache_key=manifest.get("key"),
         teacher_spec=manifest.get("teacher_spec"), teacher_size=teacher_size, n_labelled=int(labelled.sum()),
         teacher_identity=(manifest.get("identity") or {}).get("teacher"), split=split,
-        basis_excludes_val=bool(val.any()) and basis is not None and basis_holdout == holdout.as_dict(),
+        basis_excludes_val=basis_excludes_val,
         setup_seconds=time.perf_counter() - t0)
 
 
@@ -643,7 +648,10 @@ def fit(cfg: TrainConfig, prep: Prepared, student: Student, head: TCSHead, optim
             parts.total.backward()
             if head.k:
                 with torch.no_grad():
-                    head.importance += step_importance(cfg.select_by, head.gate.grad, mask.grad, c_hat, c)
+                    # Per rank, a share of the step's importance: summed over ranks it is one process's
+                    # (grad is the gradient DDP already averaged, the same on every rank).
+                    share = 1 if cfg.select_by == "grad" else world
+                    head.importance += step_importance(cfg.select_by, head.gate.grad, mask.grad, c_hat, c) / share
                 head.gate.grad = None
             optimizer.step()
             state.step += 1
@@ -669,11 +677,9 @@ def fit(cfg: TrainConfig, prep: Prepared, student: Student, head: TCSHead, optim
                 and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)):
             _, logits = embed(student, head, prep.val_set, device, eval_bs, workers)
             val = top1(logits, prep.val_set.ce_labels)
-        if world > 1 and head.k and schedule.selects_after(epoch):
-            # Every rank must drop the same coordinates: select on the importance of all ranks.
-            dist.all_reduce_sum(head.importance)
-            if cfg.select_by == "grad":  # DDP already averaged the gate's gradient
-                head.importance /= world
+        _gather_importance(head, cfg.select_by, world, rank)
+        if world > 1 and head.k and cfg.select_by != "grad" and schedule.selects_after(epoch):
+            dist.all_reduce_sum(head.importance)  # rank 0 holds the sum, the others 0: now every rank has it
         if apply_selection(head, schedule, epoch) and elsh is not None:
             elsh = _elsh_for_mask(prep, head, device)  # the hash of the coordinates still active
         state.epoch = epoch + 1
@@ -693,6 +699,20 @@ def fit(cfg: TrainConfig, prep: Prepared, student: Student, head: TCSHead, optim
                  epoch + 1, cfg.epochs, *means, active, "-" if val is None else f"{val:.4f}", images / seconds)
     dist.barrier()
     return state
+
+
+def _gather_importance(head: TCSHead, select_by: str, world: int, rank: int) -> None:
+    """Under torchrun, after every epoch: rank 0's importance becomes the sum over all ranks and the
+    others start again from 0, so rank 0's checkpoint holds what every rank accumulated (a run resumed
+    with any number of processes goes on from the same total). ``grad`` needs nothing: DDP averages the
+    gate's gradient, so every rank accumulates the same values."""
+    from tcskd import dist
+
+    if world == 1 or not head.k or select_by == "grad":
+        return
+    dist.all_reduce_sum(head.importance)
+    if rank != 0:
+        head.importance.zero_()
 
 
 def _elsh_for_mask(prep: Prepared, head: TCSHead, device: torch.device
@@ -821,6 +841,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         head.load_state_dict(saved["head"])
         optimizer.load_state_dict(saved["optimizer"])
         set_rng_state(saved["rng"])
+        if dist.rank() != 0 and cfg.select_by != "grad" and head.k:
+            head.importance.zero_()  # the checkpoint's importance is the sum over ranks: rank 0 carries it
         state = LoopState(saved["epoch"], saved["step"], saved["train_seconds"], saved["images"])
         log.info("resuming %s after epoch %d", out, state.epoch)
         was = (saved.get("meta") or {}).get("augment_rng", "numpy-per-row")

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 #: Always part of a group's key.
 GROUP_KEYS = ("method", "basis_kind", "dim", "labels_per_class")
 #: Added to the key (and shown as a column) only when they vary across runs.
-OPTIONAL_KEYS = ("student", "lambda", "tailoring", "elsh_bits", "classify_from", "cache_key")
+OPTIONAL_KEYS = ("student", "lambda", "tailoring", "elsh_bits", "classify_from", "basis", "epochs", "mimic",
+                 "target_norm", "holdout", "cache_key")
 #: Baselines first (no KD, FitNet, online KD), in this order; other methods (tcs) follow alphabetically.
 METHOD_ORDER = ("ce", "fitnet", "online")
 MB = 1024 * 1024
@@ -236,6 +237,9 @@ def _fmt_key(name: str, value: Any) -> str:
         return "all" if v is None or v <= 0 else f"{v:g}"
     if value is None:
         return "-"
+    if name == "holdout" and isinstance(value, dict):
+        n = value.get("val_per_class")
+        return (f"{n}/class" if n is not None else f"{value.get('val_frac', 0):g}") + f" s{value.get('val_seed', 0)}"
     if name == "cache_key":
         return str(value)[:8]
     if isinstance(value, float):
@@ -245,7 +249,9 @@ def _fmt_key(name: str, value: Any) -> str:
 
 HEADERS = {"method": "method", "basis_kind": "basis", "dim": "dim", "labels_per_class": "labels/class",
            "student": "student", "lambda": "lambda", "tailoring": "tailoring", "elsh_bits": "eLSH bits",
-           "classify_from": "classifier on", "cache_key": "cache"}
+           "classify_from": "classifier on", "basis": "basis name", "epochs": "epochs", "mimic": "mimic",
+           "target_norm": "target norm", "holdout": "validation", "basis_excludes_val": "basis w/o val",
+           "cache_key": "cache"}
 #: Said under every table: which column choices are made on.
 PROTOCOL = ("val top-1: the held-out validation rows of the training split, where settings are chosen; "
             "test top-1: the test split, evaluated once per run after training; kNN: test top-1 of a "
@@ -254,12 +260,15 @@ PROTOCOL = ("val top-1: the held-out validation rows of the training split, wher
 
 def teacher_lines(evals: list[dict[str, Any]]) -> list[str]:
     """One line per label budget of ``tcskd eval`` results: kNN / linear probe, val and test, mean ± std."""
-    by: dict[str, list[dict[str, Any]]] = {}
-    for e in evals:
-        by.setdefault(_fmt_key("labels_per_class", e.get("labels_per_class")), []).append(e)
+    by: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for e in evals:  # only results of the same teacher, data, holdout and k are averaged
+        lpc = _fmt_key("labels_per_class", e.get("labels_per_class"))
+        same = tuple(json.dumps(e.get(n), sort_keys=True) for n in ("teacher", "data", "holdout", "k",
+                                                                     "train_cache", "test_cache"))
+        by.setdefault((lpc,) + same, []).append(e)
     lines = []
-    for lpc in sorted(by, key=lambda v: (v == "all", float(v) if v != "all" else 0.0)):
-        group = by[lpc]
+    for key in sorted(by, key=lambda v: (v[0] == "all", float(v[0]) if v[0] != "all" else 0.0, v[1:])):
+        group, lpc = by[key], key[0]
 
         def stat(name: str) -> str:
             return _fmt(mean_std(100 * _num(e.get(name)) if _num(e.get(name)) is not None else None

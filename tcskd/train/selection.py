@@ -7,18 +7,24 @@ importance are dropped (at least one per step while ``drop_frac > 0``), but
 never below ``min_dim``. Importance is accumulated between two selection
 steps and then reset (:func:`step_importance`, the amount one optimizer step adds):
 
-- ``grad``: ``|dL/dg|`` of the per-coordinate gate, summed over steps. As the
-  projector fits, it shrinks with the error, so it ranks coordinates much like
-  ``error``;
+- ``grad``: ``|dL/dg|`` of the per-coordinate gate, summed over steps (the
+  paper's accumulated gradient of a mask); it grows with a coordinate's error
+  and with its predicted value, so it mostly keeps the leading coordinates;
 - ``taylor``: the first-order change of the total loss when coordinate j is
   switched off, ``-dL/dm_j`` of the mask (``L(m_j = 0) - L(m) ~ -dL/dm_j``),
   summed over steps: a coordinate whose removal would raise the loss (CE too,
   when the classifier reads the coordinates) is important; one whose removal
-  would lower it (a target the student cannot follow) is dropped first;
-- ``error``: the per-coordinate squared error ``sum_b (c_hat - c)^2``; the
-  coordinates the student already matches best (lowest error) are dropped;
-- ``worst``: the same error with the opposite sign: the coordinates the
-  student matches worst are dropped (the capacity-gap reading of tailoring).
+  would lower it (a target the student cannot follow) is dropped first. With
+  the classifier on the feature and no eLSH term the mask enters the loss
+  only through the mimic term, linearly, and ``taylor`` drops the coordinates
+  of largest absolute error first (mostly the leading, high-variance ones);
+  CE (``classify_from='coords'``) or eLSH change that;
+- ``error``: the per-coordinate relative squared error of a batch,
+  ``sum_b (c_hat - c)^2 / sum_b c^2`` (1 - R^2 of the coordinate, so that the
+  leading high-variance coordinates do not dominate by their scale alone); the
+  coordinates the student already matches best are dropped;
+- ``worst``: the same relative error with the opposite sign: the coordinates
+  the student matches worst are dropped (the capacity-gap reading of tailoring).
 
 Ties drop the later (lower-variance) coordinate first. ``select_every = 0``
 switches tailoring off. Under torchrun every criterion is summed over the
@@ -47,7 +53,10 @@ def step_importance(select_by: str, gate_grad: torch.Tensor | None, mask_grad: t
         if mask_grad is None:
             raise ValueError("select_by taylor needs the mask's gradient")
         return -mask_grad.detach()
-    err = ((c_hat.detach().float() - c.float()) ** 2).sum(0)
+    # The error relative to the coordinate's own energy in the batch (1 - R^2 for centred targets):
+    # in absolute terms the leading, high-variance coordinates always carry the largest errors.
+    c = c.float()
+    err = ((c_hat.detach().float() - c) ** 2).sum(0) / (c ** 2).sum(0).clamp_min(1e-12)
     if select_by == "error":
         return err
     if select_by == "worst":
