@@ -83,3 +83,23 @@ def test_step_importance_of_each_criterion():
         step_importance("taylor", gate.grad, None, c_hat, c)
     with pytest.raises(ValueError, match="unknown"):
         step_importance("random", gate.grad, mask.grad, c_hat, c)
+
+
+def test_tailor_presets_follow_the_label_budget_and_explicit_options_win():
+    from tcskd.train.loop import FIXED, TAILORED, TrainConfig, default_dim, resolve_config
+
+    every = resolve_config(TrainConfig(cache="c", tailor="auto"))
+    few = resolve_config(TrainConfig(cache="c", tailor="auto", labels_per_class=10))
+    for cfg, preset in ((every, TAILORED), (few, FIXED)):
+        assert {k: getattr(cfg, k) for k in ("select_every", "drop_frac", "min_dim", "select_by", "classify_from")
+                } == {k: v for k, v in preset.items() if k != "start_dim"}
+        assert default_dim(cfg) == preset["start_dim"]
+    assert every.select_every == 1 and every.classify_from == "coords" and few.select_every == 0
+    assert resolve_config(TrainConfig(cache="c", tailor="on", labels_per_class=10)).select_every == 1
+    assert resolve_config(TrainConfig(cache="c", tailor="off")).select_every == 0
+    assert resolve_config(TrainConfig(cache="c", method="fitnet", tailor="auto")).select_every == 0
+    # an explicit option overrides its part of the preset, and nothing else
+    mixed = resolve_config(TrainConfig(cache="c", tailor="auto", select_by="grad", min_dim=32))
+    assert (mixed.select_by, mixed.min_dim, mixed.select_every, mixed.classify_from) == ("grad", 32, 1, "coords")
+    off = resolve_config(TrainConfig(cache="c", tailor="auto", select_every=0))
+    assert off.select_every == 0 and default_dim(off) == FIXED["start_dim"]

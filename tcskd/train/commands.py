@@ -43,13 +43,17 @@ _FIELD = {"lambda_": "lam"}
 @click.option("--val-per-class", type=int, default=None, help="Hold out n rows per class instead of --val-frac.")
 @click.option("--val-seed", type=int, default=0, show_default=True,
               help="Seed of the validation split (the same for every --seed).")
-@click.option("--select-every", type=int, default=0, show_default=True, help="Tailoring period in epochs (0: off).")
-@click.option("--drop-frac", type=float, default=0.1, show_default=True)
-@click.option("--min-dim", type=int, default=8, show_default=True)
-@click.option("--select-by", type=click.Choice(["grad", "taylor", "error", "worst"]), default="grad", show_default=True,
+@click.option("--tailor", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Tailoring: on = from 256 coordinates down to 64 by taylor importance, the classifier reading "
+                   "the coordinates; off = the first 64 throughout; auto = on with every label, off with "
+                   "--labels-per-class (chosen on validation, see README). The options below override parts.")
+@click.option("--select-every", type=int, default=None, help="Tailoring period in epochs (0: off).")
+@click.option("--drop-frac", type=float, default=None, help="Share of the active coordinates dropped per step.")
+@click.option("--min-dim", type=int, default=None, help="Tailoring stops at this many coordinates.")
+@click.option("--select-by", type=click.Choice(["grad", "taylor", "error", "worst"]), default=None,
               help="Tailoring importance: |dL/dgate|, first-order loss change (taylor), or the per-coordinate "
-                   "error dropping the best- (error) or worst-matched (worst) coordinates.")
-@click.option("--classify-from", type=click.Choice(["feature", "coords"]), default="feature", show_default=True,
+                   "relative error dropping the best- (error) or worst-matched (worst) coordinates.")
+@click.option("--classify-from", type=click.Choice(["feature", "coords"]), default=None,
               help="The classifier reads the student feature, or the active predicted teacher coordinates.")
 @click.option("--elsh-bits", type=int, default=0, show_default=True, help="Bits of the eLSH term (0: off).")
 @click.option("--elsh-weight", type=float, default=1.0, show_default=True)

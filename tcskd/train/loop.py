@@ -50,7 +50,7 @@ from tcskd.train.head import CLASSIFY_FROM, TCSHead
 from tcskd.train.losses import MIMICS, elsh_bias, elsh_params, elsh_sample, tcs_loss
 from tcskd.train.selection import SELECT_BY, SelectionSchedule, apply_selection, step_importance
 from tcskd.train.students import Student, StudentError, build_student, count_parameters
-from tcskd.train.targets import (AUGMENT_RNG, METHODS, TARGET_NORMS, EpochSampler, TorchProjection, ViewImages,
+from tcskd.train.targets import (AUGMENT_RNG, DEFAULT_DIM, METHODS, TARGET_NORMS, EpochSampler, TorchProjection, ViewImages,
                                  RAW, check_complete, load_targets, match_rows, resolve_augment,
                                  resolve_basis, target_scale)
 
@@ -114,20 +114,24 @@ class TrainConfig:
     """Hold out this many rows of each class instead of ``val_frac``."""
     val_seed: int = 0
     """Seed of the validation split; the same for every run seed, so seeds are compared on the same rows."""
-    select_every: int = 0
-    """Tailoring: drop coordinates after every this-many epochs; 0 = off."""
-    drop_frac: float = 0.1
-    """Share of the active coordinates dropped per selection step."""
-    min_dim: int = 8
-    """Tailoring never goes below this many active coordinates."""
-    select_by: str = "grad"
+    tailor: str = "auto"
+    """Tailoring (iterative coordinate selection): on = the TAILORED schedule, off = a fixed K, auto = on when
+    every label is used and off with ``labels_per_class`` (the built-in default's validation grid: tailoring
+    helped with all labels and hurt with 10 per class; README). Each field below overrides its part."""
+    select_every: int | None = None
+    """Drop coordinates after every this-many epochs; 0 = no tailoring; None = from ``tailor``."""
+    drop_frac: float | None = None
+    """Share of the active coordinates dropped per selection step; None = from ``tailor``."""
+    min_dim: int | None = None
+    """Tailoring never goes below this many active coordinates; None = from ``tailor``."""
+    select_by: str | None = None
     """Importance for tailoring (tcskd.train.selection): grad (accumulated |dL/dgate|), taylor (first-order loss
     change when a coordinate is switched off), error (drops the best-matched coordinates) or worst (drops the
-    worst-matched ones)."""
-    classify_from: str = "feature"
+    worst-matched ones); None = from ``tailor``."""
+    classify_from: str | None = None
     """What the classifier reads: feature (the student's feature f) or coords (the predicted, active teacher
     coordinates m * c_hat, so CE also shapes the coordinates and the tailoring criteria see the task; merged
-    into one linear layer at export)."""
+    into one linear layer at export); None = from ``tailor``."""
     elsh_bits: int = 0
     """Bits of the eLSH term; 0 = off."""
     elsh_weight: float = 1.0
@@ -162,6 +166,30 @@ class TrainConfig:
 
 # -- config -----------------------------------------------------------------
 
+#: ``--tailor on``: start from (up to) 256 coordinates and drop a fifth of them after every epoch down to
+#: DEFAULT_DIM, by the taylor importance, the classifier reading the coordinates (chosen on validation).
+TAILORED = {"start_dim": 256, "select_every": 1, "drop_frac": 0.2, "min_dim": DEFAULT_DIM,
+            "select_by": "taylor", "classify_from": "coords"}
+#: ``--tailor off``: the first DEFAULT_DIM coordinates throughout, the classifier reading the feature.
+FIXED = {"start_dim": DEFAULT_DIM, "select_every": 0, "drop_frac": 0.2, "min_dim": DEFAULT_DIM,
+         "select_by": "grad", "classify_from": "feature"}
+TAILOR = ("auto", "on", "off")
+
+
+def default_dim(cfg: TrainConfig) -> int:
+    """K without ``--dim``: the preset's start (256 when tailoring, DEFAULT_DIM when not), or the basis's K
+    when it has fewer components."""
+    return int(tailoring_preset(cfg)["start_dim"] if cfg.select_every else DEFAULT_DIM)
+
+
+def tailoring_preset(cfg: TrainConfig) -> dict[str, Any]:
+    """The preset ``cfg.tailor`` stands for, given the method and the label budget."""
+    if cfg.tailor not in TAILOR:
+        raise TcskdError(f"unknown --tailor '{cfg.tailor}' (choose {', '.join(TAILOR)})")
+    on = cfg.tailor == "on" or (cfg.tailor == "auto" and cfg.labels_per_class is None
+                                and cfg.method in ("tcs", "online"))
+    return TAILORED if on else FIXED
+
 def resolve_config(cfg: TrainConfig) -> TrainConfig:
     """Check the options and fill in the defaults that depend on others."""
     if cfg.method not in METHODS:
@@ -174,6 +202,10 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         raise TcskdError(f"unknown schedule '{cfg.schedule}' (choose cosine or step)")
     if cfg.target_norm not in TARGET_NORMS:
         raise TcskdError(f"unknown --target-norm '{cfg.target_norm}' (choose {', '.join(TARGET_NORMS)})")
+    preset = tailoring_preset(cfg)
+    cfg = dataclasses.replace(cfg, **{k: preset[k] if getattr(cfg, k) is None else getattr(cfg, k)
+                                      for k in ("select_every", "drop_frac", "min_dim", "select_by",
+                                                "classify_from")})
     if cfg.select_by not in SELECT_BY:
         raise TcskdError(f"unknown --select-by '{cfg.select_by}' (choose {', '.join(SELECT_BY)})")
     if cfg.classify_from not in CLASSIFY_FROM:
@@ -311,7 +343,8 @@ def prepare(cfg: TrainConfig) -> Prepared:
         holdout = Holdout(cfg.val_frac, cfg.val_per_class, cfg.val_seed)
         val = holdout.mask(labels, sample_index)
         fit_rows = ~val
-        basis = resolve_basis(store, cfg.method, cfg.basis, cfg.dim) if store is not None else None
+        basis = (resolve_basis(store, cfg.method, cfg.basis, cfg.dim, default_dim(cfg)) if store is not None
+                 else None)
         targets = None
         elsh = elsh_rows = None
         if basis is not None and (cfg.method != "online" or cfg.elsh_bits):

@@ -64,7 +64,8 @@ def raw_basis(dim: int) -> Basis:
                  np.arange(1, dim + 1, dtype=np.float64) / dim, False, {})
 
 
-def resolve_basis(store: Store, method: str, name: str, dim: int | None) -> Basis | None:
+def resolve_basis(store: Store, method: str, name: str, dim: int | None,
+                  default: int | None = None) -> Basis | None:
     """The coordinate system of ``method`` (None for ``ce``), truncated to ``dim`` (not for fitnet)."""
     if method == "ce":
         return None
@@ -83,9 +84,10 @@ def resolve_basis(store: Store, method: str, name: str, dim: int | None) -> Basi
     basis = load_basis(store, name)
     if dim is not None and dim > basis.k:
         raise StoreError(f"--dim {dim} exceeds the {basis.k} components of basis '{basis.name}'")
-    if dim is None and basis.k > DEFAULT_DIM:
-        log.info("K = %d, the default (of the %d components of basis '%s')", DEFAULT_DIM, basis.k, basis.name)
-    return basis.truncate(dim if dim is not None else min(DEFAULT_DIM, basis.k))
+    default = DEFAULT_DIM if default is None else default
+    if dim is None and basis.k > default:
+        log.info("K = %d, the default (of the %d components of basis '%s')", default, basis.k, basis.name)
+    return basis.truncate(dim if dim is not None else min(default, basis.k))
 
 
 # -- rows -------------------------------------------------------------------
