@@ -13,14 +13,16 @@ TEACHER     ?= builtin:efficientnet-lite0
 IMAGE_SIZE  ?= 112
 DEVICE      ?= auto
 STUDENT     ?= cnn
-DIM         ?= 64
-LAMBDA      ?= 10
+DIM         ?=
+LAMBDA      ?=
+JOBS        ?= 2
+GRID_SEEDS  ?= 0 1 2
 EPOCHS      ?= 15
 SEEDS       ?= 0
 METHODS     ?= ce fitnet tcs
 CACHE_OPTS  := --data $(DATA) --teacher $(TEACHER) --image-size $(IMAGE_SIZE) --device $(DEVICE)
 
-.PHONY: install demo cache basis train eval report test test-fast bench clean
+.PHONY: install demo grid cache basis train eval report test test-fast bench clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,18 +41,24 @@ cache: install
 TRAIN_CACHE = $$($(TCSKD) -q cache $(CACHE_OPTS) --split train | tail -n1)
 TEST_CACHE  = $$($(TCSKD) -q cache $(CACHE_OPTS) --split test | tail -n1)
 
-# Stage 2: the default PCA basis (with stored coordinates) of the train cache.
+# Stage 2: the default PCA basis (256 coordinates stored, the validation rows left out) of the train cache.
 basis: cache
-	$(TCSKD) basis --cache $(TRAIN_CACHE) --name pca --kind pca --dim $(DIM) --coords --device $(DEVICE)
+	$(TCSKD) basis --cache $(TRAIN_CACHE) --name pca --kind pca --dim 256 --coords --exclude-val --device $(DEVICE)
 
-# Stage 3: the default student with TCS on the default caches.
+# Stage 3: the default student with TCS (its defaults unless DIM / LAMBDA are given) on the default caches.
 train: basis
 	$(TCSKD) train --cache $(TRAIN_CACHE) --basis pca --student $(STUDENT) --method tcs \
-	  --dim $(DIM) --lambda $(LAMBDA) --epochs $(EPOCHS) --device $(DEVICE) --out $(RUNS)/train-tcs --resume
+	  $(if $(DIM),--dim $(DIM)) $(if $(LAMBDA),--lambda $(LAMBDA)) --epochs $(EPOCHS) --device $(DEVICE) \
+	  --out $(RUNS)/train-tcs --resume
 
-# The teacher's reference accuracy from cached features alone.
+# The teacher's reference accuracy from cached features alone (validation rows held out as in training).
 eval: cache
 	$(TCSKD) eval --cache $(TRAIN_CACHE) --test-cache $(TEST_CACHE) --device $(DEVICE) --out $(RUNS)/teacher-eval.json
+
+# The validation grid behind the defaults and the README's method table (3 seeds; long on a CPU).
+grid: install
+	SEEDS="$(GRID_SEEDS)" EPOCHS=$(EPOCHS) IMAGE_SIZE=$(IMAGE_SIZE) DEVICE=$(DEVICE) \
+	  JOBS=$(JOBS) RUNS=$(RUNS)/grid STUDENT=$(STUDENT) TCSKD=$(TCSKD) bash scripts/grid.sh
 
 # The main job: cache -> basis -> train ce, fitnet and tcs at all labels and at
 # 10 labels per class, the teacher's eval, and the comparison report.
@@ -59,7 +67,8 @@ demo: install
 	  DEVICE=$(DEVICE) RUNS=$(RUNS)/demo STUDENT=$(STUDENT) TCSKD=$(TCSKD) bash scripts/demo.sh
 
 report:
-	$(TCSKD) report $(RUNS)/demo/*/ --teacher-eval $(RUNS)/demo/teacher-eval.json --png $(RUNS)/demo/report.png
+	$(TCSKD) report $(RUNS)/demo/*-lpc*/ $(foreach f,$(wildcard $(RUNS)/demo/teacher-lpc*.json),--teacher-eval $(f)) \
+	  --png $(RUNS)/demo/report.png
 
 test: install
 	$(BIN)/python -m pytest -q

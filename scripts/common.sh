@@ -1,0 +1,39 @@
+# Shared by scripts/demo.sh and scripts/grid.sh (sourced): the steps both take on the built-in default.
+# Expects TCSKD, RUNS, LPCS, SEEDS, IMAGE_SIZE and DEVICE; sets train_cache and test_cache.
+
+# Stage 1: the train and test caches (a cache hit when they exist).
+build_caches() {
+  local opts=(--data builtin:mnist5k --teacher builtin:efficientnet-lite0 --image-size "$IMAGE_SIZE"
+              --device "$DEVICE")
+  train_cache=$($TCSKD -q cache "${opts[@]}" --split train | tail -n1)
+  test_cache=$($TCSKD -q cache "${opts[@]}" --split test | tail -n1)
+}
+
+# Stage 2: basis NAME of KIND (256 coordinates stored), fitted without the validation rows.
+fit_basis() {
+  $TCSKD -q basis --cache "$train_cache" --name "$1" --kind "$2" --dim 256 --coords --exclude-val \
+    --device "$DEVICE"
+}
+
+# The teacher's reference from cached features at each label budget of LPCS (every seed of SEEDS for a
+# budget; one for all labels, where the seed changes nothing but the probe's start).
+teacher_evals() {
+  local lpc seed seeds f args
+  for lpc in $LPCS; do
+    seeds=$SEEDS
+    [ "$lpc" = all ] && seeds=${SEEDS%% *}
+    for seed in $seeds; do
+      f="$RUNS/teacher-lpc$lpc-s$seed.json"
+      [ -f "$f" ] && continue
+      args=(--cache "$train_cache" --test-cache "$test_cache" --device "$DEVICE" --seed "$seed" --out "$f")
+      [ "$lpc" != all ] && args+=(--labels-per-class "$lpc")
+      $TCSKD -q eval "${args[@]}" >/dev/null
+    done
+  done
+}
+
+# The comparison report of every run in RUNS, with the teacher lines.
+report() {
+  $TCSKD report "$RUNS"/*-lpc*/ $(for f in "$RUNS"/teacher-lpc*.json; do echo --teacher-eval "$f"; done) \
+    --png "$RUNS/report.png" | tee "$RUNS/report.md"
+}
