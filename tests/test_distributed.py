@@ -150,7 +150,7 @@ def _toy_args(cache: Path, out: Path, select_by: str, *extra: str) -> list[str]:
     return ["--cache", str(cache), "--basis", "id", "--student", "python:test_method_toy:tiny_mlp",
             "--optimizer", "adamw", "--lr", "0.003", "--batch-size", "32", "--augment", "none", "--epochs", "4",
             "--select-every", "2", "--drop-frac", "0.5", "--min-dim", "4", "--select-by", select_by,
-            "--device", "cpu", "--out", str(out), *extra]
+            "--classify-from", "feature", "--device", "cpu", "--out", str(out), *extra]
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +190,7 @@ def one_process_runs(ddp_runs, tmp_path_factory):
         return {c: (root / c, train(TrainConfig(
             cache=str(cache), basis="id", student="python:test_method_toy:tiny_mlp", optimizer="adamw", lr=0.003,
             batch_size=32, augment="none", epochs=4, select_every=2, drop_frac=0.5, min_dim=4, select_by=c,
-            device="cpu", workers=0, out=str(root / c)))) for c in CRITERIA}
+            classify_from="feature", device="cpu", workers=0, out=str(root / c)))) for c in CRITERIA}
     finally:
         torch.set_num_threads(was)
 
