@@ -5,8 +5,8 @@
 build_caches() {
   local opts=(--data builtin:mnist5k --teacher builtin:efficientnet-lite0 --image-size "$IMAGE_SIZE"
               --device "$DEVICE")
-  train_cache=$($TCSKD -q cache "${opts[@]}" --split train | tail -n1)
-  test_cache=$($TCSKD -q cache "${opts[@]}" --split test | tail -n1)
+  train_cache=$($TCSKD cache "${opts[@]}" --split train | tail -n1)
+  test_cache=$($TCSKD cache "${opts[@]}" --split test | tail -n1)
 }
 
 # Stage 2: basis NAME of KIND (256 coordinates stored), fitted without the validation rows.
