@@ -218,8 +218,7 @@ def fit_basis(cfg: BasisConfig) -> dict[str, Any]:
                 holdout = cfg.holdout()
                 held_out = None
                 if holdout is not None:
-                    val = holdout_rows(src, ok, holdout)
-                    held_out = rows_digest(np.asarray(src.read("sample_index"), np.int64)[val])
+                    val, held_out = holdout_rows(src, ok, holdout)
                     ok &= ~val
                 rows_used = int(ok.sum())
                 log.info("fitting %s basis '%s' on %d rows (view %s) of %s on %s", cfg.kind, name,
@@ -283,8 +282,9 @@ def _check_ready(store: Store) -> None:
     require_complete(store, ("features", "row_ok"))
 
 
-def holdout_rows(store: Store, ok: np.ndarray, holdout: Holdout) -> np.ndarray:
-    """The validation rows (``tcskd.splits``) among the usable rows ``ok`` of a cache of the train split."""
+def holdout_rows(store: Store, ok: np.ndarray, holdout: Holdout) -> tuple[np.ndarray, str]:
+    """(mask, digest of their sample_index values) of the validation rows (``tcskd.splits``) among the
+    usable rows ``ok`` of a cache of the train split."""
     split = store.manifest.get("split", "train")
     if split != "train":
         raise TcskdError(f"--exclude-val needs a cache of the train split (the rows training runs hold out); "
@@ -294,7 +294,7 @@ def holdout_rows(store: Store, ok: np.ndarray, holdout: Holdout) -> np.ndarray:
     out = np.zeros(len(ok), bool)
     out[ok] = holdout.mask(labels[ok], sample_index[ok])
     log.info("leaving out %d validation rows (%s)", int(out.sum()), holdout.as_dict())
-    return out
+    return out, rows_digest(sample_index[out])
 
 
 def _remove_leftovers(store: Store) -> None:

@@ -145,14 +145,22 @@ def linear_probe_top1(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarr
     and standard deviation. ``seed`` seeds the weight initialisation; labels
     < 0 are ignored on both sides.
     """
+    return linear_probe_scores(train_x, train_y, [(test_x, test_y)], epochs, device, seed, weight_decay)[0]
+
+
+def linear_probe_scores(train_x: np.ndarray, train_y: np.ndarray, queries: list[tuple[np.ndarray, np.ndarray]],
+                        epochs: int = 100, device: str | torch.device = "cpu", seed: int = 0,
+                        weight_decay: float = 1e-3) -> list[float]:
+    """:func:`linear_probe_top1` of one probe, fitted once, on each (x, y) of ``queries``."""
     if epochs < 1:
         raise TcskdError(f"linear probe epochs must be >= 1 (got {epochs})")
     tx, ty = _labelled(train_x, train_y, "train")
-    vx, vy = _labelled(test_x, test_y, "test")
-    if tx.shape[1] != vx.shape[1]:
-        raise TcskdError(f"train features have {tx.shape[1]} dims, test features {vx.shape[1]}")
+    labelled = [_labelled(qx, qy, "test") for qx, qy in queries]
+    for vx, _ in labelled:
+        if tx.shape[1] != vx.shape[1]:
+            raise TcskdError(f"train features have {tx.shape[1]} dims, test features {vx.shape[1]}")
     dev = _as_device(device)
-    c = int(max(ty.max(), vy.max())) + 1
+    c = int(max([ty.max()] + [vy.max() for _, vy in labelled])) + 1
     d = tx.shape[1]
 
     # A copy (never a view of the caller's array): it is standardised in place below.
@@ -176,13 +184,16 @@ def linear_probe_top1(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarr
 
     opt.step(closure)
     del x
+    scores = []
     with torch.no_grad():
-        correct = 0
-        for start in range(0, len(vy), 65536):
-            q = torch.as_tensor(np.asarray(vx[start:start + 65536]), device=dev).float()
-            pred = (((q - mean) / std) @ w + b).argmax(1).cpu().numpy()
-            correct += int((pred == vy[start:start + 65536]).sum())
-    return correct / len(vy)
+        for vx, vy in labelled:
+            correct = 0
+            for start in range(0, len(vy), 65536):
+                q = torch.as_tensor(np.asarray(vx[start:start + 65536]), device=dev).float()
+                pred = (((q - mean) / std) @ w + b).argmax(1).cpu().numpy()
+                correct += int((pred == vy[start:start + 65536]).sum())
+            scores.append(correct / len(vy))
+    return scores
 
 
 # -- the teacher's reference accuracy ----------------------------------------
@@ -326,16 +337,16 @@ def evaluate_teacher(cfg: EvalConfig) -> dict[str, Any]:
         raise StoreError(f"test cache {test_path} has no labelled rows to evaluate on")
     log.info("evaluating teacher %s: %d train / %d test rows, dim %d", mtr.get("teacher_spec"),
              n_train, n_test, dtr)
-    result: dict[str, Any] = {}
-    for name, (qx, qy) in (("val", (val_x, val_y)), ("test", (test_x, test_y))):
-        prefix = "" if name == "test" else "val_"
-        if not (qy >= 0).any():
-            result[f"{prefix}knn_top1"] = result[f"{prefix}linear_top1"] = None
-            continue
+    # One probe, fitted once, scored on the validation rows (when there are labelled ones) and on test.
+    queries = {"val_": (val_x, val_y), "": (test_x, test_y)}
+    queries = {p: q for p, q in queries.items() if (q[1] >= 0).any()}
+    result: dict[str, Any] = {"val_knn_top1": None, "val_linear_top1": None}
+    for prefix, (qx, qy) in queries.items():
         result[f"{prefix}knn_top1"] = knn_top1(train_x, train_y, qx, qy, k=cfg.k, temperature=cfg.temperature,
                                                device=dev)
-        result[f"{prefix}linear_top1"] = (linear_probe_top1(train_x, train_y, qx, qy, epochs=cfg.probe_epochs,
-                                                            device=dev, seed=cfg.seed) if cfg.linear else None)
+    probe = (linear_probe_scores(train_x, train_y, list(queries.values()), epochs=cfg.probe_epochs, device=dev,
+                                 seed=cfg.seed) if cfg.linear else [None] * len(queries))
+    result.update({f"{prefix}linear_top1": v for prefix, v in zip(queries, probe)})
     result.update({
         "k": min(cfg.k, n_train), "train_rows": n_train, "val_rows": int(val.sum()),
         "labels_per_class": cfg.labels_per_class, "seed": cfg.seed, "holdout": holdout.as_dict(),

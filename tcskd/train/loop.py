@@ -47,7 +47,7 @@ from tcskd.cache.views import center_view, resize_on_device
 from tcskd.errors import StoreError, TcskdError
 from tcskd.splits import Holdout, labelled_mask, rows_digest
 from tcskd.train.head import CLASSIFY_FROM, TCSHead
-from tcskd.train.losses import MIMICS, elsh_bias, elsh_params, elsh_sample, tcs_loss
+from tcskd.train.losses import MIMICS, elsh_bias, elsh_planes, elsh_sample, tcs_loss
 from tcskd.train.selection import SELECT_BY, SelectionSchedule, apply_selection, step_importance
 from tcskd.train.students import Student, StudentError, build_student, count_parameters
 from tcskd.train.targets import (AUGMENT_RNG, DEFAULT_DIM, METHODS, TARGET_NORMS, EpochSampler, TorchProjection, ViewImages,
@@ -353,9 +353,10 @@ def prepare(cfg: TrainConfig) -> Prepared:
         scale = target_scale(basis, targets, cfg.target_norm) if basis is not None else None
         if targets is not None:
             targets /= np.float32(scale)
-            if cfg.elsh_bits:
-                elsh = elsh_params(targets, cfg.elsh_bits, cfg.seed)
-                elsh_rows = elsh_sample(targets, cfg.seed)  # the bias is fitted again when the mask changes
+            if cfg.elsh_bits:  # the sample is kept: the bias is fitted again when the mask changes
+                elsh_rows = elsh_sample(targets, cfg.seed)
+                w = elsh_planes(cfg.elsh_bits, targets.shape[-1], cfg.seed)
+                elsh = (w, elsh_bias(elsh_rows, w))
             if cfg.method == "online":
                 targets = None  # only needed for the eLSH bias; the teacher computes them live
     finally:
@@ -711,9 +712,7 @@ def fit(cfg: TrainConfig, prep: Prepared, student: Student, head: TCSHead, optim
                 and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)):
             _, logits = embed(student, head, prep.val_set, device, eval_bs, workers)
             val = top1(logits, prep.val_set.ce_labels)
-        _gather_importance(head, cfg.select_by, world, rank)
-        if world > 1 and head.k and cfg.select_by != "grad" and schedule.selects_after(epoch):
-            dist.all_reduce_sum(head.importance)  # rank 0 holds the sum, the others 0: now every rank has it
+        _gather_importance(head, cfg.select_by, world, rank, everywhere=schedule.selects_after(epoch))
         if apply_selection(head, schedule, epoch) and elsh is not None:
             elsh = _elsh_for_mask(prep, head, device)  # the hash of the coordinates still active
         state.epoch = epoch + 1
@@ -735,17 +734,18 @@ def fit(cfg: TrainConfig, prep: Prepared, student: Student, head: TCSHead, optim
     return state
 
 
-def _gather_importance(head: TCSHead, select_by: str, world: int, rank: int) -> None:
+def _gather_importance(head: TCSHead, select_by: str, world: int, rank: int, everywhere: bool) -> None:
     """Under torchrun, after every epoch: rank 0's importance becomes the sum over all ranks and the
     others start again from 0, so rank 0's checkpoint holds what every rank accumulated (a run resumed
-    with any number of processes goes on from the same total). ``grad`` needs nothing: DDP averages the
+    with any number of processes goes on from the same total); before a selection step (``everywhere``)
+    every rank keeps the sum, so all drop the same coordinates. ``grad`` needs nothing: DDP averages the
     gate's gradient, so every rank accumulates the same values."""
     from tcskd import dist
 
     if world == 1 or not head.k or select_by == "grad":
         return
     dist.all_reduce_sum(head.importance)
-    if rank != 0:
+    if rank != 0 and not everywhere:
         head.importance.zero_()
 
 

@@ -77,11 +77,14 @@ def elsh_bias(sample: torch.Tensor, w: torch.Tensor, mask: torch.Tensor | None =
                       for i in range(0, len(w), ELSH_BLOCK)]).to(w)
 
 
+def elsh_planes(bits: int, k: int, seed: int) -> torch.Tensor:
+    """W (bits x K): the seeded Gaussian hyperplanes of the eLSH term."""
+    return torch.randn(bits, k, generator=torch.Generator().manual_seed(int(seed) * 7919 + 17))
+
+
 def elsh_params(targets: np.ndarray, bits: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(W bits x K, b bits): seeded Gaussian hyperplanes, ``b = -median(W c)`` over (a sample of) ``targets``."""
-    k = targets.shape[-1]
-    gen = torch.Generator().manual_seed(int(seed) * 7919 + 17)
-    w = torch.randn(bits, k, generator=gen)
+    w = elsh_planes(bits, targets.shape[-1], seed)
     return w, elsh_bias(elsh_sample(targets, seed), w)
 
 

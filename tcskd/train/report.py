@@ -250,8 +250,7 @@ def _fmt_key(name: str, value: Any) -> str:
 HEADERS = {"method": "method", "basis_kind": "basis", "dim": "dim", "labels_per_class": "labels/class",
            "student": "student", "lambda": "lambda", "tailoring": "tailoring", "elsh_bits": "eLSH bits",
            "classify_from": "classifier on", "basis": "basis name", "epochs": "epochs", "mimic": "mimic",
-           "target_norm": "target norm", "holdout": "validation", "basis_excludes_val": "basis w/o val",
-           "cache_key": "cache"}
+           "target_norm": "target norm", "holdout": "validation", "cache_key": "cache"}
 #: Said under every table: which column choices are made on.
 PROTOCOL = ("val top-1: the held-out validation rows of the training split, where settings are chosen; "
             "test top-1: the test split, evaluated once per run after training; kNN: test top-1 of a "
@@ -282,8 +281,7 @@ def teacher_lines(evals: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def markdown_table(runs: list[dict[str, Any]],
-                   teacher_eval: dict[str, Any] | list[dict[str, Any]] | None = None) -> str:
+def markdown_table(runs: list[dict[str, Any]], teacher_eval: list[dict[str, Any]] | None = None) -> str:
     """A Markdown comparison table of the runs (one row per group), optionally under teacher lines."""
     names, groups = group_runs(runs)
     order = ["labels_per_class", "method", "basis_kind", "dim"] + names[4:]
@@ -291,8 +289,6 @@ def markdown_table(runs: list[dict[str, Any]],
                                           "peak mem (MB)", "n"]
     align = ["---"] * len(order) + ["---:"] * 6
     lines = []
-    if isinstance(teacher_eval, dict):
-        teacher_eval = [teacher_eval]
     if teacher_eval:
         lines += [line + "  " for line in teacher_lines(teacher_eval)] + [""]
     lines += ["| " + " | ".join(head) + " |", "| " + " | ".join(align) + " |"]
@@ -324,7 +320,7 @@ def _group_label(key: dict[str, Any]) -> str:
 
 
 def plot_runs(runs: list[dict[str, Any]], png_path: str | Path,
-              teacher_eval: dict[str, Any] | list[dict[str, Any]] | None = None) -> Path:
+              teacher_eval: list[dict[str, Any]] | None = None) -> Path:
     """A bar chart of test top-1 (mean ± sample std per group) written to ``png_path``.
 
     Uses the Agg canvas directly (no pyplot, no global backend change).
@@ -333,9 +329,9 @@ def plot_runs(runs: list[dict[str, Any]], png_path: str | Path,
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    if isinstance(teacher_eval, list):  # the lines of the all-labels reference, if there is one
-        every = [e for e in teacher_eval if _num(e.get("labels_per_class")) is None]
-        teacher_eval = every[0] if every else None
+    # The lines of the all-labels reference, if there is one.
+    every = [e for e in teacher_eval or [] if _num(e.get("labels_per_class")) is None]
+    teacher_eval = every[0] if every else None
     _, groups = group_runs(runs)
     labels = [_group_label(g["key"]) for g in groups]
     means = [g["stats"]["test_top1"][0] for g in groups]
