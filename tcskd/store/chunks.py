@@ -18,6 +18,7 @@ import numpy as np
 
 from tcskd.errors import StoreError
 from tcskd.store.backends import Store, iter_chunks
+from tcskd.store.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def read_chunk_rows(store: Store, chunk_rows: int | None = None) -> int:
         if chunk_rows < 1:
             raise StoreError(f"chunk_rows must be >= 1, got {chunk_rows}")
         return int(chunk_rows)
-    ch = store.manifest.get("chunk_rows")
+    ch = Manifest.read(store).chunk_rows
     if ch is None:
         ch = store["features"].chunks[0] or 1024
     return int(ch)

@@ -77,7 +77,7 @@ def missing_data(store: Store, names: tuple[str, ...] = ROW_ARRAYS, done: np.nda
     Only for stores whose manifest says ``dense_chunks`` (every chunk is written);
     cheap: one directory listing per array.
     """
-    if not store.manifest.get("dense_chunks"):
+    if not Manifest.read(store).dense_chunks:
         return []
     done = store.chunk_done() if done is None else done
     problems = []
@@ -111,7 +111,7 @@ def first_problem(store: Store, level: str = "complete", arrays: tuple[str, ...]
         if problems:
             return f"{name} {store.path} is damaged: {problems[0]}; see `tcskd cache verify`"
     done = store.chunk_done()
-    if not done.all() or not store.manifest.get("complete"):
+    if not done.all() or not Manifest.read(store).complete:
         return (f"{name} {store.path} is incomplete ({int(done.sum())}/{len(done)} chunks done); "
                 f"finish it by running the same `tcskd cache` command again")
     if level == "complete":
