@@ -103,9 +103,8 @@ def first_problem(store: Store, level: str = "complete", arrays: tuple[str, ...]
     if level == "open":
         return None
     name = f"{what} cache" if what else "cache"
-    for needed in ("features", "chunk_done"):
-        if needed not in store:
-            return f"{name} {store.path} has no {needed} array: its creation was cut short; rebuild it"
+    if "chunk_done" not in store:
+        return f"{name} {store.path} has no chunk_done array: its creation was cut short; rebuild it"
     if level == "complete":
         problems = check_structure(store)
         if problems:
