@@ -9,13 +9,6 @@
 - :mod:`~tcskd.store.chunks`: the one chunk iterator over a cache's rows.
 - :mod:`~tcskd.store.bases`: bases (``Basis``), read and written atomically.
 - :mod:`~tcskd.store.handle`: ``open_cache`` -> ``Cache``, the typed handle the stages read through.
+
+Import from the modules (this package imports nothing, so that ``tcskd cache ls`` does not load torch).
 """
-
-from tcskd.store.backends import FORMATS, Store, detect_format, open_store
-from tcskd.store.bases import Basis, load_basis
-from tcskd.store.handle import Cache, open_cache
-from tcskd.store.manifest import Manifest
-from tcskd.store.paths import RemotePath, as_location, is_remote
-
-__all__ = ["FORMATS", "Basis", "Cache", "Manifest", "RemotePath", "Store", "as_location", "detect_format",
-           "is_remote", "load_basis", "open_cache", "open_store"]
