@@ -217,14 +217,14 @@ def device_name(device: torch.device) -> str:
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    from tcskd.cache.build import _git_sha
+    from tcskd.store.manifest import git_sha
 
     env: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": str(device), "device_name": device_name(device), "cpu": device_name(torch.device("cpu")),
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(), "python": platform.python_version(),
-        "tcskd": tcskd.__version__, "git_sha": _git_sha(), "torch": torch.__version__, "numpy": np.__version__,
+        "tcskd": tcskd.__version__, "git_sha": git_sha(), "torch": torch.__version__, "numpy": np.__version__,
     }
     try:
         st = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
@@ -323,7 +323,7 @@ def bench_forward(teacher_spec: str, data: str, image_size: int | None, batch: i
                   repeats: int, warmup: int, min_seconds: float) -> dict[str, Any]:
     """The teacher's forward alone (``tcskd cache``'s _forward) on one pre-decoded batch already on the device."""
     from tcskd.cache.build import _collate, _forward, _limit, _TeacherInputs
-    from tcskd.cache.views import DEFAULT_SCALE
+    from tcskd.views import DEFAULT_SCALE
     from tcskd.data import open_source
     from tcskd.teachers import load_teacher
 
@@ -368,8 +368,8 @@ def bench_cache_inputs(data: str, image_size: int, rows: int, batch: int, worker
     from torch.utils.data import DataLoader
 
     from tcskd.cache.build import _batches, _collate, _limit, _TeacherInputs
-    from tcskd.cache.store import iter_chunks
-    from tcskd.cache.views import DEFAULT_SCALE, resize_on_device
+    from tcskd.store.backends import iter_chunks
+    from tcskd.views import DEFAULT_SCALE, resize_on_device
     from tcskd.data import open_source
 
     source = _limit(open_source(data, "train"), rows)
@@ -450,17 +450,13 @@ def bench_cache(teacher_spec: str, data: str, image_size: int | None, sizes: lis
 # -- basis ------------------------------------------------------------------------
 
 def read_features(path: str | Path) -> int:
-    """One plain sequential read of ``features``, chunk by chunk; returns the bytes read."""
-    from tcskd.cache.store import open_store
+    """One plain sequential read of ``features``, chunk by chunk (its own chunk rows); returns the bytes read."""
+    from tcskd.store.backends import open_store
+    from tcskd.store.chunks import iter_feature_chunks
 
     with open_store(Path(path)) as s:
-        f = s["features"]
-        n = int(f.shape[0])
-        ch = int(s.manifest.get("chunk_rows") or 1024)
-        total = 0
-        for start in range(0, n, ch):
-            total += np.asarray(f[start:min(n, start + ch)]).nbytes
-    return total
+        every = np.ones(int(s["features"].shape[0]), bool)  # the row mask is not read
+        return sum(c.x.nbytes for c in iter_feature_chunks(s, desc="read", ok=every, progress=False))
 
 
 def make_tiled_store(src: str | Path, dst: Path, rows: int) -> str:
@@ -469,34 +465,32 @@ def make_tiled_store(src: str | Path, dst: Path, rows: int) -> str:
     The basis stage's cost per row does not depend on the values, so this measures
     ``tcskd basis`` on a store large enough for reading to outweigh its fixed costs
     (eigh, writing, the plot) without running the teacher over ``rows`` images."""
-    from tcskd.cache.registry import cache_key
-    from tcskd.cache.store import open_store
+    from tcskd.store.backends import open_store
+    from tcskd.store.layout import create_store
+    from tcskd.store.manifest import Manifest
+    from tcskd.store.registry import cache_key
 
     with open_store(Path(src)) as s:
         x = np.asarray(s.read("features"))
-        manifest = dict(s.manifest)
+        manifest = Manifest.read(s)
         fmt = s.format
-    n, v, d = x.shape
-    ch = int(manifest.get("chunk_rows") or 1024)
-    n_chunks = -(-rows // ch)
-    manifest.update(n_rows=rows, complete=False, skipped=[])
-    manifest["identity"] = {**(manifest.get("identity") or {}), "bench_tiled_rows": rows}
-    manifest["key"] = cache_key(manifest["identity"])  # a cache of its own: readers check the key
+    n = x.shape[0]
+    ch = int(manifest.chunk_rows)
+    identity = {**manifest.identity, "bench_tiled_rows": rows}
+    # a cache of its own: readers check the key
+    manifest = dataclasses.replace(manifest, n_rows=rows, complete=False, skipped=[], identity=identity,
+                                   key=cache_key(identity))
     dst.parent.mkdir(parents=True, exist_ok=True)
-    st = open_store(dst, "a", fmt)
+    st = create_store(dst, manifest, fmt)
     try:
-        st.set_attrs(manifest)
-        feats = st.create("features", (rows, v, d), manifest.get("dtype", str(x.dtype)), (ch, v, d), fill_value=0)
         for start in range(0, rows, ch):
             stop = min(rows, start + ch)
-            idx = np.arange(start, stop) % n
-            feats[start:stop] = x[idx]
-        st.create("labels", (rows,), "int64", (ch,), fill_value=-1)[...] = -1
-        st.create("sample_index", (rows,), "int64", (ch,), fill_value=-1)[...] = np.arange(rows)
-        st.create("view_params", (rows, v, 5), "float32", (ch, v, 5), fill_value=0)
-        st.create("row_ok", (rows,), "bool", (ch,), fill_value=False)[...] = True
-        st.create("chunk_done", (n_chunks,), "bool", (1,), fill_value=False, compress=False)[...] = True
-        st.require_group("bases")
+            st["features"][start:stop] = x[np.arange(start, stop) % n]
+        st["labels"][...] = -1
+        st["sample_index"][...] = np.arange(rows)
+        st["view_params"][...] = 0
+        st["row_ok"][...] = True
+        st["chunk_done"][...] = True
         st.set_attrs({"complete": True})
         st.flush()
     finally:
@@ -552,7 +546,7 @@ def bench_basis(paths: dict[int, str], dim: int, device: torch.device, repeats: 
     """``fit_basis`` (PCA, ``dim`` coordinates, as ``tcskd basis --dim K``) versus a plain read, per cache size.
 
     The last fit of every cache leaves the basis ``pca`` in it (the train benchmark uses it)."""
-    from tcskd.cache.store import open_store
+    from tcskd.store.backends import open_store
     import tcskd.subspace.fit as fit_mod
     from tcskd.subspace.fit import BasisConfig, fit_basis
     from tcskd.subspace.moments import stream_moments

@@ -149,8 +149,8 @@ def _human(n: int) -> str:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per cache.")
 def cache_ls(cache_root, as_json) -> None:
     """List the caches under the cache root."""
-    from tcskd.cache.registry import WriterLock, list_caches
-    from tcskd.cache.store import as_location
+    from tcskd.store.registry import WriterLock, list_caches
+    from tcskd.store.paths import as_location
 
     rows = list_caches(cache_root)
     for r in rows:
@@ -178,7 +178,7 @@ def cache_ls(cache_root, as_json) -> None:
 @click.option("--cache-root", type=str, default=None)
 def cache_info(cache_ref, cache_root) -> None:
     """Print a cache's manifest (and its bases) as JSON."""
-    from tcskd.cache.registry import resolve_cache
+    from tcskd.store.registry import resolve_cache
     from tcskd.cache.verify import info
 
     click.echo(json.dumps(info(resolve_cache(cache_ref, cache_root)), indent=2, sort_keys=True))
@@ -191,7 +191,7 @@ def cache_info(cache_ref, cache_root) -> None:
 @click.option("--device", type=DEVICE, default="auto", show_default=True)
 def cache_verify(cache_ref, recompute, cache_root, device) -> None:
     """Check completeness, shapes, NaN/Inf, labels, and recomputed rows; non-zero exit on a problem."""
-    from tcskd.cache.registry import resolve_cache
+    from tcskd.store.registry import resolve_cache
     from tcskd.cache.verify import VerifyFailed, verify_cache
 
     rep = verify_cache(resolve_cache(cache_ref, cache_root), recompute=recompute, device=device)

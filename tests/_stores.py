@@ -1,14 +1,71 @@
-"""Synthetic feature stores for tests (built directly with the store API, no teacher)."""
+"""Synthetic caches for tests, built with the store layer's own layout (no teacher).
+
+:func:`write_cache` is the one fixture writer: it creates the layout of
+:func:`tcskd.store.layout.create_store` and fills every array, so a fixture
+cache has exactly the schema and manifest of one the cache stage builds.
+:func:`make_store` wraps it for the stage-2 tests (features given directly);
+``tests/_train_fixtures.make_store`` for the stage-3 tests (features of a fake
+teacher, with bases).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
-from tcskd import SCHEMA_VERSION
-from tcskd.cache.registry import cache_key
-from tcskd.cache.store import open_store
+from tcskd.store.backends import Store
+from tcskd.store.layout import create_store
+from tcskd.store.manifest import Manifest
+from tcskd.store.paths import RemotePath, as_location
+from tcskd.store.registry import cache_key
+
+
+def write_cache(path: "Path | RemotePath", features: np.ndarray, *, fmt: str = "zarr", chunk_rows: int = 64,
+                dtype: str | None = None, labels: np.ndarray | None = None,
+                view_params: np.ndarray | None = None, row_ok: np.ndarray | None = None,
+                chunk_done: np.ndarray | None = None, complete: bool | None = None,
+                identity: dict[str, Any] | None = None, data_spec: str = "synthetic",
+                teacher_spec: str = "synthetic", num_classes: int = 0, channels: int | None = None,
+                image_size: int | None = None,
+                bases: Callable[[Store], None] | None = None) -> "Path | RemotePath":
+    """A cache at ``path`` holding ``features`` [N, V, D] (or [N, D] for one view); returns ``path``.
+
+    ``labels`` default to -1, ``sample_index`` is 0..N-1, ``view_params`` 0, ``row_ok`` and ``chunk_done``
+    all True; ``complete`` (the manifest's flag) defaults to whether every chunk is done. ``bases(store)``
+    writes bases before the cache is marked complete.
+    """
+    path = as_location(path)
+    x = np.asarray(features)
+    if x.ndim == 2:
+        x = x[:, None, :]
+    n, v, d = x.shape
+    dtype = dtype or str(x.dtype)
+    if identity is None:
+        identity = {"test": path.name, "data": {"spec": data_spec}, "teacher": {"spec": teacher_spec},
+                    "split": "train", "views": v, "dtype": dtype}
+    manifest = Manifest.new(key=cache_key(identity), identity=identity, data_spec=data_spec, split="train",
+                            teacher_spec=teacher_spec, n_rows=n, views=v, dim=d, dtype=dtype, chunk_rows=chunk_rows,
+                            num_classes=num_classes, channels=channels, image_size=image_size, complete=False,
+                            skipped=[], dense_chunks=True)
+    done = np.ones(manifest.n_chunks, bool) if chunk_done is None else np.asarray(chunk_done, bool)
+    store = create_store(path, manifest, fmt)
+    try:
+        store["features"][...] = x.astype(dtype)
+        store["labels"][...] = np.full(n, -1, np.int64) if labels is None else np.asarray(labels, np.int64)
+        store["sample_index"][...] = np.arange(n)
+        store["view_params"][...] = (np.zeros((n, v, 5), np.float32) if view_params is None
+                                     else np.asarray(view_params, np.float32))
+        store["row_ok"][...] = np.ones(n, bool) if row_ok is None else np.asarray(row_ok, bool)
+        store["chunk_done"][...] = done
+        if bases is not None:
+            bases(store)
+        store.set_attrs({"complete": bool(done.all()) if complete is None else bool(complete)})
+        store.flush()
+    finally:
+        store.close()
+    return path
 
 
 def make_store(path: Path, features: np.ndarray, fmt: str = "zarr", chunk_rows: int = 64,
@@ -19,38 +76,8 @@ def make_store(path: Path, features: np.ndarray, fmt: str = "zarr", chunk_rows: 
     ``row_ok`` and ``chunk_done`` default to all True; ``dtype`` defaults to the
     features' own (float16 or float32). Returns ``path``.
     """
-    path = Path(path)
-    x = np.asarray(features)
-    if x.ndim == 2:
-        x = x[:, None, :]
-    n, v, d = x.shape
-    dtype = dtype or str(x.dtype)
-    n_chunks = -(-n // chunk_rows)
-    store = open_store(path, "a", fmt)
-    try:
-        identity = {"test": path.name, "data": {"spec": "synthetic"}, "teacher": {"spec": "synthetic"},
-                    "split": "train", "views": v, "dtype": dtype}
-        store.set_attrs({
-            "schema_version": SCHEMA_VERSION, "key": cache_key(identity), "identity": identity,
-            "data_spec": "synthetic", "split": "train", "teacher_spec": "synthetic",
-            "n_rows": n, "views": v, "dim": d, "dtype": dtype, "chunk_rows": chunk_rows,
-            "num_classes": 0, "complete": False, "skipped": [],
-        })
-        feats = store.create("features", (n, v, d), dtype, (chunk_rows, v, d), fill_value=0)
-        feats[...] = x.astype(dtype)
-        store.create("labels", (n,), "int64", (chunk_rows,), fill_value=-1)
-        store.create("sample_index", (n,), "int64", (chunk_rows,), fill_value=-1)[...] = np.arange(n)
-        store.create("view_params", (n, v, 5), "float32", (chunk_rows, v, 5), fill_value=0)
-        ok = np.ones(n, bool) if row_ok is None else np.asarray(row_ok, bool)
-        store.create("row_ok", (n,), "bool", (chunk_rows,), fill_value=False)[...] = ok
-        done = np.ones(n_chunks, bool) if chunk_done is None else np.asarray(chunk_done, bool)
-        store.create("chunk_done", (n_chunks,), "bool", (1,), fill_value=False, compress=False)[...] = done
-        store.require_group("bases")
-        store.set_attrs({"complete": bool(done.all())})
-        store.flush()
-    finally:
-        store.close()
-    return path
+    return write_cache(path, features, fmt=fmt, chunk_rows=chunk_rows, row_ok=row_ok, chunk_done=chunk_done,
+                       dtype=dtype)
 
 
 def low_rank_features(n: int = 600, d: int = 48, rank: int = 6, noise: float = 0.01, views: int = 1,

@@ -2,7 +2,7 @@
 
 ``make_npz`` writes a labelled npz dataset of small uint8 images whose class
 is visible (a class-specific pattern plus noise). ``make_store`` writes a
-complete (or deliberately broken) cache for it by hand: the "teacher" is a
+complete (or deliberately broken) cache for it (with tests/_stores.write_cache): the "teacher" is a
 fixed random projection of the view's pixels followed by tanh, so the
 targets are learnable; a PCA basis (and optionally stored coords and an
 identity basis) is fitted with numpy.
@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tcskd import SCHEMA_VERSION
-from tcskd.cache.registry import cache_key
-from tcskd.cache.store import open_store
-from tcskd.cache.views import apply_view, to_tensor, view_params
+from _stores import write_cache
+from tcskd.store.backends import Store
+from tcskd.store.bases import write_basis
+from tcskd.views import apply_view, to_tensor, view_params
 
 
 def make_npz(path: Path, n_train: int = 64, n_test: int = 32, size: int = 12, channels: int = 1,
@@ -62,56 +62,37 @@ def make_store(root: Path, npz: Path, views: int = 1, dim: int = 16, k: int = 8,
     feats = np.stack([teacher_features(x[i], params[i], teacher_size, dim) for i in range(n)])
     ok = np.ones(n, bool)
     ok[list(bad_rows)] = False
-    path = Path(root) / name
-    s = open_store(path, "a", fmt)
-    n_chunks = -(-n // chunk_rows)
-    s.create("features", (n, views, dim), "float16", (chunk_rows, views, dim))
-    s["features"][...] = feats.astype(np.float16)
-    s.create("labels", (n,), "int64", (chunk_rows,), fill_value=-1)
-    s["labels"][...] = y[:n]
-    s.create("sample_index", (n,), "int64", (chunk_rows,), fill_value=-1)
-    s["sample_index"][...] = np.arange(n)
-    s.create("view_params", (n, views, 5), "float32", (chunk_rows, views, 5))
-    s["view_params"][...] = params
-    s.create("row_ok", (n,), "bool", (chunk_rows,), fill_value=False)
-    s["row_ok"][...] = ok
-    s.create("chunk_done", (n_chunks,), "bool", (1,), fill_value=False, compress=False)
-    done = np.ones(n_chunks, bool)
+    done = np.ones(-(-n // chunk_rows), bool)
     if not complete:
         done[-1] = False
-    s["chunk_done"][...] = done
-    s.require_group("bases")
     f16 = feats.astype(np.float16).astype(np.float64)
     x0 = f16[ok, 0]
     mean = x0.mean(0)
     _, sv, vt = np.linalg.svd(x0 - mean, full_matrices=False)
     eig = sv ** 2 / max(1, len(x0) - 1)
-    _write_basis(s, "pca", "pca", mean, vt[:k], eig[:k], np.cumsum(eig)[:k] / eig.sum(),
-                 ((f16 - mean) @ vt[:k].T) if coords else None)
-    if identity:
-        _write_basis(s, "identity", "identity", np.zeros(dim), np.eye(dim), np.ones(dim),
-                     np.arange(1, dim + 1) / dim, None)
-    identity = {"limit": None, "fixture": f"test{views}{dim}{n}"}
-    s.set_attrs({"schema_version": SCHEMA_VERSION, "key": cache_key(identity), "identity": identity,
-                 "data_spec": f"npz:{npz}", "split": "train", "teacher_spec": teacher_spec,
-                 "n_rows": n, "views": views, "dim": dim, "dtype": "float16", "chunk_rows": chunk_rows,
-                 "num_classes": int(y.max()) + 1, "channels": channels, "image_size": teacher_size,
-                 "complete": complete, "skipped": []})
-    s.close()
-    return path
+
+    def write_bases(s: Store) -> None:
+        _write_basis(s, "pca", "pca", mean, vt[:k], eig[:k], np.cumsum(eig)[:k] / eig.sum(),
+                     ((f16 - mean) @ vt[:k].T) if coords else None)
+        if identity:
+            _write_basis(s, "identity", "identity", np.zeros(dim), np.eye(dim), np.ones(dim),
+                         np.arange(1, dim + 1) / dim, None)
+
+    return write_cache(Path(root) / name, feats.astype(np.float16), fmt=fmt, chunk_rows=chunk_rows,
+                       dtype="float16", labels=y[:n], view_params=params, row_ok=ok, chunk_done=done,
+                       complete=complete, identity={"limit": None, "fixture": f"test{views}{dim}{n}"},
+                       data_spec=f"npz:{npz}", teacher_spec=teacher_spec, num_classes=int(y.max()) + 1,
+                       channels=channels, image_size=teacher_size, bases=write_bases)
 
 
-def _write_basis(s, name: str, kind: str, mean: np.ndarray, comps: np.ndarray, eig: np.ndarray,
+def _write_basis(s: Store, name: str, kind: str, mean: np.ndarray, comps: np.ndarray, eig: np.ndarray,
                  ratio: np.ndarray, coords: np.ndarray | None) -> None:
-    g = f"bases/{name}"
-    s.require_group(g)
-    for arr_name, arr in (("mean", mean), ("components", comps), ("eigenvalues", eig), ("explained_ratio", ratio)):
-        s.create(f"{g}/{arr_name}", arr.shape, "float64", arr.shape)
-        s[f"{g}/{arr_name}"][...] = arr
-    if coords is not None:
-        s.create(f"{g}/coords", coords.shape, "float16", (16, *coords.shape[1:]))
-        s[f"{g}/coords"][...] = coords.astype(np.float16)
-    s.set_attrs({"kind": kind, "k": int(comps.shape[0]), "whiten": False, "complete": True}, g)
+    def fill(store: Store, group: str) -> None:
+        store.create(f"{group}/coords", coords.shape, "float16", (16, *coords.shape[1:]))[...] = (
+            coords.astype(np.float16))
+
+    write_basis(s, name, {"mean": mean, "components": comps, "eigenvalues": eig, "explained_ratio": ratio},
+                {"kind": kind, "whiten": False}, fill if coords is not None else None)
 
 
 def make_script_teacher(path: Path, size: int = 16, dim: int = 16, channels: int = 1, seed: int = 1) -> str:

@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from tcskd.cache.build import CacheConfig, build_cache
-from tcskd.cache.store import open_store
+from tcskd.store.backends import open_store
 from tcskd.cli import main
 from tcskd.data import DataError, open_source
 from tcskd.teachers import TeacherError, load_teacher

@@ -10,10 +10,11 @@ import torch
 from click.testing import CliRunner
 
 from _stores import low_rank_features, make_store
-from tcskd.cache.store import open_store
 from tcskd.errors import StoreError, TcskdError
+from tcskd.store import bases as store_bases
+from tcskd.store.backends import open_store
+from tcskd.store.bases import Basis, load_basis
 from tcskd.subspace import fit as fit_mod
-from tcskd.subspace.basis import Basis, load_basis
 from tcskd.subspace.commands import basis as basis_cmd
 from tcskd.subspace.fit import BasisConfig, fit_basis, random_rotation
 from tcskd.subspace.moments import Moments, stream_moments
@@ -235,8 +236,8 @@ def test_half_written_basis_is_invisible_and_cleaned(tmp_path, feats, monkeypatc
         raise RuntimeError("killed")
 
     # A hard kill: nothing after the arrays runs, not even the in-process cleanup.
-    monkeypatch.setattr(fit_mod, "_publish", crash)
-    monkeypatch.setattr(fit_mod, "_discard", lambda store, tmp: None)
+    monkeypatch.setattr(store_bases, "_publish", crash)
+    monkeypatch.setattr(store_bases, "_discard", lambda store, tmp: None)
     with pytest.raises(RuntimeError, match="killed"):
         _fit(path, dim=8)
     with open_store(path) as s:

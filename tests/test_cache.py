@@ -16,10 +16,10 @@ import torch
 from click.testing import CliRunner
 
 from tcskd.cache.build import CacheConfig, build_cache
-from tcskd.cache.registry import WriterLock, list_caches, resolve_cache
-from tcskd.cache.store import iter_chunks, open_store
+from tcskd.store.registry import WriterLock, list_caches, resolve_cache
+from tcskd.store.backends import iter_chunks, open_store
 from tcskd.cache.verify import verify_cache
-from tcskd.cache.views import apply_view, teacher_views, view_params
+from tcskd.views import apply_view, teacher_views, view_params
 from tcskd.cli import main
 from tcskd.data import open_source
 from tcskd.errors import LockedError, StoreError

@@ -9,7 +9,7 @@ import pytest
 
 from tcskd.cache.build import (LIMIT_RULE, CacheConfig, _limit, build_cache, identity_of, limit_counts,
                                limit_rows, prepare)
-from tcskd.cache.store import open_store
+from tcskd.store.backends import open_store
 from tcskd.data import open_source
 from tcskd.errors import TcskdError
 

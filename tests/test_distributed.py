@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tcskd.cache.store import open_store
+from tcskd.store.backends import open_store
 
 from conftest import make_npz, run_cli
 
@@ -73,7 +73,7 @@ def test_hdf5_under_torchrun_is_refused(tmp_path, tiny_teacher):
 
 
 def test_basis_two_ranks_equals_one_process(tmp_path, tiny_teacher):
-    from tcskd.subspace.basis import load_basis
+    from tcskd.store.bases import load_basis
 
     data = make_npz(tmp_path / "d.npz", n=90)
     args = ["cache", "--data", data, "--teacher", tiny_teacher, "--image-size", "16", "--chunk-rows", "8",

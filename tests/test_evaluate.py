@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from tcskd.cache.registry import cache_key
-from tcskd.cache.store import open_store
+from tcskd.store.registry import cache_key
+from tcskd.store.backends import open_store
 from tcskd.errors import StoreError, TcskdError
 from tcskd.train.evaluate import EvalConfig, evaluate_teacher, knn_predict, knn_top1, linear_probe_top1
 from tcskd.train.report_commands import eval_cmd

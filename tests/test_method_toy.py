@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 
 from tcskd import SCHEMA_VERSION
-from tcskd.cache.registry import cache_key
-from tcskd.cache.store import open_store
+from tcskd.store.registry import cache_key
+from tcskd.store.backends import open_store
 from tcskd.subspace.fit import BasisConfig, fit_basis
 from tcskd.train.head import TCSHead
 from tcskd.train.loop import CHECKPOINT, TrainConfig, prepare, resolve_config, train

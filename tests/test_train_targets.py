@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from _train_fixtures import make_npz, make_store
-from tcskd.cache.store import open_store
-from tcskd.cache.views import apply_view, to_tensor
+from tcskd.store.backends import open_store
+from tcskd.views import apply_view, to_tensor
 from tcskd.data import open_source
 from tcskd.errors import StoreError
-from tcskd.subspace.basis import load_basis
+from tcskd.store.bases import load_basis
 from tcskd.train.loop import TrainConfig, prepare, resolve_config, train
 from tcskd.train.targets import (EpochSampler, load_targets, match_rows, resolve_basis,
                                  target_scale)
@@ -116,7 +116,7 @@ def test_a_batch_equals_its_images_one_by_one(data, views, augment):
 def test_teacher_input_left_to_the_device_is_the_same_view(data):
     # Online on a GPU: the worker ships the image at its own size and the loop takes the centre crop
     # at the teacher's size on the device (center_view); that must equal the worker-made input.
-    from tcskd.cache.views import center_view
+    from tcskd.views import center_view
     from tcskd.train.targets import ViewImages
 
     root, npz = data

@@ -11,13 +11,9 @@ finished stores are equal byte for byte on the CPU.
 
 from __future__ import annotations
 
-import datetime as _dt
-import errno
 import logging
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,15 +25,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-import tcskd
 from tcskd import dist
-from tcskd.cache.registry import WriterLock, cache_key, cache_root_of
-from tcskd.cache.store import FORMATS, Store, detect_format, is_remote, iter_chunks, open_store
-from tcskd.cache.views import (DEFAULT_SCALE, apply_view, center_view, resize_on_device, teacher_views,
-                               view_params)
 from tcskd.data import DataError, Source, fingerprint, open_source
 from tcskd.device import autocast, resolve_device
 from tcskd.errors import StoreError, TcskdError
+from tcskd.store.backends import FORMATS, Store, detect_format, iter_chunks, open_store
+from tcskd.store.handle import open_cache
+from tcskd.store.layout import create_store
+from tcskd.store.manifest import Manifest
+from tcskd.store.paths import is_remote
+from tcskd.store.registry import WriterLock, cache_key, cache_root_of
+from tcskd.views import DEFAULT_SCALE, apply_view, center_view, resize_on_device, teacher_views, view_params
 
 log = logging.getLogger(__name__)
 
@@ -231,23 +229,6 @@ def identity_of(cfg: CacheConfig, data_fingerprint: str, teacher_identity: dict[
     return ident
 
 
-def _git_sha() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _libraries() -> dict[str, str]:
-    import h5py
-    import zarr
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "zarr": zarr.__version__, "h5py": h5py.__version__}
-
-
 def check_config(cfg: CacheConfig) -> None:
     if cfg.format not in FORMATS:
         raise TcskdError(f"unknown format '{cfg.format}' (choose zarr or hdf5)")
@@ -279,65 +260,19 @@ def _create_store(path: Path, cfg: CacheConfig, source: Source, teacher, key: st
         path.remove()
     elif tmp.exists():
         shutil.rmtree(tmp)
-    n, v, d, ch = len(source), cfg.views, teacher.dim, cfg.chunk_rows
-    n_chunks = -(-n // ch)
+    manifest = Manifest.new(
+        key=key, identity=ident, data_spec=source.spec, split=cfg.split, teacher_spec=teacher.spec,
+        n_rows=len(source), views=cfg.views, dim=teacher.dim, dtype=cfg.dtype, chunk_rows=cfg.chunk_rows,
+        num_classes=source.num_classes, channels=source.channels, image_size=teacher.image_size,
+        complete=False, skipped=[], dense_chunks=True)
     try:
-        _write_layout(tmp, cfg, source, teacher, key, ident, n, v, d, ch, n_chunks)
+        create_store(tmp, manifest, cfg.format).close()
     except BaseException:
         if not remote:  # a full disk or a read-only root: leave nothing half-made behind
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     if not remote:
         os.rename(tmp, path)
-
-
-def _check_room(folder: Path, nbytes: int) -> None:
-    """OSError (ENOSPC or EFBIG) unless a file of ``nbytes`` fits in ``folder``.
-
-    An HDF5 store allocates all its data when it is created, and HDF5 handles a
-    write failure at that point badly (it can even crash the process), so the
-    free space and the file size limit are checked first.
-    """
-    import resource
-
-    st = os.statvfs(folder)
-    free = st.f_bavail * st.f_frsize
-    if free < nbytes:
-        raise OSError(errno.ENOSPC, f"an HDF5 store of {nbytes / 2**20:.1f} MiB does not fit in {folder} "
-                                    f"({free / 2**20:.1f} MiB free): {os.strerror(errno.ENOSPC)}")
-    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    if limit != resource.RLIM_INFINITY and limit < nbytes:
-        raise OSError(errno.EFBIG, f"an HDF5 store of {nbytes / 2**20:.1f} MiB exceeds this process's file size "
-                                   f"limit ({limit} bytes): {os.strerror(errno.EFBIG)}")
-
-
-def _write_layout(tmp, cfg: CacheConfig, source: Source, teacher, key: str, ident: dict[str, Any],
-                  n: int, v: int, d: int, ch: int, n_chunks: int) -> None:
-    if cfg.format == "hdf5" and not is_remote(tmp):
-        raw = n * v * d * np.dtype(cfg.dtype).itemsize + n * (8 + 8 + 1 + v * 5 * 4) + n_chunks
-        _check_room(Path(tmp).parent, raw + raw // 100 + (64 << 10))
-    store = open_store(tmp, "a", cfg.format)
-    try:
-        store.create("features", (n, v, d), cfg.dtype, (ch, v, d), fill_value=0)
-        store.create("labels", (n,), "int64", (ch,), fill_value=-1)
-        store.create("sample_index", (n,), "int64", (ch,), fill_value=-1)
-        store.create("view_params", (n, v, 5), "float32", (ch, v, 5), fill_value=0)
-        store.create("row_ok", (n,), "bool", (ch,), fill_value=False)
-        store.create("chunk_done", (n_chunks,), "bool", (1,), fill_value=False, compress=False)
-        store.require_group("bases")
-        store.set_attrs({
-            "schema_version": tcskd.SCHEMA_VERSION, "key": key, "identity": ident,
-            "data_spec": source.spec, "split": cfg.split, "teacher_spec": teacher.spec,
-            "n_rows": n, "views": v, "dim": d, "dtype": cfg.dtype, "chunk_rows": ch,
-            "num_classes": source.num_classes, "channels": source.channels,
-            "image_size": teacher.image_size, "complete": False, "skipped": [], "dense_chunks": True,
-            "tool_version": tcskd.__version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "libraries": _libraries(), "git_sha": _git_sha(),
-        })
-        store.flush()
-    finally:
-        store.close()
 
 
 def _has_manifest(path) -> bool:
@@ -390,9 +325,9 @@ def open_rows(cfg: CacheConfig, ident: dict[str, Any]) -> Source:
 
 
 def _check_identity(store: Store, ident: dict[str, Any]) -> None:
-    found = store.manifest.get("identity")
+    found = Manifest.read(store).identity
     if found != ident:
-        diff = sorted(k for k in set(ident) | set(found or {}) if (found or {}).get(k) != ident.get(k))
+        diff = sorted(k for k in set(ident) | set(found) if found.get(k) != ident.get(k))
         raise StoreError(f"cache {store.path} was built from other inputs (differs in: {', '.join(diff)}); "
                          f"refusing to mix them")
 
@@ -427,9 +362,9 @@ def build_cache(cfg: CacheConfig) -> CacheResult:
 def _is_hit(path, ident: dict[str, Any]) -> bool:
     if detect_format(path) is None or (is_remote(path) and not _has_manifest(path)):
         return False
-    with open_store(path) as s:
-        _check_identity(s, ident)
-        if s.is_complete() and s.manifest.get("complete"):
+    with open_cache(path, require="open") as cache:
+        _check_identity(cache.store, ident)
+        if cache.problem("done") is None:
             log.info("cache hit: %s", path)
             return True
     return False
@@ -506,7 +441,7 @@ def _fill(store: Store, cfg: CacheConfig, source: Source, teacher, device: torch
     """Compute every chunk not yet done (or only ``chunk_ids``); return rows computed."""
     from tqdm import tqdm
 
-    ch = int(store.manifest["chunk_rows"])
+    ch = int(Manifest.read(store).chunk_rows)
     done = store.chunk_done()
     todo = [c for c in iter_chunks(len(source), ch) if not done[c[0]]]
     if chunk_ids is not None:
@@ -581,7 +516,7 @@ def _forward(teacher, x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 (or [0, 1] float) B x V x C x S x S -> float32 features B x V x D.
 
     Images of another size are a deferred batch (one view, see _TeacherInputs): their centre crop is
-    taken and resized here, on the device (:func:`tcskd.cache.views.center_view`).
+    taken and resized here, on the device (:func:`tcskd.views.center_view`).
     """
     b, v = x.shape[:2]
     flat = x.reshape(b * v, *x.shape[2:]).to(device, non_blocking=True)

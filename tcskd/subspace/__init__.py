@@ -1,6 +1,6 @@
 """Stage 2: streaming moments of the cached features, their bases (PCA, random, identity)."""
 
-from tcskd.subspace.basis import Basis, load_basis
+from tcskd.store.bases import Basis, load_basis
 from tcskd.subspace.fit import BasisConfig, fit_basis
 from tcskd.subspace.moments import Moments, stream_moments
 

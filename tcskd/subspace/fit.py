@@ -3,7 +3,7 @@
 ``fit_basis`` streams float64 moments over ``features`` (or another cache's,
 ``fit_on``), builds a basis of one of three kinds and writes it as
 ``bases/<name>/{mean,components,eigenvalues,explained_ratio[,coords]}``
-(the contract of :mod:`tcskd.subspace.basis`):
+(the contract of :mod:`tcskd.store.bases`):
 
 - ``pca``: eigenvectors of the covariance (``eigh``) or right singular vectors
   of the centred data (``svd``), by decreasing eigenvalue; each component's
@@ -17,7 +17,7 @@
 of the covariance; for ``identity`` the summed second moments) in the first k
 coordinates. Covariances are unbiased (divided by n - 1).
 
-Atomic appearance: arrays are written into the hidden group
+Atomic appearance (:func:`tcskd.store.bases.write_basis`): arrays are written into the hidden group
 ``bases/.tmp-<name>-<pid>``, renamed to ``bases/<name>`` (replacing an older
 basis of that name only now) and marked ``complete`` last; hidden leftovers
 of killed runs are removed by the next run. The whole fit holds the cache's
@@ -42,17 +42,23 @@ import torch
 
 import tcskd
 from tcskd import dist
-from tcskd.cache.registry import WriterLock, resolve_cache
-from tcskd.cache.store import Store, is_remote, open_store
 from tcskd.device import resolve_device
 from tcskd.errors import StoreError, TcskdError
 from tcskd.splits import Holdout, rows_digest
-from tcskd.subspace.basis import WHITEN_EPS
-from tcskd.subspace.moments import (VIEWS, Moments, check_finite, iter_feature_chunks, raise_if_not_finite,
-                                    read_chunk_rows, row_mask, stream_moments)
+from tcskd.store import bases
+from tcskd.store.backends import Store, open_store
+from tcskd.store.bases import WHITEN_EPS
+from tcskd.store.chunks import iter_feature_chunks, read_chunk_rows, row_mask
+from tcskd.store.integrity import require
+from tcskd.store.manifest import Manifest
+from tcskd.store.paths import is_remote
+from tcskd.store.registry import WriterLock, resolve_cache
+from tcskd.subspace.moments import VIEWS, Moments, check_finite, raise_if_not_finite, stream_moments
 
 log = logging.getLogger(__name__)
 
+#: The arrays a fit reads (their chunks must all be stored).
+FIT_ARRAYS = ("features", "row_ok")
 KINDS = ("pca", "random", "identity")
 METHODS = ("eigh", "svd")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -204,16 +210,16 @@ def fit_basis(cfg: BasisConfig) -> dict[str, Any]:
         try:
             src = store if same else open_store(fit_dir, "r")
             try:
-                _check_ready(store)
+                require(store, arrays=FIT_ARRAYS)
                 if not same:
-                    _check_ready(src)
+                    require(src, arrays=FIT_ARRAYS)
                     d_dst, d_src = _dim(store), _dim(src)
                     if d_dst != d_src:
                         raise StoreError(f"--fit-on cache {fit_dir} has {d_src}-dimensional features but "
                                          f"cache {cache_dir} has {d_dst}: a basis must match the features")
-                fit_key = str(src.manifest.get("key") or fit_dir.name)
+                fit_key = str(Manifest.read(src).key or fit_dir.name)
                 name = cfg.resolved_name(None if same else fit_key)
-                _remove_leftovers(store)
+                bases.remove_leftovers(store)
                 ok = row_mask(src)
                 holdout = cfg.holdout()
                 held_out = None
@@ -230,7 +236,7 @@ def fit_basis(cfg: BasisConfig) -> dict[str, Any]:
             attrs = {
                 "kind": cfg.kind, "k": fitted.k, "whiten": bool(cfg.whiten), "view": cfg.view,
                 "fit_on": fit_key, "fit_on_path": str(fit_dir), "rows_used": rows_used,
-                "cache_key": store.manifest.get("key"),
+                "cache_key": Manifest.read(store).key,
                 "samples": fitted.samples, "total_variance": fitted.total_variance,
                 "method": cfg.method if cfg.kind == "pca" else None,
                 "seed": cfg.seed if cfg.kind == "random" else None,
@@ -271,21 +277,10 @@ def _dim(store: Store) -> int:
     return int(store["features"].shape[2])
 
 
-def _check_ready(store: Store) -> None:
-    """StoreError unless the store is complete and undamaged (the checks every reader of a cache makes)."""
-    from tcskd.cache.verify import require_complete
-
-    if "features" not in store:
-        raise StoreError(f"cache {store.path} has no features array")
-    if "chunk_done" not in store:
-        raise StoreError(f"cache {store.path} has no chunk_done array: its creation was cut short; rebuild it")
-    require_complete(store, ("features", "row_ok"))
-
-
 def holdout_rows(store: Store, ok: np.ndarray, holdout: Holdout) -> tuple[np.ndarray, str]:
     """(mask, digest of their sample_index values) of the validation rows (``tcskd.splits``) among the
     usable rows ``ok`` of a cache of the train split."""
-    split = store.manifest.get("split", "train")
+    split = Manifest.read(store).split or "train"
     if split != "train":
         raise TcskdError(f"--exclude-val needs a cache of the train split (the rows training runs hold out); "
                          f"{store.path} holds split '{split}'")
@@ -295,15 +290,6 @@ def holdout_rows(store: Store, ok: np.ndarray, holdout: Holdout) -> tuple[np.nda
     out[ok] = holdout.mask(labels[ok], sample_index[ok])
     log.info("leaving out %d validation rows (%s)", int(out.sum()), holdout.as_dict())
     return out, rows_digest(sample_index[out])
-
-
-def _remove_leftovers(store: Store) -> None:
-    """Delete hidden groups under ``bases/`` left by killed runs (we hold the writer lock)."""
-    for child in store.children("bases"):
-        if child.startswith("."):
-            log.warning("removing bases/%s left by an interrupted run", child)
-            store.delete(f"bases/{child}")
-    store.remove_partial_files()
 
 
 # -- fitting -----------------------------------------------------------------
@@ -332,7 +318,7 @@ def _moments(src: Store, cfg: BasisConfig, device: torch.device, ok: np.ndarray)
     if dist.world() == 1:
         return stream_moments(src, cfg.view, device, cfg.chunk_rows, ok=ok)
     rows = int(src["features"].shape[0])
-    step = int(cfg.chunk_rows or src.manifest.get("chunk_rows") or rows)
+    step = read_chunk_rows(src, cfg.chunk_rows)
     ids = list(range(-(-rows // step)))[dist.rank()::dist.world()]
     mom = stream_moments(src, cfg.view, device, cfg.chunk_rows, chunk_ids=ids, ok=ok, check=False)
     mom.all_reduce()  # first, so that every rank sees the same sums and fails alike on NaN/Inf
@@ -489,43 +475,14 @@ def _available_bytes(device: torch.device) -> int:
 
 def write_basis(store: Store, name: str, fitted: Fitted, attrs: dict[str, Any], coords: bool = False,
                 whiten: bool = False, device: torch.device | str = "cpu", chunk_rows: int | None = None) -> None:
-    """Write ``fitted`` as ``bases/<name>`` so that it appears whole or not at all."""
-    store.require_group("bases")
-    tmp = f"bases/.tmp-{name}-{os.getpid()}"
-    if tmp in store:
-        store.delete(tmp)
-    try:
-        store.require_group(tmp)
-        k, d = fitted.components.shape
-        for key, arr in (("mean", fitted.mean), ("components", fitted.components),
-                         ("eigenvalues", fitted.eigenvalues), ("explained_ratio", fitted.explained_ratio)):
-            chunks = arr.shape if arr.ndim == 1 else (min(k, max(1, (1 << 22) // d)), d)
-            # compressed for the checksum: a damaged basis fails to load instead of giving wrong targets
-            a = store.create(f"{tmp}/{key}", arr.shape, "float64", chunks, fill_value=0.0, compress=True)
-            a[...] = arr
-        if coords:
-            _write_coords(store, tmp, fitted, whiten, torch.device(device), chunk_rows)
-        store.set_attrs({**attrs, "k": int(k), "complete": False}, tmp)
-        store.flush()
-        _publish(store, tmp, f"bases/{name}")
-    except BaseException:
-        _discard(store, tmp)
-        raise
+    """Write ``fitted`` as ``bases/<name>`` so that it appears whole or not at all (tcskd.store.bases)."""
+    arrays = {"mean": fitted.mean, "components": fitted.components, "eigenvalues": fitted.eigenvalues,
+              "explained_ratio": fitted.explained_ratio}
 
+    def fill(s: Store, group: str) -> None:
+        _write_coords(s, group, fitted, whiten, torch.device(device), chunk_rows)
 
-def _publish(store: Store, tmp: str, final: str) -> None:
-    """Rename the finished hidden group into place (replacing an older one), then mark it complete."""
-    store.rename(tmp, final)
-    store.set_attrs({"complete": True}, final)
-    store.flush()
-
-
-def _discard(store: Store, tmp: str) -> None:
-    """Best effort: remove a half-written group after an error (a killed run leaves it for the next)."""
-    try:
-        store.delete(tmp)
-    except Exception as e:  # the original error matters more
-        log.warning("could not remove %s: %s", tmp, e)
+    bases.write_basis(store, name, arrays, attrs, fill if coords else None)
 
 
 def _write_coords(store: Store, group: str, fitted: Fitted, whiten: bool, device: torch.device,
@@ -534,7 +491,7 @@ def _write_coords(store: Store, group: str, fitted: Fitted, whiten: bool, device
     feats = store["features"]
     n, v, _ = (int(s) for s in feats.shape)
     k = fitted.k
-    ch = int(store.manifest.get("chunk_rows") or read_chunk_rows(store, chunk_rows))
+    ch = int(Manifest.read(store).chunk_rows or read_chunk_rows(store, chunk_rows))
     out = store.create(f"{group}/coords", (n, v, k), "float16", (ch, v, k), fill_value=0)
     f64 = dict(dtype=torch.float64, device=device)
     mean = torch.as_tensor(fitted.mean, **f64)

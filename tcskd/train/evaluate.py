@@ -32,6 +32,8 @@ import torch.nn.functional as F
 
 from tcskd.errors import StoreError, TcskdError
 from tcskd.splits import Holdout, labelled_mask
+from tcskd.store.handle import Cache, open_cache
+from tcskd.store.registry import resolve_cache
 
 log = logging.getLogger(__name__)
 
@@ -233,54 +235,32 @@ class EvalConfig:
     """Write the result as JSON to this file."""
 
 
-def _check_complete(store: Any, what: str) -> None:
-    if not store.is_complete():
-        if "chunk_done" in store:
-            done = store.chunk_done()
-            state = f"{int(done.sum())}/{len(done)} chunks done"
-        else:
-            state = "no chunk_done array"
-        raise StoreError(f"{what} cache {store.path} is incomplete ({state}); finish it with `tcskd cache` first")
-    from tcskd.cache.verify import require_complete
-
-    require_complete(store)  # edited manifest, wrong shapes, lost chunks: refused before anything is read
-
-
-def read_view0(store: Any, desc: str = "features") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def read_view0(cache: Cache, desc: str = "features") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(features of view 0 as float32 N' x D, labels N', sample_index N') of the rows with ``row_ok``.
 
-    Reads the store chunk by chunk (its ``chunk_rows``), so memory holds only
+    Reads the cache chunk by chunk (its ``chunk_rows``), so memory holds only
     the result and one chunk.
     """
-    from tqdm.auto import tqdm
-
-    feats = store["features"]
-    n, _, d = feats.shape
-    ok = np.asarray(store.read("row_ok"), dtype=bool) if "row_ok" in store else np.ones(n, bool)
-    labels = np.asarray(store.read("labels"), dtype=np.int64)
-    if ok.shape != (n,) or labels.shape != (n,):
-        raise StoreError(f"{store.path}: features have {n} rows but labels/row_ok have "
+    n, d = cache.n, cache.dim
+    ok = cache.row_ok()
+    labels = cache.labels()
+    if labels.shape != (n,):
+        raise StoreError(f"{cache.path}: features have {n} rows but labels/row_ok have "
                          f"{labels.shape[0]}/{ok.shape[0]}")
     keep = np.flatnonzero(ok)
     out = np.empty((len(keep), d), dtype=np.float32)
-    step = int(store.manifest.get("chunk_rows") or 4096)
+    show = None if n > 4 * cache.chunk_rows and log.isEnabledFor(logging.INFO) else False
     pos = 0
-    for start in tqdm(range(0, n, step), desc=desc, unit="chunk", leave=False,
-                      disable=n <= 4 * step or not log.isEnabledFor(logging.INFO)):
-        stop = min(n, start + step)
-        sel = ok[start:stop]
-        if not sel.any():
+    for chunk in cache.chunks(desc=desc, ok=ok, view=0, progress=show):
+        if not chunk.ok.any():
             continue
-        try:
-            block = np.asarray(feats[start:stop, 0, :], dtype=np.float32)[sel]
-        except Exception as e:  # a damaged chunk fails its checksum: refuse, naming it
-            raise store.damaged("features", start, stop, e) from e
+        block = chunk.x.astype(np.float32)[chunk.ok]
         if not np.isfinite(block).all():
-            raise StoreError(f"cache {store.path}: features rows {start}..{stop - 1} hold NaN/Inf values; "
-                             f"the cache is damaged: rebuild it")
+            raise StoreError(f"cache {cache.path}: features rows {chunk.start}..{chunk.stop - 1} hold NaN/Inf "
+                             f"values; the cache is damaged: rebuild it")
         out[pos:pos + len(block)] = block
         pos += len(block)
-    return out, labels[keep], np.asarray(store.read("sample_index"), np.int64)[keep]
+    return out, labels[keep], cache.sample_index()[keep]
 
 
 def evaluate_teacher(cfg: EvalConfig) -> dict[str, Any]:
@@ -292,36 +272,31 @@ def evaluate_teacher(cfg: EvalConfig) -> dict[str, Any]:
     'k', 'train_rows', 'test_rows', 'teacher', 'data', ...} with accuracies as
     fractions; writes it as JSON to ``cfg.out`` when given.
     """
-    from tcskd.cache.registry import resolve_cache
-    from tcskd.cache.store import open_store
-
     t0 = time.perf_counter()
     dev = _as_device(cfg.device)
     train_path = resolve_cache(cfg.cache, cfg.cache_root)
     test_path = resolve_cache(cfg.test_cache, cfg.cache_root)
     if train_path.resolve() == test_path.resolve():
         log.warning("train and test caches are the same (%s): the accuracies are not held-out", train_path)
-    with open_store(train_path) as tr, open_store(test_path) as te:
-        _check_complete(tr, "train")
-        _check_complete(te, "test")
+    # Incomplete or damaged caches (edited manifest, wrong shapes, lost chunks) are refused before anything is read.
+    with open_cache(train_path, what="train") as tr, open_cache(test_path, what="test") as te:
         mtr, mte = tr.manifest, te.manifest
-        if mtr.get("teacher_spec") != mte.get("teacher_spec"):
+        if mtr.teacher_spec != mte.teacher_spec:
             raise StoreError(f"train and test caches come from different teachers: "
-                             f"'{mtr.get('teacher_spec')}' vs '{mte.get('teacher_spec')}'")
-        t_tr, t_te = ((m.get("identity") or {}).get("teacher") for m in (mtr, mte))
+                             f"'{mtr.teacher_spec}' vs '{mte.teacher_spec}'")
+        t_tr, t_te = mtr.teacher_identity, mte.teacher_identity
         if t_tr and t_te and t_tr != t_te:
             diff = sorted(k for k in set(t_tr) | set(t_te) if t_tr.get(k) != t_te.get(k))
             raise StoreError(f"train and test caches come from different versions of teacher "
-                             f"'{mtr.get('teacher_spec')}' (they differ in: {', '.join(diff)}); rebuild the older one")
-        if mtr.get("split", "train") not in ("train",):
+                             f"'{mtr.teacher_spec}' (they differ in: {', '.join(diff)}); rebuild the older one")
+        if (mtr.split or "train") != "train":
             raise StoreError(f"--cache must be a cache of the train split (the references and the held-out "
-                             f"validation rows come from it); {train_path} holds split '{mtr.get('split')}'")
-        dtr, dte = tr["features"].shape[2], te["features"].shape[2]
-        if dtr != dte or mtr.get("dim", dtr) != mte.get("dim", dte):
+                             f"validation rows come from it); {train_path} holds split '{mtr.split}'")
+        dtr, dte = tr.dim, te.dim
+        if dtr != dte or mtr.dim != mte.dim:
             raise StoreError(f"train and test caches have different feature dims: {dtr} vs {dte}")
-        if mtr.get("data_spec") != mte.get("data_spec"):
-            log.warning("train and test caches hold different datasets: %s vs %s",
-                        mtr.get("data_spec"), mte.get("data_spec"))
+        if mtr.data_spec != mte.data_spec:
+            log.warning("train and test caches hold different datasets: %s vs %s", mtr.data_spec, mte.data_spec)
         train_x, train_y, train_si = read_view0(tr, "train features")
         test_x, test_y, _ = read_view0(te, "test features")
     # The rows a training run with the same options holds out and labels (tcskd.splits).
@@ -335,7 +310,7 @@ def evaluate_teacher(cfg: EvalConfig) -> dict[str, Any]:
         raise StoreError(f"train cache {train_path} has no labelled rows to evaluate with")
     if n_test == 0:
         raise StoreError(f"test cache {test_path} has no labelled rows to evaluate on")
-    log.info("evaluating teacher %s: %d train / %d test rows, dim %d", mtr.get("teacher_spec"),
+    log.info("evaluating teacher %s: %d train / %d test rows, dim %d", mtr.teacher_spec,
              n_train, n_test, dtr)
     # One probe, fitted once, scored on the validation rows (when there are labelled ones) and on test.
     queries = {"val_": (val_x, val_y), "": (test_x, test_y)}
@@ -350,8 +325,8 @@ def evaluate_teacher(cfg: EvalConfig) -> dict[str, Any]:
     result.update({
         "k": min(cfg.k, n_train), "train_rows": n_train, "val_rows": int(val.sum()),
         "labels_per_class": cfg.labels_per_class, "seed": cfg.seed, "holdout": holdout.as_dict(),
-        "test_rows": n_test, "teacher": mtr.get("teacher_spec"), "data": mtr.get("data_spec"),
-        "test_data": mte.get("data_spec"), "dim": int(dtr), "temperature": cfg.temperature,
+        "test_rows": n_test, "teacher": mtr.teacher_spec, "data": mtr.data_spec,
+        "test_data": mte.data_spec, "dim": int(dtr), "temperature": cfg.temperature,
         "train_cache": str(train_path), "test_cache": str(test_path),
         "seconds": round(time.perf_counter() - t0, 3), "config": asdict(cfg),
     })

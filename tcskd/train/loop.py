@@ -43,16 +43,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from tcskd.cache.views import center_view, resize_on_device
 from tcskd.errors import StoreError, TcskdError
 from tcskd.splits import Holdout, labelled_mask, rows_digest
+from tcskd.store.handle import open_cache
+from tcskd.store.manifest import Manifest
 from tcskd.train.head import CLASSIFY_FROM, TCSHead
 from tcskd.train.losses import MIMICS, elsh_bias, elsh_planes, elsh_sample, tcs_loss
 from tcskd.train.selection import SELECT_BY, SelectionSchedule, apply_selection, step_importance
 from tcskd.train.students import Student, StudentError, build_student, count_parameters
 from tcskd.train.targets import (AUGMENT_RNG, DEFAULT_DIM, METHODS, TARGET_NORMS, EpochSampler, TorchProjection, ViewImages,
-                                 RAW, check_complete, load_targets, match_rows, resolve_augment,
+                                 RAW, load_targets, match_rows, resolve_augment,
                                  resolve_basis, target_scale)
+from tcskd.views import center_view, resize_on_device
 
 log = logging.getLogger(__name__)
 
@@ -306,35 +308,28 @@ def prepare(cfg: TrainConfig) -> Prepared:
     from tcskd.device import resolve_device
 
     t0 = time.perf_counter()
-    manifest: dict[str, Any] = {}
+    manifest = Manifest()
     store = None
     cache_path = None
     if cfg.cache is not None:
-        from tcskd.cache.registry import resolve_cache
-        from tcskd.cache.store import open_store
-
-        cache_path = resolve_cache(cfg.cache, cfg.cache_root)
-        store = open_store(cache_path)
+        cache = open_cache(cfg.cache, cfg.cache_root)  # refused unless complete and sound
+        cache_path, store, manifest = cache.path, cache.store, cache.manifest
     try:
-        if store is not None:
-            check_complete(store)
-            manifest = store.manifest
-        data_spec = cfg.data or manifest.get("data_spec")
+        data_spec = cfg.data or manifest.data_spec
         if not data_spec:
             raise StoreError(f"cache {cache_path} names no dataset (data_spec); pass --data")
-        split = manifest.get("split", "train")
+        split = manifest.split or "train"
         train_split = "test" if split == "test" else "train"
         if split == "test":
             log.warning("cache %s holds the test split: the student trains on test images", cache_path)
         train_source = open_source(data_spec, train_split)
         if store is not None:
             split_source = train_source if split == train_split else open_source(data_spec, split)
-            limited = (manifest.get("identity") or {}).get("limit") is not None
+            limited = manifest.limited
             rows, store_rows = match_rows(store, split_source, train_source, limited)
             views = int(store["features"].shape[1])
             params = np.asarray(store.read("view_params"), np.float32)[store_rows]
-            if cfg.data is None and train_source.fingerprint != (manifest.get("identity") or {}).get(
-                    "data", {}).get("fingerprint", train_source.fingerprint):
+            if cfg.data is None and manifest.data_fingerprint not in (None, train_source.fingerprint):
                 log.warning("the dataset's files differ from those the cache was built from")
         else:
             rows, store_rows, views, params = np.arange(len(train_source)), None, 1, None
@@ -379,7 +374,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     if views > 1 and cfg.augment not in ("auto", "none"):
         log.info("a %d-view cache: the student replays the stored views; --augment %s is not used",
                  views, cfg.augment)
-    teacher_size = int(manifest["image_size"]) if cfg.method == "online" else None
+    teacher_size = int(manifest.image_size) if cfg.method == "online" else None
     # Online on a GPU: the teacher's upsampled input is made on the device, not image by image on the CPU.
     defer = teacher_size is not None and resize_on_device(resolve_device(cfg.device))
     view0 = params[:, :1] if params is not None else None
@@ -400,7 +395,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     split = {"train": sample_index[fit_rows].tolist(), "val": sample_index[val].tolist(),
              "labelled": sample_index[labelled].tolist(), "holdout": holdout.as_dict(),
              "labels_per_class": cfg.labels_per_class, "seed": cfg.seed,
-             "source_split": train_split, "data": data_spec, "cache_key": manifest.get("key")}
+             "source_split": train_split, "data": data_spec, "cache_key": manifest.key}
     return Prepared(
         train_set=train_set, val_set=val_set, test_set=test_set, knn_set=knn_set, views=views,
         num_classes=int(train_source.num_classes), channels=channels, image_size=int(size), augment=augment,
@@ -409,9 +404,9 @@ def prepare(cfg: TrainConfig) -> Prepared:
         basis_kind=basis.kind if basis is not None else None, basis=basis, target_scale=scale, elsh=elsh,
         elsh_rows=elsh_rows,
         data_spec=data_spec,
-        cache_path=str(cache_path) if cache_path else None, cache_key=manifest.get("key"),
-        teacher_spec=manifest.get("teacher_spec"), teacher_size=teacher_size, n_labelled=int(labelled.sum()),
-        teacher_identity=(manifest.get("identity") or {}).get("teacher"), split=split,
+        cache_path=str(cache_path) if cache_path else None, cache_key=manifest.key,
+        teacher_spec=manifest.teacher_spec, teacher_size=teacher_size, n_labelled=int(labelled.sum()),
+        teacher_identity=manifest.teacher_identity, split=split,
         basis_excludes_val=basis_excludes_val,
         setup_seconds=time.perf_counter() - t0)
 

@@ -41,11 +41,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
-from tcskd.cache.store import Store, iter_chunks
-from tcskd.cache.views import apply_view, center_params, to_tensor
 from tcskd.data import Source
 from tcskd.errors import StoreError, TcskdError
-from tcskd.subspace.basis import Basis, load_basis
+from tcskd.store.backends import Store
+from tcskd.store.bases import Basis, load_basis
+from tcskd.store.chunks import iter_feature_chunks, read_chunk_rows
+from tcskd.store.integrity import missing_data
+from tcskd.views import apply_view, center_params, to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -91,16 +93,6 @@ def resolve_basis(store: Store, method: str, name: str, dim: int | None,
 
 
 # -- rows -------------------------------------------------------------------
-
-def check_complete(store: Store) -> None:
-    """Refuse a cache that is incomplete or visibly damaged (edited manifest, wrong shapes, chunks
-    marked done whose data are missing); damaged chunk contents are refused as they are read."""
-    from tcskd.cache.verify import require_complete
-
-    if "chunk_done" not in store:
-        raise StoreError(f"cache {store.path} has no chunk_done array (its creation was cut short)")
-    require_complete(store)
-
 
 def match_rows(store: Store, split_source: Source, train_source: Source,
                limited: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -157,8 +149,6 @@ def load_targets(store: Store, store_rows: np.ndarray, basis: Basis, progress: b
     Read chunk by chunk; from ``bases/<name>/coords`` when stored (first K
     columns), else projected from ``features``.
     """
-    from tqdm.auto import tqdm
-
     coords_name = f"bases/{basis.name}/coords"
     use_coords = basis.name != RAW and coords_name in store
     arr = store[coords_name] if use_coords else store["features"]
@@ -167,30 +157,23 @@ def load_targets(store: Store, store_rows: np.ndarray, basis: Basis, progress: b
     if use_coords and arr.shape[2] < k:
         raise StoreError(f"{coords_name} has {arr.shape[2]} columns; need {k}")
     if use_coords:
-        from tcskd.cache.verify import missing_data
-
         lost = missing_data(store, (coords_name,))
         if lost:
             raise StoreError(f"cache {store.path} is damaged: {lost[0]}; fit the basis again")
     source = coords_name if use_coords else "features"
-    chunk = int(store.manifest.get("chunk_rows") or 4096)
+    chunk = read_chunk_rows(store)
     out = np.empty((len(store_rows), views, k), np.float32)
     order = np.argsort(store_rows, kind="stable")
     srt = store_rows[order]
     raw = basis.name == RAW
     what = "coords" if use_coords else ("raw features" if raw else "features")
-    chunks = list(iter_chunks(n_rows, chunk))
-    for _, start, stop in tqdm(chunks, desc=f"targets ({what})", unit="chunk", leave=False,
-                               disable=True if not progress or len(chunks) < 8 else None):
+    show = None if progress and -(-n_rows // chunk) >= 8 else False
+    for c in iter_feature_chunks(store, desc=f"targets ({what})", chunk_ids=np.unique(store_rows // chunk),
+                                 ok=np.ones(n_rows, bool), array=source, progress=show):
+        start, stop = c.start, c.stop
         lo, hi = np.searchsorted(srt, start), np.searchsorted(srt, stop)
-        if lo == hi:
-            continue
         items = order[lo:hi]
-        local = store_rows[items] - start
-        try:
-            block = np.asarray(arr[start:stop])[local]
-        except Exception as e:  # a damaged chunk fails its checksum: refuse, naming it
-            raise store.damaged(source, start, stop, e) from e
+        block = c.x[store_rows[items] - start]
         if use_coords or raw:
             out[items] = block[..., :k]
         else:
@@ -319,7 +302,7 @@ class ViewImages(Dataset):
     (empty without targets); ``teacher_x`` the same view at ``teacher_size``
     (empty unless given, for method online). With ``defer_teacher_resize`` a
     batch of in-memory images in their centre view leaves ``teacher_x`` at the
-    images' own size, for :func:`tcskd.cache.views.center_view` on the device.
+    images' own size, for :func:`tcskd.views.center_view` on the device.
 
     The DataLoader takes whole batches (:meth:`__getitems__`, with
     ``collate_fn=batch_collate``): images held in memory are cropped, resized

@@ -115,7 +115,7 @@ def _fmt(k: Any) -> str:
 
 
 def install_store(trig: Trigger) -> None:
-    from tcskd.cache import store as S
+    from tcskd.store import backends as S
 
     for cls in (S.ZarrStore, S.H5Store):
         for meth in STORE_METHODS:

@@ -81,7 +81,7 @@ def world(tmp_path_factory, fs, tiny_teacher) -> World:
 
 
 def read_arrays(path: Path, names=ARRAYS, group: str = "") -> dict[str, np.ndarray]:
-    from tcskd.cache.store import open_store
+    from tcskd.store.backends import open_store
 
     with open_store(path) as s:
         return {n: s.read(f"{group}{n}") for n in names if f"{group}{n}" in s}

@@ -198,7 +198,7 @@ def test_bad_teacher(world, files, tmp_path, spec, says):
 
 
 def test_teacher_nan_midway_keeps_earlier_chunks_only(world, files, tmp_path):
-    from tcskd.cache.registry import list_caches
+    from tcskd.store.registry import list_caches
 
     refused(["cache", "--data", f"npz:{files}/late.npz", "--teacher", f"torchscript:{files}/latenan.pt",
              "--image-size", "12", "--chunk-rows", "8", "--batch-size", "4", "--cache-root", tmp_path, "--device", "cpu"],
@@ -210,7 +210,7 @@ def test_teacher_nan_midway_keeps_earlier_chunks_only(world, files, tmp_path):
 
 
 def test_skip_bad_records_unreadable_images(world, files, tmp_path):
-    from tcskd.cache.store import open_store
+    from tcskd.store.backends import open_store
 
     r = _cli(["-q", "cache", "--data", f"imagefolder:{files}/unreadable", "--teacher", world.teacher, "--image-size",
               "16", "--cache-root", tmp_path, "--skip-bad", "--device", "cpu"])
@@ -352,7 +352,7 @@ def test_debug_shows_the_traceback_under_cache(tmp_path):
 def test_odd_sizes_and_modes_are_accepted(world, tmp_path):
     from PIL import Image
 
-    from tcskd.cache.store import open_store
+    from tcskd.store.backends import open_store
 
     rng = np.random.default_rng(1)
     root = tmp_path / "imgs"

@@ -104,8 +104,8 @@ def test_readers_while_a_store_is_being_created(world, fs, tmp_path):
 @pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
 def test_readers_while_a_basis_is_being_replaced(world, fs, tmp_path, fmt):
     """Refitting `pca` on a complete cache: until it is published, readers use the old basis."""
-    from tcskd.cache.store import open_store
-    from tcskd.subspace.basis import load_basis
+    from tcskd.store.backends import open_store
+    from tcskd.store.bases import load_basis
     from tcskd.subspace.fit import BasisConfig, fit_basis
     from tcskd.train.loop import TrainConfig, prepare, resolve_config
 

@@ -67,8 +67,8 @@ def cache_kill_points(fmt: str, events, puts) -> list[tuple[str, dict]]:
 
 def check_honest(path: Path, ref: Path) -> dict:
     """An interrupted store never claims more than it holds; returns what it claims."""
-    from tcskd.cache.registry import list_caches
-    from tcskd.cache.store import detect_format, open_store
+    from tcskd.store.registry import list_caches
+    from tcskd.store.backends import detect_format, open_store
     from tcskd.cache.verify import verify_cache
 
     rows = {r["key"]: r for r in list_caches(path.parent)}
@@ -95,7 +95,7 @@ def check_honest(path: Path, ref: Path) -> dict:
 @pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
 def test_cache_killed_anywhere_resumes_to_the_reference(world, fs, tmp_path, fmt):
     from tcskd.cache.build import build_cache
-    from tcskd.cache.store import open_store
+    from tcskd.store.backends import open_store
     from tcskd.cache.verify import verify_cache
 
     ref, events, puts = world.ref(fmt)
@@ -148,9 +148,9 @@ def _basis_args(path: Path, dim: int = 8) -> list[str]:
 
 def _basis_state(path: Path):
     """(visible bases, the pca basis arrays or None) as a reader sees them."""
-    from tcskd.cache.store import open_store
+    from tcskd.store.backends import open_store
     from tcskd.errors import StoreError
-    from tcskd.subspace.basis import load_basis
+    from tcskd.store.bases import load_basis
 
     with open_store(path) as s:
         names = s.bases()
@@ -207,7 +207,7 @@ def test_basis_killed_anywhere_is_never_visible_half_written(world, fs, tmp_path
         assert_same_arrays(arrays, ref_arrays)
         assert not leftovers(cache), leftovers(cache)
         if fmt == "zarr":
-            with __import__("tcskd.cache.store", fromlist=["open_store"]).open_store(cache) as s:
+            with __import__("tcskd.store.backends", fromlist=["open_store"]).open_store(cache) as s:
                 assert not [c for c in s.children("bases") if c.startswith(".")]
 
 

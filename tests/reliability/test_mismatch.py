@@ -95,7 +95,7 @@ def test_online_teacher_changed_since_caching_is_refused(caches, tmp_path):
 
 def test_cache_with_other_preprocessing_under_the_same_key_is_refused(world, tmp_path):
     from tcskd.cache.build import build_cache
-    from tcskd.cache.store import open_store
+    from tcskd.store.backends import open_store
 
     cfg = world.cache_config("zarr", tmp_path / "caches", views=1, limit=8)
     path = build_cache(cfg).path
@@ -109,7 +109,7 @@ def test_cache_with_other_preprocessing_under_the_same_key_is_refused(world, tmp
 
 
 def test_newer_schema_is_refused_everywhere(world, tmp_path):
-    from tcskd.cache.store import open_store
+    from tcskd.store.backends import open_store
 
     cache = world.copy_ref("zarr", tmp_path / "caches")
     with open_store(cache, "a") as s:

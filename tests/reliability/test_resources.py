@@ -40,7 +40,7 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
 
 def _honest(path: Path, ref: Path) -> int:
     """Every chunk marked done holds the reference's data; returns how many are done."""
-    from tcskd.cache.store import detect_format, open_store
+    from tcskd.store.backends import detect_format, open_store
 
     if detect_format(path) is None:
         return 0
@@ -100,7 +100,7 @@ def test_hdf5_cache_on_a_full_disk(world, tmp_path, after):
 
 def test_file_size_limit_in_every_writer(world, fs, tmp_path):
     """RLIMIT_FSIZE: HDF5's C library and torch's checkpoint writer fail like on a full disk."""
-    from tcskd.cache.registry import list_caches
+    from tcskd.store.registry import list_caches
 
     root = tmp_path / "caches"
     res = fs.run(world.cache_args("hdf5", root), tmp_path / "h5", [{"domain": "rlimit", "bytes": 4096}])
@@ -125,7 +125,7 @@ def test_file_size_limit_in_every_writer(world, fs, tmp_path):
 
 
 def test_basis_on_a_full_disk(world, tmp_path):
-    from tcskd.cache.store import open_store
+    from tcskd.store.backends import open_store
 
     cache = world.copy_ref("zarr", tmp_path / "caches")
     for after in (1, 12):
@@ -141,7 +141,7 @@ def test_basis_on_a_full_disk(world, tmp_path):
 
 @pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
 def test_read_only_cache_root(world, tmp_path, fmt):
-    from tcskd.cache.store import open_store
+    from tcskd.store.backends import open_store
 
     # a new cache on a read-only root: a clear error, nothing written
     empty = tmp_path / "empty"

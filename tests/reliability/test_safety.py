@@ -165,8 +165,8 @@ def test_the_teacher_a_cache_names_runs_only_when_asked(world, trained, tmp_path
     """A (consistently) forged manifest names a hub teacher whose code would leave a mark: reading,
     verifying, fitting on and training from the cache never runs it; --recompute and --method online
     are the only commands that load the cache's teacher, by design."""
-    from tcskd.cache.registry import cache_key
-    from tcskd.cache.store import open_store
+    from tcskd.store.registry import cache_key
+    from tcskd.store.backends import open_store
 
     cache, _ = trained
     sentinel = tmp_path / "ran"

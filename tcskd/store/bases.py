@@ -1,4 +1,4 @@
-"""A stored coordinate system and the projection of features onto it.
+"""Bases in a cache: a stored coordinate system, the projection onto it, and its atomic write.
 
 A basis lives in ``bases/<name>/`` of a cache store:
 ``mean`` [D] float64, ``components`` [K, D] float64 (orthonormal rows),
@@ -11,18 +11,28 @@ written into: a basis copied into another cache is refused), ``rows_used``,
 is not visible).
 
 Targets are ``c = B (x - mu)``, divided by ``sqrt(lambda)`` when whitened.
+
+Atomic appearance (:func:`write_basis`): arrays are written into the hidden
+group ``bases/.tmp-<name>-<pid>``, renamed to ``bases/<name>`` (replacing an
+older basis of that name only now) and marked ``complete`` last; hidden
+leftovers of killed runs are removed by :func:`remove_leftovers`.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from tcskd.cache.store import Store
 from tcskd.errors import StoreError
+from tcskd.store.backends import Store
+from tcskd.store.manifest import Manifest
+
+log = logging.getLogger(__name__)
 
 WHITEN_EPS = 1e-8
 
@@ -83,7 +93,8 @@ def load_basis(store: Store, name: str) -> Basis:
         raise StoreError(f"cache {store.path} has no complete basis '{name}' (bases: {have})")
     g = f"bases/{name}"
     attrs = store.attrs(g)
-    owner, key = attrs.get("cache_key"), store.manifest.get("key")
+    manifest = Manifest.read(store)
+    owner, key = attrs.get("cache_key"), manifest.key
     if owner and key and owner != key:
         raise StoreError(f"basis '{name}' in {store.path} was written into cache {owner}, not this cache ({key}): "
                          f"it was copied from another cache; fit it here with `tcskd basis` "
@@ -95,8 +106,65 @@ def load_basis(store: Store, name: str) -> Basis:
     if comps.ndim != 2 or mean.shape != (comps.shape[1],) or eig.shape != (comps.shape[0],):
         raise StoreError(f"basis '{name}' in {store.path} has inconsistent shapes "
                          f"(mean {mean.shape}, components {comps.shape}, eigenvalues {eig.shape})")
-    dim = store.manifest.get("dim")
+    dim = manifest.dim
     if dim is not None and comps.shape[1] != int(dim):
         raise StoreError(f"basis '{name}' has dimension {comps.shape[1]} but the cache's features have {dim}")
     return Basis(name, str(attrs.get("kind", "pca")), mean, comps, eig, ratio,
                  bool(attrs.get("whiten", False)), attrs)
+
+
+# -- writing -----------------------------------------------------------------
+
+#: The arrays of a basis, in the order they are written.
+BASIS_ARRAYS = ("mean", "components", "eigenvalues", "explained_ratio")
+
+
+def write_basis(store: Store, name: str, arrays: dict[str, np.ndarray], attrs: dict[str, Any],
+                fill: Callable[[Store, str], None] | None = None) -> None:
+    """Write ``arrays`` (:data:`BASIS_ARRAYS`, float64) as ``bases/<name>`` so that it appears whole or not
+    at all; ``fill(store, group)`` adds more to the hidden group first (e.g. the coords)."""
+    store.require_group("bases")
+    tmp = f"bases/.tmp-{name}-{os.getpid()}"
+    if tmp in store:
+        store.delete(tmp)
+    try:
+        store.require_group(tmp)
+        k, d = arrays["components"].shape
+        for key in BASIS_ARRAYS:
+            arr = arrays[key]
+            chunks = arr.shape if arr.ndim == 1 else (min(k, max(1, (1 << 22) // d)), d)
+            # compressed for the checksum: a damaged basis fails to load instead of giving wrong targets
+            a = store.create(f"{tmp}/{key}", arr.shape, "float64", chunks, fill_value=0.0, compress=True)
+            a[...] = arr
+        if fill is not None:
+            fill(store, tmp)
+        store.set_attrs({**attrs, "k": int(k), "complete": False}, tmp)
+        store.flush()
+        _publish(store, tmp, f"bases/{name}")
+    except BaseException:
+        _discard(store, tmp)
+        raise
+
+
+def _publish(store: Store, tmp: str, final: str) -> None:
+    """Rename the finished hidden group into place (replacing an older one), then mark it complete."""
+    store.rename(tmp, final)
+    store.set_attrs({"complete": True}, final)
+    store.flush()
+
+
+def _discard(store: Store, tmp: str) -> None:
+    """Best effort: remove a half-written group after an error (a killed run leaves it for the next)."""
+    try:
+        store.delete(tmp)
+    except Exception as e:  # the original error matters more
+        log.warning("could not remove %s: %s", tmp, e)
+
+
+def remove_leftovers(store: Store) -> None:
+    """Delete hidden groups under ``bases/`` left by killed runs (the caller holds the writer lock)."""
+    for child in store.children("bases"):
+        if child.startswith("."):
+            log.warning("removing bases/%s left by an interrupted run", child)
+            store.delete(f"bases/{child}")
+    store.remove_partial_files()

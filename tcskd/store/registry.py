@@ -17,7 +17,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tcskd.cache.store import RemotePath, as_location, detect_format, is_remote, open_store
+from tcskd.store.backends import detect_format, open_store
+from tcskd.store.manifest import Manifest
+from tcskd.store.paths import RemotePath, as_location, is_remote
 from tcskd.errors import LockedError, StoreError
 
 log = logging.getLogger(__name__)
@@ -68,12 +70,12 @@ def list_caches(cache_root: "str | Path | RemotePath | None" = None) -> list[dic
             continue
         try:
             with open_store(d) as s:
-                m = s.manifest
+                m = Manifest.read(s)
                 done = s.chunk_done() if "chunk_done" in s else None
                 rows.append({
-                    "key": d.name, "data": m.get("data_spec"), "split": m.get("split"),
-                    "teacher": m.get("teacher_spec"), "rows": m.get("n_rows"), "dim": m.get("dim"),
-                    "views": m.get("views"), "format": s.format, "size_bytes": s.size_bytes(),
+                    "key": d.name, "data": m.data_spec, "split": m.split,
+                    "teacher": m.teacher_spec, "rows": m.n_rows, "dim": m.dim,
+                    "views": m.views, "format": s.format, "size_bytes": s.size_bytes(),
                     "complete": bool(done is not None and done.all()),
                     "chunks_done": f"{int(done.sum()) if done is not None else 0}/{len(done) if done is not None else '?'}",
                     "bases": s.bases(), "path": str(d),
