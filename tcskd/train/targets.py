@@ -50,7 +50,6 @@ from tcskd.subspace.basis import Basis, load_basis
 log = logging.getLogger(__name__)
 
 AUGMENTS = ("auto", "none", "flip", "crop", "crop-flip")
-METHODS = ("tcs", "fitnet", "ce", "online")
 RAW = "raw"
 #: K of ``--method tcs`` without ``--dim``: the leading coordinates kept (chosen on validation, see README).
 DEFAULT_DIM = 64
