@@ -138,7 +138,9 @@ def click_option(f: dataclasses.Field, annotation: Any) -> click.Option:
     if typing.get_origin(base) is tuple:
         kw["nargs"] = len(typing.get_args(base))
     show = option.show_default if option.show_default is not None else default is not None
-    return click.Option(decls, default=default, show_default=show, **kw)
+    if not required:  # click takes an explicit default=None as a value that satisfies required=True
+        kw["default"] = default
+    return click.Option(decls, show_default=show, **kw)
 
 
 def click_options(cls: type, exclude: Sequence[str] = (),
