@@ -1,8 +1,8 @@
 """The ``tcskd`` command: a thin click layer over the stage functions.
 
-The options of ``tcskd cache`` (and of ``cache``, ``basis``, ``train``, ``eval``
-generally) are generated from the stage's config dataclass (tcskd.options);
-the stage function validates them. Every user-facing problem is a
+The options of ``cache``, ``basis``, ``train`` and ``eval`` are generated from
+the stages' config dataclasses (tcskd.options, tcskd/*/config.py); the stage
+functions validate them. Every user-facing problem is a
 ``TcskdError``: printed as one line on stderr with a non-zero exit (no
 traceback unless ``--debug``); click's usage errors become one line with exit 2.
 
