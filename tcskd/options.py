@@ -166,13 +166,17 @@ def click_options(cls: type, exclude: Sequence[str] = (),
 
 
 def config_from_params(cls: type, params: dict[str, Any], **overrides: Any) -> Any:
-    """``cls`` from a click ``params`` dict (keys that are not fields are ignored), plus ``overrides``."""
+    """``cls`` from a click ``params`` dict (keys that are not fields are ignored), plus ``overrides``.
+
+    A list given for a tuple field (e.g. read back from YAML or JSON) becomes a tuple.
+    """
+    hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in params.items() if k in names}
     values.update(overrides)
-    for f in dataclasses.fields(cls):
-        if f.name in values and isinstance(values[f.name], list):
-            values[f.name] = tuple(values[f.name])
+    for name, value in values.items():
+        if isinstance(value, list) and typing.get_origin(_base_type(hints[name])[0]) is tuple:
+            values[name] = tuple(value)
     return cls(**values)
 
 
