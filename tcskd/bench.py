@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 import tcskd
+from tcskd.device import DEVICES
 from tcskd.errors import TcskdError
 
 log = logging.getLogger(__name__)
@@ -1076,7 +1077,7 @@ def _click_command():
     import click
 
     @click.command("bench")
-    @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+    @click.option("--device", type=click.Choice(list(DEVICES)), default="auto", show_default=True)
     @click.option("--quick", is_flag=True, help="Tiny sizes and fewer repeats: a smoke run.")
     @click.option("--out", "out_file", default="bench/out/bench.json", show_default=True,
                   help="JSON result; the Markdown table goes beside it (.md).")

@@ -1,7 +1,14 @@
 """The ``tcskd`` command: a thin click layer over the stage functions.
 
-Every user-facing problem is a ``TcskdError``: printed as one line on stderr
-with a non-zero exit (no traceback unless ``--debug``).
+The options of ``cache``, ``basis``, ``train`` and ``eval`` are generated from
+the stages' config dataclasses (tcskd.options, tcskd/*/config.py); the stage
+functions validate them. Every user-facing problem is a
+``TcskdError``: printed as one line on stderr with a non-zero exit (no
+traceback unless ``--debug``); click's usage errors become one line with exit 2.
+
+``tcskd cache`` is both the build command and the group of ``ls``, ``info``
+and ``verify``: build options given before a subcommand
+(``tcskd cache --data X ls``) are a usage error instead of being ignored.
 """
 
 from __future__ import annotations
@@ -9,18 +16,25 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from pathlib import Path
 from typing import IO, Any
 
 import click
+from click.core import ParameterSource
 
 from tcskd import __version__
+from tcskd.bench import bench_cmd
+from tcskd.cache.build import build_cache
+from tcskd.cache.config import CacheConfig
+from tcskd.cache.verify import VerifyFailed, info, verify_cache
+from tcskd.device import set_threads
 from tcskd.errors import TcskdError
+from tcskd.options import click_options, config_from_params, option_names
+from tcskd.store.paths import as_location
+from tcskd.store.registry import WriterLock, list_caches, resolve_cache
+from tcskd.subspace.commands import basis
+from tcskd.train.commands import eval_cmd, export, report_cmd, train
 
 log = logging.getLogger(__name__)
-
-DEVICE = click.Choice(["auto", "cpu", "cuda"])
-
 
 # click >= 8.2 signals "no arguments: show the help" with a UsageError subclass; that one stays as it is.
 _NO_ARGS_IS_HELP: tuple[type[Exception], ...] = tuple(
@@ -88,8 +102,6 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
                    "On a busy or small machine 1 can be much faster.")
 def main(debug: bool, verbose: int, quiet: bool, threads: int | None) -> None:
     """tcskd: distil a large teacher into small students from cached features."""
-    from tcskd.device import set_threads
-
     _setup_logging(verbose, quiet)
     set_threads(threads)
 
@@ -97,43 +109,34 @@ def main(debug: bool, verbose: int, quiet: bool, threads: int | None) -> None:
 # -- stage 1: cache ---------------------------------------------------------
 
 @main.group("cache", cls=_Group, invoke_without_command=True)
-@click.option("--data", default="builtin:mnist5k", show_default=True, help="Dataset spec.")
-@click.option("--teacher", default="builtin:efficientnet-lite0", show_default=True, help="Teacher spec.")
-@click.option("--split", type=click.Choice(["train", "test", "all"]), default="train", show_default=True)
-@click.option("--views", type=int, default=1, show_default=True, help="Views per image (0: centre crop; others random crop+flip).")
-@click.option("--image-size", type=int, default=None, help="Teacher input size (default: the teacher's).")
-@click.option("--batch-size", type=int, default=None, help="Default: 32 on the CPU, 256 on a GPU.")
-@click.option("--format", "fmt", type=click.Choice(["zarr", "hdf5"]), default="zarr", show_default=True)
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
-@click.option("--cache-root", type=str, default=None, help="Default: $TCSKD_CACHE, else ./caches.")
-@click.option("--limit", type=int, default=None, help="A seeded (--seed), class-stratified subset of N samples of the split, in source order.")
-@click.option("--device", type=DEVICE, default="auto", show_default=True)
-@click.option("--workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random views.")
-@click.option("--chunk-rows", type=int, default=1024, show_default=True, help="Rows per chunk (unit of resume).")
-@click.option("--skip-bad", is_flag=True, help="Record unreadable images in the manifest instead of stopping.")
-@click.option("--wait", is_flag=True, help="Wait for another writer of the same cache instead of exiting.")
+@click_options(CacheConfig)
 @click.pass_context
-def cache(ctx: click.Context, data, teacher, split, views, image_size, batch_size, fmt, dtype, cache_root,
-          limit, device, workers, seed, chunk_rows, skip_bad, wait) -> None:
+def cache(ctx: click.Context, **params) -> None:
     """Stream a dataset once through a teacher into a feature store.
 
     Prints the cache's path as the last line on stdout. Subcommands: ls, info, verify.
     """
     if ctx.invoked_subcommand is not None:
+        _refuse_build_options(ctx)
         return
-    from tcskd.cache.build import CacheConfig, build_cache
-
-    cfg = CacheConfig(data=data, teacher=teacher, split=split, views=views, image_size=image_size,
-                      batch_size=batch_size, format=fmt, dtype=dtype, cache_root=cache_root, limit=limit,
-                      device=device, workers=workers, seed=seed, chunk_rows=chunk_rows, skip_bad=skip_bad,
-                      wait=wait)
-    res = build_cache(cfg)
+    res = build_cache(config_from_params(CacheConfig, params))
     if res.hit:
         log.info("cache hit (nothing recomputed)")
     else:
         log.info("computed %d rows in %.1f s", res.rows_computed, res.seconds)
     click.echo(str(res.path))
+
+
+def _refuse_build_options(ctx: click.Context) -> None:
+    """A usage error for build options given to the group before a subcommand (``tcskd cache --data X ls``),
+    which would otherwise be ignored without a word."""
+    names = option_names(CacheConfig)
+    given = [names[p] for p in ctx.params if ctx.get_parameter_source(p) is ParameterSource.COMMANDLINE]
+    if given:
+        sub = ctx.invoked_subcommand
+        what = f"{given[0]} is an option" if len(given) == 1 else f"{', '.join(given)} are options"
+        raise click.UsageError(f"{what} of building a cache, not of 'tcskd cache {sub}': give {sub}'s own "
+                               f"options after it (see tcskd cache {sub} --help)", ctx)
 
 
 def _human(n: int) -> str:
@@ -145,13 +148,10 @@ def _human(n: int) -> str:
 
 
 @cache.command("ls")
-@click.option("--cache-root", type=str, default=None)
+@click_options(CacheConfig, only=["cache_root"])
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per cache.")
-def cache_ls(cache_root, as_json) -> None:
+def cache_ls(cache_root: str | None, as_json: bool) -> None:
     """List the caches under the cache root."""
-    from tcskd.store.registry import WriterLock, list_caches
-    from tcskd.store.paths import as_location
-
     rows = list_caches(cache_root)
     for r in rows:
         r["writing"] = WriterLock.is_held(as_location(r["path"]))
@@ -175,25 +175,18 @@ def cache_ls(cache_root, as_json) -> None:
 
 @cache.command("info")
 @click.argument("cache_ref")
-@click.option("--cache-root", type=str, default=None)
-def cache_info(cache_ref, cache_root) -> None:
+@click_options(CacheConfig, only=["cache_root"])
+def cache_info(cache_ref: str, cache_root: str | None) -> None:
     """Print a cache's manifest (and its bases) as JSON."""
-    from tcskd.store.registry import resolve_cache
-    from tcskd.cache.verify import info
-
     click.echo(json.dumps(info(resolve_cache(cache_ref, cache_root)), indent=2, sort_keys=True))
 
 
 @cache.command("verify")
 @click.argument("cache_ref")
 @click.option("--recompute", type=int, default=0, show_default=True, help="Rows to recompute with the teacher.")
-@click.option("--cache-root", type=str, default=None)
-@click.option("--device", type=DEVICE, default="auto", show_default=True)
-def cache_verify(cache_ref, recompute, cache_root, device) -> None:
+@click_options(CacheConfig, only=["cache_root", "device"])
+def cache_verify(cache_ref: str, recompute: int, cache_root: str | None, device: str) -> None:
     """Check completeness, shapes, NaN/Inf, labels, and recomputed rows; non-zero exit on a problem."""
-    from tcskd.store.registry import resolve_cache
-    from tcskd.cache.verify import VerifyFailed, verify_cache
-
     rep = verify_cache(resolve_cache(cache_ref, cache_root), recompute=recompute, device=device)
     for p in rep.problems:
         click.echo(f"problem: {p}")
@@ -203,14 +196,5 @@ def cache_verify(cache_ref, recompute, cache_root, device) -> None:
     click.echo(f"ok: {rep.path} ({rep.checked_rows} rows checked{extra})")
 
 
-def _register() -> None:
-    from tcskd.bench import bench_cmd
-    from tcskd.subspace.commands import basis
-    from tcskd.train.commands import export, train
-    from tcskd.train.report_commands import eval_cmd, report_cmd
-
-    for cmd in (basis, train, export, eval_cmd, report_cmd, bench_cmd):
-        main.add_command(cmd)
-
-
-_register()
+for _cmd in (basis, train, export, eval_cmd, report_cmd, bench_cmd):
+    main.add_command(_cmd)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import resource
 import sys
 from typing import ContextManager
@@ -11,6 +12,7 @@ import torch
 
 from tcskd.errors import TcskdError
 
+#: The choices of every ``--device`` option.
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -63,8 +65,6 @@ def proc_status_bytes(field: str) -> int | None:
 
 def set_threads(threads: int | None) -> None:
     """CPU threads for torch's intra-op work (None: $TCSKD_THREADS, else torch's default)."""
-    import os
-
     if threads is None:
         env = os.environ.get("TCSKD_THREADS")
         if not env:

@@ -23,6 +23,12 @@ USAGE_ERRORS = [
     (["no-such-command"], "tcskd: error: No such command 'no-such-command'."),
     (["basis", "--no-such-option"], "tcskd: error: No such option '--no-such-option'"),
     (["train", "--epochs", "many"], "tcskd: error: Invalid value for '--epochs'"),
+    # build options given to the `cache` group before a subcommand would be ignored: refused instead
+    (["cache", "--data", "x", "ls"],
+     "tcskd: error: --data is an option of building a cache, not of 'tcskd cache ls': give ls's own options after it"),
+    (["cache", "--cache-root", "r", "--views", "2", "info", "k"],
+     "tcskd: error: --cache-root, --views are options of building a cache, not of 'tcskd cache info'"),
+    (["cache", "--device", "cpu", "verify", "k"], "tcskd: error: --device is an option of building a cache"),
 ]
 
 
@@ -67,3 +73,13 @@ def test_no_arguments_still_shows_help():
     assert "Usage: tcskd [OPTIONS] COMMAND [ARGS]..." in r.output
     assert "Commands:" in r.output and "tcskd: error" not in r.output
     assert r.exit_code in (0, 2)  # click < 8.2 exits 0, 8.2+ exits 2 (NoArgsIsHelpError)
+
+
+def test_cache_subcommands_take_their_own_options(tmp_path):
+    """Only build options given *before* a subcommand are refused; the subcommand's own options work, and
+    `tcskd cache --data ...` alone still builds (its usage errors are covered above)."""
+    r = _invoke(["cache", "ls", "--cache-root", str(tmp_path), "--json"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout == ""
+    r = _invoke(["cache", "info", "nope", "--cache-root", str(tmp_path)])
+    assert r.exit_code != 0 and "nope" in r.stderr and len(r.stderr.splitlines()) == 1

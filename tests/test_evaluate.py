@@ -13,7 +13,7 @@ from tcskd.store.registry import cache_key
 from tcskd.store.backends import open_store
 from tcskd.errors import StoreError, TcskdError
 from tcskd.train.evaluate import EvalConfig, evaluate_teacher, knn_predict, knn_top1, linear_probe_top1
-from tcskd.train.report_commands import eval_cmd
+from tcskd.train.commands import eval_cmd
 
 
 def _clusters(n: int, d: int, c: int, spread: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from tcskd.errors import TcskdError
 from tcskd.train.report import group_runs, load_runs, markdown_table, mean_std, plot_runs
-from tcskd.train.report_commands import report_cmd
+from tcskd.train.commands import report_cmd
 
 
 def _run(root: Path, name: str, method: str, seed: int, top1: float, lpc: int | None = None,

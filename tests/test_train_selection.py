@@ -86,7 +86,7 @@ def test_step_importance_of_each_criterion():
 
 
 def test_tailor_presets_follow_the_label_budget_and_explicit_options_win():
-    from tcskd.train.loop import FIXED, TAILORED, TrainConfig, default_dim, resolve_config
+    from tcskd.train.config import FIXED, TAILORED, TrainConfig, default_dim, resolve_config
 
     every = resolve_config(TrainConfig(cache="c", tailor="auto"))
     few = resolve_config(TrainConfig(cache="c", tailor="auto", labels_per_class=10))

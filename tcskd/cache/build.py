@@ -17,7 +17,7 @@ import shutil
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,61 +26,21 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tcskd import dist
+from tcskd.cache.config import CacheConfig
 from tcskd.data import DataError, Source, fingerprint, open_source
 from tcskd.device import autocast, resolve_device
 from tcskd.errors import StoreError, TcskdError
-from tcskd.store.backends import FORMATS, Store, detect_format, iter_chunks, open_store
+from tcskd.store.backends import Store, detect_format, iter_chunks, open_store
 from tcskd.store.handle import open_cache
 from tcskd.store.layout import create_store
 from tcskd.store.manifest import Manifest
 from tcskd.store.paths import is_remote
 from tcskd.store.registry import WriterLock, cache_key, cache_root_of
-from tcskd.views import DEFAULT_SCALE, apply_view, center_view, resize_on_device, teacher_views, view_params
+from tcskd.views import apply_view, center_view, resize_on_device, teacher_views, view_params
 
 log = logging.getLogger(__name__)
 
-DTYPES = ("float16", "float32")
 VIEW_PIPELINE = "crop+resize-uint8-bilinear-aa/1"
-
-
-@dataclass
-class CacheConfig:
-    """Options of ``tcskd cache``."""
-
-    data: str = "builtin:mnist5k"
-    """Dataset spec (see tcskd.data)."""
-    teacher: str = "builtin:efficientnet-lite0"
-    """Teacher spec (see tcskd.teachers)."""
-    split: str = "train"
-    """train, test or all."""
-    views: int = 1
-    """View 0 is the centre crop; views 1..K-1 are seeded random-resized-crop + flip."""
-    image_size: int | None = None
-    """Teacher input size; None = the teacher's own."""
-    batch_size: int | None = None
-    """Teacher batch; None = 32 on the CPU (cache-friendly), 256 on a GPU."""
-    format: str = "zarr"
-    """zarr (a directory store) or hdf5 (store.h5 inside the cache directory)."""
-    dtype: str = "float16"
-    """Storage dtype of ``features``."""
-    cache_root: str | None = None
-    """Where caches live; None = $TCSKD_CACHE, else ./caches."""
-    limit: int | None = None
-    """Take a seeded (``seed``), class-stratified subset of N samples of the split, in source order
-    (:func:`limit_rows`), so a quick experiment sees every class."""
-    device: str = "auto"
-    workers: int = 0
-    """DataLoader worker processes for decoding and cropping."""
-    seed: int = 0
-    """Seed of the random views (ignored with one view)."""
-    chunk_rows: int = 1024
-    """Rows per store chunk (the unit of resume and of parallel writers)."""
-    skip_bad: bool = False
-    """Record unreadable images in the manifest instead of stopping."""
-    wait: bool = False
-    """Wait for another writer of the same cache instead of exiting."""
-    crop_scale: tuple[float, float] = field(default=DEFAULT_SCALE)
-    """Area range of the random views' crops."""
 
 
 @dataclass
@@ -229,19 +189,6 @@ def identity_of(cfg: CacheConfig, data_fingerprint: str, teacher_identity: dict[
     return ident
 
 
-def check_config(cfg: CacheConfig) -> None:
-    if cfg.format not in FORMATS:
-        raise TcskdError(f"unknown format '{cfg.format}' (choose zarr or hdf5)")
-    if cfg.dtype not in DTYPES:
-        raise TcskdError(f"unknown dtype '{cfg.dtype}' (choose float16 or float32)")
-    if cfg.views < 1:
-        raise TcskdError(f"--views must be >= 1 (got {cfg.views})")
-    if (cfg.batch_size is not None and cfg.batch_size < 1) or cfg.chunk_rows < 1:
-        raise TcskdError("--batch-size and chunk rows must be >= 1")
-    if cfg.image_size is not None and cfg.image_size < 8:
-        raise TcskdError(f"--image-size must be >= 8 (got {cfg.image_size})")
-    if cfg.workers < 0:
-        raise TcskdError(f"--workers must be >= 0 (got {cfg.workers})")
 
 
 # -- store creation ---------------------------------------------------------
@@ -306,7 +253,7 @@ def prepare(cfg: CacheConfig):
     """
     from tcskd.teachers import load_teacher
 
-    check_config(cfg)
+    cfg.validate()
     data_fingerprint = fingerprint(cfg.data, cfg.split)
     teacher = load_teacher(cfg.teacher, cfg.image_size)
     ident = identity_of(cfg, data_fingerprint, teacher.identity())
@@ -546,8 +493,3 @@ def _finish(store: Store, source: Source) -> None:
     store.set_attrs({"complete": True})  # last, on its own: a cache is complete only with all of the above
     store.flush()
 
-
-def config_dict(cfg: CacheConfig) -> dict[str, Any]:
-    d = asdict(cfg)
-    d["crop_scale"] = list(cfg.crop_scale)
-    return d

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from tcskd.errors import StoreError, TcskdError
 from tcskd.splits import Holdout, labelled_mask
 from tcskd.store.handle import Cache, open_cache
 from tcskd.store.registry import resolve_cache
+from tcskd.train.config import EvalConfig
 
 log = logging.getLogger(__name__)
 
@@ -200,41 +201,6 @@ def linear_probe_scores(train_x: np.ndarray, train_y: np.ndarray, queries: list[
 
 # -- the teacher's reference accuracy ----------------------------------------
 
-@dataclass
-class EvalConfig:
-    """``tcskd eval``: the teacher's accuracy measured on its cached features only."""
-
-    cache: str
-    """Train cache: a key (or unique key prefix) under ``cache_root``, or a directory."""
-    test_cache: str
-    """Test cache of the same teacher (and dim): key or directory."""
-    k: int = 20
-    """Neighbours of the weighted kNN classifier."""
-    temperature: float = 0.07
-    """Temperature T of the kNN vote weights exp(sim / T)."""
-    linear: bool = True
-    """Also fit a linear probe (L-BFGS softmax regression on standardised features)."""
-    probe_epochs: int = 100
-    """L-BFGS iterations of the linear probe."""
-    seed: int = 0
-    """Seed of the labelled subset (``labels_per_class``, as in ``tcskd train --seed``) and of the probe."""
-    labels_per_class: int | None = None
-    """Fit kNN references and probe on n labelled training rows per class (the rows ``tcskd train`` with
-    the same seed and validation options labels); None = every training row."""
-    val_frac: float = 0.1
-    """Validation share of each class of the train cache, held out as in ``tcskd train`` (0 = none)."""
-    val_per_class: int | None = None
-    """Validation rows per class instead of ``val_frac``."""
-    val_seed: int = 0
-    """Seed of the validation split (as ``tcskd train --val-seed``)."""
-    device: str = "auto"
-    """auto | cpu | cuda."""
-    cache_root: str | None = None
-    """Where cache keys are looked up (default: $TCSKD_CACHE, else ./caches)."""
-    out: str | None = None
-    """Write the result as JSON to this file."""
-
-
 def read_view0(cache: Cache, desc: str = "features") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(features of view 0 as float32 N' x D, labels N', sample_index N') of the rows with ``row_ok``.
 
@@ -272,6 +238,7 @@ def evaluate_teacher(cfg: EvalConfig) -> dict[str, Any]:
     'k', 'train_rows', 'test_rows', 'teacher', 'data', ...} with accuracies as
     fractions; writes it as JSON to ``cfg.out`` when given.
     """
+    cfg.validate()
     t0 = time.perf_counter()
     dev = _as_device(cfg.device)
     train_path = resolve_cache(cfg.cache, cfg.cache_root)

@@ -47,11 +47,12 @@ from tcskd.errors import StoreError, TcskdError
 from tcskd.splits import Holdout, labelled_mask, rows_digest
 from tcskd.store.handle import open_cache
 from tcskd.store.manifest import Manifest
-from tcskd.train.head import CLASSIFY_FROM, TCSHead
-from tcskd.train.losses import MIMICS, elsh_bias, elsh_planes, elsh_sample, tcs_loss
-from tcskd.train.selection import SELECT_BY, SelectionSchedule, apply_selection, step_importance
+from tcskd.train.config import RESUME_FREE, TrainConfig, default_dim, resolve_config, tailoring_label
+from tcskd.train.head import TCSHead
+from tcskd.train.losses import elsh_bias, elsh_planes, elsh_sample, tcs_loss
+from tcskd.train.selection import SelectionSchedule, apply_selection, step_importance
 from tcskd.train.students import Student, StudentError, build_student, count_parameters
-from tcskd.train.targets import (AUGMENT_RNG, DEFAULT_DIM, METHODS, TARGET_NORMS, EpochSampler, TorchProjection, ViewImages,
+from tcskd.train.targets import (AUGMENT_RNG, EpochSampler, TorchProjection, ViewImages,
                                  RAW, load_targets, match_rows, resolve_augment,
                                  resolve_basis, target_scale)
 from tcskd.views import center_view, resize_on_device
@@ -61,185 +62,6 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
 LOG_EVERY = 50
-#: Config fields that may differ when a run is resumed.
-RESUME_FREE = ("cache", "cache_root", "data", "out", "resume", "device", "workers", "eval_every", "stop_after",
-               "sync_bn")
-
-
-@dataclass
-class TrainConfig:
-    """Options of ``tcskd train``."""
-
-    cache: str | None = None
-    """Train cache: a key (or unique prefix) under ``cache_root``, or a directory (optional only for ``ce``
-    with ``data``)."""
-    basis: str = "pca"
-    """Name of the basis in the cache (``bases/<name>``) whose coordinates are the targets."""
-    student: str = "cnn"
-    """Student network (tcskd.train.students): cnn, resnet8x4, ..., tv:NAME, python:MODULE:FACTORY."""
-    method: str = "tcs"
-    """tcs (basis coordinates), fitnet (identity basis / raw features), ce (no distillation), online (live teacher)."""
-    dim: int | None = None
-    """K: the first K coordinates of the basis; None = min(DEFAULT_DIM, the basis's K) (tcskd.train.targets,
-    chosen on validation). fitnet always uses every dimension."""
-    lam: float = 10.0
-    """lambda: weight of the mimic term (forced to 0 for ce); 10 was best on validation, averaged over both label
-    budgets of the built-in default's grid (README)."""
-    target_norm: str = "global"
-    """global: divide the targets by one scale, sqrt(mean variance of the K coordinates), so that lambda does not
-    depend on the teacher's feature scale (predicting 0 costs MSE 1); none: the raw coordinates."""
-    mimic: str = "mse"
-    """Mimic distance: mse, smooth-l1 or cosine."""
-    epochs: int = 30
-    """Training epochs."""
-    batch_size: int = 128
-    """Images per optimizer step, over all processes: under torchrun each of N ranks takes batch_size / N,
-    so the global batch, the learning rate and the number of steps do not depend on N."""
-    lr: float | None = None
-    """Peak learning rate; None = 0.05 for sgd, 1e-3 for adamw."""
-    optimizer: str = "sgd"
-    """sgd (Nesterov-free momentum SGD) or adamw."""
-    weight_decay: float | None = None
-    """Weight decay; None = 5e-4 for sgd, 0.05 for adamw."""
-    momentum: float = 0.9
-    """SGD momentum."""
-    warmup_epochs: float = 1.0
-    """Linear warm-up length in epochs (may be fractional; 0 = none)."""
-    schedule: str = "cosine"
-    """cosine (to 0) or step (x0.1 at 50% and 75% of the steps)."""
-    labels_per_class: int | None = None
-    """CE on this many labelled images per class (seeded by ``seed``, drawn from the training rows); None =
-    every label. The mimic term uses every training image; the kNN references are the labelled rows."""
-    val_frac: float = 0.1
-    """Share of each class of the training split held out for validation (seeded by ``val_seed``,
-    stratified): used for ``val_top1`` only, never for CE, the mimic term or kNN references. 0 = none."""
-    val_per_class: int | None = None
-    """Hold out this many rows of each class instead of ``val_frac``."""
-    val_seed: int = 0
-    """Seed of the validation split; the same for every run seed, so seeds are compared on the same rows."""
-    tailor: str = "auto"
-    """Tailoring (iterative coordinate selection): on = the TAILORED schedule, off = a fixed K, auto = on when
-    every label is used and off with ``labels_per_class`` (the built-in default's validation grid: tailoring
-    helped with all labels and hurt with 10 per class; README). Each field below overrides its part."""
-    select_every: int | None = None
-    """Drop coordinates after every this-many epochs; 0 = no tailoring; None = from ``tailor``."""
-    drop_frac: float | None = None
-    """Share of the active coordinates dropped per selection step; None = from ``tailor``."""
-    min_dim: int | None = None
-    """Tailoring never goes below this many active coordinates; None = from ``tailor``."""
-    select_by: str | None = None
-    """Importance for tailoring (tcskd.train.selection): grad (accumulated |dL/dgate|), taylor (first-order loss
-    change when a coordinate is switched off), error (drops the best-matched coordinates) or worst (drops the
-    worst-matched ones); None = from ``tailor``."""
-    classify_from: str | None = None
-    """What the classifier reads: feature (the student's feature f) or coords (the predicted, active teacher
-    coordinates m * c_hat, so CE also shapes the coordinates and the tailoring criteria see the task; merged
-    into one linear layer at export); None = from ``tailor``."""
-    elsh_bits: int = 0
-    """Bits of the eLSH term; 0 = off."""
-    elsh_weight: float = 1.0
-    """mu: weight of the eLSH term (when elsh_bits > 0)."""
-    augment: str = "auto"
-    """Student augmentation with a 1-view cache: none, flip, crop, crop-flip; auto = crop (no mirroring) for
-    MNIST / greyscale data, else crop-flip. A V-view cache replays its stored views instead."""
-    image_size: int | None = None
-    """Student input size; None = the dataset's native size (e.g. 28 for MNIST, 32 for CIFAR)."""
-    data: str | None = None
-    """Dataset spec overriding the cache manifest's (e.g. after moving the files)."""
-    out: str | None = None
-    """Run directory; None = runs/<method>-<student>-<K>-s<seed>-<time>."""
-    resume: bool = False
-    """Continue the run in ``out`` from its checkpoint."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
-    seed: int = 0
-    """Seed of initialisation, order, views, augmentation, label subset, eLSH."""
-    workers: int | None = None
-    """DataLoader worker processes; None = 0 on the CPU, min(8, cores) on CUDA."""
-    cache_root: str | None = None
-    """Where cache keys are looked up (default: $TCSKD_CACHE, else ./caches)."""
-    eval_every: int = 1
-    """Evaluate validation top-1 after every this-many epochs (and always after the last); the test split
-    is evaluated once, after training."""
-    stop_after: int | None = None
-    """Stop (as if interrupted) after this many epochs, leaving a resumable run; for tests and time-boxed jobs."""
-    sync_bn: bool = False
-    """Under torchrun: convert BatchNorm layers to SyncBatchNorm (batch statistics over all ranks)."""
-
-
-# -- config -----------------------------------------------------------------
-
-#: ``--tailor on``: start from (up to) 256 coordinates and drop a fifth of them after every epoch down to
-#: DEFAULT_DIM, by the taylor importance, the classifier reading the coordinates (chosen on validation).
-TAILORED = {"start_dim": 256, "select_every": 1, "drop_frac": 0.2, "min_dim": DEFAULT_DIM,
-            "select_by": "taylor", "classify_from": "coords"}
-#: ``--tailor off``: the first DEFAULT_DIM coordinates throughout, the classifier reading the feature.
-FIXED = {"start_dim": DEFAULT_DIM, "select_every": 0, "drop_frac": 0.2, "min_dim": DEFAULT_DIM,
-         "select_by": "grad", "classify_from": "feature"}
-TAILOR = ("auto", "on", "off")
-
-
-def default_dim(cfg: TrainConfig) -> int:
-    """K without ``--dim``: the preset's start (256 when tailoring, DEFAULT_DIM when not), or the basis's K
-    when it has fewer components."""
-    return int(tailoring_preset(cfg)["start_dim"] if cfg.select_every else DEFAULT_DIM)
-
-
-def tailoring_preset(cfg: TrainConfig) -> dict[str, Any]:
-    """The preset ``cfg.tailor`` stands for, given the method and the label budget."""
-    if cfg.tailor not in TAILOR:
-        raise TcskdError(f"unknown --tailor '{cfg.tailor}' (choose {', '.join(TAILOR)})")
-    on = cfg.tailor == "on" or (cfg.tailor == "auto" and cfg.labels_per_class is None
-                                and cfg.method in ("tcs", "online"))
-    return TAILORED if on else FIXED
-
-def resolve_config(cfg: TrainConfig) -> TrainConfig:
-    """Check the options and fill in the defaults that depend on others."""
-    if cfg.method not in METHODS:
-        raise TcskdError(f"unknown method '{cfg.method}' (choose {', '.join(METHODS)})")
-    if cfg.mimic not in MIMICS:
-        raise TcskdError(f"unknown mimic loss '{cfg.mimic}' (choose {', '.join(MIMICS)})")
-    if cfg.optimizer not in ("sgd", "adamw"):
-        raise TcskdError(f"unknown optimizer '{cfg.optimizer}' (choose sgd or adamw)")
-    if cfg.schedule not in ("cosine", "step"):
-        raise TcskdError(f"unknown schedule '{cfg.schedule}' (choose cosine or step)")
-    if cfg.target_norm not in TARGET_NORMS:
-        raise TcskdError(f"unknown --target-norm '{cfg.target_norm}' (choose {', '.join(TARGET_NORMS)})")
-    preset = tailoring_preset(cfg)
-    cfg = dataclasses.replace(cfg, **{k: preset[k] if getattr(cfg, k) is None else getattr(cfg, k)
-                                      for k in ("select_every", "drop_frac", "min_dim", "select_by",
-                                                "classify_from")})
-    if cfg.select_by not in SELECT_BY:
-        raise TcskdError(f"unknown --select-by '{cfg.select_by}' (choose {', '.join(SELECT_BY)})")
-    if cfg.classify_from not in CLASSIFY_FROM:
-        raise TcskdError(f"unknown --classify-from '{cfg.classify_from}' (choose {', '.join(CLASSIFY_FROM)})")
-    for name, value, low in (("epochs", cfg.epochs, 1), ("batch-size", cfg.batch_size, 1),
-                             ("select-every", cfg.select_every, 0), ("min-dim", cfg.min_dim, 1),
-                             ("elsh-bits", cfg.elsh_bits, 0), ("eval-every", cfg.eval_every, 1)):
-        if value < low:
-            raise TcskdError(f"--{name} must be >= {low} (got {value})")
-    if cfg.dim is not None and cfg.dim < 1:
-        raise TcskdError(f"--dim must be >= 1 (got {cfg.dim})")
-    for name, value, strict in (("lr", cfg.lr, True), ("weight-decay", cfg.weight_decay, False),
-                                ("lambda", cfg.lam, False), ("warmup-epochs", cfg.warmup_epochs, False),
-                                ("elsh-weight", cfg.elsh_weight, False)):
-        if value is not None and (not math.isfinite(value) or value < 0 or (strict and value == 0)):
-            raise TcskdError(f"--{name} must be a finite number {'>' if strict else '>='} 0 (got {value})")
-    if not 0.0 <= cfg.momentum < 1.0:
-        raise TcskdError(f"--momentum must be in [0, 1) (got {cfg.momentum})")
-    Holdout(cfg.val_frac, cfg.val_per_class, cfg.val_seed)  # checks the validation options
-    if not 0.0 <= cfg.drop_frac < 1.0:
-        raise TcskdError(f"--drop-frac must be in [0, 1) (got {cfg.drop_frac})")
-    if cfg.cache is None and not (cfg.method == "ce" and cfg.data):
-        raise TcskdError("--cache is required (only --method ce can train from --data alone)")
-    if cfg.resume and not cfg.out:
-        raise TcskdError("--resume needs --out RUN_DIR (the run to continue)")
-    if cfg.image_size is not None and cfg.image_size < 8:
-        raise TcskdError(f"--image-size must be >= 8 (got {cfg.image_size})")
-    lr = cfg.lr if cfg.lr is not None else (0.05 if cfg.optimizer == "sgd" else 1e-3)
-    wd = cfg.weight_decay if cfg.weight_decay is not None else (5e-4 if cfg.optimizer == "sgd" else 0.05)
-    lam = 0.0 if cfg.method == "ce" else cfg.lam
-    return dataclasses.replace(cfg, lr=lr, weight_decay=wd, lam=lam)
 
 
 def make_student(name: str, num_classes: int, in_channels: int) -> Student:
@@ -751,13 +573,6 @@ def _elsh_for_mask(prep: Prepared, head: TCSHead, device: torch.device
         return None
     w, _ = prep.elsh
     return w.to(device), elsh_bias(prep.elsh_rows, w, head.mask.detach().cpu()).to(device)
-
-
-def tailoring_label(cfg: TrainConfig) -> str:
-    """A short description of the tailoring schedule (``off`` when it is)."""
-    if cfg.method not in ("tcs", "fitnet", "online") or not cfg.select_every or not cfg.drop_frac:
-        return "off"
-    return f"{cfg.select_by}/{cfg.select_every}ep/-{cfg.drop_frac:g}/min{cfg.min_dim}"
 
 
 # -- the stage --------------------------------------------------------------

@@ -52,7 +52,6 @@ from tcskd.views import apply_view, center_params, to_tensor
 log = logging.getLogger(__name__)
 
 AUGMENTS = ("auto", "none", "flip", "crop", "crop-flip")
-METHODS = ("tcs", "fitnet", "ce", "online")
 RAW = "raw"
 #: K of ``--method tcs`` without ``--dim``: the leading coordinates kept (chosen on validation, see README).
 DEFAULT_DIM = 64

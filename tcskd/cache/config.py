@@ -1,0 +1,86 @@
+"""The options of stage 1: ``CacheConfig`` (``tcskd cache``), its one ``validate()`` and its dict form.
+
+Each field is declared once (type, default, choices, CLI help; tcskd.options); the ``tcskd cache`` command
+(tcskd.cli) is generated from them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from tcskd.store.backends import FORMATS
+from tcskd.views import DEFAULT_SCALE
+from tcskd.data import SPLITS
+from tcskd.device import DEVICES
+from tcskd.errors import TcskdError
+from tcskd.options import opt
+
+#: Storage dtypes of ``features``.
+DTYPES = ("float16", "float32")
+
+
+@dataclass
+class CacheConfig:
+    """Options of ``tcskd cache``."""
+
+    data: str = opt("builtin:mnist5k", help="Dataset spec.")
+    """Dataset spec (see tcskd.data)."""
+    teacher: str = opt("builtin:efficientnet-lite0", help="Teacher spec.")
+    """Teacher spec (see tcskd.teachers)."""
+    split: str = opt("train", choices=SPLITS)
+    """train, test or all."""
+    views: int = opt(1, help="Views per image (0: centre crop; others random crop+flip).")
+    """View 0 is the centre crop; views 1..K-1 are seeded random-resized-crop + flip."""
+    image_size: int | None = opt(None, help="Teacher input size (default: the teacher's).")
+    """Teacher input size; None = the teacher's own."""
+    batch_size: int | None = opt(None, help="Default: 32 on the CPU, 256 on a GPU.")
+    """Teacher batch; None = 32 on the CPU (cache-friendly), 256 on a GPU."""
+    format: str = opt("zarr", choices=FORMATS)
+    """zarr (a directory store) or hdf5 (store.h5 inside the cache directory)."""
+    dtype: str = opt("float16", choices=DTYPES)
+    """Storage dtype of ``features``."""
+    cache_root: str | None = opt(None, help="Default: $TCSKD_CACHE, else ./caches.")
+    """Where caches live; None = $TCSKD_CACHE, else ./caches."""
+    limit: int | None = opt(None, help="A seeded (--seed), class-stratified subset of N samples of the split, in "
+                                       "source order.")
+    """Take a seeded (``seed``), class-stratified subset of N samples of the split, in source order
+    (:func:`tcskd.cache.build.limit_rows`), so a quick experiment sees every class."""
+    device: str = opt("auto", choices=DEVICES)
+    workers: int = opt(0, help="DataLoader worker processes.")
+    """DataLoader worker processes for decoding and cropping."""
+    seed: int = opt(0, help="Seed of the random views.")
+    """Seed of the random views (ignored with one view)."""
+    chunk_rows: int = opt(1024, help="Rows per chunk (unit of resume).")
+    """Rows per store chunk (the unit of resume and of parallel writers)."""
+    skip_bad: bool = opt(False, help="Record unreadable images in the manifest instead of stopping.")
+    """Record unreadable images in the manifest instead of stopping."""
+    wait: bool = opt(False, help="Wait for another writer of the same cache instead of exiting.")
+    """Wait for another writer of the same cache instead of exiting."""
+    crop_scale: tuple[float, float] = opt(DEFAULT_SCALE, cli=False)
+    """Area range of the random views' crops."""
+
+    def validate(self) -> None:
+        """TcskdError (one line) for an unknown choice or a value out of range."""
+        if self.format not in FORMATS:
+            raise TcskdError(f"unknown format '{self.format}' (choose {' or '.join(FORMATS)})")
+        if self.dtype not in DTYPES:
+            raise TcskdError(f"unknown dtype '{self.dtype}' (choose {' or '.join(DTYPES)})")
+        if self.views < 1:
+            raise TcskdError(f"--views must be >= 1 (got {self.views})")
+        if (self.batch_size is not None and self.batch_size < 1) or self.chunk_rows < 1:
+            raise TcskdError("--batch-size and chunk rows must be >= 1")
+        if self.image_size is not None and self.image_size < 8:
+            raise TcskdError(f"--image-size must be >= 8 (got {self.image_size})")
+        if self.workers < 0:
+            raise TcskdError(f"--workers must be >= 0 (got {self.workers})")
+
+
+def config_dict(cfg: CacheConfig) -> dict[str, Any]:
+    """The config as plain data (``crop_scale`` as a list)."""
+    d = asdict(cfg)
+    d["crop_scale"] = list(cfg.crop_scale)
+    return d
+
+
+__all__ = ["DTYPES", "CacheConfig", "config_dict"]

@@ -1,0 +1,285 @@
+"""The options of stage 3: ``TrainConfig`` (``tcskd train``) and ``EvalConfig`` (``tcskd eval``).
+
+Each field is declared once (type, default, choices, CLI help; tcskd.options) and the click commands in
+tcskd.train.commands are generated from them. ``TrainConfig.validate`` and ``EvalConfig.validate`` are the
+one place their values are checked; :func:`resolve_config` fills in the defaults that depend on other
+options (the ``--tailor`` presets, learning rate and weight decay of the optimizer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tcskd.device import DEVICES
+from tcskd.errors import TcskdError
+from tcskd.options import opt
+from tcskd.splits import Holdout
+from tcskd.train.head import CLASSIFY_FROM
+from tcskd.train.losses import MIMICS
+from tcskd.train.selection import SELECT_BY
+from tcskd.train.targets import AUGMENTS, DEFAULT_DIM, TARGET_NORMS
+
+#: Training methods: tcs (basis coordinates), fitnet (raw features), ce (no distillation), online (live teacher).
+METHODS = ("tcs", "fitnet", "ce", "online")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "step")
+TAILOR = ("auto", "on", "off")
+#: Config fields that may differ when a run is resumed.
+RESUME_FREE = ("cache", "cache_root", "data", "out", "resume", "device", "workers", "eval_every", "stop_after",
+               "sync_bn")
+
+
+@dataclass
+class TrainConfig:
+    """Options of ``tcskd train``."""
+
+    cache: str | None = opt(None, help="Train cache: key, key prefix or directory.")
+    """Train cache: a key (or unique prefix) under ``cache_root``, or a directory (optional only for ``ce``
+    with ``data``)."""
+    basis: str = opt("pca", help="Basis name in the cache.")
+    """Name of the basis in the cache (``bases/<name>``) whose coordinates are the targets."""
+    student: str = opt("cnn", help="cnn, resnet8x4, resnet20, resnet32x4, resnet56, wrn-16-2, wrn-40-2, mobilenetv2, "
+                                   "shufflenetv2, tv:NAME or python:MODULE:FACTORY.")
+    """Student network (tcskd.train.students): cnn, resnet8x4, ..., tv:NAME, python:MODULE:FACTORY."""
+    method: str = opt("tcs", choices=METHODS)
+    """tcs (basis coordinates), fitnet (identity basis / raw features), ce (no distillation), online (live teacher)."""
+    dim: int | None = opt(None, help="K: first K coordinates of the basis (default: 64, or all when the basis has "
+                                     "fewer).")
+    """K: the first K coordinates of the basis; None = min(DEFAULT_DIM, the basis's K) (tcskd.train.targets,
+    chosen on validation). fitnet always uses every dimension."""
+    lam: float = opt(10.0, cli="--lambda",
+                     help="Weight of the mimic term (10: best of a grid on the built-in default, see README).")
+    """lambda: weight of the mimic term (forced to 0 for ce); 10 was best on validation, averaged over both label
+    budgets of the built-in default's grid (README)."""
+    target_norm: str = opt("global", choices=TARGET_NORMS,
+                           help="global: divide targets by sqrt(mean coordinate variance), so lambda is scale-free.")
+    """global: divide the targets by one scale, sqrt(mean variance of the K coordinates), so that lambda does not
+    depend on the teacher's feature scale (predicting 0 costs MSE 1); none: the raw coordinates."""
+    mimic: str = opt("mse", choices=MIMICS)
+    """Mimic distance: mse, smooth-l1 or cosine."""
+    epochs: int = opt(30)
+    """Training epochs."""
+    batch_size: int = opt(128)
+    """Images per optimizer step, over all processes: under torchrun each of N ranks takes batch_size / N,
+    so the global batch, the learning rate and the number of steps do not depend on N."""
+    lr: float | None = opt(None, help="Peak learning rate (default: 0.05 sgd, 1e-3 adamw).")
+    """Peak learning rate; None = 0.05 for sgd, 1e-3 for adamw."""
+    optimizer: str = opt("sgd", choices=OPTIMIZERS)
+    """sgd (Nesterov-free momentum SGD) or adamw."""
+    weight_decay: float | None = opt(None, help="Default: 5e-4 sgd, 0.05 adamw.")
+    """Weight decay; None = 5e-4 for sgd, 0.05 for adamw."""
+    momentum: float = opt(0.9)
+    """SGD momentum."""
+    warmup_epochs: float = opt(1.0)
+    """Linear warm-up length in epochs (may be fractional; 0 = none)."""
+    schedule: str = opt("cosine", choices=SCHEDULES)
+    """cosine (to 0) or step (x0.1 at 50% and 75% of the steps)."""
+    labels_per_class: int | None = opt(None, help="CE (and kNN references) on n labelled training images per class "
+                                                  "(default: every label).")
+    """CE on this many labelled images per class (seeded by ``seed``, drawn from the training rows); None =
+    every label. The mimic term uses every training image; the kNN references are the labelled rows."""
+    val_frac: float = opt(0.1, help="Share of each class of the training split held out for validation (0: none).")
+    """Share of each class of the training split held out for validation (seeded by ``val_seed``,
+    stratified): used for ``val_top1`` only, never for CE, the mimic term or kNN references. 0 = none."""
+    val_per_class: int | None = opt(None, help="Hold out n rows per class instead of --val-frac.")
+    """Hold out this many rows of each class instead of ``val_frac``."""
+    val_seed: int = opt(0, help="Seed of the validation split (the same for every --seed).")
+    """Seed of the validation split; the same for every run seed, so seeds are compared on the same rows."""
+    tailor: str = opt("auto", choices=TAILOR,
+                      help="Tailoring: on = from 256 coordinates down to 64 by taylor importance, the classifier "
+                           "reading the coordinates; off = the first 64 throughout; auto = on with every label, off "
+                           "with --labels-per-class (chosen on validation, see README). The options below override "
+                           "parts.")
+    """Tailoring (iterative coordinate selection): on = the TAILORED schedule, off = a fixed K, auto = on when
+    every label is used and off with ``labels_per_class`` (the built-in default's validation grid: tailoring
+    helped with all labels and hurt with 10 per class; README). Each field below overrides its part."""
+    select_every: int | None = opt(None, help="Tailoring period in epochs (0: off).")
+    """Drop coordinates after every this-many epochs; 0 = no tailoring; None = from ``tailor``."""
+    drop_frac: float | None = opt(None, help="Share of the active coordinates dropped per step.")
+    """Share of the active coordinates dropped per selection step; None = from ``tailor``."""
+    min_dim: int | None = opt(None, help="Tailoring stops at this many coordinates.")
+    """Tailoring never goes below this many active coordinates; None = from ``tailor``."""
+    select_by: str | None = opt(None, choices=SELECT_BY,
+                                help="Tailoring importance: |dL/dgate|, first-order loss change (taylor), or the "
+                                     "per-coordinate relative error dropping the best- (error) or worst-matched "
+                                     "(worst) coordinates.")
+    """Importance for tailoring (tcskd.train.selection): grad (accumulated |dL/dgate|), taylor (first-order loss
+    change when a coordinate is switched off), error (drops the best-matched coordinates) or worst (drops the
+    worst-matched ones); None = from ``tailor``."""
+    classify_from: str | None = opt(None, choices=CLASSIFY_FROM,
+                                    help="The classifier reads the student feature, or the active predicted teacher "
+                                         "coordinates.")
+    """What the classifier reads: feature (the student's feature f) or coords (the predicted, active teacher
+    coordinates m * c_hat, so CE also shapes the coordinates and the tailoring criteria see the task; merged
+    into one linear layer at export); None = from ``tailor``."""
+    elsh_bits: int = opt(0, help="Bits of the eLSH term (0: off).")
+    """Bits of the eLSH term; 0 = off."""
+    elsh_weight: float = opt(1.0)
+    """mu: weight of the eLSH term (when elsh_bits > 0)."""
+    augment: str = opt("auto", choices=AUGMENTS, help="Student augmentation with a 1-view cache.")
+    """Student augmentation with a 1-view cache: none, flip, crop, crop-flip; auto = crop (no mirroring) for
+    MNIST / greyscale data, else crop-flip. A V-view cache replays its stored views instead."""
+    image_size: int | None = opt(None, help="Student input size (default: the data's).")
+    """Student input size; None = the dataset's native size (e.g. 28 for MNIST, 32 for CIFAR)."""
+    data: str | None = opt(None, help="Dataset spec overriding the cache's.")
+    """Dataset spec overriding the cache manifest's (e.g. after moving the files)."""
+    out: str | None = opt(None, help="Run directory (default: runs/<method>-<student>-<K>-s<seed>-<time>).")
+    """Run directory; None = runs/<method>-<student>-<K>-s<seed>-<time>."""
+    resume: bool = opt(False, help="Continue the run in --out (its config.yaml supplies the options not given).")
+    """Continue the run in ``out`` from its checkpoint."""
+    device: str = opt("auto", choices=DEVICES)
+    """auto, cpu or cuda."""
+    seed: int = opt(0)
+    """Seed of initialisation, order, views, augmentation, label subset, eLSH."""
+    workers: int | None = opt(None, help="DataLoader workers (default: 0 on CPU, up to 8 on CUDA).")
+    """DataLoader worker processes; None = 0 on the CPU, min(8, cores) on CUDA."""
+    cache_root: str | None = opt(None)
+    """Where cache keys are looked up (default: $TCSKD_CACHE, else ./caches)."""
+    eval_every: int = opt(1)
+    """Evaluate validation top-1 after every this-many epochs (and always after the last); the test split
+    is evaluated once, after training."""
+    stop_after: int | None = opt(None, hidden=True)
+    """Stop (as if interrupted) after this many epochs, leaving a resumable run; for tests and time-boxed jobs."""
+    sync_bn: bool = opt(False, help="Under torchrun: SyncBatchNorm over all ranks.")
+    """Under torchrun: convert BatchNorm layers to SyncBatchNorm (batch statistics over all ranks)."""
+
+    def validate(self) -> None:
+        """TcskdError (one line) for an unknown choice, a value out of range or a missing option.
+
+        Tailoring fields left None (filled from the ``tailor`` preset by :func:`resolve_config`) pass.
+        """
+        for what, value, allowed in (("method", self.method, METHODS), ("mimic loss", self.mimic, MIMICS)):
+            if value not in allowed:
+                raise TcskdError(f"unknown {what} '{value}' (choose {', '.join(allowed)})")
+        for what, value, allowed in (("optimizer", self.optimizer, OPTIMIZERS), ("schedule", self.schedule, SCHEDULES)):
+            if value not in allowed:
+                raise TcskdError(f"unknown {what} '{value}' (choose {' or '.join(allowed)})")
+        for name, value, allowed in (("target-norm", self.target_norm, TARGET_NORMS), ("tailor", self.tailor, TAILOR),
+                                     ("select-by", self.select_by, SELECT_BY),
+                                     ("classify-from", self.classify_from, CLASSIFY_FROM)):
+            if value is not None and value not in allowed:
+                raise TcskdError(f"unknown --{name} '{value}' (choose {', '.join(allowed)})")
+        for name, value, low in (("epochs", self.epochs, 1), ("batch-size", self.batch_size, 1),
+                                 ("select-every", self.select_every, 0), ("min-dim", self.min_dim, 1),
+                                 ("elsh-bits", self.elsh_bits, 0), ("eval-every", self.eval_every, 1),
+                                 ("dim", self.dim, 1)):
+            if value is not None and value < low:
+                raise TcskdError(f"--{name} must be >= {low} (got {value})")
+        for name, value, strict in (("lr", self.lr, True), ("weight-decay", self.weight_decay, False),
+                                    ("lambda", self.lam, False), ("warmup-epochs", self.warmup_epochs, False),
+                                    ("elsh-weight", self.elsh_weight, False)):
+            if value is not None and (not math.isfinite(value) or value < 0 or (strict and value == 0)):
+                raise TcskdError(f"--{name} must be a finite number {'>' if strict else '>='} 0 (got {value})")
+        if not 0.0 <= self.momentum < 1.0:
+            raise TcskdError(f"--momentum must be in [0, 1) (got {self.momentum})")
+        Holdout(self.val_frac, self.val_per_class, self.val_seed)  # checks the validation options
+        if self.drop_frac is not None and not 0.0 <= self.drop_frac < 1.0:
+            raise TcskdError(f"--drop-frac must be in [0, 1) (got {self.drop_frac})")
+        if self.cache is None and not (self.method == "ce" and self.data):
+            raise TcskdError("--cache is required (only --method ce can train from --data alone)")
+        if self.resume and not self.out:
+            raise TcskdError("--resume needs --out RUN_DIR (the run to continue)")
+        if self.image_size is not None and self.image_size < 8:
+            raise TcskdError(f"--image-size must be >= 8 (got {self.image_size})")
+
+
+# -- the --tailor presets and the resolved config ------------------------------
+
+#: ``--tailor on``: start from (up to) 256 coordinates and drop a fifth of them after every epoch down to
+#: DEFAULT_DIM, by the taylor importance, the classifier reading the coordinates (chosen on validation).
+TAILORED = {"start_dim": 256, "select_every": 1, "drop_frac": 0.2, "min_dim": DEFAULT_DIM,
+            "select_by": "taylor", "classify_from": "coords"}
+#: ``--tailor off``: the first DEFAULT_DIM coordinates throughout, the classifier reading the feature.
+FIXED = {"start_dim": DEFAULT_DIM, "select_every": 0, "drop_frac": 0.2, "min_dim": DEFAULT_DIM,
+         "select_by": "grad", "classify_from": "feature"}
+
+
+def default_dim(cfg: TrainConfig) -> int:
+    """K without ``--dim``: the preset's start (256 when tailoring, DEFAULT_DIM when not), or the basis's K
+    when it has fewer components."""
+    return int(tailoring_preset(cfg)["start_dim"] if cfg.select_every else DEFAULT_DIM)
+
+
+def tailoring_preset(cfg: TrainConfig) -> dict[str, Any]:
+    """The preset ``cfg.tailor`` stands for, given the method and the label budget."""
+    if cfg.tailor not in TAILOR:
+        raise TcskdError(f"unknown --tailor '{cfg.tailor}' (choose {', '.join(TAILOR)})")
+    on = cfg.tailor == "on" or (cfg.tailor == "auto" and cfg.labels_per_class is None
+                                and cfg.method in ("tcs", "online"))
+    return TAILORED if on else FIXED
+
+
+def resolve_config(cfg: TrainConfig) -> TrainConfig:
+    """Check the options (``cfg.validate()``) and fill in the defaults that depend on others."""
+    cfg.validate()
+    preset = tailoring_preset(cfg)
+    cfg = dataclasses.replace(cfg, **{k: preset[k] if getattr(cfg, k) is None else getattr(cfg, k)
+                                      for k in ("select_every", "drop_frac", "min_dim", "select_by",
+                                                "classify_from")})
+    lr = cfg.lr if cfg.lr is not None else (0.05 if cfg.optimizer == "sgd" else 1e-3)
+    wd = cfg.weight_decay if cfg.weight_decay is not None else (5e-4 if cfg.optimizer == "sgd" else 0.05)
+    lam = 0.0 if cfg.method == "ce" else cfg.lam
+    return dataclasses.replace(cfg, lr=lr, weight_decay=wd, lam=lam)
+
+
+def tailoring_label(cfg: TrainConfig) -> str:
+    """A short description of the tailoring schedule (``off`` when it is)."""
+    if cfg.method not in ("tcs", "fitnet", "online") or not cfg.select_every or not cfg.drop_frac:
+        return "off"
+    return f"{cfg.select_by}/{cfg.select_every}ep/-{cfg.drop_frac:g}/min{cfg.min_dim}"
+
+
+# -- tcskd eval ------------------------------------------------------------------
+
+@dataclass
+class EvalConfig:
+    """``tcskd eval``: the teacher's accuracy measured on its cached features only."""
+
+    cache: str = opt(help="Train cache: key, key prefix or directory.")
+    """Train cache: a key (or unique key prefix) under ``cache_root``, or a directory."""
+    test_cache: str = opt(help="Test cache of the same teacher: key or directory.")
+    """Test cache of the same teacher (and dim): key or directory."""
+    k: int = opt(20, help="Neighbours of the weighted kNN.")
+    """Neighbours of the weighted kNN classifier."""
+    temperature: float = opt(0.07, help="kNN vote weight exp(sim/T).")
+    """Temperature T of the kNN vote weights exp(sim / T)."""
+    linear: bool = opt(True, help="Also fit a linear probe.")
+    """Also fit a linear probe (L-BFGS softmax regression on standardised features)."""
+    device: str = opt("auto", choices=DEVICES)
+    """auto | cpu | cuda."""
+    cache_root: str | None = opt(None, help="Default: $TCSKD_CACHE, else ./caches.")
+    """Where cache keys are looked up (default: $TCSKD_CACHE, else ./caches)."""
+    labels_per_class: int | None = opt(None, help="References: n labelled training rows per class, as tcskd train "
+                                                  "(default: every label).")
+    """Fit kNN references and probe on n labelled training rows per class (the rows ``tcskd train`` with
+    the same seed and validation options labels); None = every training row."""
+    seed: int = opt(0, help="Seed of the labelled subset (as tcskd train --seed) and of the probe.")
+    """Seed of the labelled subset (``labels_per_class``, as in ``tcskd train --seed``) and of the probe."""
+    val_frac: float = opt(0.1, help="Validation share of each class of the train cache, held out as in tcskd train.")
+    """Validation share of each class of the train cache, held out as in ``tcskd train`` (0 = none)."""
+    val_per_class: int | None = opt(None, help="Validation rows per class instead of --val-frac.")
+    """Validation rows per class instead of ``val_frac``."""
+    val_seed: int = opt(0, help="Seed of the validation split.")
+    """Seed of the validation split (as ``tcskd train --val-seed``)."""
+    out: str | None = opt(None, metavar="FILE", help="Write the result as JSON here.")
+    """Write the result as JSON to this file."""
+    probe_epochs: int = opt(100, cli=False)
+    """L-BFGS iterations of the linear probe."""
+
+    def validate(self) -> None:
+        """TcskdError (one line) for a value out of range."""
+        if self.k < 1:
+            raise TcskdError(f"k must be >= 1 (got {self.k})")
+        if self.temperature <= 0:
+            raise TcskdError(f"the kNN temperature must be > 0 (got {self.temperature})")
+        Holdout(self.val_frac, self.val_per_class, self.val_seed)  # checks the validation options
+        if self.out and Path(self.out).is_dir():
+            raise TcskdError(f"--out {self.out} is a directory: give a file name")
+
+
+__all__ = ["METHODS", "OPTIMIZERS", "SCHEDULES", "TAILOR", "RESUME_FREE", "TrainConfig", "TAILORED", "FIXED",
+           "default_dim", "tailoring_preset", "resolve_config", "tailoring_label", "EvalConfig"]
