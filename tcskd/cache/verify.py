@@ -178,7 +178,7 @@ def _recompute(store: Store, report: VerifyReport, k: int, device: str, seed: in
     """Recompute ``k`` random rows with the teacher named in the manifest and compare."""
     import torch
 
-    from tcskd.cache.build import _forward
+    from tcskd.cache.build import teacher_forward
     from tcskd.cache.views import teacher_views
     from tcskd.data import open_source
     from tcskd.device import resolve_device
@@ -208,7 +208,7 @@ def _recompute(store: Store, report: VerifyReport, k: int, device: str, seed: in
             continue
         params = np.asarray(store["view_params"][int(r)])
         x = teacher_views(source.image(pos[idx]), params, teacher.image_size)[None]
-        got = _forward(teacher, x, dev)[0].cpu().numpy()
+        got = teacher_forward(teacher, x, dev)[0].cpu().numpy()
         want = np.asarray(store["features"][int(r)], np.float32)
         err = float(np.abs(got - want).max() / (np.abs(want).max() + 1e-6))
         worst = max(worst, err)
