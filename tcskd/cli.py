@@ -204,7 +204,7 @@ def cache_verify(cache_ref, recompute, cache_root, device) -> None:
 
 
 def _register() -> None:
-    from tcskd.bench import bench_cmd
+    from tcskd.bench.cli import bench_cmd
     from tcskd.subspace.commands import basis
     from tcskd.train.commands import export, train
     from tcskd.train.report_commands import eval_cmd, report_cmd
