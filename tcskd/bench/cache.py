@@ -15,7 +15,6 @@ from tcskd.bench.measure import free, linear_fit, stats, sync
 from tcskd.cache.build import CacheConfig, build_cache, input_loader, open_rows, teacher_forward, teacher_inputs
 from tcskd.cache.store import iter_chunks
 from tcskd.errors import TcskdError
-from tcskd.teachers import load_teacher
 
 
 def _one_batch(data: str, size: int, batch: int) -> torch.Tensor:
@@ -32,6 +31,10 @@ def bench_forward(teacher_spec: str, data: str, image_size: int | None, batch: i
                   repeats: int, warmup: int, min_seconds: float) -> dict[str, Any]:
     """The teacher's forward alone (the cache's :func:`~tcskd.cache.build.teacher_forward`) on one pre-decoded
     batch already on the device."""
+    # Here, not at the top: the command line loads this module, and tcskd.teachers (the teachers' own
+    # packages) must load only where a teacher runs (as in tcskd.cache.build.prepare; tests/test_train_loop.py).
+    from tcskd.teachers import load_teacher
+
     teacher = load_teacher(teacher_spec, image_size).to(device)
     x = _one_batch(data, teacher.image_size, batch).to(device)
 
