@@ -89,6 +89,7 @@ def test_bench_sections_in_process(tmp_path, tiny_teacher):
         assert r["img_per_s"]["median"] > 0 and r["peak_mem_bytes"] > 0
         assert r["steps_per_epoch"] == 4 and r["data_wait"]["limit"] in ("input pipeline", "training step")
         assert r["data_wait"]["first_batch_s"] > 0 and r["data_wait"]["step_ms"] > 0
+        assert 0 < r["data_wait"]["wait_share"] <= 1  # the waits lie within the epoch
         assert r["loader_only"]["img_per_s"]["median"] > 0
         assert saved["dataloading"][f"train/{m}"]["wait_share"] >= 0
     assert saved["dataloading"]["cache/tiny"]["limit"] in ("input pipeline", "teacher forward")
