@@ -22,7 +22,7 @@ import click
 from click.core import ParameterSource
 
 from tcskd import __version__
-from tcskd.bench import bench_cmd
+from tcskd.bench.cli import bench_cmd
 from tcskd.cache.build import build_cache
 from tcskd.cache.config import CacheConfig
 from tcskd.cache.verify import VerifyFailed, info, verify_cache

@@ -1,41 +1,64 @@
-"""tcskd bench at tiny sizes: every section runs and the JSON has its figures (no timing assertions)."""
+"""tcskd bench at tiny sizes: every section runs and the JSON has its figures (no timing assertions), and the
+timings the stages return (the seams the benchmark measures through) are there and add up."""
 
 from __future__ import annotations
 
 import json
+import time
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
 from conftest import make_npz
-from tcskd import bench
-from tcskd.bench import BenchConfig, TeacherSpec
+from tcskd.bench.cache import bench_forward
+from tcskd.bench.cli import bench_cmd
+from tcskd.bench.env import REPO_ROOT
+from tcskd.bench.measure import linear_fit
+from tcskd.bench.profiles import BENCH_SCHEMA, BenchConfig, TeacherSpec, profile_config
+from tcskd.bench.report import goal
+from tcskd.bench.run import run_bench
+from tcskd.bench.synthetic import make_dinov2, make_synthetic_npz, make_tiled_store
+from tcskd.bench.train import bench_train, data_wait, epochs_from_metrics
+from tcskd.cache.build import CacheConfig, build_cache
+from tcskd.store.registry import cache_key
+from tcskd.store.backends import open_store
+from tcskd.subspace.fit import BasisConfig, fit_basis
 
 
 def _tiny_config(data: str, teacher: str, workdir, **kw) -> BenchConfig:
     base = dict(profile="cpu", device="cpu", quick=True, data=data,
                 teachers=[TeacherSpec("tiny", teacher, 16)], cache_rows=8, cache_batch=8, chunk_rows=8,
-                forward_seconds=0.01, basis_dim=4, basis_rows_large=48, student="cnn", train_batch=8,
-                train_epochs=1, isolate=False, repeats=1, warmup=1, workdir=str(workdir))
+                forward_seconds=0.01, basis_dim=4, basis_rows_large=48, basis_plot=False, student="cnn",
+                train_batch=8, train_epochs=1, isolate=False, repeats=1, warmup=1, workdir=str(workdir))
     base.update(kw)
     return BenchConfig(**base)
 
 
-def test_bench_sections_in_process(tmp_path, tiny_teacher, monkeypatch):
-    import tcskd.subspace.fit as fit_mod
+def _tiny_cache(tmp_path, teacher: str, n: int = 16, **kw):
+    data = make_npz(tmp_path / "d.npz", n=n, size=12, channels=3)
+    cfg = CacheConfig(data=data, teacher=teacher, image_size=16, batch_size=8, chunk_rows=8,
+                      cache_root=str(tmp_path / "c"), device="cpu", **kw)
+    return cfg
 
-    monkeypatch.setattr(fit_mod, "_plot", lambda *a, **k: None)  # the scree plot costs seconds here
+
+def _listing(folder):
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+def test_bench_sections_in_process(tmp_path, tiny_teacher):
     data = make_npz(tmp_path / "d.npz", n=40, size=12, channels=3)
     out = tmp_path / "out" / "bench.json"
+    repo_caches = _listing(REPO_ROOT / "caches")
     threads = torch.get_num_threads()
     try:  # one thread: on a busy 2-core machine two threads cost more than they give
-        res = bench.run_bench(_tiny_config(data, tiny_teacher, tmp_path / "work", threads=1), out)
+        res = run_bench(_tiny_config(data, tiny_teacher, tmp_path / "work", threads=1), out)
     finally:
         torch.set_num_threads(threads)
 
     saved = json.loads(out.read_text())
-    assert saved["schema"] == bench.BENCH_SCHEMA
+    assert saved["schema"] == BENCH_SCHEMA
     for key in ("environment", "settings", "cache", "basis", "train", "dataloading", "goals"):
         assert saved[key], key
     env = saved["environment"]
@@ -45,16 +68,29 @@ def test_bench_sections_in_process(tmp_path, tiny_teacher, monkeypatch):
     assert t["forward"]["rows_per_s"]["median"] > 0 and t["inputs"]["rows_per_s"]["median"] > 0
     assert [s["rows"] for s in t["cache"]["sizes"]] == [8, 16, 32]
     assert all(s["rows_per_s"] > 0 for s in t["cache"]["sizes"])
+    for s in t["cache"]["sizes"]:  # the parts build_cache reports, within the run's own time
+        assert set(s["timings_s"]) == {"setup", "inputs", "forward", "write"}
+        assert all(v > 0 for v in s["timings_s"].values()) and sum(s["timings_s"].values()) <= s["seconds"]["max"]
     assert t["cache"]["linear_fit"] is not None
 
-    rows = [b["rows"] for b in saved["basis"]["sizes"]]
-    assert rows == [8, 16, 32, 48] and saved["basis"]["sizes"][-1]["tiled"]
-    assert all(b["basis_vs_read"] > 0 for b in saved["basis"]["sizes"])
+    basis = saved["basis"]
+    rows = [b["rows"] for b in basis["sizes"]]
+    assert rows == [8, 16, 32, 48] and basis["sizes"][-1]["tiled"]
+    assert all(b["basis_vs_read"] > 0 for b in basis["sizes"])
+    assert basis["plot_drawn"] is False
+    for b in basis["sizes"]:  # the parts fit_basis reports
+        parts = b["basis_parts_s"]
+        assert list(parts) == ["moments", "decomposition", "write_basis", "plot", "other"]
+        assert parts["moments"] > 0 and parts["decomposition"] > 0 and parts["write_basis"] > 0
+        assert parts["plot"] == 0.0 and parts["other"] >= 0
 
     for m in ("ce", "tcs", "online"):
         r = saved["train"][m]
         assert r["img_per_s"]["median"] > 0 and r["peak_mem_bytes"] > 0
         assert r["steps_per_epoch"] == 4 and r["data_wait"]["limit"] in ("input pipeline", "training step")
+        assert r["data_wait"]["first_batch_s"] > 0 and r["data_wait"]["step_ms"] > 0
+        assert 0 < r["data_wait"]["wait_share"] <= 1  # the waits lie within the epoch
+        assert r["loader_only"]["img_per_s"]["median"] > 0
         assert saved["dataloading"][f"train/{m}"]["wait_share"] >= 0
     assert saved["dataloading"]["cache/tiny"]["limit"] in ("input pipeline", "teacher forward")
 
@@ -68,25 +104,66 @@ def test_bench_sections_in_process(tmp_path, tiny_teacher, monkeypatch):
 
     md = out.with_suffix(".md").read_text()
     assert "| ce |" in md and "cache_vs_forward" in md and "(tiled)" in md
-    # the temporary caches stay in the given workdir, never in the repository
-    assert not (bench.REPO_ROOT / "caches").exists() or not any(
-        p.name.startswith("bench-tiled") for p in (bench.REPO_ROOT / "caches").iterdir())
+    # the caches and runs went into the given workdir (and were removed there), never into the repository
+    assert "caches-tiny" in _listing(tmp_path / "work") and "tiled" in _listing(tmp_path / "work")
+    assert _listing(REPO_ROOT / "caches") == repo_caches
+
+
+def test_tiled_store_is_a_cache_of_its_own(tmp_path, tiny_teacher):
+    """The basis's large store: the source's features tiled, under a key that hashes its own identity."""
+    src = build_cache(_tiny_cache(tmp_path, tiny_teacher)).path
+    dst = make_tiled_store(src, tmp_path / "tiled" / "store", 40)
+    with open_store(src) as a, open_store(dst) as b:
+        m = b.manifest
+        assert m["identity"]["bench_tiled_rows"] == 40 and m["key"] == cache_key(m["identity"])
+        assert m["key"] != a.manifest["key"] and m["n_rows"] == 40 and m["complete"] and b.is_complete()
+        np.testing.assert_array_equal(b.read("features"), a.read("features")[np.arange(40) % 16])
+    fit_basis(BasisConfig(cache=dst, name="pca", dim=4, device="cpu", plot=False))  # a reader accepts it
+
+
+def test_stages_return_their_timings(tmp_path, tiny_teacher):
+    """build_cache and fit_basis time their own parts: present, positive, within the call's wall time."""
+    cfg = _tiny_cache(tmp_path, tiny_teacher, n=24)
+    t0 = time.perf_counter()
+    res = build_cache(cfg)
+    wall = time.perf_counter() - t0
+    assert not res.hit and set(res.timings) == {"setup", "inputs", "forward", "write"}
+    assert all(v > 0 for v in res.timings.values()), res.timings
+    assert sum(res.timings.values()) <= res.seconds <= wall
+    hit = build_cache(cfg)
+    assert hit.hit and list(hit.timings) == ["setup"] and 0 < hit.timings["setup"] <= hit.seconds
+
+    t0 = time.perf_counter()
+    s = fit_basis(BasisConfig(cache=str(res.path), name="pca", dim=4, device="cpu", coords=True, plot=False))
+    wall = time.perf_counter() - t0
+    tm = s["timings"]
+    assert set(tm) == {"read", "compute", "write", "plot"}
+    assert tm["read"] > 0 and tm["compute"] > 0 and tm["write"] > 0 and tm["plot"] == 0.0
+    assert sum(tm.values()) <= wall
+    assert s["plot"] is None and not list(res.path.parent.glob("basis-*.png"))  # plot=False draws nothing
+
+
+def test_data_wait_from_the_loops_own_figures():
+    """Per-epoch waits as the loop writes them to metrics.jsonl; rows without them are not used."""
+    rows = [{"train_img_per_s": 10.0, "seconds": 2.0, "data_wait_s": 1.5, "first_batch_s": 1.0, "steps": 6},
+            {"train_img_per_s": 12.0, "seconds": 1.0, "data_wait_s": 0.6, "first_batch_s": 0.1, "steps": 6}]
+    epochs = epochs_from_metrics(rows)
+    assert epochs == [{"data_wait_s": 1.5, "first_batch_s": 1.0, "steps": 6, "seconds": 2.0},
+                      {"data_wait_s": 0.6, "first_batch_s": 0.1, "steps": 6, "seconds": 1.0}]
+    dw = data_wait(epochs[1:], workers=0)
+    assert dw["per_step_ms"] == pytest.approx(100.0) and dw["step_ms"] == pytest.approx(1e3 / 6)
+    assert dw["wait_share"] == pytest.approx(0.6) and dw["limit"] == "input pipeline"
+    assert data_wait(epochs[1:], workers=2)["threshold"] == 0.1
+    assert epochs_from_metrics([{"train_img_per_s": 1.0, "seconds": 1.0}]) is None
 
 
 @pytest.mark.slow
 def test_train_child_process(tmp_path, tiny_teacher):
     """The isolated path: one method in its own process, peak RSS of that process."""
-    data = make_npz(tmp_path / "d.npz", n=16, size=12, channels=3)
-    cfg = _tiny_config(data, tiny_teacher, tmp_path / "work", repeats=1)
-    from tcskd.cache.build import CacheConfig, build_cache
-
-    cache = build_cache(CacheConfig(data=data, teacher=tiny_teacher, image_size=16, batch_size=8,
-                                    cache_root=str(tmp_path / "c"), device="cpu")).path
-    from tcskd.subspace.fit import BasisConfig, fit_basis
-
-    fit_basis(BasisConfig(cache=str(cache), name="pca", dim=4, device="cpu"))
-    res = bench.bench_train(str(cache), ("tcs",), "cnn", cfg.train_batch, 1, 4, torch.device("cpu"),
-                            tmp_path / "work", isolate=True, threads=1, timeout=120)
+    cache = build_cache(_tiny_cache(tmp_path, tiny_teacher)).path
+    fit_basis(BasisConfig(cache=str(cache), name="pca", dim=4, device="cpu", plot=False))
+    res = bench_train(str(cache), ("tcs",), "cnn", 8, 1, 4, torch.device("cpu"), tmp_path / "work", isolate=True,
+                      threads=1, timeout=120)
     r = res["tcs"]
     assert r["peak_mem_isolated"] is True and r["peak_mem_bytes"] >= r["rss_before_train_bytes"] > 0
     assert r["img_per_s"]["median"] > 0
@@ -95,25 +172,25 @@ def test_train_child_process(tmp_path, tiny_teacher):
 def test_gpu_profile_inputs_on_cpu(tmp_path):
     """The GPU profile's inputs (a DINOv2-architecture hf teacher, synthetic 32 px npz) work, here tiny."""
     pytest.importorskip("transformers")
-    data = bench.make_synthetic_npz(tmp_path / "s.npz", 12)
-    spec = bench.make_dinov2(tmp_path / "dino", "vits14", image_size=28, hidden_size=32, num_hidden_layers=1,
-                             num_attention_heads=2)
+    data = make_synthetic_npz(tmp_path / "s.npz", 12)
+    spec = make_dinov2(tmp_path / "dino", "vits14", image_size=28, hidden_size=32, num_hidden_layers=1,
+                       num_attention_heads=2)
     assert spec.startswith("hf:")
-    fwd = bench.bench_forward(spec, data, None, 4, torch.device("cpu"), 1, 1, 0.01)
+    fwd = bench_forward(spec, data, None, 4, torch.device("cpu"), 1, 1, 0.01)
     assert fwd["dim"] == 32 and fwd["image_size"] == 28 and fwd["rows_per_s"]["median"] > 0
-    cfg = bench.profile_config("gpu", "cuda")
+    cfg = profile_config("gpu", "cuda")
     assert [t.arch for t in cfg.teachers] == ["vits14", "vitb14", "vitl14"] and cfg.train_batch == 512
-    assert bench.profile_config("cpu", "cpu").data == "builtin:mnist5k"
+    assert profile_config("cpu", "cpu").data == "builtin:mnist5k"
 
 
 def test_linear_fit_and_goals():
-    fit = bench._linear_fit([1, 2, 4], [1.5, 2.0, 3.0])
+    fit = linear_fit([1, 2, 4], [1.5, 2.0, 3.0])
     assert fit["fixed_s"] == pytest.approx(1.0) and fit["marginal_rows_per_s"] == pytest.approx(2.0)
     assert fit["cost_growth"] == pytest.approx(1.0)
-    g = bench._goal("basis_vs_read", 2.0, torch.device("cpu"))
+    g = goal("basis_vs_read", 2.0, torch.device("cpu"))
     assert g["met"] is False and g["goal"] == 1.5 and g["applies"]
 
 
 def test_cli_help():
-    r = CliRunner().invoke(bench.bench_cmd, ["--help"])
+    r = CliRunner().invoke(bench_cmd, ["--help"])
     assert r.exit_code == 0 and "--quick" in r.output and "--device" in r.output

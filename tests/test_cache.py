@@ -142,15 +142,15 @@ def test_teacher_input_batches_equal_their_images(tiny_npz, views):
 
 
 def test_resize_left_to_the_device_gives_the_same_cache_on_the_cpu(tiny_npz, tiny_teacher, tmp_path, monkeypatch):
-    # On a GPU, batches of in-memory images travel unresized and _forward crops and resizes them on the
+    # On a GPU, batches of in-memory images travel unresized and teacher_forward crops and resizes them on the
     # device; on the CPU that path must give exactly the cache of the usual one.
     import tcskd.cache.build as build
 
     ref = build_cache(_cfg(tiny_npz, tiny_teacher, tmp_path / "a", dtype="float32", batch_size=8))
     seen = []
-    forward = build._forward
+    forward = build.teacher_forward
     monkeypatch.setattr(build, "resize_on_device", lambda device: True)
-    monkeypatch.setattr(build, "_forward", lambda t, x, d: seen.append(tuple(x.shape[-2:])) or forward(t, x, d))
+    monkeypatch.setattr(build, "teacher_forward", lambda t, x, d: seen.append(tuple(x.shape[-2:])) or forward(t, x, d))
     deferred = build_cache(_cfg(tiny_npz, tiny_teacher, tmp_path / "b", dtype="float32", batch_size=8))
     assert seen and all(s != (16, 16) for s in seen)  # the images did arrive at their own size
     a, b = _arrays(ref.path), _arrays(deferred.path)

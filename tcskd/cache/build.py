@@ -17,7 +17,7 @@ import shutil
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,11 @@ class CacheResult:
     hit: bool
     rows_computed: int
     seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds of this process in ``setup`` (teacher load, dataset, lock, store creation, loader start),
+    ``inputs`` (waiting for decoded, cropped batches), ``forward`` (the teacher, to finite features on the
+    CPU), ``write`` (filling chunk buffers, waiting for the background writes, finishing). Disjoint spans
+    of one thread: they sum to at most ``seconds``. A hit has ``setup`` only."""
 
 
 # -- the dataset the teacher reads -----------------------------------------
@@ -58,7 +63,7 @@ class _TeacherInputs(Dataset):
     """Row -> (row, V x C x S x S uint8 views, label, V x 5 params, error).
 
     With ``defer_resize`` and one view, a batch of in-memory images keeps the images' own size
-    (V x C x H x W): :func:`_forward` applies view 0, the centre crop, on the teacher's device.
+    (V x C x H x W): :func:`teacher_forward` applies view 0, the centre crop, on the teacher's device.
     """
 
     def __init__(self, source: Source, views: int, size: int, seed: int, scale: tuple[float, float],
@@ -261,12 +266,13 @@ def prepare(cfg: CacheConfig):
     return teacher, ident, key, cache_root_of(cfg.cache_root) / key
 
 
-def open_rows(cfg: CacheConfig, ident: dict[str, Any]) -> Source:
-    """The rows a cache holds: the split, cut to ``--limit``; refuses an empty one."""
+def open_rows(cfg: CacheConfig, ident: dict[str, Any] | None = None) -> Source:
+    """The rows a cache holds: the split, cut to ``--limit``; refuses an empty one, and with ``ident`` (the
+    cache's identity) a dataset whose fingerprint changed since."""
     source = _limit(open_source(cfg.data, cfg.split), cfg.limit, cfg.seed)
     if len(source) == 0:
         raise DataError(f"{cfg.data} split '{cfg.split}' has no samples")
-    if source.fingerprint != ident["data"]["fingerprint"]:
+    if ident is not None and source.fingerprint != ident["data"]["fingerprint"]:
         raise DataError(f"{cfg.data} changed while the cache was being prepared; run the command again")
     return source
 
@@ -293,17 +299,22 @@ def build_cache(cfg: CacheConfig) -> CacheResult:
     if dist.world() > 1:
         return _build_distributed(cfg, open_rows(cfg, ident), teacher, ident, key, path, device, t0)
     if _is_hit(path, ident):
-        return CacheResult(path, key, True, 0, time.perf_counter() - t0)
+        secs = time.perf_counter() - t0
+        return CacheResult(path, key, True, 0, secs, {"setup": secs})
     source = open_rows(cfg, ident)
     path.parent.mkdir(parents=True, exist_ok=True)
+    timings = {"setup": 0.0, "inputs": 0.0, "forward": 0.0, "write": 0.0}
     with WriterLock(path, wait=cfg.wait):
         store = _open_for_writing(path, cfg, source, teacher, key, ident)
         try:
-            rows = _fill(store, cfg, source, teacher, device)
+            timings["setup"] = time.perf_counter() - t0  # _fill adds the teacher's move and the loader's start
+            rows = _fill(store, cfg, source, teacher, device, timings=timings)
+            t = time.perf_counter()
             _finish(store, source)
+            timings["write"] += time.perf_counter() - t
         finally:
             store.close()
-    return CacheResult(path, key, False, rows, time.perf_counter() - t0)
+    return CacheResult(path, key, False, rows, time.perf_counter() - t0, timings)
 
 
 def _is_hit(path, ident: dict[str, Any]) -> bool:
@@ -384,9 +395,15 @@ def _batches(todo: list[tuple[int, int, int]], batch: int) -> list[list[int]]:
 
 
 def _fill(store: Store, cfg: CacheConfig, source: Source, teacher, device: torch.device,
-          chunk_ids: list[int] | None = None) -> int:
-    """Compute every chunk not yet done (or only ``chunk_ids``); return rows computed."""
+          chunk_ids: list[int] | None = None, timings: dict[str, float] | None = None) -> int:
+    """Compute every chunk not yet done (or only ``chunk_ids``); return rows computed.
+
+    ``timings`` (see :class:`CacheResult`) receives the seconds of each part, added to what it holds.
+    """
     from tqdm import tqdm
+
+    timings = {"setup": 0.0, "inputs": 0.0, "forward": 0.0, "write": 0.0} if timings is None else timings
+    t = time.perf_counter()
 
     ch = int(Manifest.read(store).chunk_rows)
     done = store.chunk_done()
@@ -397,12 +414,9 @@ def _fill(store: Store, cfg: CacheConfig, source: Source, teacher, device: torch
     if not todo:
         return 0
     teacher.to(device)
-    size = teacher.image_size
-    ds = _TeacherInputs(source, cfg.views, size, cfg.seed, tuple(cfg.crop_scale), resize_on_device(device))
+    ds = teacher_inputs(source, cfg, teacher.image_size, device)
     batch = cfg.batch_size or (256 if device.type == "cuda" else 32)
-    loader = DataLoader(ds, batch_sampler=_batches(todo, batch), num_workers=cfg.workers,
-                        collate_fn=_collate, pin_memory=device.type == "cuda",
-                        persistent_workers=False, prefetch_factor=4 if cfg.workers else None)
+    loader = input_loader(ds, todo, batch, cfg.workers, device)
     bounds = {c: (start, stop) for c, start, stop in todo}
     np_dtype = np.dtype(cfg.dtype)
     pending: list[Future] = []
@@ -412,8 +426,9 @@ def _fill(store: Store, cfg: CacheConfig, source: Source, teacher, device: torch
     bar = tqdm(total=total, unit="img", desc="cache", file=sys.stderr, dynamic_ncols=True,
                disable=None if dist.is_main() else True, mininterval=1.0)
     computed = 0
+    timings["setup"] += time.perf_counter() - t
     with ThreadPoolExecutor(max_workers=1) as writer:
-        for rows, x, labels, params, errors in loader:
+        for rows, x, labels, params, errors in _timed(loader, timings, "inputs"):
             first = int(rows[0])
             c = first // ch
             start, stop = bounds[c]
@@ -427,8 +442,9 @@ def _fill(store: Store, cfg: CacheConfig, source: Source, teacher, device: torch
             bad = [e for e in errors if e]
             if bad and not cfg.skip_bad:
                 raise DataError(bad[0] + " (pass --skip-bad to record and skip such images)")
+            t = time.perf_counter()
             try:
-                feats = _forward(teacher, x, device)
+                feats = teacher_forward(teacher, x, device)
             except Exception as e:  # the teacher's own error (a shape it cannot take, out of memory, ...)
                 msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
                 raise TcskdError(f"teacher {teacher.spec} failed on rows {first}..{int(rows[-1])}: {msg}; "
@@ -436,9 +452,12 @@ def _fill(store: Store, cfg: CacheConfig, source: Source, teacher, device: torch
             if not torch.isfinite(feats).all():
                 raise TcskdError(f"teacher produced NaN/Inf features for rows {first}..{int(rows[-1])}; "
                                  f"nothing of this chunk was stored")
+            feats = feats.cpu()  # the finite check above has waited for the device already
+            t_fwd = time.perf_counter()
+            timings["forward"] += t_fwd - t
             r = rows.numpy() - start
             ok = np.array([not e for e in errors])
-            buf["features"][r] = feats.cpu().numpy().astype(np_dtype)
+            buf["features"][r] = feats.numpy().astype(np_dtype)
             buf["labels"][r] = np.where(ok, labels.numpy(), -1)
             buf["sample_index"][r] = source.indices[rows.numpy()]
             buf["view_params"][r] = params.numpy()
@@ -453,13 +472,49 @@ def _fill(store: Store, cfg: CacheConfig, source: Source, teacher, device: torch
                     pending.pop(0).result()
                 pending.append(writer.submit(_write_chunk, store, c, start, stop, buf))
                 current = None
+            timings["write"] += time.perf_counter() - t_fwd
+        t = time.perf_counter()
         for f in pending:
             f.result()
+        timings["write"] += time.perf_counter() - t
     bar.close()
     return computed
 
 
-def _forward(teacher, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+def _timed(it, timings: dict[str, float], name: str):
+    """The items of ``it``; the seconds spent waiting for each are added to ``timings[name]``."""
+    it = iter(it)
+    while True:
+        t = time.perf_counter()
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        finally:
+            timings[name] += time.perf_counter() - t
+        yield item
+
+
+def teacher_inputs(source: Source, cfg: CacheConfig, size: int, device: torch.device | None = None) -> Dataset:
+    """The dataset the cache stage feeds its teacher: row -> (row, views as uint8, label, view params, error)
+    for ``cfg``'s views, seed and crop scale at ``size`` px. With a ``device`` that resizes in-memory images
+    itself (:func:`tcskd.cache.views.resize_on_device`), one view keeps the images' own size and
+    :func:`teacher_forward` crops and resizes them there."""
+    defer = device is not None and resize_on_device(device)
+    return _TeacherInputs(source, cfg.views, size, cfg.seed, tuple(cfg.crop_scale), defer)
+
+
+def input_loader(ds: Dataset, todo: list[tuple[int, int, int]], batch: int, workers: int,
+                 device: torch.device) -> DataLoader:
+    """The cache stage's input pipeline: batches of ``batch`` rows of ``ds`` that never cross a chunk of
+    ``todo`` ((chunk, start, stop), as :func:`tcskd.cache.store.iter_chunks` gives), decoded by ``workers``
+    processes, pinned for a CUDA ``device``."""
+    return DataLoader(ds, batch_sampler=_batches(todo, batch), num_workers=workers, collate_fn=_collate,
+                      pin_memory=device.type == "cuda", persistent_workers=False,
+                      prefetch_factor=4 if workers else None)
+
+
+def teacher_forward(teacher, x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 (or [0, 1] float) B x V x C x S x S -> float32 features B x V x D.
 
     Images of another size are a deferred batch (one view, see _TeacherInputs): their centre crop is

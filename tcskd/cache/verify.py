@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from tcskd.cache.build import _forward
+from tcskd.cache.build import teacher_forward
 from tcskd.data import open_source
 from tcskd.device import resolve_device
 from tcskd.errors import StoreError, TcskdError
@@ -19,7 +19,6 @@ from tcskd.store.bases import load_basis
 from tcskd.store.integrity import check_structure, missing_data
 from tcskd.store.manifest import Manifest
 from tcskd.store.paths import as_location
-from tcskd.teachers import load_teacher
 from tcskd.views import teacher_views
 
 log = logging.getLogger(__name__)
@@ -113,6 +112,9 @@ def _check_basis(store: Store, name: str, n: int, ch: int) -> list[str]:
 
 def _recompute(store: Store, report: VerifyReport, k: int, device: str, seed: int) -> None:
     """Recompute ``k`` random rows with the teacher named in the manifest and compare."""
+    # Imported where a teacher runs: the command line loads this module, and training never loads a teacher.
+    from tcskd.teachers import load_teacher
+
     m = Manifest.read(store)
     teacher = load_teacher(m.teacher_spec, int(m.image_size))
     if teacher.identity() != m.teacher_identity:
@@ -136,7 +138,7 @@ def _recompute(store: Store, report: VerifyReport, k: int, device: str, seed: in
             continue
         params = np.asarray(store["view_params"][int(r)])
         x = teacher_views(source.image(pos[idx]), params, teacher.image_size)[None]
-        got = _forward(teacher, x, dev)[0].cpu().numpy()
+        got = teacher_forward(teacher, x, dev)[0].cpu().numpy()
         want = np.asarray(store["features"][int(r)], np.float32)
         err = float(np.abs(got - want).max() / (np.abs(want).max() + 1e-6))
         worst = max(worst, err)

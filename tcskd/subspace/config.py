@@ -90,6 +90,9 @@ class BasisConfig:
     val_seed: int = opt(0, help="With --exclude-val: holdout seed.")
     """With ``exclude_val``: the seed of the holdout (as ``tcskd train --val-seed``)."""
 
+    plot: bool = opt(True, help="Draw the scree plot basis-NAME.png beside the cache.")
+    """Draw the scree plot ``basis-<name>.png`` beside the cache (not part of the basis: not recorded in it)."""
+
     def holdout(self) -> Holdout | None:
         """The validation rule left out of the fit, or None."""
         return Holdout(self.val_frac, self.val_per_class, self.val_seed) if self.exclude_val else None

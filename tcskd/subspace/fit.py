@@ -86,10 +86,14 @@ def fit_basis(cfg: BasisConfig) -> dict[str, Any]:
     """Fit the basis ``cfg`` describes, store it in the cache, write its plot; return a summary.
 
     Summary keys: name, kind, k, dim, explained (cumulative share at K), top_eigenvalues,
-    total_variance, rows_used, samples, cache, basis (where it is stored), plot, fit_on, seconds.
+    total_variance, rows_used, samples, cache, basis (where it is stored), plot (None when not drawn),
+    fit_on, seconds, timings: the seconds of ``read`` (the streamed pass over the features that sums the
+    moments; with ``method='svd'`` reading and the SVD are one step, counted as compute), ``compute``
+    (the decomposition), ``write`` (the basis and its coords) and ``plot``, which sum to at most seconds.
     """
     cfg.validate()
     t0 = time.perf_counter()
+    timings = {"read": 0.0, "compute": 0.0, "write": 0.0, "plot": 0.0}
     device = dist.device_for_rank(resolve_device(cfg.device))
     dist.init(device)
     if dist.world() > 1 and cfg.kind == "pca" and cfg.method == "svd":
@@ -125,7 +129,9 @@ def fit_basis(cfg: BasisConfig) -> dict[str, Any]:
                 rows_used = int(ok.sum())
                 log.info("fitting %s basis '%s' on %d rows (view %s) of %s on %s", cfg.kind, name,
                          rows_used, cfg.view, fit_dir, device)
-                fitted = _fit(src, cfg, device, ok)
+                t = time.perf_counter()
+                fitted = _fit(src, cfg, device, ok, timings)
+                timings["compute"] = time.perf_counter() - t - timings["read"]
             finally:
                 if src is not store:
                     src.close()
@@ -140,18 +146,23 @@ def fit_basis(cfg: BasisConfig) -> dict[str, Any]:
                 "dim_requested": cfg.dim, "energy": cfg.energy, "feature_dim": int(fitted.mean.shape[0]),
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "tool_version": tcskd.__version__,
-                "config": {**asdict(cfg), "name": name, "device": str(device)},
+                "config": {**{k: v for k, v in asdict(cfg).items() if k != "plot"}, "name": name,
+                           "device": str(device)},
             }
             if dist.is_main():
+                t = time.perf_counter()
                 write_basis(store, name, fitted, attrs, coords=cfg.coords, whiten=cfg.whiten, device=device,
                             chunk_rows=cfg.chunk_rows)
+                timings["write"] = time.perf_counter() - t
             fmt = store.format
         finally:
             store.close()
 
-    plot = cache_dir / f"basis-{name}.png"
-    if dist.is_main():
+    plot = cache_dir / f"basis-{name}.png" if cfg.plot else None
+    if dist.is_main() and plot is not None:
+        t = time.perf_counter()
         _plot(plot, fitted, name)
+        timings["plot"] = time.perf_counter() - t
     dist.barrier()
     where = str(cache_dir / "bases" / name) if fmt == "zarr" else f"{cache_dir / 'store.h5'}:/bases/{name}"
     explained = float(fitted.explained_ratio[-1])
@@ -160,7 +171,8 @@ def fit_basis(cfg: BasisConfig) -> dict[str, Any]:
         "name": name, "kind": cfg.kind, "k": fitted.k, "dim": int(fitted.mean.shape[0]),
         "explained": explained, "top_eigenvalues": top, "total_variance": fitted.total_variance,
         "rows_used": rows_used, "samples": fitted.samples, "cache": str(cache_dir), "basis": where,
-        "plot": str(plot), "fit_on": fit_key, "seconds": round(time.perf_counter() - t0, 3),
+        "plot": None if plot is None else str(plot), "fit_on": fit_key,
+        "seconds": round(time.perf_counter() - t0, 3), "timings": timings,
     }
     log.info("basis '%s': K=%d of D=%d explains %.4f of the variance; top eigenvalues %s; stored at %s",
              name, fitted.k, summary["dim"], explained, ", ".join(f"{v:.4g}" for v in top[:5]), where)
@@ -190,7 +202,9 @@ def holdout_rows(store: Store, ok: np.ndarray, holdout: Holdout) -> tuple[np.nda
 
 # -- fitting -----------------------------------------------------------------
 
-def _fit(src: Store, cfg: BasisConfig, device: torch.device, ok: np.ndarray) -> Fitted:
+def _fit(src: Store, cfg: BasisConfig, device: torch.device, ok: np.ndarray,
+         timings: dict[str, float] | None = None) -> Fitted:
+    """The basis of ``cfg`` fitted on ``src``'s usable rows ``ok``; ``timings["read"]`` gets the moments' pass."""
     d = _dim(src)
     if cfg.dim is not None and cfg.dim > d:
         raise TcskdError(f"--dim {cfg.dim} exceeds the feature dimension {d}")
@@ -198,7 +212,10 @@ def _fit(src: Store, cfg: BasisConfig, device: torch.device, ok: np.ndarray) -> 
         raise TcskdError(f"an identity basis keeps every dimension (K = D = {d}): drop --dim or use --dim {d}")
     if cfg.kind == "pca" and cfg.method == "svd":
         return _fit_pca_svd(src, cfg, device, ok)
+    t = time.perf_counter()
     mom = _moments(src, cfg, device, ok)
+    if timings is not None:
+        timings["read"] = time.perf_counter() - t
     if mom.n < 2:
         raise StoreError(f"cache {src.path} has {mom.n} usable sample(s); a basis needs at least 2")
     if cfg.kind == "pca":

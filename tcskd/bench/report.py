@@ -1,0 +1,189 @@
+"""What a benchmark run concludes: the goals (met or not), which side limits each stage, and the Markdown table
+written beside the JSON."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tcskd.bench.measure import ratio
+from tcskd.bench.profiles import GOALS
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it: a reader never sees a torn file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def goal(name: str, value: float | None, device: torch.device, note: str = "") -> dict[str, Any]:
+    """The goal ``name`` of :data:`~tcskd.bench.profiles.GOALS` with its measured ``value``: met, and whether it
+    applies on ``device``."""
+    op, goal, where, what = GOALS[name]
+    met = None if value is None else (value >= goal if op == ">=" else value <= goal)
+    applies = where == "any" or device.type == where
+    return {"value": None if value is None else round(float(value), 4), "goal": goal, "op": op, "met": met,
+            "applies": applies, "what": what + ("" if applies else f" (goal set for {where})"), "note": note}
+
+
+def compute_goals(res: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Every goal the sections of ``res`` measured so far."""
+    goals: dict[str, Any] = {}
+    cache = res.get("cache") or {}
+    main = next(iter(cache.get("teachers", [])), None)
+    if main and main.get("cache_vs_forward") is not None:
+        inp = main.get("inputs", {}).get("rows_per_s", {}).get("median")
+        fwd = main["forward"]["rows_per_s"]["median"]
+        note = (f"input pipeline {inp:.0f} rows/s vs forward {fwd:.0f} rows/s: "
+                f"{'inputs are' if inp is not None and inp < fwd else 'the teacher is'} the limit"
+                if inp is not None else "")
+        goals["cache_vs_forward"] = goal("cache_vs_forward", main["cache_vs_forward"], device, note)
+        fit = main["cache"].get("linear_fit") or {}
+        sz = main["cache"]["sizes"]
+        if len(sz) >= 2:
+            per_row = (sz[-1]["seconds"]["median"] / sz[-1]["rows"]) / (sz[0]["seconds"]["median"] / sz[0]["rows"])
+            goals["cache_cost_linear"] = goal("cache_cost_linear", per_row, device,
+                                               f"linear fit: {fit.get('fixed_s', 0):.2f} s fixed + "
+                                               f"{fit.get('marginal_rows_per_s') or 0:.0f} rows/s")
+    basis = res.get("basis") or {}
+    if basis.get("sizes"):
+        last = basis["sizes"][-1]
+        goals["basis_vs_read"] = goal("basis_vs_read", last["basis_vs_read"], device,
+                                       f"{last['rows']} rows: read {last['read_s']['median']:.3f} s, basis "
+                                       f"{last['basis_s']['median']:.3f} s")
+    train = res.get("train") or {}
+
+    def med(m: str, key: str = "img_per_s") -> float | None:
+        r = train.get(m)
+        return r[key]["median"] if r and r.get(key) else None
+
+    if "ce" in train and "tcs" in train:
+        goals["tcs_vs_ce_throughput"] = goal("tcs_vs_ce_throughput", ratio(med("tcs"), med("ce")), device)
+    if "tcs" in train and "online" in train:
+        goals["online_vs_tcs_time"] = goal("online_vs_tcs_time", ratio(med("tcs"), med("online")), device,
+                                            f"online is limited by its {train['online']['data_wait']['limit']}")
+        goals["tcs_vs_online_memory"] = goal(
+            "tcs_vs_online_memory", ratio(train["tcs"]["peak_mem_bytes"], train["online"]["peak_mem_bytes"]),
+            device, "CUDA max allocated" if device.type == "cuda" else "peak RSS of each training process")
+    return goals
+
+
+def dataloading_summary(res: dict[str, Any]) -> dict[str, Any]:
+    """Which side limits each stage: the input pipeline or the computation."""
+    out: dict[str, Any] = {}
+    for t in (res.get("cache") or {}).get("teachers", []):
+        inp = t["inputs"]["rows_per_s"]["median"]
+        fwd = t["forward"]["rows_per_s"]["median"]
+        out[f"cache/{t['label']}"] = {"input_rows_per_s": inp, "forward_rows_per_s": fwd,
+                                      "limit": "input pipeline" if inp < fwd else "teacher forward"}
+    for m, r in (res.get("train") or {}).items():
+        if m.startswith("_"):
+            continue
+        dw = r["data_wait"]
+        out[f"train/{m}"] = {"wait_per_step_ms": dw["per_step_ms"], "step_ms": dw["step_ms"],
+                             "wait_share": dw["wait_share"], "first_batch_s": dw["first_batch_s"],
+                             "loader_only_img_per_s": (r.get("loader_only") or {}).get("img_per_s", {}).get("median"),
+                             "train_img_per_s": r["img_per_s"]["median"], "limit": dw["limit"]}
+    return out
+
+
+# -- the Markdown table --------------------------------------------------------------
+
+def _f(v: Any, digits: int = 0) -> str:
+    """A figure for the table: thousands separated, ``digits`` decimals, "-" for None."""
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}"
+    return str(v)
+
+
+def _header(res: dict[str, Any]) -> list[str]:
+    env = res["environment"]
+    dev = env["device_name"] + (f" ({env['cpu_count']} CPU cores, {env['torch_threads']} torch threads)"
+                                if env["device"] == "cpu" else f" (CUDA {env.get('cuda')}, {env['cpu_count']} CPU cores)")
+    lines = [f"## tcskd bench: {res['profile']} profile{' (quick)' if res['quick'] else ''}", "",
+             f"Measured on **{dev}**, {env['date']}; torch {env['torch']}, tcskd {env['tcskd']}"
+             f"{' @ ' + env['git_sha'][:8] if env.get('git_sha') else ''}{' (uncommitted changes)' if env.get('git_dirty') else ''}, python {env['python']}; "
+             f"load average {env.get('loadavg_start')} -> {env.get('loadavg_end')}; {res.get('seconds')} s in all. "
+             f"Each figure: median of {res['settings']['repeats']} repeats after {res['settings']['warmup']} warm-up.",
+             "", "| goal | value | target | met |", "|---|---|---|---|"]
+    for name, g in res.get("goals", {}).items():
+        met = "-" if g["met"] is None else ("yes" if g["met"] else "**no**")
+        if not g["applies"]:
+            met += " (n/a here)"
+        lines.append(f"| `{name}`: {g['what']} | {_f(g['value'], 3)} | {g['op']} {g['goal']} | {met} |")
+    return lines
+
+
+def _cache_table(res: dict[str, Any]) -> list[str]:
+    teachers = (res.get("cache") or {}).get("teachers", [])
+    if not teachers:
+        return []
+    lines = ["", "### cache (rows/s)", "",
+             "| teacher | px | batch | workers | forward only | input pipeline | tcskd cache at N rows | "
+             "fixed s | marginal | cache / forward |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for t in teachers:
+        c = t["cache"]
+        at = ", ".join(f"{_f(s['rows_per_s'])} @ {s['rows']}" for s in c["sizes"])
+        fit = c.get("linear_fit") or {}
+        ref = t.get("reference_forward_rows_per_s")
+        fwd = _f(t["forward"]["rows_per_s"]["median"]) + (f" (ref. {ref:,.0f})" if ref else "")
+        lines.append(f"| {t['label']} | {t['forward']['image_size']} | {c['batch']} | {c['workers']} | {fwd} | "
+                     f"{_f(t['inputs']['rows_per_s']['median'])} | {at} | {_f(fit.get('fixed_s'), 2)} | "
+                     f"{_f(fit.get('marginal_rows_per_s'))} | {_f(t['cache_vs_forward'], 2)} |")
+    for s in (res.get("cache") or {}).get("skipped", []):
+        lines.append(f"| {s['teacher']} | skipped: {s['reason']} | | | | | | | | |")
+    return lines
+
+
+def _basis_table(res: dict[str, Any]) -> list[str]:
+    basis = res.get("basis")
+    if not basis:
+        return []
+    lines = ["", "### basis (seconds)", "", "| rows | D | K | read features | moments only | tcskd basis | "
+             "of which: moments / eigh / write / plot / other | basis / read |", "|---|---|---|---|---|---|---|---|"]
+    for b in basis["sizes"]:
+        bp = b.get("basis_parts_s") or {}
+        parts = " / ".join(_f(bp.get(n), 3) for n in ("moments", "decomposition", "write_basis", "plot", "other"))
+        lines.append(f"| {b['rows']:,}{' (tiled)' if b.get('tiled') else ''} | {b['dim']} | {b['k']} | {_f(b['read_s']['median'], 3)} "
+                     f"({_f(b['read_mb_per_s'])} MB/s) | {_f(b['moments_s']['median'], 3)} | "
+                     f"{_f(b['basis_s']['median'], 3)} | {parts} | {_f(b['basis_vs_read'], 1)} |")
+    return lines
+
+
+def _train_table(res: dict[str, Any]) -> list[str]:
+    train = res.get("train")
+    if not train:
+        return []
+    meta = train.get("_cache", {})
+    st = res["settings"]
+    lines = ["", f"### train ({st['student']}, batch {st['train_batch']}, {meta.get('rows')} cached rows of "
+             f"{meta.get('teacher')}, {st['train_epochs']} measured epochs after 1 warm-up)", "",
+             "| method | img/s | peak memory | steps/epoch | workers | wait for data / step | step | wait share | "
+             "loader alone img/s | limit |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for m, err in (train.get("_errors") or {}).items():
+        lines.append(f"| {m} | failed: {err} | | | | | | | | |")
+    for m, r in train.items():
+        if m.startswith("_"):
+            continue
+        dw = r["data_wait"]
+        lo = (r.get("loader_only") or {}).get("img_per_s", {}).get("median")
+        mem = f"{r['peak_mem_bytes'] / 2**20:,.0f} MiB"
+        if r.get("rss_before_train_bytes"):
+            mem += f" (+{(r['peak_mem_bytes'] - r['rss_before_train_bytes']) / 2**20:,.0f} over imports)"
+        lines.append(f"| {m} | {_f(r['img_per_s']['median'])} | {mem} | "
+                     f"{r['steps_per_epoch']} | {r['workers']} | {_f(dw['per_step_ms'], 1)} ms | "
+                     f"{_f(dw['step_ms'], 1)} ms | {_f(dw['wait_share'], 2)} | {_f(lo)} | {dw['limit']} |")
+    return lines
+
+
+def render_markdown(res: dict[str, Any]) -> str:
+    """The Markdown table of a run (or of the sections it has measured so far)."""
+    return "\n".join(_header(res) + _cache_table(res) + _basis_table(res) + _train_table(res)) + "\n"
