@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tcskd.cache.build import (LIMIT_RULE, CacheConfig, _limit, build_cache, identity_of, limit_counts,
-                               limit_rows, prepare)
+from tcskd.cache.build import CacheConfig, build_cache, identity_of, prepare
+from tcskd.cache.subset import LIMIT_RULE, limit_counts, limit_rows, limit_source
 from tcskd.store.backends import open_store
 from tcskd.data import open_source
 from tcskd.errors import TcskdError
@@ -120,7 +120,7 @@ def test_limited_source_loads_the_chosen_images(tmp_path):
     from conftest import make_npz
 
     src = open_source(make_npz(tmp_path / "d.npz", n=40, classes=4), "train")
-    sub = _limit(src, 10, seed=5)
+    sub = limit_source(src, 10, seed=5)
     rows = limit_rows(src.labels, 10, 5)
     np.testing.assert_array_equal(sub.indices, src.indices[rows])
     np.testing.assert_array_equal(sub.labels, src.labels[rows])
@@ -128,8 +128,8 @@ def test_limited_source_loads_the_chosen_images(tmp_path):
         np.testing.assert_array_equal(sub.image(i), src.image(int(r)))
         assert sub.describe(i) == src.describe(int(r))
     np.testing.assert_array_equal(sub.images(np.arange(10)), src.images(rows))
-    assert _limit(src, None, 5) is src and _limit(src, 40, 5) is src
+    assert limit_source(src, None, 5) is src and limit_source(src, 40, 5) is src
     with pytest.raises(TcskdError, match="--limit must be >= 1"):
-        _limit(src, 0, 0)
+        limit_source(src, 0, 0)
     with pytest.raises(TcskdError, match="--seed must be >= 0"):
-        _limit(src, 5, -1)
+        limit_source(src, 5, -1)

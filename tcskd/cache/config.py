@@ -45,7 +45,7 @@ class CacheConfig:
     limit: int | None = opt(None, help="A seeded (--seed), class-stratified subset of N samples of the split, in "
                                        "source order.")
     """Take a seeded (``seed``), class-stratified subset of N samples of the split, in source order
-    (:func:`tcskd.cache.build.limit_rows`), so a quick experiment sees every class."""
+    (:func:`tcskd.cache.subset.limit_rows`), so a quick experiment sees every class."""
     device: str = opt("auto", choices=DEVICES)
     workers: int = opt(0, help="DataLoader worker processes.")
     """DataLoader worker processes for decoding and cropping."""
