@@ -277,7 +277,7 @@ def threads_probe(reps: int = 10) -> dict[str, Any] | None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    from tcskd.train.loop import write_text_atomic
+    from tcskd.train.rundir import write_text_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, text)
@@ -612,6 +612,7 @@ class _TimedLoader:
 
     def __init__(self, loader: Any, record: list[dict[str, Any]]) -> None:
         self.loader, self.record = loader, record
+        self.sampler = loader.sampler  # the loop sets its epoch
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -634,7 +635,7 @@ class _TimedLoader:
 
 def _loader_only(args: tuple, kwargs: dict, orig: Callable, repeats: int = 1) -> dict[str, Any]:
     """The training DataLoader alone (same dataset, batch, workers), one epoch per repeat."""
-    from tcskd.train.targets import EpochSampler
+    from tcskd.train.data import EpochSampler
 
     ds, sampler, *rest = args
     runs, steady = [], []
@@ -701,6 +702,7 @@ def _summarise_train(metrics: list[dict[str, Any]], loads: list[dict[str, Any]],
 
 def _run_train_inprocess(spec: dict[str, Any]) -> dict[str, Any]:
     """Train one method with the loop's DataLoader timed; the summary of :func:`_summarise_train`."""
+    import tcskd.train.data as data
     import tcskd.train.loop as loop
     from tcskd.device import peak_memory_bytes, resolve_device
 
@@ -708,19 +710,19 @@ def _run_train_inprocess(spec: dict[str, Any]) -> dict[str, Any]:
     baseline = process_rss()
     record: list[dict[str, Any]] = []
     calls: list[tuple[tuple, dict]] = []
-    orig = getattr(loop, "_loader", None)
+    orig = getattr(data, "_loader", None)
     if orig is None:
-        raise TcskdError("bench: tcskd.train.loop has no _loader to time (renamed?); update tcskd.bench")
+        raise TcskdError("bench: tcskd.train.data has no _loader to time (renamed?); update tcskd.bench")
 
     def timed(*args: Any, **kwargs: Any):
         calls.append((args, kwargs))
         return _TimedLoader(orig(*args, **kwargs), record)
 
-    loop._loader = timed
+    data._loader = timed
     try:
         loop.train(cfg)
     finally:
-        loop._loader = orig
+        data._loader = orig
     device = resolve_device(cfg.device)
     _sync(device)
     peak = peak_memory_bytes(device) if device.type == "cuda" else process_peak_rss()
