@@ -52,8 +52,8 @@ from tcskd.train.inputs import (RunInputs, assemble_inputs, load_fit_targets, on
                                 open_train_rows)
 from tcskd.train.losses import MIMICS, LossParts, elsh_bias, tcs_loss
 from tcskd.train.plots import plot_curves
-from tcskd.train.rundir import (CONFIG, FINAL, METRICS, SPLIT, append_metrics, read_metrics, shared_run_dir,
-                                write_json)
+from tcskd.train.rundir import (CONFIG, CURVES, FINAL, METRICS, SPLIT, append_metrics, read_metrics,
+                                shared_run_dir, write_json)
 from tcskd.train.selection import SELECT_BY, SelectionSchedule, apply_selection, step_importance
 from tcskd.train.students import Student, count_parameters, make_student
 from tcskd.train.targets import DEFAULT_DIM, METHODS, TARGET_NORMS, TorchProjection, check_complete, resolve_basis
@@ -717,7 +717,7 @@ def finish(run: Run, t_start: float) -> dict[str, Any]:
         "basis_excludes_val": prep.basis_excludes_val,
     }
     # final.json marks the run finished (a resume then does nothing): every other artifact comes first.
-    plot_curves(rows, out / "curves.png", f"{cfg.method} {cfg.student} K={prep.k} seed {cfg.seed}")
+    plot_curves(rows, out / CURVES, f"{cfg.method} {cfg.student} K={prep.k} seed {cfg.seed}")
     write_json(out / FINAL, final)
     log.info("finished: val top-1 %s, test top-1 %s, kNN top-1 %s, %.1f s of training; %s",
              final["val_top1"], final["test_top1"], final["knn_top1"], state.train_seconds, out)
