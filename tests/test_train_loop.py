@@ -243,6 +243,24 @@ def test_cli_train_writes_all_outputs(cli_run):
     assert cfg["lam"] == 2.0 and cfg["resolved"]["dim"] == 6 and cfg["resolved"]["augment"] == "crop"
 
 
+
+def test_each_epoch_records_its_input_wait_and_the_training_loader_is_public(cli_run):
+    from tcskd.train.data import EpochSampler, train_loader
+
+    out, _ = cli_run
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    final = json.loads((out / "final.json").read_text())
+    cfg = resolve_config(TrainConfig(cache=final["cache"], batch_size=8, dim=6, device="cpu", workers=0))
+    prep = load_run_inputs(cfg)
+    cpu = torch.device("cpu")
+    for r in rows:
+        assert r["steps"] == len(train_loader(prep, cfg, r["epoch"] - 1, cpu)) == len(prep.train_set) // 8
+        assert 0 <= r["first_batch_s"] <= r["data_wait_s"] <= r["seconds"]
+    # The loader a benchmark times is the loop's: the epoch's order, whole batches only.
+    items = torch.cat([batch[3] for batch in train_loader(prep, cfg, 1, cpu)]).tolist()
+    order = [i for i, _, _ in EpochSampler(len(prep.train_set), prep.views, cfg.seed, 1)]
+    assert items == order[:len(items)] and len(items) == rows[1]["steps"] * 8
+
 def test_cli_resume_takes_the_saved_options(data, tmp_path):
     from tcskd.train.commands import train as train_cmd
 
