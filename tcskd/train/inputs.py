@@ -2,8 +2,8 @@
 
 tcskd.train.loop's :func:`~tcskd.train.loop.load_run_inputs` opens the cache and
 the dataset and calls, in order: :func:`open_train_rows` (the training split's
-rows the cache holds, checked against the data), the validation holdout (chosen
-before anything is read for training: no target of its rows is loaded),
+rows the cache holds, checked against the data, and the validation holdout,
+chosen before anything is read for training: no target of its rows is loaded),
 :func:`load_fit_targets` (the targets of the other rows, scaled, and the eLSH
 term's hyperplanes) and :func:`assemble_inputs` (the datasets of training,
 validation, test and kNN references). :func:`online_teacher` loads the cache's
@@ -13,7 +13,6 @@ teacher for ``--method online``.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -84,6 +83,9 @@ class TrainRows:
     views: int
     params: np.ndarray | None
     """Their stored view parameters, rows x V x 4 (None without a cache)."""
+    holdout: Holdout
+    val: np.ndarray
+    """The validation rows (a mask over ``rows``), chosen before anything is read for training."""
 
     @property
     def labels(self) -> np.ndarray:
@@ -97,7 +99,7 @@ class TrainRows:
 def open_train_rows(cfg: TrainConfig, store: Store | None, manifest: dict[str, Any],
                     cache_path: Any) -> TrainRows:
     """The dataset (``--data``, else the cache's) and the rows of its training split that the cache holds,
-    checked against it (every row without a cache)."""
+    checked against it (every row without a cache), with the validation rows held out."""
     data_spec = cfg.data or manifest.get("data_spec")
     if not data_spec:
         raise StoreError(f"cache {cache_path} names no dataset (data_spec); pass --data")
@@ -106,17 +108,21 @@ def open_train_rows(cfg: TrainConfig, store: Store | None, manifest: dict[str, A
     if split == "test":
         log.warning("cache %s holds the test split: the student trains on test images", cache_path)
     train_source = open_source(data_spec, train_split)
-    if store is None:
-        return TrainRows(data_spec, train_split, train_source, np.arange(len(train_source)), None, 1, None)
-    split_source = train_source if split == train_split else open_source(data_spec, split)
-    limited = (manifest.get("identity") or {}).get("limit") is not None
-    rows, store_rows = match_rows(store, split_source, train_source, limited)
-    views = int(store["features"].shape[1])
-    params = np.asarray(store.read("view_params"), np.float32)[store_rows]
-    if cfg.data is None and train_source.fingerprint != (manifest.get("identity") or {}).get(
-            "data", {}).get("fingerprint", train_source.fingerprint):
-        log.warning("the dataset's files differ from those the cache was built from")
-    return TrainRows(data_spec, train_split, train_source, rows, store_rows, views, params)
+    if store is not None:
+        split_source = train_source if split == train_split else open_source(data_spec, split)
+        limited = (manifest.get("identity") or {}).get("limit") is not None
+        rows, store_rows = match_rows(store, split_source, train_source, limited)
+        views = int(store["features"].shape[1])
+        params = np.asarray(store.read("view_params"), np.float32)[store_rows]
+        if cfg.data is None and train_source.fingerprint != (manifest.get("identity") or {}).get(
+                "data", {}).get("fingerprint", train_source.fingerprint):
+            log.warning("the dataset's files differ from those the cache was built from")
+    else:
+        rows, store_rows, views, params = np.arange(len(train_source)), None, 1, None
+    # The validation rows are chosen before anything is read for training: no target of theirs is loaded.
+    holdout = Holdout(cfg.val_frac, cfg.val_per_class, cfg.val_seed)
+    val = holdout.mask(train_source.labels[rows], np.asarray(train_source.indices, np.int64)[rows])
+    return TrainRows(data_spec, train_split, train_source, rows, store_rows, views, params, holdout, val)
 
 
 @dataclass
@@ -175,9 +181,11 @@ def _student_views(cfg: TrainConfig, src: TrainRows, manifest: dict[str, Any]) -
     return size, augment, teacher_size, defer
 
 
-def assemble_inputs(cfg: TrainConfig, src: TrainRows, holdout: Holdout, val: np.ndarray, basis: Basis | None,
-                    fit: FitTargets, manifest: dict[str, Any], cache_path: Any, t0: float) -> RunInputs:
-    """The run's datasets (training, validation, test, kNN references) and what the loop records of them."""
+def assemble_inputs(cfg: TrainConfig, src: TrainRows, basis: Basis | None, fit: FitTargets,
+                    manifest: dict[str, Any], cache_path: Any) -> RunInputs:
+    """The run's datasets (training, validation, test, kNN references) and what the loop records of them;
+    ``setup_seconds`` is left to the caller."""
+    holdout, val = src.holdout, src.val
     channels, labels, sample_index, fit_rows = src.source.channels, src.labels, src.sample_index, ~val
     if holdout.empty:
         log.warning("no validation rows (--val-frac 0): choose settings on a held-out split, not on test")
@@ -213,7 +221,7 @@ def assemble_inputs(cfg: TrainConfig, src: TrainRows, holdout: Holdout, val: np.
         cache_path=str(cache_path) if cache_path else None, cache_key=manifest.get("key"),
         teacher_spec=manifest.get("teacher_spec"), teacher_size=teacher_size, n_labelled=int(labelled.sum()),
         teacher_identity=(manifest.get("identity") or {}).get("teacher"), split=split,
-        basis_excludes_val=basis_excludes_val, setup_seconds=time.perf_counter() - t0)
+        basis_excludes_val=basis_excludes_val, setup_seconds=0.0)
 
 
 def online_teacher(prep: RunInputs) -> Any:

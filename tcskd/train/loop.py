@@ -293,17 +293,16 @@ def load_run_inputs(cfg: TrainConfig) -> RunInputs:
         if store is not None:
             check_complete(store)
         manifest: dict[str, Any] = store.manifest if store is not None else {}
-        src = open_train_rows(cfg, store, manifest, cache_path)
-        # The validation rows are chosen before anything is read for training: no target of theirs is loaded.
-        holdout = Holdout(cfg.val_frac, cfg.val_per_class, cfg.val_seed)
-        val = holdout.mask(src.labels, src.sample_index)
+        src = open_train_rows(cfg, store, manifest, cache_path)  # the validation rows held out
         basis = (resolve_basis(store, cfg.method, cfg.basis, cfg.dim, default_dim(cfg)) if store is not None
                  else None)
-        fit = load_fit_targets(cfg, store, basis, src.store_rows[~val] if store is not None else None)
+        fit = load_fit_targets(cfg, store, basis, src.store_rows[~src.val] if store is not None else None)
     finally:
         if store is not None:
             store.close()
-    return assemble_inputs(cfg, src, holdout, val, basis, fit, manifest, cache_path, t0)
+    prep = assemble_inputs(cfg, src, basis, fit, manifest, cache_path)
+    prep.setup_seconds = time.perf_counter() - t0
+    return prep
 
 
 # -- build and restore --------------------------------------------------------
