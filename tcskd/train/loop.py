@@ -4,7 +4,7 @@
 rows, targets and datasets from the data and the cache, tcskd.train.inputs) ->
 build (:func:`build_models`, :func:`build_run`: student, head, optimizer) ->
 restore (:func:`restore`, when resuming) -> for each epoch (:func:`run_epochs`):
-:func:`train_epoch`, :func:`evaluate_epoch`, :func:`select` (tailoring),
+:func:`train_epoch`, :func:`evaluate_epoch`, :func:`select_coordinates` (tailoring),
 :func:`save_epoch` -> :func:`finish` (the final scores, ``final.json``).
 Learning-rate schedules are pure functions of the step (:func:`lr_at`).
 
@@ -242,30 +242,37 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, lr=lr, weight_decay=wd, lam=lam)
 
 
-# -- schedules (pure) -----------------------------------------------------------
+# -- the stage, one page -----------------------------------------------------------
 
-def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, schedule: str = "cosine") -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine to 0 or steps."""
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    if schedule == "cosine":
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    if schedule == "step":
-        passed = sum(step >= int(f * total_steps) for f in (0.5, 0.75))
-        return base_lr * 0.1 ** passed
-    raise ValueError(f"unknown schedule '{schedule}'")
-
-
-def tailoring_label(cfg: TrainConfig) -> str:
-    """A short description of the tailoring schedule (``off`` when it is)."""
-    if cfg.method not in ("tcs", "fitnet", "online") or not cfg.select_every or not cfg.drop_frac:
-        return "off"
-    return f"{cfg.select_by}/{cfg.select_every}ep/-{cfg.drop_frac:g}/min{cfg.min_dim}"
-
-
-def _eval_batch(cfg: TrainConfig) -> int:
-    return max(cfg.batch_size, 256)
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Stage 3: train ``cfg.student`` on ``cfg.cache``; returns the content of ``final.json``."""
+    t_start = time.perf_counter()
+    cfg = resolve_config(cfg)
+    device = setup_device(cfg)
+    prep = load_run_inputs(cfg)                                            # prepare
+    teacher = online_teacher(prep) if cfg.method == "online" else None
+    student, head = build_models(cfg, prep)                                # build
+    out = shared_run_dir(cfg, prep.k)
+    saved = saved_checkpoint(cfg, prep, out)
+    if saved is not None and saved["epoch"] >= cfg.epochs and (out / FINAL).exists():
+        log.info("%s is finished; nothing to do", out)
+        return json.loads((out / FINAL).read_text())
+    run = build_run(cfg, prep, device, out, student, head, teacher)
+    if saved is not None:
+        restore(run, saved)                                                # restore
+    start_run_dir(run)
+    if teacher is not None:
+        teacher.to(device)
+    log.info("training %s (%s, %d params) on %d images (%d labelled), method %s, K=%s, on %s",
+             cfg.student, prep.data_spec, count_parameters(student), len(prep.train_set), prep.n_labelled,
+             cfg.method, prep.k, device)
+    run_epochs(run)                                                        # train, evaluate, select, save
+    if not dist.is_main():  # rank 0 evaluates and writes the results
+        return dist.broadcast_object(None)
+    if run.state.epoch < cfg.epochs:
+        log.info("stopped after epoch %d of %d (--stop-after); resume with --resume", run.state.epoch, cfg.epochs)
+        return dist.broadcast_object({"stopped_after": run.state.epoch, "run_dir": str(out)})
+    return dist.broadcast_object(finish(run, t_start))                    # final scores
 
 
 # -- prepare ----------------------------------------------------------------
@@ -511,7 +518,7 @@ def run_epochs(run: Run) -> None:
         loop.loader.sampler.epoch = epoch
         stats = train_epoch(run, loop, epoch)
         val = evaluate_epoch(run, epoch)
-        select(run, loop, epoch)
+        select_coordinates(run, loop, epoch)
         run.state.epoch = epoch + 1
         if dist.is_main():
             save_epoch(run, stats, val, t_epoch)
@@ -606,7 +613,7 @@ def evaluate_epoch(run: Run, epoch: int) -> float | None:
     return top1(logits, prep.val_set.ce_labels)
 
 
-def select(run: Run, loop: EpochLoop, epoch: int) -> None:
+def select_coordinates(run: Run, loop: EpochLoop, epoch: int) -> None:
     """Tailoring after ``epoch``: the importance summed over ranks, the schedule's coordinates dropped, the
     eLSH bias fitted again to the coordinates still active."""
     world, rank = dist.world(), dist.rank()
@@ -657,38 +664,7 @@ def _elsh_for_mask(prep: RunInputs, head: TCSHead, device: torch.device
     return w.to(device), elsh_bias(prep.elsh_rows, w, head.mask.detach().cpu()).to(device)
 
 
-# -- the stage --------------------------------------------------------------------
-
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Stage 3: train ``cfg.student`` on ``cfg.cache``; returns the content of ``final.json``."""
-    t_start = time.perf_counter()
-    cfg = resolve_config(cfg)
-    device = setup_device(cfg)
-    prep = load_run_inputs(cfg)                                            # prepare
-    teacher = online_teacher(prep) if cfg.method == "online" else None
-    student, head = build_models(cfg, prep)                                # build
-    out = shared_run_dir(cfg, prep.k)
-    saved = saved_checkpoint(cfg, prep, out)
-    if saved is not None and saved["epoch"] >= cfg.epochs and (out / FINAL).exists():
-        log.info("%s is finished; nothing to do", out)
-        return json.loads((out / FINAL).read_text())
-    run = build_run(cfg, prep, device, out, student, head, teacher)
-    if saved is not None:
-        restore(run, saved)                                                # restore
-    start_run_dir(run)
-    if teacher is not None:
-        teacher.to(device)
-    log.info("training %s (%s, %d params) on %d images (%d labelled), method %s, K=%s, on %s",
-             cfg.student, prep.data_spec, count_parameters(student), len(prep.train_set), prep.n_labelled,
-             cfg.method, prep.k, device)
-    run_epochs(run)                                                        # train, evaluate, select, save
-    if not dist.is_main():  # rank 0 evaluates and writes the results
-        return dist.broadcast_object(None)
-    if run.state.epoch < cfg.epochs:
-        log.info("stopped after epoch %d of %d (--stop-after); resume with --resume", run.state.epoch, cfg.epochs)
-        return dist.broadcast_object({"stopped_after": run.state.epoch, "run_dir": str(out)})
-    return dist.broadcast_object(finish(run, t_start))                    # final scores
-
+# -- the end ---------------------------------------------------------------------
 
 def finish(run: Run, t_start: float) -> dict[str, Any]:
     """The end of training (rank 0): validation and, once, the test split (kNN references: the labelled
@@ -721,3 +697,29 @@ def finish(run: Run, t_start: float) -> dict[str, Any]:
     log.info("finished: val top-1 %s, test top-1 %s, kNN top-1 %s, %.1f s of training; %s",
              final["val_top1"], final["test_top1"], final["knn_top1"], state.train_seconds, out)
     return final
+
+
+# -- schedules (pure) -----------------------------------------------------------
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, schedule: str = "cosine") -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine to 0 or steps."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if schedule == "cosine":
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    if schedule == "step":
+        passed = sum(step >= int(f * total_steps) for f in (0.5, 0.75))
+        return base_lr * 0.1 ** passed
+    raise ValueError(f"unknown schedule '{schedule}'")
+
+
+def tailoring_label(cfg: TrainConfig) -> str:
+    """A short description of the tailoring schedule (``off`` when it is)."""
+    if cfg.method not in ("tcs", "fitnet", "online") or not cfg.select_every or not cfg.drop_frac:
+        return "off"
+    return f"{cfg.select_by}/{cfg.select_every}ep/-{cfg.drop_frac:g}/min{cfg.min_dim}"
+
+
+def _eval_batch(cfg: TrainConfig) -> int:
+    return max(cfg.batch_size, 256)
