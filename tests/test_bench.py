@@ -22,6 +22,7 @@ from tcskd.bench.run import run_bench
 from tcskd.bench.synthetic import make_dinov2, make_synthetic_npz, make_tiled_store
 from tcskd.bench.train import bench_train, data_wait, epochs_from_metrics
 from tcskd.cache.build import CacheConfig, build_cache
+from tcskd.errors import TcskdError
 from tcskd.store.registry import cache_key
 from tcskd.store.backends import open_store
 from tcskd.subspace.fit import BasisConfig, fit_basis
@@ -144,7 +145,7 @@ def test_stages_return_their_timings(tmp_path, tiny_teacher):
 
 
 def test_data_wait_from_the_loops_own_figures():
-    """Per-epoch waits as the loop writes them to metrics.jsonl; rows without them are not used."""
+    """Per-epoch waits as the loop writes them to metrics.jsonl; rows without them are refused."""
     rows = [{"train_img_per_s": 10.0, "seconds": 2.0, "data_wait_s": 1.5, "first_batch_s": 1.0, "steps": 6},
             {"train_img_per_s": 12.0, "seconds": 1.0, "data_wait_s": 0.6, "first_batch_s": 0.1, "steps": 6}]
     epochs = epochs_from_metrics(rows)
@@ -154,7 +155,8 @@ def test_data_wait_from_the_loops_own_figures():
     assert dw["per_step_ms"] == pytest.approx(100.0) and dw["step_ms"] == pytest.approx(1e3 / 6)
     assert dw["wait_share"] == pytest.approx(0.6) and dw["limit"] == "input pipeline"
     assert data_wait(epochs[1:], workers=2)["threshold"] == 0.1
-    assert epochs_from_metrics([{"train_img_per_s": 1.0, "seconds": 1.0}]) is None
+    with pytest.raises(TcskdError, match="data_wait_s"):  # a loop that stops reporting its waits is not 0 s
+        epochs_from_metrics([{"train_img_per_s": 1.0, "seconds": 1.0}])
 
 
 @pytest.mark.slow

@@ -32,7 +32,8 @@ from tcskd.store.registry import cache_key
 from tcskd.store.backends import open_store
 from tcskd.subspace.fit import BasisConfig, fit_basis
 from tcskd.train.head import TCSHead
-from tcskd.train.loop import CHECKPOINT, TrainConfig, prepare, resolve_config, train
+from tcskd.train.checkpoint import CHECKPOINT
+from tcskd.train.loop import TrainConfig, load_run_inputs, resolve_config, train
 
 SIZE = 12
 STUDENT = f"python:{__name__}:tiny_mlp"
@@ -313,7 +314,7 @@ def test_loop_refits_the_elsh_bias_after_a_selection_step(tailor_toy, tmp_path, 
                select_by="worst", elsh_bits=16, labels_per_class=2, seed=2)
     res = train(cfg)
     assert res["active_coords"] == 4 and res["elsh_bits"] == 16
-    prep = prepare(resolve_config(cfg))
+    prep = load_run_inputs(resolve_config(cfg))
     w0, b0 = prep.elsh
     rows = prep.elsh_rows
     assert len(rows) == len(prep.train_set)  # 1 view, fewer rows than ELSH_SAMPLE: every training target

@@ -14,7 +14,8 @@ from click.testing import CliRunner
 
 from _train_fixtures import make_npz, make_script_teacher, make_store
 from tcskd.errors import TcskdError
-from tcskd.train.loop import CHECKPOINT, TrainConfig, lr_at, prepare, resolve_config, train
+from tcskd.train.checkpoint import CHECKPOINT
+from tcskd.train.loop import TrainConfig, load_run_inputs, lr_at, resolve_config, train
 
 TESTS = Path(__file__).parent
 
@@ -98,7 +99,8 @@ def test_resume_is_bit_identical(data, tmp_path):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
     la = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "train_img_per_s")} for r in rows]
+    timing = ("seconds", "train_img_per_s", "data_wait_s", "first_batch_s")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
     assert strip(la) == strip(lb)
     # a finished run is never overwritten, and resuming it does nothing
     with pytest.raises(TcskdError, match="finished"):
@@ -162,8 +164,8 @@ def test_online_computes_the_cached_targets(data, tmp_path):
     root, npz = data
     spec = make_script_teacher(tmp_path / "teacher.pt", size=16, dim=16)
     cache = make_store(root, npz, views=2, name="online", teacher_spec=spec)
-    cached = prepare(resolve_config(TrainConfig(cache=str(cache))))
-    online = prepare(resolve_config(TrainConfig(cache=str(cache), method="online")))
+    cached = load_run_inputs(resolve_config(TrainConfig(cache=str(cache))))
+    online = load_run_inputs(resolve_config(TrainConfig(cache=str(cache), method="online")))
     assert online.train_set.targets is None and online.teacher_size == 16
     from tcskd.teachers import load_teacher
     from tcskd.train.targets import TorchProjection
@@ -186,6 +188,7 @@ def test_online_computes_the_cached_targets(data, tmp_path):
 def test_online_with_the_teacher_input_made_on_the_device_trains_the_same(data, tmp_path, monkeypatch):
     # On a GPU the loop takes the teacher's centre view itself (center_view); forced here on the CPU,
     # one epoch must give the very same losses as the worker-made input.
+    import tcskd.train.inputs as inputs
     import tcskd.train.loop as loop
 
     root, npz = data
@@ -193,12 +196,7 @@ def test_online_with_the_teacher_input_made_on_the_device_trains_the_same(data, 
     cache = make_store(root, npz, views=1, name="online1", teacher_spec=spec)
     ref = train(_cfg(cache, tmp_path / "a", method="online", epochs=1))
 
-    class Deferring(loop.ViewImages):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            self.defer_teacher_resize = self.teacher_size is not None
-
-    monkeypatch.setattr(loop, "ViewImages", Deferring)
+    monkeypatch.setattr(inputs, "resize_on_device", lambda device: True)  # as on a GPU
     sizes, center_view = [], loop.center_view
     monkeypatch.setattr(loop, "center_view", lambda x, s: sizes.append(tuple(x.shape[-2:])) or center_view(x, s))
     got = train(_cfg(cache, tmp_path / "b", method="online", epochs=1))
@@ -244,6 +242,24 @@ def test_cli_train_writes_all_outputs(cli_run):
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["lam"] == 2.0 and cfg["resolved"]["dim"] == 6 and cfg["resolved"]["augment"] == "crop"
 
+
+
+def test_each_epoch_records_its_input_wait_and_the_training_loader_is_public(cli_run):
+    from tcskd.train.data import EpochSampler, train_loader
+
+    out, _ = cli_run
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    final = json.loads((out / "final.json").read_text())
+    cfg = resolve_config(TrainConfig(cache=final["cache"], batch_size=8, dim=6, device="cpu", workers=0))
+    prep = load_run_inputs(cfg)
+    cpu = torch.device("cpu")
+    for r in rows:
+        assert r["steps"] == len(train_loader(prep, cfg, r["epoch"] - 1, cpu)) == len(prep.train_set) // 8
+        assert 0 <= r["first_batch_s"] <= r["data_wait_s"] <= r["seconds"]
+    # The loader a benchmark times is the loop's: the epoch's order, whole batches only.
+    items = torch.cat([batch[3] for batch in train_loader(prep, cfg, 1, cpu)]).tolist()
+    order = [i for i, _, _ in EpochSampler(len(prep.train_set), prep.views, cfg.seed, 1)]
+    assert items == order[:len(items)] and len(items) == rows[1]["steps"] * 8
 
 def test_cli_resume_takes_the_saved_options(data, tmp_path):
     from tcskd.train.commands import train as train_cmd

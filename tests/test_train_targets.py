@@ -10,9 +10,9 @@ from tcskd.views import apply_view, to_tensor
 from tcskd.data import open_source
 from tcskd.errors import StoreError
 from tcskd.store.bases import load_basis
-from tcskd.train.loop import TrainConfig, prepare, resolve_config, train
-from tcskd.train.targets import (EpochSampler, load_targets, match_rows, resolve_basis,
-                                 target_scale)
+from tcskd.train.data import EpochSampler
+from tcskd.train.loop import TrainConfig, load_run_inputs, resolve_config, train
+from tcskd.train.targets import load_targets, match_rows, resolve_basis, target_scale
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def data(tmp_path_factory):
 def test_few_labels_in_training_config(data):
     root, npz = data
     cache = make_store(root, npz, name="few")
-    prep = prepare(resolve_config(TrainConfig(cache=str(cache), labels_per_class=3, seed=5)))
+    prep = load_run_inputs(resolve_config(TrainConfig(cache=str(cache), labels_per_class=3, seed=5)))
     ce = prep.train_set.ce_labels
     assert (ce >= 0).sum() == 3 * 4 and prep.n_labelled == 12
     assert all((ce == c).sum() == 3 for c in range(4))
@@ -39,7 +39,7 @@ def test_few_labels_in_training_config(data):
     assert len(prep.knn_set) == 12 and sorted(prep.knn_set.rows.tolist()) == sorted(
         np.flatnonzero(np.isin(prep.train_set.source.indices, prep.split["labelled"])).tolist())
     # the validation rows do not depend on the run's seed
-    other = prepare(resolve_config(TrainConfig(cache=str(cache), labels_per_class=3, seed=6)))
+    other = load_run_inputs(resolve_config(TrainConfig(cache=str(cache), labels_per_class=3, seed=6)))
     assert other.split["val"] == prep.split["val"] and other.split["labelled"] != prep.split["labelled"]
 
 
@@ -59,7 +59,7 @@ def test_targets_from_coords_match_projected_features(data):
 def test_multi_view_replay_uses_the_stored_crop(data):
     root, npz = data
     cache = make_store(root, npz, views=3, name="views")
-    prep = prepare(resolve_config(TrainConfig(cache=str(cache), augment="crop-flip")))
+    prep = load_run_inputs(resolve_config(TrainConfig(cache=str(cache), augment="crop-flip")))
     ds = prep.train_set
     assert prep.views == 3 and ds.augment == "none"  # the stored views are the augmentation
     with open_store(cache) as s:
@@ -83,7 +83,7 @@ def test_multi_view_replay_uses_the_stored_crop(data):
 def test_one_view_augmentation_is_seeded_per_epoch(data):
     root, npz = data
     cache = make_store(root, npz, name="aug")
-    ds = prepare(resolve_config(TrainConfig(cache=str(cache), augment="crop"))).train_set
+    ds = load_run_inputs(resolve_config(TrainConfig(cache=str(cache), augment="crop"))).train_set
     assert torch.equal(ds[(3, 0, 1)][0], ds[(3, 0, 1)][0])
     assert any(not torch.equal(ds[(i, 0, 1)][0], ds[(i, 0, 2)][0]) for i in range(8))
 
@@ -94,11 +94,11 @@ def test_a_batch_equals_its_images_one_by_one(data, views, augment):
     # one-by-one path does (a source without load_many, like an image folder), teacher input included.
     from dataclasses import replace
 
-    from tcskd.train.targets import ViewImages
+    from tcskd.train.data import ViewImages
 
     root, npz = data
     cache = make_store(root, npz, views=views, name=f"batch{views}")
-    ds = prepare(resolve_config(TrainConfig(cache=str(cache), augment=augment, seed=3))).train_set
+    ds = load_run_inputs(resolve_config(TrainConfig(cache=str(cache), augment=augment, seed=3))).train_set
     assert ds.source.load_many is not None
     slow = ViewImages(replace(ds.source, load_many=None), ds.rows, ds.size, ds.channels, ds.params, ds.targets,
                       ds.ce_labels, ds.augment, ds.seed, teacher_size=24)
@@ -117,11 +117,11 @@ def test_teacher_input_left_to_the_device_is_the_same_view(data):
     # Online on a GPU: the worker ships the image at its own size and the loop takes the centre crop
     # at the teacher's size on the device (center_view); that must equal the worker-made input.
     from tcskd.views import center_view
-    from tcskd.train.targets import ViewImages
+    from tcskd.train.data import ViewImages
 
     root, npz = data
     cache = make_store(root, npz, name="defer")
-    ds = prepare(resolve_config(TrainConfig(cache=str(cache), augment="crop", seed=2))).train_set
+    ds = load_run_inputs(resolve_config(TrainConfig(cache=str(cache), augment="crop", seed=2))).train_set
     args = (ds.source, ds.rows, ds.size, ds.channels, ds.params, ds.targets, ds.ce_labels, ds.augment, ds.seed, 40)
     keys = list(EpochSampler(len(ds), 1, seed=1, epoch=0))[:16]
     made = ViewImages(*args).__getitems__(keys)
@@ -132,7 +132,7 @@ def test_teacher_input_left_to_the_device_is_the_same_view(data):
 
 
 def test_float_pixels_fall_back_to_one_by_one_once(tmp_path):
-    from tcskd.train.targets import ViewImages
+    from tcskd.train.data import ViewImages
 
     x = np.random.default_rng(0).random((12, 10, 10)).astype(np.float32)  # floats in [0, 1]
     np.savez(tmp_path / "f.npz", x=x, y=np.arange(12) % 3)
@@ -147,7 +147,7 @@ def test_float_pixels_fall_back_to_one_by_one_once(tmp_path):
 
 
 def test_augmentation_draws_cover_every_offset_and_flip_half_the_images():
-    from tcskd.train.targets import augment_batch, row_uniforms
+    from tcskd.train.data import augment_batch, row_uniforms
 
     rows = np.arange(4000)
     u = row_uniforms(0, np.full(4000, 2), rows, 3)
@@ -177,7 +177,7 @@ def test_missing_rows_are_refused(data):
     root, npz = data
     cache = make_store(root, npz, drop_rows=5, name="short")
     with pytest.raises(StoreError, match="lacks 5"):
-        prepare(resolve_config(TrainConfig(cache=str(cache))))
+        load_run_inputs(resolve_config(TrainConfig(cache=str(cache))))
 
 
 def test_bad_rows_are_left_out(data):
@@ -195,7 +195,7 @@ def test_wrong_data_is_refused(data, tmp_path):
     cache = make_store(root, npz, name="other")
     other = make_npz(tmp_path / "other.npz", n_train=48, n_test=16, seed=9)
     with pytest.raises(StoreError, match="label"):
-        prepare(resolve_config(TrainConfig(cache=str(cache), data=f"npz:{other}")))
+        load_run_inputs(resolve_config(TrainConfig(cache=str(cache), data=f"npz:{other}")))
 
 
 def test_basis_choice(data):
@@ -230,7 +230,7 @@ def test_target_scale(data):
     assert np.mean(np.var(t[:, 0] / scale, axis=0, ddof=1)) == pytest.approx(1.0, rel=1e-2)
     assert target_scale(basis, t, "none") == 1.0
     assert target_scale(raw, t, "global") == pytest.approx(float(np.sqrt(np.mean(t.astype(np.float64) ** 2))))
-    prep = prepare(resolve_config(TrainConfig(cache=str(cache), dim=4)))
+    prep = load_run_inputs(resolve_config(TrainConfig(cache=str(cache), dim=4)))
     assert np.allclose(prep.train_set.targets, t[prep.train_set.rows] / scale, atol=1e-6)
 
 

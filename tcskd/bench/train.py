@@ -2,13 +2,12 @@
 CPU peak RSS belongs to one method), its img/s and peak memory, how long the loop waits for its batches, and
 its DataLoader alone.
 
-The waits come from the run's ``metrics.jsonl`` (per epoch: ``data_wait_s``, ``first_batch_s``, ``steps``)
-where the loop writes them; until it does, :func:`_loader_wait_fallback` times the loop's DataLoader.
+The waits come from the run's ``metrics.jsonl`` (per epoch: ``data_wait_s``, ``first_batch_s``, ``steps``, which
+the loop writes); the DataLoader alone is the loop's own (:func:`tcskd.train.data.train_loader`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -17,7 +16,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Callable
 
 import numpy as np
@@ -27,9 +25,10 @@ from tcskd.bench.env import REPO_ROOT, process_peak_rss, process_rss
 from tcskd.bench.measure import free, stats, sync
 from tcskd.device import peak_memory_bytes, resolve_device
 from tcskd.errors import TcskdError
-from tcskd.train import loop as train_loop
-from tcskd.train.loop import TrainConfig, train
-from tcskd.train.targets import EpochSampler
+from tcskd.train.config import TrainConfig, resolve_config
+from tcskd.train.data import train_loader
+from tcskd.train.inputs import load_run_inputs
+from tcskd.train.loop import train
 
 log = logging.getLogger(__name__)
 
@@ -38,60 +37,21 @@ CHILD_MARK = "TCSKD_BENCH_CHILD "
 WAIT_FIELDS = ("data_wait_s", "first_batch_s", "steps")
 
 
-@contextlib.contextmanager
-def _loader_wait_fallback():
-    """FALLBACK, to delete once ``tcskd.train.loop`` reports its own waits: it then needs to write, per epoch
-    in ``metrics.jsonl``, ``data_wait_s`` (seconds the loop waited for its batches, the first included),
-    ``first_batch_s`` (that first wait, worker start included) and ``steps``; and a public builder of a
-    run's training DataLoader at a given epoch (``train_loader``), which then makes ``loader_for``.
-
-    Until then this wraps the loop's private ``_loader`` with a timer. Yields ``.epochs`` (every pass over
-    a loader, in the form of :data:`WAIT_FIELDS` plus ``seconds``) and ``.loader_for(r)`` (a fresh copy of
-    the last loader built, its sampler ``1 + r`` epochs on; None when none was built)."""
-    probe = SimpleNamespace(epochs=[], loader_for=None)
-    orig = getattr(train_loop, "_loader", None)
-    if orig is None:  # the loop has changed: its own figures (metrics.jsonl) must be there
-        yield probe
-        return
-
-    class Timed:
-        def __init__(self, loader: Any) -> None:
-            self.loader = loader
-
-        def __len__(self) -> int:
-            return len(self.loader)
-
-        def __iter__(self):
-            t_start = t0 = time.perf_counter()
-            it, waits = iter(self.loader), []
-            for batch in it:
-                waits.append(time.perf_counter() - t0)
-                yield batch
-                t0 = time.perf_counter()
-            probe.epochs.append({"steps": len(waits), "data_wait_s": sum(waits),
-                                 "first_batch_s": waits[0] if waits else None,
-                                 "seconds": time.perf_counter() - t_start})
-
-    def timed(ds: Any, sampler: EpochSampler, *rest: Any, **kwargs: Any) -> Timed:
-        def loader_for(r: int) -> Any:
-            s = EpochSampler(sampler.n, sampler.views, sampler.seed, sampler.epoch + 1 + r, rank=sampler.rank,
-                             world=sampler.world)
-            return orig(ds, s, *rest, **kwargs)
-        probe.loader_for = loader_for
-        return Timed(orig(ds, sampler, *rest, **kwargs))
-
-    train_loop._loader = timed
-    try:
-        yield probe
-    finally:
-        train_loop._loader = orig
+def run_loader(cfg: TrainConfig, workers: int, device: torch.device) -> Callable[[int], Any]:
+    """``r -> `` the run's training DataLoader (:func:`tcskd.train.data.train_loader`: same dataset, batch and
+    workers) at the ``r``-th epoch after the run's last; the run's inputs are read again, outside any timing."""
+    cfg = resolve_config(cfg)
+    prep = load_run_inputs(cfg)
+    last = cfg.stop_after or cfg.epochs
+    return lambda r: train_loader(prep, cfg, last + r, device, workers)
 
 
-def epochs_from_metrics(metrics: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
-    """The loop's own per-epoch waits (:data:`WAIT_FIELDS` and the epoch's ``seconds``), or None when
+def epochs_from_metrics(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The loop's own per-epoch waits (:data:`WAIT_FIELDS` and the epoch's ``seconds``); a TcskdError when
     ``metrics.jsonl`` does not hold them."""
     if not metrics or not all(all(f in m for f in WAIT_FIELDS) for m in metrics):
-        return None
+        raise TcskdError(f"bench: metrics.jsonl has no {', '.join(WAIT_FIELDS)}: the training loop no longer "
+                         f"reports its input waits; update tcskd.bench.train")
     return [{f: m[f] for f in (*WAIT_FIELDS, "seconds")} for m in metrics]
 
 
@@ -149,8 +109,7 @@ def run_train_inprocess(spec: dict[str, Any]) -> dict[str, Any]:
     """Train one method (``spec["config"]``: TrainConfig's fields); the summary of :func:`summarise_train`."""
     cfg = TrainConfig(**spec["config"])
     baseline = process_rss()
-    with _loader_wait_fallback() as probe:
-        train(cfg)
+    train(cfg)
     device = resolve_device(cfg.device)
     sync(device)
     peak = peak_memory_bytes(device) if device.type == "cuda" else process_peak_rss()
@@ -160,11 +119,8 @@ def run_train_inprocess(spec: dict[str, Any]) -> dict[str, Any]:
 
     resolved = (yaml.safe_load((out / "config.yaml").read_text()) or {}).get("resolved", {})
     workers = int(resolved.get("workers", 0))
-    epochs = epochs_from_metrics(metrics) or probe.epochs
-    if not epochs:
-        raise TcskdError(f"bench: no data-wait figures: metrics.jsonl has no {', '.join(WAIT_FIELDS)} and "
-                         f"tcskd.train.loop has no _loader to time; update tcskd.bench.train")
-    only = loader_only(probe.loader_for) if probe.loader_for and spec.get("loader_only", True) else None
+    epochs = epochs_from_metrics(metrics)
+    only = loader_only(run_loader(cfg, workers, device)) if spec.get("loader_only", True) else None
     res = summarise_train(metrics, epochs, cfg.batch_size, workers, peak, spec.get("isolated", False), only)
     if device.type == "cpu":
         res["rss_before_train_bytes"] = baseline

@@ -444,7 +444,7 @@ def _timed(it, timings: dict[str, float], name: str):
 def teacher_inputs(source: Source, cfg: CacheConfig, size: int, device: torch.device | None = None) -> Dataset:
     """The dataset the cache stage feeds its teacher: row -> (row, views as uint8, label, view params, error)
     for ``cfg``'s views, seed and crop scale at ``size`` px. With a ``device`` that resizes in-memory images
-    itself (:func:`tcskd.cache.views.resize_on_device`), one view keeps the images' own size and
+    itself (:func:`tcskd.views.resize_on_device`), one view keeps the images' own size and
     :func:`teacher_forward` crops and resizes them there."""
     defer = device is not None and resize_on_device(device)
     return _TeacherInputs(source, cfg.views, size, cfg.seed, tuple(cfg.crop_scale), defer)
@@ -453,7 +453,7 @@ def teacher_inputs(source: Source, cfg: CacheConfig, size: int, device: torch.de
 def input_loader(ds: Dataset, todo: list[tuple[int, int, int]], batch: int, workers: int,
                  device: torch.device) -> DataLoader:
     """The cache stage's input pipeline: batches of ``batch`` rows of ``ds`` that never cross a chunk of
-    ``todo`` ((chunk, start, stop), as :func:`tcskd.cache.store.iter_chunks` gives), decoded by ``workers``
+    ``todo`` ((chunk, start, stop), as :func:`tcskd.store.backends.iter_chunks` gives), decoded by ``workers``
     processes, pinned for a CUDA ``device``."""
     return DataLoader(ds, batch_sampler=_batches(todo, batch), num_workers=workers, collate_fn=_collate,
                       pin_memory=device.type == "cuda", persistent_workers=False,

@@ -21,13 +21,15 @@ from tcskd.splits import Holdout
 from tcskd.train.head import CLASSIFY_FROM
 from tcskd.train.losses import MIMICS
 from tcskd.train.selection import SELECT_BY
-from tcskd.train.targets import AUGMENTS, DEFAULT_DIM, TARGET_NORMS
+from tcskd.train.targets import DEFAULT_DIM, TARGET_NORMS
 
 #: Training methods: tcs (basis coordinates), fitnet (raw features), ce (no distillation), online (live teacher).
 METHODS = ("tcs", "fitnet", "ce", "online")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step")
 TAILOR = ("auto", "on", "off")
+#: Student augmentations with a 1-view cache (auto: crop for greyscale digits, else crop-flip).
+AUGMENTS = ("auto", "none", "flip", "crop", "crop-flip")
 #: Config fields that may differ when a run is resumed.
 RESUME_FREE = ("cache", "cache_root", "data", "out", "resume", "device", "workers", "eval_every", "stop_after",
                "sync_bn")

@@ -15,6 +15,10 @@ forward) and a trained student's embeddings alike.
   result hardly depends on the seed, and it is deterministic on the CPU.
 
 Rows with a label below 0 (unlabelled) are ignored on both sides.
+
+A student during and after training (tcskd.train.loop): :func:`embed` (its
+features and logits on a dataset), :func:`top1`, and :func:`final_scores`
+(validation and test top-1, and kNN top-1 with the labelled rows as references).
 """
 
 from __future__ import annotations
@@ -24,17 +28,24 @@ import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tcskd.device import autocast
 from tcskd.errors import StoreError, TcskdError
 from tcskd.splits import Holdout, labelled_mask
 from tcskd.store.handle import Cache, open_cache
 from tcskd.store.registry import resolve_cache
 from tcskd.train.config import EvalConfig
+from tcskd.train.data import ViewImages, eval_loader
+
+if TYPE_CHECKING:
+    from tcskd.train.head import TCSHead
+    from tcskd.train.inputs import RunInputs
+    from tcskd.train.students import Student
 
 log = logging.getLogger(__name__)
 
@@ -303,3 +314,55 @@ def evaluate_teacher(cfg: EvalConfig) -> dict[str, Any]:
         out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
         log.debug("wrote %s", out)
     return result
+
+
+# -- a trained student ---------------------------------------------------------
+
+@torch.no_grad()
+def embed(student: Student, head: TCSHead, ds: ViewImages, device: torch.device, batch_size: int,
+          workers: int) -> tuple[np.ndarray, np.ndarray]:
+    """(features N x d_s, logits N x C) of every image of ``ds`` (its view 0, no augmentation)."""
+    was = student.training
+    student.eval()
+    head.eval()
+    feats, logits = [], []
+    for x, *_ in eval_loader(ds, batch_size, workers, device):
+        x = x.to(device, non_blocking=True)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device):
+            f = student(x)
+            lo, _ = head(f)
+        feats.append(f.float().cpu())
+        logits.append(lo.float().cpu())
+    student.train(was)
+    head.train(was)
+    return torch.cat(feats).numpy(), torch.cat(logits).numpy()
+
+
+def top1(logits: np.ndarray, labels: np.ndarray) -> float | None:
+    """Top-1 accuracy of ``logits`` on the rows whose label is >= 0; None when there is none."""
+    keep = labels >= 0
+    if not keep.any():
+        return None
+    return float((logits[keep].argmax(1) == labels[keep]).mean())
+
+
+def final_scores(student: Student, head: TCSHead, prep: RunInputs, device: torch.device, batch_size: int,
+                 workers: int) -> dict[str, Any]:
+    """Top-1 of the classifier on the validation rows and on the test split, and of a weighted kNN on the
+    student's features whose references are the labelled training rows only (``knn_reference_rows``)."""
+    out: dict[str, Any] = {"val_top1": None, "test_top1": None, "knn_top1": None, "knn_val_top1": None,
+                           "knn_reference_rows": int((prep.knn_set.ce_labels >= 0).sum())}
+    ref = None
+    for name, ds in (("val", prep.val_set), ("test", prep.test_set)):
+        if ds is None or not (ds.ce_labels >= 0).any():
+            continue
+        feats, logits = embed(student, head, ds, device, batch_size, workers)
+        out[f"{name}_top1"] = top1(logits, ds.ce_labels)
+        if out["knn_reference_rows"]:
+            if ref is None:
+                ref = embed(student, head, prep.knn_set, device, batch_size, workers)[0]
+            key = "knn_top1" if name == "test" else "knn_val_top1"
+            out[key] = knn_top1(ref, prep.knn_set.ce_labels, feats, ds.ce_labels, k=20, device=device)
+    return out

@@ -27,9 +27,9 @@ import torch
 import torch.nn as nn
 
 from tcskd.errors import TcskdError
+from tcskd.train.checkpoint import CHECKPOINT, load_checkpoint
 from tcskd.train.head import TCSHead
-from tcskd.train.loop import CHECKPOINT, load_checkpoint, make_student
-from tcskd.train.students import Student
+from tcskd.train.students import Student, make_student
 
 log = logging.getLogger(__name__)
 

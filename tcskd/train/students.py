@@ -289,6 +289,17 @@ def build_student(name: str, num_classes: int, in_channels: int) -> Student:
     raise StudentError(f"unknown student '{name}' (choose one of {', '.join(STUDENTS)})")
 
 
+
+def make_student(name: str, num_classes: int, in_channels: int) -> Student:
+    """build_student, with whatever a ``python:`` factory raises turned into a one-line StudentError."""
+    try:
+        return build_student(name, num_classes, in_channels)
+    except StudentError:
+        raise
+    except Exception as e:  # the user's module or factory failed (or is not a factory at all)
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+        raise StudentError(f"cannot build student '{name}': {type(e).__name__}: {msg}") from e
+
 def _torchvision(name: str, num_classes: int, in_channels: int) -> Student:
     import torchvision
 

@@ -418,7 +418,7 @@ def test_any_teacher_spec_loads_or_fails_cleanly(spec):
 @given(spec=st.one_of(TEXT, st.builds(lambda k, a: f"{k}{a}", st.sampled_from(["tv:", "python:", "resnet", ""]),
                                        st.text(alphabet="abc._:", max_size=12))))
 def test_any_student_spec_builds_or_fails_cleanly(spec):
-    from tcskd.train.loop import make_student
+    from tcskd.train.students import make_student
     from tcskd.train.students import StudentError
 
     tally("bad_inputs", "student spec (hypothesis)")

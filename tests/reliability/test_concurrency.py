@@ -38,7 +38,7 @@ def _wait_for(path: Path, timeout: float = 60) -> None:
 @pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
 def test_second_writer_and_readers_during_a_write(world, fs, tmp_path, fmt):
     from tcskd.errors import StoreError
-    from tcskd.train.loop import TrainConfig, prepare, resolve_config
+    from tcskd.train.loop import TrainConfig, load_run_inputs, resolve_config
 
     ref, events, _ = world.ref(fmt)
     root = tmp_path / "caches"
@@ -64,7 +64,7 @@ def test_second_writer_and_readers_during_a_write(world, fs, tmp_path, fmt):
     r = _cli(["cache", "verify", path])
     assert r.exit_code == 1 and "incomplete: 3 of 6 chunks not done" in r.output
     with pytest.raises(StoreError, match=r"incomplete \(3/6 chunks done\)"):
-        prepare(resolve_config(TrainConfig(cache=str(path), method="fitnet", device="cpu")))
+        load_run_inputs(resolve_config(TrainConfig(cache=str(path), method="fitnet", device="cpu")))
     r = _cli(["basis", "--cache", path, "--device", "cpu"])
     assert r.exit_code == 3 and "is writing cache" in one_error_line(r.stderr)
 
@@ -107,7 +107,7 @@ def test_readers_while_a_basis_is_being_replaced(world, fs, tmp_path, fmt):
     from tcskd.store.backends import open_store
     from tcskd.store.bases import load_basis
     from tcskd.subspace.fit import BasisConfig, fit_basis
-    from tcskd.train.loop import TrainConfig, prepare, resolve_config
+    from tcskd.train.loop import TrainConfig, load_run_inputs, resolve_config
 
     cache = world.copy_ref(fmt, tmp_path / "caches")
     fit_basis(BasisConfig(cache=str(cache), name="pca", dim=4, device="cpu"))
@@ -127,7 +127,7 @@ def test_readers_while_a_basis_is_being_replaced(world, fs, tmp_path, fmt):
     with open_store(cache) as s:
         seen = load_basis(s, "pca")
     assert seen.k == 4 and (seen.components == old.components).all()
-    prep = prepare(resolve_config(TrainConfig(cache=str(cache), basis="pca", device="cpu")))
+    prep = load_run_inputs(resolve_config(TrainConfig(cache=str(cache), basis="pca", device="cpu")))
     assert prep.k == 4
     (out / "release").write_text("")
     assert fs.wait(pid, out).code == 0

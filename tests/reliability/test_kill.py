@@ -167,7 +167,7 @@ def _basis_state(path: Path):
 @pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
 def test_basis_killed_anywhere_is_never_visible_half_written(world, fs, tmp_path, fmt):
     from tcskd.subspace.fit import BasisConfig, fit_basis
-    from tcskd.train.loop import TrainConfig, prepare, resolve_config
+    from tcskd.train.loop import TrainConfig, load_run_inputs, resolve_config
     from tcskd.errors import StoreError
 
     ref_cache = world.copy_ref(fmt, tmp_path / "ref")
@@ -201,7 +201,7 @@ def test_basis_killed_anywhere_is_never_visible_half_written(world, fs, tmp_path
         assert got is None, f"{name}: a basis is visible after the kill"
         assert not [n for n in names if n.startswith(".")]
         with pytest.raises(StoreError, match="no complete basis 'pca'"):
-            prepare(resolve_config(TrainConfig(cache=str(cache), basis="pca", device="cpu")))
+            load_run_inputs(resolve_config(TrainConfig(cache=str(cache), basis="pca", device="cpu")))
         fit_basis(BasisConfig(cache=str(cache), name="pca", dim=8, coords=True, device="cpu"))
         _, (_, arrays) = _basis_state(cache)
         assert_same_arrays(arrays, ref_arrays)
@@ -238,7 +238,7 @@ def test_basis_replaced_and_killed_shows_old_or_nothing(world, fs, tmp_path, fmt
 
 # -- tcskd train --resume ---------------------------------------------------------
 
-TIMING = ("seconds", "train_img_per_s", "train_seconds", "img_per_s", "setup_seconds", "eval_seconds",
+TIMING = ("seconds", "train_img_per_s", "data_wait_s", "first_batch_s", "train_seconds", "img_per_s", "setup_seconds", "eval_seconds",
           "total_seconds", "run_dir", "peak_mem_bytes")
 
 
@@ -283,7 +283,7 @@ def test_train_killed_anywhere_resumes_to_the_same_metrics(world, fs, tmp_path, 
         "epoch 1 done, between epochs": {"target": "tcskd.train.loop:save_checkpoint", "n": 1, "when": "after"},
         "epoch 2's metrics written, checkpoint not": {"target": "tcskd.train.loop:save_checkpoint", "n": 2},
         "epoch 2's checkpoint torn (temporary file written)": {"target": "torch:save", "n": 2, "when": "after"},
-        "all epochs done, final.json not written": {"target": "tcskd.train.loop:_write_json", "n": 1},
+        "all epochs done, final.json not written": {"target": "tcskd.train.loop:write_json", "n": 1},
         "final.json written, curves not": {"target": "tcskd.train.loop:plot_curves", "n": 1},
     }
     for i, (name, fault) in enumerate(points.items()):

@@ -163,9 +163,9 @@ def test_read_only_cache_root(world, tmp_path, fmt):
         assert r.exit_code == 0 and r.stdout.strip().splitlines()[-1] == str(cache), r.output
         for args in (["cache", "ls", "--cache-root", full], ["cache", "info", cache], ["cache", "verify", cache]):
             assert _cli(args).exit_code == 0, args
-        from tcskd.train.loop import TrainConfig, prepare, resolve_config
+        from tcskd.train.loop import TrainConfig, load_run_inputs, resolve_config
 
-        prep = prepare(resolve_config(TrainConfig(cache=str(cache), method="fitnet", device="cpu")))
+        prep = load_run_inputs(resolve_config(TrainConfig(cache=str(cache), method="fitnet", device="cpu")))
         assert len(prep.train_set) + len(prep.val_set) == 48  # training + validation rows
         r = _cli(["basis", "--cache", cache, "--device", "cpu"])
         assert r.exit_code == 2 and "Read-only file system" in one_error_line(r.stderr), r.output
