@@ -15,12 +15,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+RELIABILITY = Path(__file__).parent / "reliability"
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    """The reliability suite (fault injection, kills, concurrency) is ``slow``: ``make test`` runs it,
+    ``make test-fast`` (``-m "not slow"``) leaves it out; GPU tests skip without CUDA."""
+    skip = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "gpu" in item.keywords:
+        if RELIABILITY in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.slow)
+        if skip is not None and "gpu" in item.keywords:
             item.add_marker(skip)
 
 

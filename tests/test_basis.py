@@ -78,6 +78,7 @@ def test_pca_matches_numpy_svd(tmp_path, feats, fmt):
     assert summary["top_eigenvalues"][0] == pytest.approx(eig[0], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_chunk_size_and_format_invariance(tmp_path, feats):
     ref_path = make_store(tmp_path / "z64", feats, fmt="zarr", chunk_rows=64)
     _fit(ref_path, dim=12)
@@ -169,6 +170,7 @@ def test_identity_round_trips_features(tmp_path, feats):
         _fit(path, kind="identity", dim=10)
 
 
+@pytest.mark.slow
 def test_energy_chooses_fewest_components(tmp_path, feats):
     path = make_store(tmp_path / "c", feats, fmt="zarr")
     _, eig, _ = _reference(feats[:, 0])
@@ -236,8 +238,8 @@ def test_half_written_basis_is_invisible_and_cleaned(tmp_path, feats, monkeypatc
         raise RuntimeError("killed")
 
     # A hard kill: nothing after the arrays runs, not even the in-process cleanup.
-    monkeypatch.setattr(store_bases, "_publish", crash)
-    monkeypatch.setattr(store_bases, "_discard", lambda store, tmp: None)
+    monkeypatch.setattr(store_bases, "publish_group", crash)
+    monkeypatch.setattr(store_bases, "discard_group", lambda store, tmp: None)
     with pytest.raises(RuntimeError, match="killed"):
         _fit(path, dim=8)
     with open_store(path) as s:
@@ -262,7 +264,7 @@ def test_error_inside_writer_leaves_nothing(tmp_path, feats, monkeypatch, fmt):
     def crash(*args, **kw):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(fit_mod, "_write_coords", crash)
+    monkeypatch.setattr(fit_mod, "write_coords", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         _fit(path, dim=4, coords=True)
     with open_store(path) as s:

@@ -48,6 +48,7 @@ def _listing(folder):
     return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
 
 
+@pytest.mark.slow
 def test_bench_sections_in_process(tmp_path, tiny_teacher):
     data = make_npz(tmp_path / "d.npz", n=40, size=12, channels=3)
     out = tmp_path / "out" / "bench.json"

@@ -153,6 +153,7 @@ def class_toy(tmp_path_factory) -> Path:
     return make_class_toy(tmp_path_factory.mktemp("class-toy"))
 
 
+@pytest.mark.slow
 def test_pca_coordinates_beat_ce_and_a_random_basis_with_few_labels(class_toy, tmp_path):
     runs = {"ce": dict(method="ce"), "pca": dict(basis="pca"), "random": dict(basis="random")}
     seeds = (0, 1)

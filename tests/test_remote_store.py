@@ -52,6 +52,7 @@ def test_hdf5_needs_a_local_path(tiny_npz, tiny_teacher):
         build_cache(_cfg(tiny_npz, tiny_teacher, f"memory://h5-{uuid.uuid4().hex[:6]}", format="hdf5"))
 
 
+@pytest.mark.slow
 def test_file_url_is_a_local_path(tiny_npz, tiny_teacher, tmp_path):
     assert as_location(f"file://{tmp_path}") == tmp_path
     r = run_cli(["cache", "--data", tiny_npz, "--teacher", tiny_teacher, "--image-size", "16",

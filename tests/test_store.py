@@ -201,8 +201,8 @@ class StoreSuite:
         def crash(*a, **k):
             raise RuntimeError("killed")
 
-        monkeypatch.setattr(store_bases, "_publish", crash)
-        monkeypatch.setattr(store_bases, "_discard", lambda s, tmp: None)
+        monkeypatch.setattr(store_bases, "publish_group", crash)
+        monkeypatch.setattr(store_bases, "discard_group", lambda s, tmp: None)
         with open_store(where, "a") as s, pytest.raises(RuntimeError, match="killed"):
             write_basis(s, "identity", arrays, {"kind": "identity"})
         monkeypatch.undo()

@@ -90,6 +90,7 @@ def test_builtin_teacher_is_the_pretrained_network_on_a_photograph():
         assert set(ref._fc(feat)[0].topk(3).indices.tolist()) == HOPPER_TOP3
 
 
+@pytest.mark.slow
 def test_builtin_cache_rows_equal_an_independent_forward(tmp_path):
     """A cache's stored features of a few MNIST rows equal the package model's features of the same digits,
     resized and normalised here from the manifest's description (not by tcskd's code)."""

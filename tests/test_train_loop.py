@@ -75,6 +75,7 @@ def test_lr_schedules():
         [1, 1, 0.1, 0.1, 0.01, 0.01])
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical(data, tmp_path):
     root, npz = data
     cache = make_store(root, npz, views=2, name="resume")
@@ -110,6 +111,7 @@ def test_resume_is_bit_identical(data, tmp_path):
         train(_cfg(cache, tmp_path / "part", resume=True, **dict(opts, seed=4)))
 
 
+@pytest.mark.slow
 def test_resume_warns_when_the_augmentation_generator_changed(data, tmp_path, caplog):
     root, npz = data
     cache = make_store(root, npz, views=1, name="augrng")
@@ -129,6 +131,7 @@ def test_resume_warns_when_the_augmentation_generator_changed(data, tmp_path, ca
     assert (tmp_path / "run" / "final.json").is_file()  # it went on to the end
 
 
+@pytest.mark.slow
 def test_training_never_imports_the_teacher(data, tmp_path):
     root, npz = data
     cache = make_store(root, npz, identity=False, name="noteacher")
@@ -261,6 +264,7 @@ def test_each_epoch_records_its_input_wait_and_the_training_loader_is_public(cli
     order = [i for i, _, _ in EpochSampler(len(prep.train_set), prep.views, cfg.seed, 1)]
     assert items == order[:len(items)] and len(items) == rows[1]["steps"] * 8
 
+@pytest.mark.slow
 def test_cli_resume_takes_the_saved_options(data, tmp_path):
     from tcskd.train.commands import train as train_cmd
 
@@ -279,6 +283,7 @@ def test_cli_resume_takes_the_saved_options(data, tmp_path):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+@pytest.mark.slow
 def test_workers_do_not_change_the_result(data, tmp_path):
     root, npz = data
     cache = make_store(root, npz, name="workers")

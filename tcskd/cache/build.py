@@ -109,10 +109,10 @@ class _TeacherInputs(Dataset):
 
 
 class _Batch(tuple):
-    """A batch _TeacherInputs built whole: :func:`_collate` passes it through."""
+    """A batch _TeacherInputs built whole: :func:`collate_inputs` passes it through."""
 
 
-def _collate(items):
+def collate_inputs(items):
     if isinstance(items, _Batch):
         return tuple(items)
     rows, xs, labels, params, errors = zip(*items)
@@ -455,7 +455,7 @@ def input_loader(ds: Dataset, todo: list[tuple[int, int, int]], batch: int, work
     """The cache stage's input pipeline: batches of ``batch`` rows of ``ds`` that never cross a chunk of
     ``todo`` ((chunk, start, stop), as :func:`tcskd.store.backends.iter_chunks` gives), decoded by ``workers``
     processes, pinned for a CUDA ``device``."""
-    return DataLoader(ds, batch_sampler=_batches(todo, batch), num_workers=workers, collate_fn=_collate,
+    return DataLoader(ds, batch_sampler=_batches(todo, batch), num_workers=workers, collate_fn=collate_inputs,
                       pin_memory=device.type == "cuda", persistent_workers=False,
                       prefetch_factor=4 if workers else None)
 

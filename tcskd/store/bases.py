@@ -140,20 +140,20 @@ def write_basis(store: Store, name: str, arrays: dict[str, np.ndarray], attrs: d
             fill(store, tmp)
         store.set_attrs({**attrs, "k": int(k), "complete": False}, tmp)
         store.flush()
-        _publish(store, tmp, f"bases/{name}")
+        publish_group(store, tmp, f"bases/{name}")
     except BaseException:
-        _discard(store, tmp)
+        discard_group(store, tmp)
         raise
 
 
-def _publish(store: Store, tmp: str, final: str) -> None:
+def publish_group(store: Store, tmp: str, final: str) -> None:
     """Rename the finished hidden group into place (replacing an older one), then mark it complete."""
     store.rename(tmp, final)
     store.set_attrs({"complete": True}, final)
     store.flush()
 
 
-def _discard(store: Store, tmp: str) -> None:
+def discard_group(store: Store, tmp: str) -> None:
     """Best effort: remove a half-written group after an error (a killed run leaves it for the next)."""
     try:
         store.delete(tmp)

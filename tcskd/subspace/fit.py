@@ -393,12 +393,12 @@ def write_basis(store: Store, name: str, fitted: Fitted, attrs: dict[str, Any], 
               "explained_ratio": fitted.explained_ratio}
 
     def fill(s: Store, group: str) -> None:
-        _write_coords(s, group, fitted, whiten, torch.device(device), chunk_rows)
+        write_coords(s, group, fitted, whiten, torch.device(device), chunk_rows)
 
     bases.write_basis(store, name, arrays, attrs, fill if coords else None)
 
 
-def _write_coords(store: Store, group: str, fitted: Fitted, whiten: bool, device: torch.device,
+def write_coords(store: Store, group: str, fitted: Fitted, whiten: bool, device: torch.device,
                   chunk_rows: int | None) -> None:
     """coords [N, V, K] float16 = (x - mean) B^T (/ sqrt(eigenvalue)), chunk by chunk on ``device``."""
     feats = store["features"]

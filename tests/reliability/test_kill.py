@@ -283,7 +283,8 @@ def test_train_killed_anywhere_resumes_to_the_same_metrics(world, fs, tmp_path, 
         "epoch 1 done, between epochs": {"target": "tcskd.train.loop:save_checkpoint", "n": 1, "when": "after"},
         "epoch 2's metrics written, checkpoint not": {"target": "tcskd.train.loop:save_checkpoint", "n": 2},
         "epoch 2's checkpoint torn (temporary file written)": {"target": "torch:save", "n": 2, "when": "after"},
-        "all epochs done, final.json not written": {"target": "tcskd.train.loop:write_json", "n": 1},
+        "run directory started, split.json not written": {"target": "tcskd.train.loop:write_json", "n": 1},
+        "all epochs done, final.json not written": {"target": "tcskd.train.loop:write_json", "n": 2},
         "final.json written, curves not": {"target": "tcskd.train.loop:plot_curves", "n": 1},
     }
     for i, (name, fault) in enumerate(points.items()):
