@@ -27,9 +27,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tcskd import SCHEMA_VERSION
-from tcskd.store.registry import cache_key
-from tcskd.store.backends import open_store
+from _stores import write_cache
 from tcskd.subspace.fit import BasisConfig, fit_basis
 from tcskd.train.head import TCSHead
 from tcskd.train.checkpoint import CHECKPOINT
@@ -74,31 +72,11 @@ def write_toy(root: Path, x: np.ndarray, y: np.ndarray, xt: np.ndarray, yt: np.n
     root.mkdir(parents=True, exist_ok=True)
     npz = root / f"{name}.npz"
     np.savez(npz, x=x, y=y, x_test=xt, y_test=yt)
-    n, d = feats.shape
-    chunk = 64
-    path = root / name
-    s = open_store(path, "a", "zarr")
-    s.create("features", (n, 1, d), "float16", (chunk, 1, d))
-    s["features"][...] = feats[:, None].astype(np.float16)
-    s.create("labels", (n,), "int64", (chunk,), fill_value=-1)
-    s["labels"][...] = y
-    s.create("sample_index", (n,), "int64", (chunk,), fill_value=-1)
-    s["sample_index"][...] = np.arange(n)
-    s.create("view_params", (n, 1, 5), "float32", (chunk, 1, 5))
-    s["view_params"][...] = np.broadcast_to(np.array([0, 0, 1, 1, 0], np.float32), (n, 1, 5))  # the centre view
-    s.create("row_ok", (n,), "bool", (chunk,), fill_value=False)
-    s["row_ok"][...] = True
-    n_chunks = -(-n // chunk)
-    s.create("chunk_done", (n_chunks,), "bool", (1,), fill_value=False, compress=False)
-    s["chunk_done"][...] = True
-    s.require_group("bases")
-    identity = {"limit": None, "fixture": f"toy-{name}"}
-    s.set_attrs({"schema_version": SCHEMA_VERSION, "key": cache_key(identity), "identity": identity,
-                 "data_spec": f"npz:{npz}", "split": "train", "teacher_spec": "synthetic", "n_rows": n, "views": 1,
-                 "dim": d, "dtype": "float16", "chunk_rows": chunk, "num_classes": int(y.max()) + 1,
-                 "channels": 1, "image_size": SIZE, "complete": True, "skipped": []})
-    s.close()
-    return path
+    n = len(feats)
+    view = np.broadcast_to(np.array([0, 0, 1, 1, 0], np.float32), (n, 1, 5))  # the centre view
+    return write_cache(root / name, feats.astype(np.float16), labels=y, view_params=view,
+                       identity={"limit": None, "fixture": f"toy-{name}"}, data_spec=f"npz:{npz}",
+                       num_classes=int(y.max()) + 1, channels=1, image_size=SIZE)
 
 
 def _cfg(cache: Path, out: Path, **kw) -> TrainConfig:
