@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tcskd.device import autocast
+from tcskd.device import autocast, resolve_device
 from tcskd.errors import StoreError, TcskdError
 from tcskd.splits import Holdout, labelled_mask
 from tcskd.store.handle import Cache, open_cache
@@ -56,11 +56,7 @@ KNN_QUERY_BATCH = 8192
 # -- helpers ----------------------------------------------------------------
 
 def _as_device(device: str | torch.device) -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    from tcskd.device import resolve_device
-
-    return resolve_device(device)
+    return device if isinstance(device, torch.device) else resolve_device(device)
 
 
 def _labelled(x: np.ndarray, y: np.ndarray, side: str) -> tuple[np.ndarray, np.ndarray]:
