@@ -166,10 +166,10 @@ def test_apply_view_crop_and_flip():
 
 
 def test_lock_refuses_second_writer(tiny_npz, tiny_teacher, cache_root):
-    from tcskd.cache.build import prepare
+    from tcskd.cache.build import plan_cache
 
     cfg = _cfg(tiny_npz, tiny_teacher, cache_root)
-    *_, path = prepare(cfg)
+    *_, path = plan_cache(cfg)
     with WriterLock(path):
         assert WriterLock.is_held(path)
         with pytest.raises(LockedError, match="another process"):

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tcskd.cache.build import CacheConfig, build_cache, identity_of, prepare
+from tcskd.cache.build import CacheConfig, build_cache, identity_of, plan_cache
 from tcskd.cache.subset import LIMIT_RULE, limit_counts, limit_rows, limit_source
 from tcskd.store.backends import open_store
 from tcskd.data import open_source
@@ -83,8 +83,8 @@ def test_unlimited_key_does_not_depend_on_the_seed(tiny_teacher, tmp_path):
     assert ids[0] == ids[1] and ids[0]["limit"] is None
     limited = [identity_of(_cfg(tmp_path, tiny_teacher, limit=8, seed=s), "fp", teacher_id) for s in (0, 1)]
     assert limited[0] != limited[1]
-    *_, key0, _ = prepare(_cfg(tmp_path, tiny_teacher, limit=None, seed=0))
-    *_, key1, _ = prepare(_cfg(tmp_path, tiny_teacher, limit=None, seed=3))
+    *_, key0, _ = plan_cache(_cfg(tmp_path, tiny_teacher, limit=None, seed=0))
+    *_, key1, _ = plan_cache(_cfg(tmp_path, tiny_teacher, limit=None, seed=3))
     assert key0 == key1
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from tcskd.bench.measure import free, linear_fit, stats, sync
-from tcskd.cache.build import CacheConfig, build_cache, input_loader, open_rows, teacher_forward, teacher_inputs
+from tcskd.cache.build import CacheConfig, build_cache, input_loader, open_split, teacher_forward, teacher_inputs
 from tcskd.store.backends import iter_chunks
 from tcskd.errors import TcskdError
 
@@ -21,7 +21,7 @@ def _one_batch(data: str, size: int, batch: int) -> torch.Tensor:
     """``batch`` rows of the train split as the cache feeds them to the teacher (views resized to ``size`` on
     the CPU), on the CPU; a split smaller than a batch repeats its rows."""
     cfg = CacheConfig(data=data, split="train", limit=batch)
-    source = open_rows(cfg)
+    source = open_split(cfg)
     loader = input_loader(teacher_inputs(source, cfg, size), [(0, 0, len(source))], batch, 0, torch.device("cpu"))
     x = next(iter(loader))[1]
     return x[torch.arange(batch) % len(x)]
@@ -32,7 +32,7 @@ def bench_forward(teacher_spec: str, data: str, image_size: int | None, batch: i
     """The teacher's forward alone (the cache's :func:`~tcskd.cache.build.teacher_forward`) on one pre-decoded
     batch already on the device."""
     # Here, not at the top: the command line loads this module, and tcskd.teachers (the teachers' own
-    # packages) must load only where a teacher runs (as in tcskd.cache.build.prepare; tests/test_train_loop.py).
+    # packages) must load only where a teacher runs (as in tcskd.cache.build.plan_cache; tests/test_train_loop.py).
     from tcskd.teachers import load_teacher
 
     teacher = load_teacher(teacher_spec, image_size).to(device)
@@ -69,7 +69,7 @@ def bench_cache_inputs(data: str, image_size: int, rows: int, batch: int, worker
     """The cache stage's input pipeline alone: its DataLoader (decode, views, collate, pinning), no teacher
     (on a GPU, in-memory images are resized by the device, inside the cache's forward, not here)."""
     cfg = CacheConfig(data=data, split="train", limit=rows)
-    source = open_rows(cfg)
+    source = open_split(cfg)
     ds = teacher_inputs(source, cfg, image_size, device)
     todo = list(iter_chunks(len(source), chunk_rows))
     runs = []

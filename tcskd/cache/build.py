@@ -196,11 +196,11 @@ def _clean_stale_tmp(root, key: str) -> None:
 
 # -- the stage --------------------------------------------------------------
 
-def prepare(cfg: CacheConfig):
+def plan_cache(cfg: CacheConfig) -> tuple[Any, dict[str, Any], str, Path]:
     """Resolve teacher, identity, key and path without computing anything.
 
     The dataset is only fingerprinted here (a file hash where that is enough),
-    so a cache hit does not parse it; :func:`open_rows` opens it on a miss.
+    so a cache hit does not parse it; :func:`open_split` opens it on a miss.
     """
     from tcskd.teachers import load_teacher
 
@@ -212,7 +212,7 @@ def prepare(cfg: CacheConfig):
     return teacher, ident, key, cache_root_of(cfg.cache_root) / key
 
 
-def open_rows(cfg: CacheConfig, ident: dict[str, Any] | None = None) -> Source:
+def open_split(cfg: CacheConfig, ident: dict[str, Any] | None = None) -> Source:
     """The rows a cache holds: the split, cut to ``--limit``; refuses an empty one, and with ``ident`` (the
     cache's identity) a dataset whose fingerprint changed since."""
     source = limit_source(open_source(cfg.data, cfg.split), cfg.limit, cfg.seed)
@@ -239,15 +239,15 @@ def build_cache(cfg: CacheConfig) -> CacheResult:
     rank 0 marks the cache complete once every rank is done.
     """
     t0 = time.perf_counter()
-    teacher, ident, key, path = prepare(cfg)
+    teacher, ident, key, path = plan_cache(cfg)
     device = dist.device_for_rank(resolve_device(cfg.device))
     dist.init(device)
     if dist.world() > 1:
-        return _build_distributed(cfg, open_rows(cfg, ident), teacher, ident, key, path, device, t0)
+        return _build_distributed(cfg, open_split(cfg, ident), teacher, ident, key, path, device, t0)
     if _is_hit(path, ident):
         secs = time.perf_counter() - t0
         return CacheResult(path, key, True, 0, secs, {"setup": secs})
-    source = open_rows(cfg, ident)
+    source = open_split(cfg, ident)
     path.parent.mkdir(parents=True, exist_ok=True)
     timings = {"setup": 0.0, "inputs": 0.0, "forward": 0.0, "write": 0.0}
     with WriterLock(path, wait=cfg.wait):
