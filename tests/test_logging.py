@@ -143,3 +143,40 @@ def test_backend_names():
     with pytest.raises(TcskdError, match="unknown --log backend"):
         TrainConfig(cache="x", log="tensorbord").validate()
     assert scalars({"a": 1, "b": None, "c": True, "d": "x", "e": float("nan"), "f": 0.5}) == {"a": 1.0, "f": 0.5}
+
+
+class _FakeWandbRun:
+    def __init__(self, **kw) -> None:
+        self.init, self.logged, self.summary, self.finished = kw, [], {}, False
+
+    def log(self, data: dict, step: int) -> None:
+        self.logged.append((step, data))
+
+    def finish(self) -> None:
+        self.finished = True
+
+
+def test_wandb_mirrors_metrics_offline(cache, tmp_path, monkeypatch):
+    """The wandb backend against a stand-in module (the package is optional): an offline run in RUN_DIR/wandb,
+    one log call per epoch with that epoch's numbers, final.json in the summary, the same id on resume."""
+    import types
+
+    runs: list[_FakeWandbRun] = []
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: runs.append(_FakeWandbRun(**kw)) or runs[-1]
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    out = tmp_path / "run"
+    train(_cfg(cache, out, log="wandb", stop_after=1))
+    train(_cfg(cache, out, log="wandb", resume=True))
+    assert len(runs) == 2 and all(r.finished for r in runs)
+    assert runs[0].init["mode"] == "offline" and runs[0].init["dir"] == str(out / "wandb")
+    assert runs[0].init["id"] == runs[1].init["id"] == (out / "wandb-id").read_text().strip()
+    assert runs[0].init["config"]["log"] == "wandb" and runs[1].init["resume"] == "allow"
+    logged = runs[0].logged + runs[1].logged
+    rows = _rows(out)
+    assert [step for step, _ in logged] == [r["epoch"] for r in rows] == [1, 2]
+    for (_, data), row in zip(logged, rows):
+        assert data == {f"epoch/{k}": v for k, v in scalars(row).items() if k != "epoch"}
+    final = json.loads((out / "final.json").read_text())
+    assert runs[1].summary == {f"final/{k}": v for k, v in scalars(final).items()}
