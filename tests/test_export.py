@@ -85,6 +85,16 @@ def test_format_from_the_suffix():
         export_format("s.pt2", "tflite")
 
 
+@needs_onnx
+def test_without_onnxruntime_the_export_is_written_unchecked(run, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    out, _, _ = run
+    r = _invoke(["export", str(out), "--out", str(tmp_path / "student.onnx")])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    assert json.loads((tmp_path / "student.onnx.json").read_text())["checked_with_onnxruntime"] is False
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student.onnx", "student.onnx.json"]
+
+
 @pytest.mark.parametrize("package", ["onnx", "onnxscript"])
 def test_a_missing_onnx_package_is_one_line(run, tmp_path, monkeypatch, package):
     monkeypatch.setitem(sys.modules, package, None)  # as if not installed

@@ -113,12 +113,15 @@ def export_run(run_dir: Path | str, out_file: Path | str, fmt: str | None = None
     _check_logits(ref, program.module()(probe), "exported")
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(f".tmp-{out_file.name}")
-    if fmt == "onnx":
-        info = _save_onnx(program, tmp, probe, ref, meta["student"])
-    else:
-        torch.export.save(program, str(tmp))
-        info = {"format": "torch.export", "load": "torch.export.load(FILE).module()"}
-    tmp.replace(out_file)
+    try:
+        if fmt == "onnx":
+            info = _save_onnx(program, tmp, probe, ref, meta["student"])
+        else:
+            torch.export.save(program, str(tmp))
+            info = {"format": "torch.export", "load": "torch.export.load(FILE).module()"}
+        tmp.replace(out_file)
+    finally:
+        tmp.unlink(missing_ok=True)
     final = run_dir / "final.json"
     info.update({
         "input": "B x C x S x S float in [0, 1]",
