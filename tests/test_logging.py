@@ -3,6 +3,7 @@ a missing package is one line naming the extra, before training starts; logging 
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import json
 import sys
@@ -125,7 +126,7 @@ def test_resume_may_turn_logging_on(cache, tmp_path):
 @pytest.mark.parametrize("spec, package", [("tensorboard", "tensorboard"), ("wandb", "wandb"),
                                            ("tensorboard,wandb", "wandb")])
 def test_a_missing_package_is_one_line_naming_the_extra(cache, tmp_path, monkeypatch, spec, package):
-    monkeypatch.setitem(sys.modules, package, None)  # as if not installed: importing it raises ImportError
+    monkeypatch.setitem(sys.modules, package, None)  # as if not installed (importlib.util.find_spec gives None)
     out = tmp_path / "run"
     r = CliRunner().invoke(main, ["train", "--cache", str(cache), "--out", str(out), "--device", "cpu",
                                   "--log", spec], prog_name="tcskd")
@@ -163,6 +164,7 @@ def test_wandb_mirrors_metrics_offline(cache, tmp_path, monkeypatch):
 
     runs: list[_FakeWandbRun] = []
     fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)  # "installed"
     fake.init = lambda **kw: runs.append(_FakeWandbRun(**kw)) or runs[-1]
     monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.delenv("WANDB_MODE", raising=False)

@@ -24,7 +24,6 @@ are checked too.
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import json
 import logging
@@ -143,10 +142,8 @@ def _check_logits(ref: torch.Tensor, got: torch.Tensor, what: str) -> None:
 def _check_onnx_packages() -> None:
     """TcskdError (one line naming the extra) when a package of the ONNX exporter is missing."""
     for package in ONNX_PACKAGES:
-        try:
-            importlib.import_module(package)
-        except ImportError as e:
-            raise TcskdError(f"--format onnx needs the {package} package: pip install 'tcskd[onnx]'") from e
+        if importlib.util.find_spec(package) is None:
+            raise TcskdError(f"--format onnx needs the {package} package: pip install 'tcskd[onnx]'")
 
 
 def _save_onnx(program: torch.export.ExportedProgram, path: Path, probe: torch.Tensor, ref: torch.Tensor,

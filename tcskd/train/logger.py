@@ -17,7 +17,7 @@ config's ``validate()`` calls it, so the check comes before any training.
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import logging
 import math
 import os
@@ -62,13 +62,11 @@ def parse_backends(spec: str | None) -> tuple[str, ...]:
 
 
 def check_backends(spec: str | None) -> None:
-    """TcskdError (one line naming the extra) when a backend of ``spec`` cannot import its package."""
+    """TcskdError (one line naming the extra) when the package of a backend of ``spec`` is not installed."""
     for name in parse_backends(spec):
         package, extra = BACKENDS[name]
-        try:
-            importlib.import_module(package)
-        except ImportError as e:
-            raise TcskdError(f"--log {name} needs the {package} package: pip install 'tcskd[{extra}]'") from e
+        if importlib.util.find_spec(package) is None:
+            raise TcskdError(f"--log {name} needs the {package} package: pip install 'tcskd[{extra}]'")
 
 
 def scalars(row: dict[str, Any]) -> dict[str, float]:
