@@ -16,7 +16,7 @@ from _train_fixtures import make_npz, make_store
 from tcskd.cli import main
 from tcskd.errors import TcskdError
 from tcskd.train.config import TrainConfig
-from tcskd.train.logger import check_backends, parse_backends, scalars
+from tcskd.train.logger import parse_backends, scalars
 from tcskd.train.loop import train
 
 needs_tensorboard = pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None,
