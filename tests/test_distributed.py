@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -142,6 +143,8 @@ for name, args in runs.items():
         json.dump(log, fh)
 """
 CRITERIA = ("error", "worst", "taylor")
+#: The taylor run also mirrors its metrics to TensorBoard (--log), when the package is installed.
+TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 
 
 def _toy_args(cache: Path, out: Path, select_by: str, *extra: str) -> list[str]:
@@ -162,7 +165,8 @@ def ddp_runs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("ddp")
     cache = make_tailor_toy(root / "toy")
-    runs = {c: _toy_args(cache, root / c, c) for c in CRITERIA}
+    runs = {c: _toy_args(cache, root / c, c, *(["--log", "tensorboard"] if c == "taylor" and TENSORBOARD else []))
+            for c in CRITERIA}
     runs["stopped"] = _toy_args(cache, root / "stopped", "error", "--stop-after", "1")
     script = root / "spy.py"
     script.write_text(SPY)
@@ -261,6 +265,19 @@ def test_ddp_importance_is_the_one_process_importance(ddp_runs, one_process_runs
     # each rank adds its share (1 / world) of a step's importance; error, worst: a rank's 16-row relative error
     # is not the 32-row one, and their mean is within 7 % here, while a world-size factor would not be
     assert torch.allclose(ddp, ref, rtol=1e-4 if select_by == "taylor" else 0.15), (ddp / ref).tolist()
+
+
+@pytest.mark.skipif(not TENSORBOARD, reason="tensorboard is not installed (pip install 'tcskd[tensorboard]')")
+def test_ddp_only_rank_0_logs(ddp_runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = ddp_runs[0] / "taylor"
+    assert len(list((run / "tb").glob("events.out.tfevents.*"))) == 1  # one writer: rank 0
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    rows = _metrics(run)
+    assert [(e.step, e.value) for e in acc.Scalars("epoch/loss")] == \
+        [(r["epoch"], pytest.approx(r["loss"], rel=1e-6)) for r in rows]
 
 
 def test_ddp_checkpoint_resumed_in_one_process_equals_the_uninterrupted_run(ddp_runs):

@@ -14,7 +14,8 @@
 - ``rundir``: the run directory and its files (atomic text writes, ``metrics.jsonl``).
 - ``plots``: the learning curves (``curves.png``).
 - ``evaluate``: kNN and linear-probe accuracy of features; a student's final scores.
-- ``export``: a run's student as a ``torch.export`` program (``.pt2``) returning logits.
+- ``export``: a run's student as a ``torch.export`` program (``.pt2``) or ONNX model returning logits.
+- ``logger``: ``--log``: metrics.jsonl mirrored to TensorBoard and/or wandb (``MetricsLogger``).
 - ``report``: tables and plots over many runs.
 - ``commands``: the click commands ``train``, ``eval``, ``export`` and ``report``.
 

@@ -18,7 +18,7 @@ from tcskd.errors import TcskdError
 from tcskd.options import click_options, config_from_params
 from tcskd.train.config import EvalConfig, TrainConfig
 from tcskd.train.evaluate import evaluate_teacher
-from tcskd.train.export import export_run
+from tcskd.train.export import FORMATS, export_run
 from tcskd.train.loop import train as run_train
 from tcskd.train.report import expand_run_dirs, load_runs, load_teacher_eval, markdown_table, plot_runs
 
@@ -102,13 +102,16 @@ def eval_cmd(**params) -> None:
 @click.command("export")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "out_file", required=True, help="File to write, e.g. student.pt2 (+ FILE.json).")
-def export(run_dir: str, out_file: str) -> None:
-    """Export a run's student (logits only, the TCS head dropped) as a torch.export program.
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
+              help="pt2 (torch.export) or onnx; default: from the --out suffix (.onnx, else pt2).")
+def export(run_dir: str, out_file: str, fmt: str | None) -> None:
+    """Export a run's student (logits only, the TCS head dropped) as a torch.export program or ONNX.
 
-    Load it with torch.export.load(FILE).module(); the input is B x C x S x S in [0, 1].
+    Load a .pt2 with torch.export.load(FILE).module(), an .onnx with onnxruntime.InferenceSession(FILE);
+    the input is B x C x S x S in [0, 1].
     """
     try:
-        path = export_run(run_dir, out_file)
+        path = export_run(run_dir, out_file, fmt)
     except FileNotFoundError as e:
         raise TcskdError(str(e)) from e
     click.echo(str(path))

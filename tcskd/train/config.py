@@ -19,6 +19,7 @@ from tcskd.errors import TcskdError
 from tcskd.options import opt
 from tcskd.splits import Holdout
 from tcskd.train.head import CLASSIFY_FROM
+from tcskd.train.logger import check_backends
 from tcskd.train.losses import MIMICS
 from tcskd.train.selection import SELECT_BY
 from tcskd.train.targets import DEFAULT_DIM, TARGET_NORMS
@@ -32,7 +33,7 @@ TAILOR = ("auto", "on", "off")
 AUGMENTS = ("auto", "none", "flip", "crop", "crop-flip")
 #: Config fields that may differ when a run is resumed.
 RESUME_FREE = ("cache", "cache_root", "data", "out", "resume", "device", "workers", "eval_every", "stop_after",
-               "sync_bn")
+               "sync_bn", "log")
 
 
 @dataclass
@@ -144,6 +145,11 @@ class TrainConfig:
     eval_every: int = opt(1)
     """Evaluate validation top-1 after every this-many epochs (and always after the last); the test split
     is evaluated once, after training."""
+    log: str = opt("none", metavar="BACKENDS",
+                   help="Mirror metrics.jsonl to tensorboard (RUN_DIR/tb) and/or wandb (offline, RUN_DIR/wandb): "
+                        "none, tensorboard, wandb or tensorboard,wandb.")
+    """Experiment trackers that mirror ``metrics.jsonl`` (tcskd.train.logger): none, tensorboard, wandb or a
+    comma list; each needs its optional package (``pip install 'tcskd[tensorboard]'``)."""
     stop_after: int | None = opt(None, hidden=True)
     """Stop (as if interrupted) after this many epochs, leaving a resumable run; for tests and time-boxed jobs."""
     sync_bn: bool = opt(False, help="Under torchrun: SyncBatchNorm over all ranks.")
@@ -187,6 +193,7 @@ class TrainConfig:
             raise TcskdError("--resume needs --out RUN_DIR (the run to continue)")
         if self.image_size is not None and self.image_size < 8:
             raise TcskdError(f"--image-size must be >= 8 (got {self.image_size})")
+        check_backends(self.log)  # a known backend whose package is installed
 
 
 # -- the --tailor presets and the resolved config ------------------------------

@@ -14,10 +14,17 @@ the run's input size. Load it without tcskd:
 model (student name, input size and channels, classes, input range, the
 run's metrics). :func:`export_run` checks that the exported module reproduces
 the training model's logits before it returns.
+
+``--format onnx`` (or an ``.onnx`` file name) converts the same program with
+``torch.onnx.export`` (the dynamo exporter; packages onnx and onnxscript, the
+``onnx`` extra): input ``x`` with a dynamic batch, output ``logits``, the opset
+recorded in ``FILE.json``; with onnxruntime installed, ONNX Runtime's logits
+are checked too.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from pathlib import Path
@@ -63,9 +70,29 @@ def load_run(run_dir: Path | str) -> tuple[Student, TCSHead, dict[str, Any]]:
     return student, head, meta
 
 
-def export_run(run_dir: Path | str, out_file: Path | str) -> Path:
-    """Write the run's student as a torch.export program to ``out_file`` (+ ``out_file.json``); return the path."""
-    run_dir, out_file = Path(run_dir), Path(out_file)
+#: Export formats: a torch.export program or an ONNX model.
+FORMATS = ("pt2", "onnx")
+#: ``--format onnx`` -> the packages torch.onnx.export (dynamo) needs, and the extra that installs them.
+ONNX_PACKAGES = ("onnx", "onnxscript")
+#: Loggers of the ONNX exporter kept at WARNING while it runs.
+ONNX_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx")
+
+
+def export_format(out_file: Path | str, fmt: str | None = None) -> str:
+    """``fmt``, or the format the suffix of ``out_file`` names (``.onnx``; anything else is ``pt2``)."""
+    if fmt is None:
+        return "onnx" if Path(out_file).suffix.lower() == ".onnx" else "pt2"
+    if fmt not in FORMATS:
+        raise TcskdError(f"unknown export format '{fmt}' (choose {' or '.join(FORMATS)})")
+    return fmt
+
+
+def export_run(run_dir: Path | str, out_file: Path | str, fmt: str | None = None) -> Path:
+    """Write the run's student to ``out_file`` (+ ``out_file.json``) as a torch.export program (``pt2``) or an
+    ONNX model (``onnx``; default: from the suffix, :func:`export_format`); return the path."""
+    run_dir, out_file, fmt = Path(run_dir), Path(out_file), export_format(out_file, fmt)
+    if fmt == "onnx":
+        _check_onnx_packages()
     student, head, meta = load_run(run_dir)
     if meta["epoch"] < meta["epochs"]:
         log.warning("%s stopped after epoch %d of %d: exporting the unfinished model",
@@ -82,21 +109,71 @@ def export_run(run_dir: Path | str, out_file: Path | str) -> Path:
     with torch.no_grad():
         probe = torch.rand(3, ch, size, size, generator=torch.Generator().manual_seed(1))
         ref, _ = head(student(probe))
-        got = program.module()(probe)
-    if not torch.allclose(ref, got, rtol=1e-4, atol=1e-5):  # a merged head sums in another order
-        raise TcskdError(f"export check failed: exported logits differ by {float((ref - got).abs().max()):.3g}")
+    _check_logits(ref, program.module()(probe), "exported")
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(f".tmp-{out_file.name}")
-    torch.export.save(program, str(tmp))
-    tmp.replace(out_file)
+    try:
+        if fmt == "onnx":
+            info = _save_onnx(program, tmp, probe, ref, meta["student"])
+        else:
+            torch.export.save(program, str(tmp))
+            info = {"format": "torch.export", "load": "torch.export.load(FILE).module()"}
+        tmp.replace(out_file)
+    finally:
+        tmp.unlink(missing_ok=True)
     final = run_dir / "final.json"
-    info = {
-        "format": "torch.export", "load": "torch.export.load(FILE).module()", "input": "B x C x S x S float in [0, 1]",
+    info.update({
+        "input": "B x C x S x S float in [0, 1]",
         "output": "B x num_classes logits", "student": meta["student"], "in_channels": ch, "image_size": size,
         "num_classes": meta["num_classes"], "feature_dim": student.feature_dim, "method": meta.get("method"),
         "dim": meta.get("k"), "classify_from": meta.get("classify_from", "feature"), "run_dir": str(run_dir),
         "final": json.loads(final.read_text()) if final.exists() else None,
-    }
+    })
     Path(str(out_file) + ".json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     log.info("exported %s -> %s", run_dir, out_file)
     return out_file
+
+
+def _check_logits(ref: torch.Tensor, got: torch.Tensor, what: str) -> None:
+    if not torch.allclose(ref, got, rtol=1e-4, atol=1e-5):  # a merged head sums in another order
+        raise TcskdError(f"export check failed: {what} logits differ by {float((ref - got).abs().max()):.3g}")
+
+
+def _check_onnx_packages() -> None:
+    """TcskdError (one line naming the extra) when a package of the ONNX exporter is missing."""
+    for package in ONNX_PACKAGES:
+        if importlib.util.find_spec(package) is None:
+            raise TcskdError(f"--format onnx needs the {package} package: pip install 'tcskd[onnx]'")
+
+
+def _save_onnx(program: torch.export.ExportedProgram, path: Path, probe: torch.Tensor, ref: torch.Tensor,
+               student: str) -> dict[str, Any]:
+    """``program`` as an ONNX model (dynamic batch, input ``x``, output ``logits``) at ``path``, checked
+    with onnxruntime when it is installed; the sidecar's format fields."""
+    import onnx
+
+    chatty = [logging.getLogger(name) for name in ONNX_LOGGERS]
+    levels = [lg.level for lg in chatty]
+    try:
+        for lg in chatty:  # their INFO lines (optimizer passes) are not ours to show
+            lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+        torch.onnx.export(program, f=str(path), dynamo=True, input_names=["x"], output_names=["logits"],
+                          external_data=False, verbose=False)
+    except Exception as e:
+        raise TcskdError(f"torch.onnx cannot export student '{student}': "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    finally:
+        for lg, level in zip(chatty, levels):
+            lg.setLevel(level)
+    opset = next(o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx"))
+    checked = importlib.util.find_spec("onnxruntime") is not None
+    if checked:
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = session.run(["logits"], {"x": probe.numpy()})[0]
+        _check_logits(ref, torch.from_numpy(got), "ONNX Runtime")
+    else:
+        log.warning("onnxruntime is not installed: the ONNX model's logits are not checked")
+    return {"format": "onnx", "opset": int(opset), "input_name": "x", "output_name": "logits",
+            "load": "onnxruntime.InferenceSession(FILE).run(['logits'], {'x': x})", "checked_with_onnxruntime": checked}

@@ -46,6 +46,7 @@ from tcskd.train.data import AUGMENT_RNG, BatchPlan, batch_plan, resolve_workers
 from tcskd.train.evaluate import embed, final_scores, top1
 from tcskd.train.head import TCSHead
 from tcskd.train.inputs import RunInputs, load_run_inputs, online_teacher
+from tcskd.train.logger import MetricsLogger, NullLogger, open_logger
 from tcskd.train.losses import LossParts, elsh_bias, tcs_loss
 from tcskd.train.plots import plot_curves
 from tcskd.train.rundir import (CONFIG, CURVES, FINAL, METRICS, SPLIT, append_metrics, read_metrics,
@@ -87,6 +88,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if not dist.is_main():  # rank 0 evaluates and writes the results
         return dist.broadcast_object(None)
     if run.state.epoch < cfg.epochs:
+        run.logger.close()
         log.info("stopped after epoch %d of %d (--stop-after); resume with --resume", run.state.epoch, cfg.epochs)
         return dist.broadcast_object({"stopped_after": run.state.epoch, "run_dir": str(out)})
     return dist.broadcast_object(finish(run, t_start))                    # final scores
@@ -135,6 +137,7 @@ class Run:
     teacher: Any = None
     """The live teacher of ``--method online``."""
     state: LoopState = field(default_factory=LoopState)
+    logger: MetricsLogger = field(default_factory=NullLogger)  # mirrors metrics.jsonl (--log, rank 0)
 
 
 class StudentWithHead(torch.nn.Module):
@@ -214,7 +217,7 @@ def restore(run: Run, saved: dict[str, Any]) -> None:
 
 def start_run_dir(run: Run) -> None:
     """Drop the metric rows of epochs the checkpoint lacks; write ``config.yaml`` (the resolved config) and
-    ``split.json`` (rank 0)."""
+    ``split.json`` and open the ``--log`` mirror (tcskd.train.logger) (rank 0)."""
     import yaml
 
     cfg, prep, out = run.cfg, run.prep, run.out
@@ -236,6 +239,7 @@ def start_run_dir(run: Run) -> None:
     if dist.is_main():
         (out / CONFIG).write_text(yaml.safe_dump(resolved, sort_keys=False))
         write_json(out / SPLIT, prep.split)
+        run.logger = open_logger(cfg.log, out, run.state.epoch, resolved)
 
 
 # -- the epochs -----------------------------------------------------------------
@@ -425,6 +429,7 @@ def save_epoch(run: Run, stats: EpochStats, val: float | None, t_epoch: float) -
            "seconds": time.perf_counter() - t_epoch, "data_wait_s": stats.data_wait_s,
            "first_batch_s": stats.first_batch_s, "steps": stats.steps}
     append_metrics(out / METRICS, row)
+    run.logger.log_epoch(row)
     save_checkpoint(out / CHECKPOINT, {
         "format": CHECKPOINT_FORMAT, "epoch": state.epoch, "step": state.step,
         "train_seconds": state.train_seconds, "images": state.images,
@@ -488,6 +493,8 @@ def finish(run: Run, t_start: float) -> dict[str, Any]:
     # final.json marks the run finished (a resume then does nothing): every other artifact comes first.
     plot_curves(rows, out / CURVES, f"{cfg.method} {cfg.student} K={prep.k} seed {cfg.seed}")
     write_json(out / FINAL, final)
+    run.logger.log_final(final, state.epoch)
+    run.logger.close()
     log.info("finished: val top-1 %s, test top-1 %s, kNN top-1 %s, %.1f s of training; %s",
              final["val_top1"], final["test_top1"], final["knn_top1"], state.train_seconds, out)
     return final
