@@ -207,7 +207,7 @@ def _param(cmd: click.Command, name: str) -> click.Option:
 def test_option_types_follow_the_annotation():
     cmd, _ = _toy_command()
     assert [p.name for p in cmd.params] == ["name", "count", "limit", "scale", "kind", "maybe", "fast", "probe",
-                                            "lam", "box", "secret", "plain"]  # declaration order, no 'internal'
+                                            "lam", "box", "secret", "plain", "config"]  # declaration order, no 'internal', then --config
     assert _param(cmd, "name").required and _param(cmd, "name").type == click.STRING
     assert _param(cmd, "count").type == click.INT and _param(cmd, "count").default == 3
     assert _param(cmd, "limit").type == click.INT and _param(cmd, "limit").default is None

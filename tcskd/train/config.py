@@ -16,7 +16,7 @@ from typing import Any
 
 from tcskd.device import DEVICES
 from tcskd.errors import TcskdError
-from tcskd.options import opt
+from tcskd.options import non_default, opt, read_config_file
 from tcskd.splits import Holdout
 from tcskd.train.head import CLASSIFY_FROM
 from tcskd.train.losses import MIMICS
@@ -30,6 +30,8 @@ SCHEDULES = ("cosine", "step")
 TAILOR = ("auto", "on", "off")
 #: Student augmentations with a 1-view cache (auto: crop for greyscale digits, else crop-flip).
 AUGMENTS = ("auto", "none", "flip", "crop", "crop-flip")
+#: Config fields that ``--resume`` never takes from the run's config.yaml.
+NOT_SAVED = ("resume", "out", "stop_after")
 #: Config fields that may differ when a run is resumed.
 RESUME_FREE = ("cache", "cache_root", "data", "out", "resume", "device", "workers", "eval_every", "stop_after",
                "sync_bn")
@@ -235,6 +237,24 @@ def tailoring_label(cfg: TrainConfig) -> str:
     return f"{cfg.select_by}/{cfg.select_every}ep/-{cfg.drop_frac:g}/min{cfg.min_dim}"
 
 
+def with_saved_config(cfg: TrainConfig, given: set[str] | None = None) -> TrainConfig:
+    """With ``cfg.resume``: ``cfg`` with the options not ``given`` taken from the run's ``out/config.yaml``.
+
+    The same mechanism as ``--config``: the run's config.yaml is the file, the given options override it
+    (except :data:`NOT_SAVED`, never taken from the file). ``given`` is the set of field names given
+    explicitly (the CLI passes those on its command line); None (the Python API) = the fields whose value
+    is not their default. Unchanged without ``resume``/``out`` or when the run has no config.yaml yet.
+    """
+    if not (cfg.resume and cfg.out):
+        return cfg
+    path = Path(cfg.out) / "config.yaml"
+    if not path.is_file():
+        return cfg
+    saved = read_config_file(TrainConfig, path)
+    given = non_default(TrainConfig, dataclasses.asdict(cfg)) if given is None else given
+    return dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k not in given and k not in NOT_SAVED})
+
+
 # -- tcskd eval ------------------------------------------------------------------
 
 @dataclass
@@ -283,5 +303,6 @@ class EvalConfig:
             raise TcskdError(f"--out {self.out} is a directory: give a file name")
 
 
-__all__ = ["METHODS", "OPTIMIZERS", "SCHEDULES", "TAILOR", "RESUME_FREE", "TrainConfig", "TAILORED", "FIXED",
+__all__ = ["METHODS", "OPTIMIZERS", "SCHEDULES", "TAILOR", "NOT_SAVED", "RESUME_FREE", "TrainConfig",
+           "with_saved_config", "TAILORED", "FIXED",
            "default_dim", "tailoring_preset", "resolve_config", "tailoring_label", "EvalConfig"]
