@@ -84,17 +84,18 @@ class Plan:
 def run_recipe(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = ()) -> dict[str, Any]:
     """Run the recipe at ``path`` with ``overrides`` (``["a.b=v", ...]`` or ``{"a.b": v}``) end to end.
 
-    Returns ``{"caches": {split: path}, "bases": {name: "fitted" | "kept"}, "runs": {name: {"run_dir",
+    Returns ``{"caches": {split: path}, "cache_hits": {split: bool}, "bases": {name: "fitted" | "kept"}, "runs": {name: {"run_dir",
     "status" ("trained" | "done" | "stopped"), "val_top1", "test_top1"}}, "teacher": {name: file},
     "report": Markdown file or None, "png": chart or None}``. TcskdError before any stage runs when the
     recipe is wrong.
     """
     plan = load_recipe(path, overrides)
-    result: dict[str, Any] = {"caches": {}, "bases": {}, "runs": {}, "teacher": {}, "report": None, "png": None}
+    result: dict[str, Any] = {"caches": {}, "cache_hits": {}, "bases": {}, "runs": {}, "teacher": {}, "report": None, "png": None}
     for split, cfg in plan.caches.items():
         res = build_cache(cfg)
         log.info("cache %s: %s (%s)", split, res.path, "hit" if res.hit else f"{res.rows_computed} rows computed")
         result["caches"][split] = str(res.path)
+        result["cache_hits"][split] = res.hit
     train_cache, test_cache = result["caches"].get("train"), result["caches"].get("test")
     for name, cfg in plan.bases.items():
         cfg = dataclasses.replace(cfg, cache=train_cache)
@@ -198,7 +199,7 @@ def apply_overrides(recipe: dict[str, Any], overrides: Sequence[str] | Mapping[s
     for key, value in items:
         node, parts = recipe, key.split(".")
         for i, part in enumerate(parts[:-1]):
-            if node.get(part) in (None, True):
+            if node.get(part) is None or node.get(part) is True:
                 node[part] = {}
             node = node[part]
             if not isinstance(node, dict):
