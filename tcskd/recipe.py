@@ -244,7 +244,22 @@ def _caches(recipe: dict[str, Any], src: str, device: str) -> dict[str, CacheCon
     if not isinstance(splits, list) or "train" not in splits or not all(s in ("train", "test") for s in splits):
         raise TcskdError(f"{src}: key 'cache.splits' must be a list of train and test, with train (got {splits!r})")
     values = {"device": device, **_fields(recipe, "cache", CacheConfig, src, block)}
-    return {s: _checked(CacheConfig(**values, split=s), src, f"cache {s}") for s in splits}
+    caches = {s: _checked(CacheConfig(**values, split=s), src, f"cache {s}") for s in splits}
+    for key in ("data", "teacher"):
+        _check_local_path(getattr(caches["train"], key), f"cache.{key}", src)
+    return caches
+
+
+def _check_local_path(spec: str, key: str, src: str) -> None:
+    """A spec naming a local file or folder (``kind:/abs/path``, ``kind:./rel``; ``hub:`` up to its entry)
+    that does not exist: refused before anything runs (the recipes' placeholders)."""
+    kind, _, arg = spec.partition(":")
+    path = arg.split("#")[0].split("@")[0]
+    if kind == "hub":
+        path = path.rsplit(":", 1)[0]
+    if kind in ("cifar10", "cifar100", "imagefolder", "npz", "hf", "hub", "torchscript") and \
+            path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().exists():
+        raise TcskdError(f"{src}: key '{key}': {path} does not exist (set it with --set {key}={kind}:PATH)")
 
 
 def _bases(recipe: dict[str, Any], src: str, device: str, shared: dict[str, Any]) -> dict[str, BasisConfig]:
