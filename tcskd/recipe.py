@@ -17,7 +17,9 @@
     eval: {}                  # the teacher's kNN / probe at the grid's label budgets (EvalConfig fields); false: none
     report: true              # report.md and report.png in out
 
-``--set a.b=v`` replaces a value by its dotted path (``v`` read as YAML). The whole recipe is checked
+``include: base.yaml`` (or a list; relative to the recipe) starts from other recipes, whose values the
+including file replaces (mappings merged key by key). ``--set a.b=v`` replaces a value by its dotted path
+(``v`` read as YAML). The whole recipe is checked
 before any stage runs (every config built and validated): an unknown key, a wrong type, a missing file or
 a field the recipe sets itself is one TcskdError line naming the key and the file. Running is resumable:
 caches are hits when built, a basis already in the cache with the same options is kept, a run with
@@ -50,7 +52,7 @@ from tcskd.train.rundir import FINAL
 log = logging.getLogger(__name__)
 
 #: The top-level keys of a recipe.
-KEYS = ("description", "out", "device", "cache", "basis", "train", "grid", "eval", "report")
+KEYS = ("include", "description", "out", "device", "cache", "basis", "train", "grid", "eval", "report")
 #: Fields each block may not set: the recipe sets them (block -> field -> why).
 SET_BY_RECIPE = {
     "cache": {"split": "give cache.splits"},
@@ -157,9 +159,7 @@ def _report(out: Path, run_dirs: list[str], teacher: list[str]) -> tuple[str, st
 def load_recipe(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = ()) -> Plan:
     """The recipe at ``path`` with ``overrides`` applied, checked: every stage's config built and validated."""
     src = str(path)
-    recipe = load_yaml(path)
-    if not isinstance(recipe, dict):
-        raise TcskdError(f"{src}: a recipe is a mapping (out, cache, basis, train, grid, eval, report)")
+    recipe = read_recipe(path)
     apply_overrides(recipe, overrides, src)
     unknown = [k for k in recipe if k not in KEYS]
     if unknown:
@@ -178,6 +178,33 @@ def load_recipe(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] =
         raise TcskdError(f"{src}: {e}") from None
     report = _block(recipe, "report", src, bool, default=True)
     return Plan(src, Path(out), caches, bases, runs, evals, report)
+
+
+def read_recipe(path: str | Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The recipe's mapping with its ``include:`` files (relative to it; one or a list) merged underneath:
+    an included file's values are the defaults that the including file's values replace (mappings merged
+    key by key). TcskdError for a missing file, a non-mapping or a circular include."""
+    here = Path(path).resolve()
+    if here in chain:
+        cycle = " -> ".join(p.name for p in (*chain[chain.index(here):], here))
+        raise TcskdError(f"{chain[0]}: circular include {cycle}")
+    recipe = load_yaml(path)
+    if not isinstance(recipe, dict):
+        raise TcskdError(f"{path}: a recipe is a mapping (out, cache, basis, train, grid, eval, report)")
+    includes = recipe.pop("include", None) or []
+    merged: dict[str, Any] = {}
+    for inc in [includes] if isinstance(includes, str) else includes:
+        if not isinstance(inc, str):
+            raise TcskdError(f"{path}: key 'include' must be a file name or a list of them (got {inc!r})")
+        merged = _merge(merged, read_recipe(here.parent / inc, (*chain, here)))
+    return _merge(merged, recipe)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def apply_overrides(recipe: dict[str, Any], overrides: Sequence[str] | Mapping[str, Any], src: str) -> None:
@@ -336,4 +363,4 @@ def _evals(recipe: dict[str, Any], src: str, device: str, shared: dict[str, Any]
     return evals
 
 
-__all__ = ["KEYS", "Plan", "run_recipe", "load_recipe", "apply_overrides", "run_name"]
+__all__ = ["KEYS", "Plan", "run_recipe", "load_recipe", "read_recipe", "apply_overrides", "run_name"]

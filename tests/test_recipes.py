@@ -232,6 +232,23 @@ def test_a_missing_recipe_and_a_non_mapping(tmp_path):
         load_recipe(tmp_path / "list.yaml")
 
 
+def test_include_merges_and_refuses_a_cycle(tmp_path):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump({"out": "o", "train": {"epochs": 3, "lr": 0.1},
+                                                        "grid": {"seed": [0, 1]}}))
+    (tmp_path / "top.yaml").write_text(yaml.safe_dump({"include": "base.yaml", "train": {"epochs": 1},
+                                                       "grid": {"method": ["ce"]}}))
+    plan = load_recipe(tmp_path / "top.yaml", {"eval": False, "basis": None})
+    assert {(c.epochs, c.lr, c.seed, c.method) for c in plan.runs.values()} == {(1, 0.1, 0, "ce"), (1, 0.1, 1, "ce")}
+    (tmp_path / "a.yaml").write_text("include: b.yaml\nout: o\n")
+    (tmp_path / "b.yaml").write_text("include: [a.yaml]\n")
+    res = CliRunner().invoke(main, ["run", str(tmp_path / "a.yaml")])
+    assert res.exit_code != 0
+    assert res.output.strip() == f"tcskd: error: {tmp_path / 'a.yaml'}: circular include a.yaml -> b.yaml -> a.yaml"
+    (tmp_path / "c.yaml").write_text("include: nowhere.yaml\n")
+    with pytest.raises(TcskdError, match="nowhere.yaml: no such file"):
+        load_recipe(tmp_path / "c.yaml")
+
+
 def test_dry_run_lists_the_runs():
     res = CliRunner().invoke(main, ["run", str(RECIPES / "default.yaml"), "--dry-run", "--set", "grid.seed=[0, 1]"])
     assert res.exit_code == 0, res.output
