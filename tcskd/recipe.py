@@ -86,13 +86,14 @@ class Plan:
 def run_recipe(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = ()) -> dict[str, Any]:
     """Run the recipe at ``path`` with ``overrides`` (``["a.b=v", ...]`` or ``{"a.b": v}``) end to end.
 
-    Returns ``{"caches": {split: path}, "cache_hits": {split: bool}, "bases": {name: "fitted" | "kept"}, "runs": {name: {"run_dir",
-    "status" ("trained" | "done" | "stopped"), "val_top1", "test_top1"}}, "teacher": {name: file},
-    "report": Markdown file or None, "png": chart or None}``. TcskdError before any stage runs when the
-    recipe is wrong.
+    Returns ``{"caches": {split: path}, "cache_hits": {split: bool}, "bases": {name: "fitted" | "kept"},
+    "runs": {name: {"run_dir", "status" ("trained" | "done" | "stopped"), "val_top1", "test_top1"}},
+    "teacher": {name: file}, "report": Markdown file or None, "png": chart or None}``. TcskdError before
+    any stage runs when the recipe is wrong.
     """
     plan = load_recipe(path, overrides)
-    result: dict[str, Any] = {"caches": {}, "cache_hits": {}, "bases": {}, "runs": {}, "teacher": {}, "report": None, "png": None}
+    result: dict[str, Any] = {"caches": {}, "cache_hits": {}, "bases": {}, "runs": {}, "teacher": {},
+                              "report": None, "png": None}
     for split, cfg in plan.caches.items():
         res = build_cache(cfg)
         log.info("cache %s: %s (%s)", split, res.path, "hit" if res.hit else f"{res.rows_computed} rows computed")
@@ -127,7 +128,8 @@ def _run(cfg: TrainConfig) -> dict[str, Any]:
         res = train(cfg)
         status = "stopped" if "stopped_after" in res else "trained"
         log.info("run %s: %s", out, status)
-    return {"run_dir": str(out), "status": status, "val_top1": res.get("val_top1"), "test_top1": res.get("test_top1")}
+    return {"run_dir": str(out), "status": status, "val_top1": res.get("val_top1"),
+            "test_top1": res.get("test_top1")}
 
 
 def _basis_is_current(cfg: BasisConfig) -> bool:
