@@ -282,6 +282,14 @@ def _require(cls: type, values: dict[str, Any], path: str) -> None:
             raise TcskdError(f"{path}: missing key '{f.name}' (or give {name})")
 
 
+def config_from_file(cls: type, path: str | Path, **overrides: Any) -> Any:
+    """``cls`` from a config file (:func:`read_config_file`) and ``overrides`` (the Python side of
+    ``--config``): e.g. ``config_from_file(TrainConfig, "runs/a/config.yaml", out="runs/b")``."""
+    values = {**read_config_file(cls, path), **overrides}
+    _require(cls, values, str(path))
+    return cls(**values)
+
+
 def read_config_file(cls: type, path: str | Path) -> dict[str, Any]:
     """The fields of ``cls`` a YAML file sets, each checked against its annotation (:func:`check_values`).
 
@@ -382,4 +390,4 @@ def _describe(annotation: Any) -> str:
 
 __all__ = ["KEY", "CONFIG", "IGNORED_KEYS", "Option", "opt", "option_of", "cli_fields", "option_names",
            "click_option", "config_option", "click_options", "config_from_params", "given_params", "non_default",
-           "read_config_file", "load_yaml", "check_values"]
+           "config_from_file", "read_config_file", "load_yaml", "check_values"]

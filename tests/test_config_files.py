@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from _train_fixtures import make_npz, make_store
 from tcskd.cli import main
 from tcskd.errors import TcskdError
-from tcskd.options import click_options, config_from_params, opt, read_config_file
+from tcskd.options import click_options, config_from_file, config_from_params, opt, read_config_file
 from tcskd.train.config import TrainConfig, with_saved_config
 from tcskd.train.loop import train
 
@@ -147,6 +147,9 @@ def test_a_runs_config_yaml_reproduces_the_run(cache, tmp_path):
     _cli(["train", "--config", str(first / "config.yaml"), "--out", str(again)])
     a, b = _metrics(first), _metrics(again)
     assert a == b and a["val_top1"] is not None and a["seed"] == 5
+    cfg = config_from_file(TrainConfig, first / "config.yaml", out=str(tmp_path / "api"))  # the same from Python
+    train(cfg)
+    assert _metrics(tmp_path / "api") == a
 
 
 def test_resume_through_the_api_equals_the_cli(cache, tmp_path):

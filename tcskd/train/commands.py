@@ -2,8 +2,9 @@
 
 Thin layers registered in tcskd.cli: the options of ``train`` and ``eval`` are generated from
 :class:`tcskd.train.config.TrainConfig` and :class:`~tcskd.train.config.EvalConfig` (tcskd.options), whose
-``validate()`` the stage functions call. Problems are raised as TcskdError, which the main group prints as
-one line.
+``validate()`` the stage functions call; ``--config FILE`` is read by tcskd.options, and ``--resume`` takes
+the options not given from the run's config.yaml the same way (:func:`tcskd.train.config.with_saved_config`).
+Problems are raised as TcskdError, which the main group prints as one line.
 """
 
 from __future__ import annotations
