@@ -22,7 +22,10 @@ SEEDS       ?= 0
 METHODS     ?= ce fitnet tcs
 CACHE_OPTS  := --data $(DATA) --teacher $(TEACHER) --image-size $(IMAGE_SIZE) --device $(DEVICE)
 
-.PHONY: install demo grid cache basis train eval report test test-fast bench clean
+RECIPE      ?= recipes/default.yaml
+SET         ?=
+
+.PHONY: install demo recipe grid cache basis train eval report test test-fast bench clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -60,11 +63,16 @@ grid: install
 	SEEDS="$(GRID_SEEDS)" EPOCHS=$(EPOCHS) IMAGE_SIZE=$(IMAGE_SIZE) DEVICE=$(DEVICE) \
 	  JOBS=$(JOBS) RUNS=$(RUNS)/grid STUDENT=$(STUDENT) TCSKD=$(TCSKD) bash scripts/grid.sh
 
-# The main job: cache -> basis -> train ce, fitnet and tcs at all labels and at
-# 10 labels per class, the teacher's eval, and the comparison report.
+# The main job, the recipe recipes/default.yaml: cache -> basis -> train ce, fitnet and tcs at all labels
+# and at 10 labels per class, the teacher's eval, and the comparison report (resumable).
 demo: install
 	SEEDS="$(SEEDS)" METHODS="$(METHODS)" EPOCHS=$(EPOCHS) DIM=$(DIM) LAMBDA=$(LAMBDA) IMAGE_SIZE=$(IMAGE_SIZE) \
 	  DEVICE=$(DEVICE) RUNS=$(RUNS)/demo STUDENT=$(STUDENT) TCSKD=$(TCSKD) bash scripts/demo.sh
+
+# Any recipe, e.g. make recipe RECIPE=recipes/fewshot.yaml SET="cache.data=cifar100:/data train.epochs=1"
+# (SET: space-separated KEY=VALUE overrides; write YAML lists without spaces: grid.seed=[0,1,2]).
+recipe: install
+	$(TCSKD) run $(RECIPE) $(foreach s,$(SET),--set '$(s)')
 
 report:
 	$(TCSKD) report $(RUNS)/demo/*-lpc*/ $(foreach f,$(wildcard $(RUNS)/demo/teacher-lpc*.json),--teacher-eval $(f)) \

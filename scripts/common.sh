@@ -1,4 +1,4 @@
-# Shared by scripts/demo.sh and scripts/grid.sh (sourced): the steps both take on the built-in default.
+# Sourced by scripts/grid.sh: its steps on the built-in default (scripts/demo.sh runs recipes/default.yaml).
 # Expects TCSKD, RUNS, LPCS, SEEDS, IMAGE_SIZE and DEVICE; sets train_cache and test_cache.
 
 # Stage 1: the train and test caches (a cache hit when they exist).

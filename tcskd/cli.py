@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import IO, Any
 
 import click
@@ -28,7 +29,8 @@ from tcskd.cache.config import CacheConfig
 from tcskd.cache.verify import VerifyFailed, info, verify_cache
 from tcskd.device import set_threads
 from tcskd.errors import TcskdError
-from tcskd.options import click_options, config_from_params, option_names
+from tcskd.options import CONFIG, click_options, config_from_params, option_names
+from tcskd.recipe import load_recipe, run_recipe
 from tcskd.store.paths import as_location
 from tcskd.store.registry import WriterLock, list_caches, resolve_cache
 from tcskd.subspace.commands import basis
@@ -130,7 +132,7 @@ def cache(ctx: click.Context, **params) -> None:
 def _refuse_build_options(ctx: click.Context) -> None:
     """A usage error for build options given to the group before a subcommand (``tcskd cache --data X ls``),
     which would otherwise be ignored without a word."""
-    names = option_names(CacheConfig)
+    names = {**option_names(CacheConfig), CONFIG: "--config"}
     given = [names[p] for p in ctx.params if ctx.get_parameter_source(p) is ParameterSource.COMMANDLINE]
     if given:
         sub = ctx.invoked_subcommand
@@ -194,6 +196,37 @@ def cache_verify(cache_ref: str, recompute: int, cache_root: str | None, device:
     if not rep.ok:
         raise VerifyFailed(f"{rep.path}: {len(rep.problems)} problem(s), first: {rep.problems[0]}")
     click.echo(f"ok: {rep.path} ({rep.checked_rows} rows checked{extra})")
+
+
+# -- recipes -----------------------------------------------------------------
+
+@main.command("run")
+@click.argument("recipe", metavar="RECIPE.yaml")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe value by its dotted path, read as YAML (e.g. train.epochs=1); repeatable.")
+@click.option("--dry-run", is_flag=True, help="Check the recipe and list its stages; run nothing.")
+def run_cmd(recipe: str, overrides: tuple[str, ...], dry_run: bool) -> None:
+    """Run a recipe end to end: caches, bases, a grid of training runs, the teacher eval and the report.
+
+    Resumable: built caches are hits, bases already fitted with the same options and finished runs are
+    skipped, an interrupted run resumes. Prints the report (Markdown) and its files.
+    """
+    if dry_run:
+        plan = load_recipe(recipe, overrides)
+        click.echo(f"caches: {', '.join(plan.caches)}; bases: {', '.join(plan.bases) or '-'}; "
+                   f"teacher evals: {len(plan.evals)}; runs ({len(plan.runs)}) in {plan.out}:")
+        for name in plan.runs:
+            click.echo(f"  {name}")
+        return
+    res = run_recipe(recipe, overrides)
+    done = sum(r["status"] == "done" for r in res["runs"].values())
+    stopped = [r["run_dir"] for r in res["runs"].values() if r["status"] == "stopped"]
+    log.info("%d run(s), %d finished before, %d stopped early", len(res["runs"]), done, len(stopped))
+    for d in stopped:
+        click.echo(f"stopped early: {d} (run the recipe again to resume it)", err=True)
+    if res["report"]:
+        click.echo(Path(res["report"]).read_text(), nl=False)
+        click.echo(f"report: {res['report']}, chart: {res['png']}", err=True)
 
 
 for _cmd in (basis, train, export, eval_cmd, report_cmd, bench_cmd):

@@ -20,8 +20,15 @@ options of the stage's command are generated from the fields by
 The option's type follows the annotation: ``str``, ``int``, ``float`` (also
 ``X | None``), ``bool`` (an on/off flag: ``--x`` when the default is False,
 ``--x/--no-x`` otherwise), ``tuple[float, float]`` (two values), and a
-``choices`` list becomes a ``click.Choice``. Values are checked by the config's
-own ``validate()``, which the stage function calls, never by click callbacks.
+``choices`` list becomes a ``click.Choice``; ``tuple[int, ...]`` (any length) is one comma-separated
+value (``--milestones 150,180,210``). Values are checked by the config's own ``validate()``, which the
+stage function calls, never by click callbacks.
+
+Config files: every generated command also takes ``--config FILE.yaml``. :func:`config_from_params` then
+takes each field from the command line when it was given there (click's ``ParameterSource``), else from
+the file, else its default. A file is read by :func:`read_config_file`: a mapping of field names (a run's
+``config.yaml`` with its ``resolved`` record is one), each value checked against the field's annotation;
+an unknown key, a wrong type or a missing file is a one-line TcskdError naming the file and the key.
 """
 
 from __future__ import annotations
@@ -30,12 +37,23 @@ import dataclasses
 import types
 import typing
 from dataclasses import MISSING, dataclass
-from typing import Any, Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import click
+from click.core import ParameterSource
+
+from tcskd.errors import TcskdError
 
 #: The key of a field's :class:`Option` in ``dataclasses.field(metadata=...)``.
 KEY = "tcskd.option"
+#: The parameter name of ``--config FILE``.
+CONFIG = "config"
+#: Keys a config file may hold besides the fields, ignored when read (a run's ``config.yaml`` records
+#: what its options resolved to under ``resolved``).
+IGNORED_KEYS = ("resolved",)
+#: Where click got a value that counts as given (not the default).
+_GIVEN = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT, ParameterSource.PROMPT)
 
 
 @dataclass(frozen=True)
@@ -106,9 +124,37 @@ def _base_type(annotation: Any) -> tuple[Any, bool]:
     return annotation, False
 
 
+class _CommaList(click.ParamType):
+    """``tuple[T, ...]`` on the command line: one comma-separated value (``150,180,210``; empty = none)."""
+
+    name = "list"
+
+    def __init__(self, item: type) -> None:
+        self.item = item
+        self.name = f"{item.__name__},..."
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, (tuple, list)):
+            return tuple(value)
+        try:
+            return tuple(self.item(v) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of {self.item.__name__}", param, ctx)
+
+
+def _variadic(base: Any) -> type | None:
+    """T of ``tuple[T, ...]``, else None."""
+    args = typing.get_args(base)
+    if typing.get_origin(base) is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return args[0]
+    return None
+
+
 def _click_type(base: Any, option: Option) -> Any:
     if option.choices is not None:
         return click.Choice(list(option.choices))
+    if _variadic(base) in (int, float, str):
+        return _CommaList(_variadic(base))
     if typing.get_origin(base) is tuple:
         args = typing.get_args(base)
         if not args or Ellipsis in args:
@@ -133,14 +179,34 @@ def click_option(f: dataclasses.Field, annotation: Any) -> click.Option:
             decls[0] = f"{decls[0]}/--no-{decls[0][2:]}"
         flag_only = "/" not in decls[0]
         show = option.show_default if option.show_default is not None else not flag_only
-        return click.Option(decls, is_flag=True, default=bool(default), show_default=show, **kw)
+        return _FileOption(decls, is_flag=True, default=bool(default), show_default=show, **kw)
     kw["type"] = bool if base is bool else _click_type(base, option)
-    if typing.get_origin(base) is tuple:
+    if typing.get_origin(base) is tuple and _variadic(base) is None:
         kw["nargs"] = len(typing.get_args(base))
     show = option.show_default if option.show_default is not None else default is not None
     if not required:  # click takes an explicit default=None as a value that satisfies required=True
         kw["default"] = default
-    return click.Option(decls, show_default=show, **kw)
+    return _FileOption(decls, show_default=show, **kw)
+
+
+class _FileOption(click.Option):
+    """A generated option: a required one may be left out when ``--config`` is given (the file may hold it;
+    :func:`config_from_params` checks that one of the two did)."""
+
+    def process_value(self, ctx: click.Context, value: Any) -> Any:
+        if self.required and ctx.params.get(CONFIG) is not None:
+            self.required = False
+            try:
+                return super().process_value(ctx, value)
+            finally:
+                self.required = True
+        return super().process_value(ctx, value)
+
+
+def config_option() -> click.Option:
+    """``--config FILE``: processed first (eager), so the required options know a file may supply them."""
+    return click.Option(["--config", CONFIG], metavar="FILE", is_eager=True, default=None,
+                        help="YAML file of options (e.g. a run's config.yaml); options given here override it.")
 
 
 def click_options(cls: type, exclude: Sequence[str] = (),
@@ -149,10 +215,13 @@ def click_options(cls: type, exclude: Sequence[str] = (),
 
     The options' parameter names are the field names, so ``config_from_params(cls, params)`` rebuilds the
     config; fields declared with ``cli=False`` and the names in ``exclude`` get no option; ``only`` picks
-    some fields (a command that shares a few options of a stage, e.g. ``--cache-root``).
+    some fields (a command that shares a few options of a stage, e.g. ``--cache-root``). Without ``only``
+    the command also gets ``--config FILE`` (see :func:`config_from_params`).
     """
     hints = typing.get_type_hints(cls)
     options = [click_option(f, hints[f.name]) for f in cli_fields(cls, exclude, only)]
+    if only is None:
+        options.append(config_option())
 
     def decorate(fn: Callable) -> Callable:
         params = getattr(fn, "__click_params__", None)
@@ -165,14 +234,25 @@ def click_options(cls: type, exclude: Sequence[str] = (),
     return decorate
 
 
-def config_from_params(cls: type, params: dict[str, Any], **overrides: Any) -> Any:
+def config_from_params(cls: type, params: dict[str, Any], ctx: click.Context | None = None,
+                       **overrides: Any) -> Any:
     """``cls`` from a click ``params`` dict (keys that are not fields are ignored), plus ``overrides``.
 
-    A list given for a tuple field (e.g. read back from YAML or JSON) becomes a tuple.
+    With ``params["config"]`` (``--config FILE``) a field comes from the command line when it was given
+    there (``ctx``'s ParameterSource; default: the current click context), else from the file, else its
+    default. A list given for a tuple field (e.g. read back from YAML or JSON) becomes a tuple.
     """
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in params.items() if k in names}
+    path = params.get(CONFIG)
+    if path is not None:
+        ctx = ctx if ctx is not None else click.get_current_context(silent=True)
+        given = given_params(ctx) if ctx is not None else non_default(cls, values)
+        from_file = read_config_file(cls, path)
+        values = {**{k: v for k, v in values.items() if k in given or k not in from_file},
+                  **{k: v for k, v in from_file.items() if k not in given}}
+        _require(cls, values, path)
     values.update(overrides)
     for name, value in values.items():
         if isinstance(value, list) and typing.get_origin(_base_type(hints[name])[0]) is tuple:
@@ -180,5 +260,134 @@ def config_from_params(cls: type, params: dict[str, Any], **overrides: Any) -> A
     return cls(**values)
 
 
-__all__ = ["KEY", "Option", "opt", "option_of", "cli_fields", "option_names", "click_option", "click_options",
-           "config_from_params"]
+def given_params(ctx: click.Context) -> set[str]:
+    """The names of the parameters of ``ctx`` given on the command line (or in the environment)."""
+    return {name for name in ctx.params if ctx.get_parameter_source(name) in _GIVEN}
+
+
+def non_default(cls: type, values: Mapping[str, Any]) -> set[str]:
+    """The names in ``values`` whose value is not the field's default (how the API tells what was given)."""
+    return {f.name for f in dataclasses.fields(cls) if f.name in values and (
+        f.default is MISSING and f.default_factory is MISSING or values[f.name] != _default(f))}
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+
+
+def _require(cls: type, values: dict[str, Any], path: str) -> None:
+    for f in dataclasses.fields(cls):
+        if f.default is MISSING and f.default_factory is MISSING and values.get(f.name) is None:
+            name = option_names(cls).get(f.name, f.name)
+            raise TcskdError(f"{path}: missing key '{f.name}' (or give {name})")
+
+
+def config_from_file(cls: type, path: str | Path, **overrides: Any) -> Any:
+    """``cls`` from a config file (:func:`read_config_file`) and ``overrides`` (the Python side of
+    ``--config``): e.g. ``config_from_file(TrainConfig, "runs/a/config.yaml", out="runs/b")``."""
+    values = {**read_config_file(cls, path), **overrides}
+    _require(cls, values, str(path))
+    return cls(**values)
+
+
+def read_config_file(cls: type, path: str | Path) -> dict[str, Any]:
+    """The fields of ``cls`` a YAML file sets, each checked against its annotation (:func:`check_values`).
+
+    TcskdError (one line naming the file and the key) for a missing or unreadable file, a file that is not a
+    mapping, an unknown key or a value of the wrong type. Keys in :data:`IGNORED_KEYS` are skipped.
+    """
+    data = load_yaml(path)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise TcskdError(f"{path}: expected a mapping of option names to values, got {type(data).__name__}")
+    return check_values(cls, {k: v for k, v in data.items() if k not in IGNORED_KEYS}, str(path))
+
+
+def load_yaml(path: str | Path) -> Any:
+    """The content of a YAML file; TcskdError (one line naming the file) when missing or malformed."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise TcskdError(f"{path}: no such file" if not p.exists() else f"{path}: not a file")
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise TcskdError(f"{path}: not valid YAML{line}: {getattr(e, 'problem', None) or e}") from None
+
+
+def check_values(cls: type, values: Mapping[str, Any], source: str, prefix: str = "") -> dict[str, Any]:
+    """``values`` (field name -> value, e.g. read from YAML) checked against the annotations of ``cls``.
+
+    Returns them converted (a list for a tuple field -> tuple, an int for a float field -> float, a YAML 1.1
+    string like ``5e-4`` for a float field -> float). TcskdError ``SOURCE: unknown key 'PREFIX+name' (...)``
+    or ``SOURCE: key 'PREFIX+name' must be ... (got ...)``.
+    """
+    hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    out = {}
+    for name, value in values.items():
+        if name not in hints or name not in fields:
+            raise TcskdError(f"{source}: unknown key '{prefix}{name}' ({cls.__name__} has no such field; "
+                             f"known: {', '.join(fields)})")
+        ok, converted = _convert(value, hints[name])
+        if not ok:
+            raise TcskdError(f"{source}: key '{prefix}{name}' must be {_describe(hints[name])} "
+                             f"(got {type(value).__name__} {value!r})")
+        out[name] = converted
+    return out
+
+
+def _convert(value: Any, annotation: Any) -> tuple[bool, Any]:
+    base, optional = _base_type(annotation)
+    if value is None:
+        return optional, None
+    if base is bool:
+        return isinstance(value, bool), value
+    if base is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if base is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)  # YAML 1.1 reads 5e-4 (no dot) as a string
+            except ValueError:
+                return False, value
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if base is str:
+        return isinstance(value, str), value
+    if typing.get_origin(base) is tuple:
+        item = _variadic(base)
+        if item is not None and isinstance(value, str):
+            try:
+                value = [item(v) for v in value.split(",") if v.strip()]
+            except ValueError:
+                return False, value
+        if not isinstance(value, (list, tuple)):
+            return False, value
+        items = [item] * len(value) if item is not None else list(typing.get_args(base))
+        if len(items) != len(value):
+            return False, value
+        converted = [_convert(v, t) for v, t in zip(value, items)]
+        return all(ok for ok, _ in converted), tuple(v for _, v in converted)
+    return isinstance(value, base) if isinstance(base, type) else True, value
+
+
+def _describe(annotation: Any) -> str:
+    base, optional = _base_type(annotation)
+    if typing.get_origin(base) is tuple:
+        item = _variadic(base)
+        what = (f"a list of {item.__name__}" if item is not None else
+                f"a list of {len(typing.get_args(base))} ({', '.join(t.__name__ for t in typing.get_args(base))})")
+    else:
+        what = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+            base, getattr(base, "__name__", str(base)))
+    return what + (" or null" if optional else "")
+
+
+__all__ = ["KEY", "CONFIG", "IGNORED_KEYS", "Option", "opt", "option_of", "cli_fields", "option_names",
+           "click_option", "config_option", "click_options", "config_from_params", "given_params", "non_default",
+           "config_from_file", "read_config_file", "load_yaml", "check_values"]

@@ -21,6 +21,8 @@ USAGE_ERRORS = [
     (["--threads", "x", "cache"], "tcskd: error: Invalid value for '--threads': 'x' is not a valid integer."),
     (["--nope"], "tcskd: error: No such option '--nope'"),
     (["no-such-command"], "tcskd: error: No such command 'no-such-command'."),
+    (["run"], "tcskd: error: Missing argument 'RECIPE.yaml'."),
+    (["run", "r.yaml", "--set"], "tcskd: error: Option '--set' requires an argument."),
     (["basis", "--no-such-option"], "tcskd: error: No such option '--no-such-option'"),
     (["train", "--epochs", "many"], "tcskd: error: Invalid value for '--epochs'"),
     # build options given to the `cache` group before a subcommand would be ignored: refused instead

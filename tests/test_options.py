@@ -207,7 +207,7 @@ def _param(cmd: click.Command, name: str) -> click.Option:
 def test_option_types_follow_the_annotation():
     cmd, _ = _toy_command()
     assert [p.name for p in cmd.params] == ["name", "count", "limit", "scale", "kind", "maybe", "fast", "probe",
-                                            "lam", "box", "secret", "plain"]  # declaration order, no 'internal'
+                                            "lam", "box", "secret", "plain", "config"]  # declaration order, no 'internal', then --config
     assert _param(cmd, "name").required and _param(cmd, "name").type == click.STRING
     assert _param(cmd, "count").type == click.INT and _param(cmd, "count").default == 3
     assert _param(cmd, "limit").type == click.INT and _param(cmd, "limit").default is None
@@ -290,7 +290,7 @@ BAD = [
     (TrainConfig(cache="c", method="kd"), "unknown method 'kd' (choose tcs, fitnet, ce, online)"),
     (TrainConfig(cache="c", mimic="l1"), "unknown mimic loss 'l1' (choose mse, smooth-l1, cosine)"),
     (TrainConfig(cache="c", optimizer="adam"), "unknown optimizer 'adam' (choose sgd or adamw)"),
-    (TrainConfig(cache="c", schedule="linear"), "unknown schedule 'linear' (choose cosine or step)"),
+    (TrainConfig(cache="c", schedule="linear"), "unknown schedule 'linear' (choose cosine or step or multistep)"),
     (TrainConfig(cache="c", target_norm="std"), "unknown --target-norm 'std' (choose global, none)"),
     (TrainConfig(cache="c", tailor="yes"), "unknown --tailor 'yes' (choose auto, on, off)"),
     (TrainConfig(cache="c", select_by="random"), "unknown --select-by 'random' (choose grad, taylor, error, worst)"),

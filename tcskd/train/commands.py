@@ -2,8 +2,9 @@
 
 Thin layers registered in tcskd.cli: the options of ``train`` and ``eval`` are generated from
 :class:`tcskd.train.config.TrainConfig` and :class:`~tcskd.train.config.EvalConfig` (tcskd.options), whose
-``validate()`` the stage functions call. Problems are raised as TcskdError, which the main group prints as
-one line.
+``validate()`` the stage functions call; ``--config FILE`` is read by tcskd.options, and ``--resume`` takes
+the options not given from the run's config.yaml the same way (:func:`tcskd.train.config.with_saved_config`).
+Problems are raised as TcskdError, which the main group prints as one line.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ from pathlib import Path
 import click
 
 from tcskd.errors import TcskdError
-from tcskd.options import click_options, config_from_params
-from tcskd.train.config import EvalConfig, TrainConfig
+from tcskd.options import click_options, config_from_params, given_params, read_config_file
+from tcskd.train.config import EvalConfig, TrainConfig, with_saved_config
 from tcskd.train.evaluate import evaluate_teacher
 from tcskd.train.export import FORMATS, export_run
 from tcskd.train.loop import train as run_train
@@ -24,18 +25,16 @@ from tcskd.train.report import expand_run_dirs, load_runs, load_teacher_eval, ma
 
 log = logging.getLogger(__name__)
 
-#: Options that ``--resume`` never takes from the run's config.yaml.
-_NOT_SAVED = ("resume", "out", "stop_after")
-
-
 @click.command("train")
 @click_options(TrainConfig)
 @click.pass_context
 def train(ctx: click.Context, **params) -> None:
     """Train a student on cached teacher coordinates; prints the run directory last."""
-    if params["resume"] and params["out"]:
-        params = _with_saved_config(ctx, params)
-    res = run_train(config_from_params(TrainConfig, params))
+    cfg = config_from_params(TrainConfig, params, ctx)
+    given = given_params(ctx)
+    if params["config"] is not None:  # the --config file's values count as given: they beat the run's own
+        given |= set(read_config_file(TrainConfig, params["config"]))
+    res = run_train(with_saved_config(cfg, given))
     if "stopped_after" in res:
         click.echo(f"stopped after epoch {res['stopped_after']}; continue with --resume --out {res['run_dir']}")
         click.echo(res["run_dir"])
@@ -48,22 +47,6 @@ def train(ctx: click.Context, **params) -> None:
                f"{pct(res['val_top1'])}, test top-1 {pct(res['test_top1'])}, kNN top-1 {pct(res['knn_top1'])}, {res['train_seconds']:.1f} s "
                f"({res['img_per_s'] or 0:.0f} img/s)")
     click.echo(res["run_dir"])
-
-
-def _with_saved_config(ctx: click.Context, params: dict) -> dict:
-    """On --resume: options not given on the command line come from the run's config.yaml."""
-    import yaml
-
-    path = Path(params["out"]) / "config.yaml"
-    if not path.is_file():
-        return params
-    saved = yaml.safe_load(path.read_text()) or {}
-    out = dict(params)
-    for name in ctx.params:
-        given = ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
-        if not given and name in saved and name not in _NOT_SAVED:
-            out[name] = saved[name]
-    return out
 
 
 def _pct(v: float | None) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 
 from tcskd.device import DEVICES
 from tcskd.errors import TcskdError
-from tcskd.options import opt
+from tcskd.options import non_default, opt, read_config_file
 from tcskd.splits import Holdout
 from tcskd.train.head import CLASSIFY_FROM
 from tcskd.train.logger import check_backends
@@ -27,10 +27,12 @@ from tcskd.train.targets import DEFAULT_DIM, TARGET_NORMS
 #: Training methods: tcs (basis coordinates), fitnet (raw features), ce (no distillation), online (live teacher).
 METHODS = ("tcs", "fitnet", "ce", "online")
 OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("cosine", "step")
+SCHEDULES = ("cosine", "step", "multistep")
 TAILOR = ("auto", "on", "off")
 #: Student augmentations with a 1-view cache (auto: crop for greyscale digits, else crop-flip).
 AUGMENTS = ("auto", "none", "flip", "crop", "crop-flip")
+#: Config fields that ``--resume`` never takes from the run's config.yaml.
+NOT_SAVED = ("resume", "out", "stop_after")
 #: Config fields that may differ when a run is resumed.
 RESUME_FREE = ("cache", "cache_root", "data", "out", "resume", "device", "workers", "eval_every", "stop_after",
                "sync_bn", "log")
@@ -45,8 +47,8 @@ class TrainConfig:
     with ``data``)."""
     basis: str = opt("pca", help="Basis name in the cache.")
     """Name of the basis in the cache (``bases/<name>``) whose coordinates are the targets."""
-    student: str = opt("cnn", help="cnn, resnet8x4, resnet20, resnet32x4, resnet56, wrn-16-2, wrn-40-2, mobilenetv2, "
-                                   "shufflenetv2, tv:NAME or python:MODULE:FACTORY.")
+    student: str = opt("cnn", help="cnn, resnet8x4, resnet20, resnet32x4, resnet56, wrn-16-2, wrn-40-2, vgg8, "
+                                   "mobilenetv2, shufflenetv2, tv:NAME or python:MODULE:FACTORY.")
     """Student network (tcskd.train.students): cnn, resnet8x4, ..., tv:NAME, python:MODULE:FACTORY."""
     method: str = opt("tcs", choices=METHODS)
     """tcs (basis coordinates), fitnet (identity basis / raw features), ce (no distillation), online (live teacher)."""
@@ -80,7 +82,13 @@ class TrainConfig:
     warmup_epochs: float = opt(1.0)
     """Linear warm-up length in epochs (may be fractional; 0 = none)."""
     schedule: str = opt("cosine", choices=SCHEDULES)
-    """cosine (to 0) or step (x0.1 at 50% and 75% of the steps)."""
+    """cosine (to 0), step (x0.1 at 50% and 75% of the steps) or multistep (x ``gamma`` at each of
+    ``milestones``)."""
+    milestones: tuple[int, ...] = opt((), metavar="E,E,...", help="multistep: epochs after which the lr is multiplied "
+                                                               "by --gamma (e.g. 150,180,210).")
+    """multistep: the epochs after which the learning rate is multiplied by ``gamma`` (ascending)."""
+    gamma: float = opt(0.1, help="multistep: lr factor at each milestone.")
+    """multistep: the learning rate's factor at each milestone."""
     labels_per_class: int | None = opt(None, help="CE (and kNN references) on n labelled training images per class "
                                                   "(default: every label).")
     """CE on this many labelled images per class (seeded by ``seed``, drawn from the training rows); None =
@@ -182,6 +190,11 @@ class TrainConfig:
                                     ("elsh-weight", self.elsh_weight, False)):
             if value is not None and (not math.isfinite(value) or value < 0 or (strict and value == 0)):
                 raise TcskdError(f"--{name} must be a finite number {'>' if strict else '>='} 0 (got {value})")
+        if self.schedule == "multistep" and (not self.milestones or list(self.milestones) != sorted(self.milestones)
+                                             or self.milestones[0] < 1):
+            raise TcskdError(f"--schedule multistep needs ascending --milestones >= 1 (got {self.milestones})")
+        if not 0.0 < self.gamma <= 1.0:
+            raise TcskdError(f"--gamma must be in (0, 1] (got {self.gamma})")
         if not 0.0 <= self.momentum < 1.0:
             raise TcskdError(f"--momentum must be in [0, 1) (got {self.momentum})")
         Holdout(self.val_frac, self.val_per_class, self.val_seed)  # checks the validation options
@@ -242,6 +255,24 @@ def tailoring_label(cfg: TrainConfig) -> str:
     return f"{cfg.select_by}/{cfg.select_every}ep/-{cfg.drop_frac:g}/min{cfg.min_dim}"
 
 
+def with_saved_config(cfg: TrainConfig, given: set[str] | None = None) -> TrainConfig:
+    """With ``cfg.resume``: ``cfg`` with the options not ``given`` taken from the run's ``out/config.yaml``.
+
+    The same mechanism as ``--config``: the run's config.yaml is the file, the given options override it
+    (except :data:`NOT_SAVED`, never taken from the file). ``given`` is the set of field names given
+    explicitly (the CLI passes those on its command line); None (the Python API) = the fields whose value
+    is not their default. Unchanged without ``resume``/``out`` or when the run has no config.yaml yet.
+    """
+    if not (cfg.resume and cfg.out):
+        return cfg
+    path = Path(cfg.out) / "config.yaml"
+    if not path.is_file():
+        return cfg
+    saved = read_config_file(TrainConfig, path)
+    given = non_default(TrainConfig, dataclasses.asdict(cfg)) if given is None else given
+    return dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k not in given and k not in NOT_SAVED})
+
+
 # -- tcskd eval ------------------------------------------------------------------
 
 @dataclass
@@ -290,5 +321,6 @@ class EvalConfig:
             raise TcskdError(f"--out {self.out} is a directory: give a file name")
 
 
-__all__ = ["METHODS", "OPTIMIZERS", "SCHEDULES", "TAILOR", "RESUME_FREE", "TrainConfig", "TAILORED", "FIXED",
+__all__ = ["METHODS", "OPTIMIZERS", "SCHEDULES", "TAILOR", "NOT_SAVED", "RESUME_FREE", "TrainConfig",
+           "with_saved_config", "TAILORED", "FIXED",
            "default_dim", "tailoring_preset", "resolve_config", "tailoring_label", "EvalConfig"]

@@ -29,7 +29,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -378,7 +378,8 @@ def train_epoch(run: Run, loop: EpochLoop, epoch: int) -> EpochStats:
         wait = time.perf_counter() - t_wait
         waited += wait
         first = wait if first is None else first
-        lr = lr_at(state.step, loop.total_steps, loop.warmup_steps, cfg.lr, cfg.schedule)
+        lr = lr_at(state.step, loop.total_steps, loop.warmup_steps, cfg.lr, cfg.schedule,
+                   [m * loop.plan.steps_per_epoch for m in cfg.milestones], cfg.gamma)
         parts = train_step(run, loop, batch, lr)
         state.step += 1
         steps += 1
@@ -502,8 +503,10 @@ def finish(run: Run, t_start: float) -> dict[str, Any]:
 
 # -- schedules (pure) -----------------------------------------------------------
 
-def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, schedule: str = "cosine") -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine to 0 or steps."""
+def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, schedule: str = "cosine",
+          milestone_steps: Sequence[int] = (), gamma: float = 0.1) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine to 0, steps, or
+    multistep (x ``gamma`` from each of ``milestone_steps`` on)."""
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     if schedule == "cosine":
@@ -512,6 +515,8 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, schedu
     if schedule == "step":
         passed = sum(step >= int(f * total_steps) for f in (0.5, 0.75))
         return base_lr * 0.1 ** passed
+    if schedule == "multistep":
+        return base_lr * gamma ** sum(step >= m for m in milestone_steps)
     raise ValueError(f"unknown schedule '{schedule}'")
 
 

@@ -11,7 +11,7 @@ Names:
 - ``cnn``: a small CNN for 28/32 px inputs (~240k parameters), the default.
 - CIFAR students in the style of the CRD repository (Tian et al. 2020):
   ``resnet8x4``, ``resnet20``, ``resnet32x4``, ``resnet56``, ``wrn-16-2``,
-  ``wrn-40-2``, ``mobilenetv2`` (CRD's ``mobile_half``: width 0.5, expansion 6)
+  ``wrn-40-2``, ``vgg8`` (CRD's ``vgg8_bn``), ``mobilenetv2`` (CRD's ``mobile_half``: width 0.5, expansion 6)
   and ``shufflenetv2`` (net size 1). Global average pooling is adaptive, so any
   input size >= 8 px works.
 - ``tv:NAME``: a torchvision model (``weights=None``); its last ``nn.Linear``
@@ -258,6 +258,26 @@ class ShuffleNetV2(nn.Module):
         return F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
 
 
+# -- VGG8 (CRD vgg.py, vgg8_bn: one 3x3 conv + BN + ReLU per stage) -----------------
+
+class VGG8(nn.Module):
+    """Stages of 64, 128, 256, 512, 512 channels (one conv each), max-pooled between them, average-pooled at
+    the end: a 512-d feature."""
+
+    def __init__(self, in_channels: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = in_channels
+        for i, cout in enumerate((64, 128, 256, 512, 512)):
+            layers += _conv_bn(cin, cout) + ([nn.MaxPool2d(2)] if i < 3 else [])
+            cin = cout
+        self.features = nn.Sequential(*layers)
+        self.feature_dim = 512
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
+
+
 # -- the registry ----------------------------------------------------------------
 
 _BUILTIN: dict[str, Callable[[int], nn.Module]] = {
@@ -267,6 +287,7 @@ _BUILTIN: dict[str, Callable[[int], nn.Module]] = {
     "resnet56": lambda c: CifarResNet(56, (16, 16, 32, 64), c),
     "wrn-16-2": lambda c: WideResNet(16, 2, c),
     "wrn-40-2": lambda c: WideResNet(40, 2, c),
+    "vgg8": lambda c: VGG8(c),
     "mobilenetv2": lambda c: MobileNetV2(c),
     "shufflenetv2": lambda c: ShuffleNetV2(c),
 }
