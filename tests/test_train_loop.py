@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from _train_fixtures import make_npz, make_script_teacher, make_store
 from tcskd.errors import TcskdError
-from tcskd.train.checkpoint import CHECKPOINT
+from tcskd.train.checkpoint import CHECKPOINT, check_resume
 from tcskd.train.loop import TrainConfig, load_run_inputs, lr_at, resolve_config, train
 
 TESTS = Path(__file__).parent
@@ -73,6 +73,17 @@ def test_lr_schedules():
     assert lr_at(99, 100, 10, 1.0) < 0.01
     assert [lr_at(s, 100, 0, 1.0, "step") for s in (0, 49, 50, 74, 75, 99)] == pytest.approx(
         [1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_a_checkpoint_from_before_an_option_existed_resumes_at_its_default():
+    # Checkpoints keep the config they were written with; an option added since counts as its default.
+    now = {"epochs": 3, "milestones": (), "gamma": 0.1, "seed": 0}
+    defaults = {"milestones": (), "gamma": 0.1}
+    check_resume({"epochs": 3, "seed": 0}, now, (), "k", "k", defaults)
+    with pytest.raises(TcskdError, match="milestones=\\(\\), now \\(2,\\)"):
+        check_resume({"epochs": 3, "seed": 0}, dict(now, milestones=(2,)), (), "k", "k", defaults)
+    with pytest.raises(TcskdError, match="cannot resume"):
+        check_resume({"epochs": 3, "seed": 0}, now, (), "k", "k")  # without the defaults: refused
 
 
 @pytest.mark.slow

@@ -80,13 +80,16 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def check_resume(saved: dict[str, Any], now: dict[str, Any], free: Sequence[str], cache_key: str | None,
-                 meta_key: str | None) -> None:
+                 meta_key: str | None, defaults: dict[str, Any] | None = None) -> None:
     """Refuse to resume a run whose options (``saved``, the checkpoint's config) differ from ``now`` in a
-    field not in ``free``, or whose cache (``meta_key``) is not this one (``cache_key``)."""
-    diff = [k for k in now if k not in free and saved.get(k) != now[k]]
+    field not in ``free``, or whose cache (``meta_key``) is not this one (``cache_key``). A field the
+    checkpoint does not know (an option added since it was written) counts as its value in ``defaults``."""
+    defaults = defaults or {}
+    was = {k: saved[k] if k in saved else defaults.get(k) for k in now}
+    diff = [k for k in now if k not in free and was[k] != now[k]]
     if diff:
         k = diff[0]
-        raise TcskdError(f"cannot resume: the run was started with {k}={saved.get(k)!r}, now {now[k]!r} "
+        raise TcskdError(f"cannot resume: the run was started with {k}={was[k]!r}, now {now[k]!r} "
                          f"({len(diff)} option(s) differ: {', '.join(diff)})")
     if meta_key != cache_key:
         raise TcskdError(f"cannot resume: the run used cache {meta_key}, now {cache_key}")

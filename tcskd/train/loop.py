@@ -168,8 +168,9 @@ def saved_checkpoint(cfg: TrainConfig, prep: RunInputs, out: Path) -> dict[str, 
     path = out / CHECKPOINT
     saved = load_checkpoint(path) if cfg.resume and path.exists() else None
     if saved is not None:
+        defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
         check_resume(saved["config"], dataclasses.asdict(cfg), RESUME_FREE, prep.cache_key,
-                     saved["meta"].get("cache_key"))
+                     saved["meta"].get("cache_key"), defaults)
     elif cfg.resume:
         log.info("no checkpoint in %s: starting from scratch", out)
     return saved
