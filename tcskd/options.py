@@ -19,7 +19,8 @@ options of the stage's command are generated from the fields by
 
 The option's type follows the annotation: ``str``, ``int``, ``float`` (also
 ``X | None``), ``bool`` (an on/off flag: ``--x`` when the default is False,
-``--x/--no-x`` otherwise), ``tuple[float, float]`` (two values), and a
+``--x/--no-x`` otherwise), ``tuple[float, float]`` (two values),
+``tuple[int, ...]`` (one comma-separated value, ``150,180,210``), and a
 ``choices`` list becomes a ``click.Choice``. Values are checked by the config's
 own ``validate()``, which the stage function calls, never by click callbacks.
 """
@@ -106,9 +107,29 @@ def _base_type(annotation: Any) -> tuple[Any, bool]:
     return annotation, False
 
 
+class IntList(click.ParamType):
+    """``tuple[int, ...]`` on the command line: one comma-separated value (``150,180,210``; empty: ``()``)."""
+
+    name = "ints"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[int, ...]:
+        if isinstance(value, (tuple, list)):
+            return tuple(value)
+        try:
+            return tuple(int(v) for v in str(value).replace(" ", "").split(",") if v)
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of integers", param, ctx)
+
+
+def _is_int_list(base: Any) -> bool:
+    return typing.get_origin(base) is tuple and typing.get_args(base) == (int, Ellipsis)
+
+
 def _click_type(base: Any, option: Option) -> Any:
     if option.choices is not None:
         return click.Choice(list(option.choices))
+    if _is_int_list(base):
+        return IntList()
     if typing.get_origin(base) is tuple:
         args = typing.get_args(base)
         if not args or Ellipsis in args:
@@ -135,7 +156,7 @@ def click_option(f: dataclasses.Field, annotation: Any) -> click.Option:
         show = option.show_default if option.show_default is not None else not flag_only
         return click.Option(decls, is_flag=True, default=bool(default), show_default=show, **kw)
     kw["type"] = bool if base is bool else _click_type(base, option)
-    if typing.get_origin(base) is tuple:
+    if typing.get_origin(base) is tuple and not _is_int_list(base):
         kw["nargs"] = len(typing.get_args(base))
     show = option.show_default if option.show_default is not None else default is not None
     if not required:  # click takes an explicit default=None as a value that satisfies required=True

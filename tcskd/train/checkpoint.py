@@ -28,6 +28,9 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
+#: Options added after checkpoints of this format were first written -> the value a checkpoint without them ran
+#: with (so that such a run still resumes).
+ADDED_OPTIONS: dict[str, Any] = {"milestones": (), "gamma": 0.1}
 
 
 def rng_state() -> dict[str, Any]:
@@ -83,7 +86,7 @@ def check_resume(saved: dict[str, Any], now: dict[str, Any], free: Sequence[str]
                  meta_key: str | None) -> None:
     """Refuse to resume a run whose options (``saved``, the checkpoint's config) differ from ``now`` in a
     field not in ``free``, or whose cache (``meta_key``) is not this one (``cache_key``)."""
-    diff = [k for k in now if k not in free and saved.get(k) != now[k]]
+    diff = [k for k in now if k not in free and saved.get(k, ADDED_OPTIONS.get(k)) != now[k]]
     if diff:
         k = diff[0]
         raise TcskdError(f"cannot resume: the run was started with {k}={saved.get(k)!r}, now {now[k]!r} "

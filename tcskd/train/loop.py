@@ -367,6 +367,7 @@ def train_epoch(run: Run, loop: EpochLoop, epoch: int) -> EpochStats:
     sums = torch.zeros(4, device=device)
     steps, lr, active = 0, cfg.lr, run.head.active
     waited, first = 0.0, None
+    milestones = tuple(m * loop.plan.steps_per_epoch for m in cfg.milestones)
     bar = tqdm(loop.loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
                disable=None if dist.is_main() else True)
     t_wait = time.perf_counter()
@@ -374,7 +375,7 @@ def train_epoch(run: Run, loop: EpochLoop, epoch: int) -> EpochStats:
         wait = time.perf_counter() - t_wait
         waited += wait
         first = wait if first is None else first
-        lr = lr_at(state.step, loop.total_steps, loop.warmup_steps, cfg.lr, cfg.schedule)
+        lr = lr_at(state.step, loop.total_steps, loop.warmup_steps, cfg.lr, cfg.schedule, milestones, cfg.gamma)
         parts = train_step(run, loop, batch, lr)
         state.step += 1
         steps += 1
@@ -495,8 +496,11 @@ def finish(run: Run, t_start: float) -> dict[str, Any]:
 
 # -- schedules (pure) -----------------------------------------------------------
 
-def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, schedule: str = "cosine") -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine to 0 or steps."""
+def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, schedule: str = "cosine",
+          milestones: tuple[int, ...] = (), gamma: float = 0.1) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine to 0, steps (x0.1 at
+    50% and 75% of ``total_steps``) or multistep (x ``gamma`` for each of ``milestones``, given in steps,
+    that ``step`` has reached)."""
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     if schedule == "cosine":
@@ -505,6 +509,8 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, schedu
     if schedule == "step":
         passed = sum(step >= int(f * total_steps) for f in (0.5, 0.75))
         return base_lr * 0.1 ** passed
+    if schedule == "multistep":
+        return base_lr * gamma ** sum(step >= m for m in milestones)
     raise ValueError(f"unknown schedule '{schedule}'")
 
 
