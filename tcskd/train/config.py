@@ -45,7 +45,7 @@ class TrainConfig:
     basis: str = opt("pca", help="Basis name in the cache.")
     """Name of the basis in the cache (``bases/<name>``) whose coordinates are the targets."""
     student: str = opt("cnn", help="cnn, resnet8x4, resnet20, resnet32x4, resnet56, wrn-16-2, wrn-40-2, mobilenetv2, "
-                                   "shufflenetv2, tv:NAME or python:MODULE:FACTORY.")
+                                   "shufflenetv2, vgg8, tv:NAME or python:MODULE:FACTORY.")
     """Student network (tcskd.train.students): cnn, resnet8x4, ..., tv:NAME, python:MODULE:FACTORY."""
     method: str = opt("tcs", choices=METHODS)
     """tcs (basis coordinates), fitnet (identity basis / raw features), ce (no distillation), online (live teacher)."""
