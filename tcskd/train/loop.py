@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from tcskd import dist
 from tcskd.device import autocast, peak_memory_bytes, resolve_device
 from tcskd.errors import TcskdError
+from tcskd.results import StoppedRun, TrainResult
 from tcskd.train.config import RESUME_FREE, TrainConfig, resolve_config, tailoring_label
 from tcskd.train.checkpoint import (CHECKPOINT, CHECKPOINT_FORMAT, check_resume, load_checkpoint, rng_state,
                                     save_checkpoint, set_rng_state)
@@ -61,8 +62,9 @@ LOG_EVERY = 50
 
 # -- the stage, one page -----------------------------------------------------------
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Stage 3: train ``cfg.student`` on ``cfg.cache``; returns the content of ``final.json``."""
+def train(cfg: TrainConfig) -> TrainResult | StoppedRun:
+    """Stage 3: train ``cfg.student`` on ``cfg.cache``; returns the content of ``final.json``
+    (:data:`tcskd.results.TrainResult`), or a :class:`~tcskd.results.StoppedRun` after ``stop_after`` epochs."""
     t_start = time.perf_counter()
     cfg = resolve_config(cfg)
     device = setup_device(cfg)
@@ -461,14 +463,14 @@ def _elsh_for_mask(prep: RunInputs, head: TCSHead, device: torch.device
 
 # -- the end ---------------------------------------------------------------------
 
-def finish(run: Run, t_start: float) -> dict[str, Any]:
+def finish(run: Run, t_start: float) -> TrainResult:
     """The end of training (rank 0): validation and, once, the test split (kNN references: the labelled
     rows), ``curves.png`` and ``final.json``; returns final.json's content."""
     cfg, prep, state, student, head, out = run.cfg, run.prep, run.state, run.student, run.head, run.out
     t_eval = time.perf_counter()
     scores = final_scores(student, head, prep, run.device, _eval_batch(cfg), run.workers)
     rows = read_metrics(out / METRICS, state.epoch)
-    final = {
+    final: TrainResult = {
         **scores, "train_seconds": state.train_seconds,
         "img_per_s": state.images / state.train_seconds if state.train_seconds > 0 else None,
         "peak_mem_bytes": peak_memory_bytes(run.device), "method": cfg.method, "dim": prep.k,
