@@ -15,7 +15,7 @@ command-line options, ``tcskd <stage> --help``) and returns a typed result (tcsk
     e = tcskd.evaluate(tcskd.EvalConfig(cache=c.key, test_cache=KEY))  # -> EvalResult (the teacher's kNN / probe)
     with tcskd.open_cache(c.key) as cache:                        # -> Cache: numpy arrays as stored
         x, y, pca = cache.features(), cache.labels(), cache.basis("pca")
-    tcskd.run_recipe("recipes/default.yaml", ["train.epochs=1"])  # a recipe end to end
+    tcskd.run_recipe(path, overrides)                             # a recipe end to end (tcskd run)
 
 - :func:`build_cache` (:class:`CacheConfig` -> :class:`CacheResult`): stage 1, ``tcskd cache``.
 - :func:`fit_basis` (:class:`BasisConfig` -> :class:`BasisResult`): stage 2, ``tcskd basis``.
