@@ -1,12 +1,12 @@
 """Stage 3: train a student with the TCS head from cached targets, one page.
 
-``train(TrainConfig) -> dict`` reads top to bottom: prepare (:func:`load_run_inputs`:
+``train(TrainConfig) -> TrainResult`` reads top to bottom: prepare (:func:`load_run_inputs`:
 rows, targets and datasets from the data and the cache, tcskd.train.inputs) ->
 build (:func:`build_models`, :func:`build_run`: student, head, optimizer) ->
 restore (:func:`restore`, when resuming) -> for each epoch (:func:`run_epochs`):
 :func:`train_epoch`, :func:`evaluate_epoch`, :func:`select_coordinates` (tailoring),
 :func:`save_epoch` -> :func:`finish` (the final scores, ``final.json``).
-Learning-rate schedules are pure functions of the step (:func:`lr_at`).
+Learning-rate schedules (cosine, step, multistep) are pure functions of the step (:func:`lr_at`).
 
 The run directory and its files are described in tcskd.train.rundir, the
 checkpoint in tcskd.train.checkpoint; the datasets, sampler and DataLoaders in
