@@ -29,7 +29,7 @@ from tcskd.cache.config import CacheConfig
 from tcskd.cache.verify import VerifyFailed, info, verify_cache
 from tcskd.device import set_threads
 from tcskd.errors import TcskdError
-from tcskd.options import CONFIG, click_options, config_from_params, option_names
+from tcskd.options import CONFIG, HELP, click_options, config_from_params, option_names
 from tcskd.recipe import load_recipe, run_recipe
 from tcskd.store.paths import as_location
 from tcskd.store.registry import WriterLock, list_caches, resolve_cache
@@ -94,7 +94,7 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Group, context_settings=HELP)
 @click.version_option(__version__, prog_name="tcskd")
 @click.option("--debug", is_flag=True, help="Show full tracebacks.")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")

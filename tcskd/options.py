@@ -75,6 +75,10 @@ class Option:
     """False: the field has no CLI option (set from Python or a saved config only)."""
 
 
+#: Every command takes -h as well as --help, whether it runs under ``tcskd`` or on its own (click remembers a
+#: command's help option from its first invocation).
+HELP = {"help_option_names": ["-h", "--help"]}
+
 def opt(default: Any = MISSING, *, help: str | None = None, choices: Iterable[str] | None = None,
         cli: str | bool | None = None, flag: bool | None = None, metavar: str | None = None,
         hidden: bool = False, show_default: bool | None = None) -> Any:

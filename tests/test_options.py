@@ -290,7 +290,7 @@ BAD = [
     (TrainConfig(cache="c", method="kd"), "unknown method 'kd' (choose tcs, fitnet, ce, online)"),
     (TrainConfig(cache="c", mimic="l1"), "unknown mimic loss 'l1' (choose mse, smooth-l1, cosine)"),
     (TrainConfig(cache="c", optimizer="adam"), "unknown optimizer 'adam' (choose sgd or adamw)"),
-    (TrainConfig(cache="c", schedule="linear"), "unknown schedule 'linear' (choose cosine or step or multistep)"),
+    (TrainConfig(cache="c", schedule="linear"), "unknown schedule 'linear' (choose cosine, step or multistep)"),
     (TrainConfig(cache="c", target_norm="std"), "unknown --target-norm 'std' (choose global, none)"),
     (TrainConfig(cache="c", tailor="yes"), "unknown --tailor 'yes' (choose auto, on, off)"),
     (TrainConfig(cache="c", select_by="random"), "unknown --select-by 'random' (choose grad, taylor, error, worst)"),

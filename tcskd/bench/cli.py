@@ -12,9 +12,10 @@ from tcskd.bench.report import render_markdown
 from tcskd.bench.run import run_bench
 from tcskd.device import DEVICES, resolve_device
 from tcskd.errors import TcskdError
+from tcskd.options import HELP
 
 
-@click.command("bench")
+@click.command("bench", context_settings=HELP)
 @click.option("--device", type=click.Choice(list(DEVICES)), default="auto", show_default=True)
 @click.option("--quick", is_flag=True, help="Tiny sizes and fewer repeats: a smoke run.")
 @click.option("--out", "out_file", default="bench/out/bench.json", show_default=True,

@@ -46,6 +46,9 @@ VIEW_PIPELINE = "crop+resize-uint8-bilinear-aa/1"
 
 @dataclass
 class CacheResult:
+    """What ``build_cache`` did: the cache's ``path`` and ``key``, ``hit`` (complete already, nothing computed),
+    the ``rows_computed`` by the teacher in this call, its wall time ``seconds`` and their ``timings``."""
+
     path: Path
     key: str
     hit: bool

@@ -3,7 +3,9 @@
 The stages open caches through it (the basis fit, training, ``tcskd eval``,
 the cache stage's hit test), so every reader makes the same checks
 (:mod:`tcskd.store.integrity`) and reads rows the same way
-(:mod:`tcskd.store.chunks`).
+(:mod:`tcskd.store.chunks`). It is also the Python API's reader
+(``tcskd.open_cache``): ``features``, ``labels``, ``row_ok``, ``sample_index``,
+``view_params``, ``basis`` and ``coords`` return numpy arrays as stored.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from tcskd.store.backends import Store, open_store
+from tcskd.errors import StoreError
 from tcskd.store.bases import Basis, load_basis
 from tcskd.store.chunks import FeatureChunk, iter_feature_chunks, read_chunk_rows, row_mask
 from tcskd.store.integrity import first_problem, require
@@ -74,16 +77,26 @@ class Cache:
         """The rows chunk by chunk (tcskd.store.chunks.iter_feature_chunks; default: ``features``)."""
         return iter_feature_chunks(self.store, **kw)
 
+    def features(self, view: int | None = 0, dtype: Any = None) -> np.ndarray:
+        """Every row's features as stored (``float16`` by default), read chunk by chunk: N x D of ``view``, or
+        N x V x D with ``view=None``. Rows whose :meth:`row_ok` is False hold zeros (or whatever a damaged
+        source gave): select ``features()[cache.row_ok()]`` for the good ones. ``dtype`` converts per chunk."""
+        return self._rows("features", view, dtype, "features")
+
     def row_ok(self) -> np.ndarray:
+        """N booleans: False for rows the cache marked bad (an unreadable image with ``--skip-bad``)."""
         return row_mask(self.store)
 
     def labels(self) -> np.ndarray:
+        """N class labels (int64; below 0: unlabelled)."""
         return np.asarray(self.store.read("labels"), np.int64)
 
     def sample_index(self) -> np.ndarray:
+        """N indices of the rows in the dataset's split (int64)."""
         return np.asarray(self.store.read("sample_index"), np.int64)
 
     def view_params(self) -> np.ndarray:
+        """N x V x P parameters of the stored views (float32; tcskd.views)."""
         return np.asarray(self.store.read("view_params"), np.float32)
 
     # -- bases ----------------------------------------------------------
@@ -92,7 +105,30 @@ class Cache:
         return self.store.bases()
 
     def basis(self, name: str) -> Basis:
+        """The complete basis ``name``: ``mean`` [D], ``components`` [K, D], ``eigenvalues`` [K],
+        ``explained_ratio`` [K] (float64 arrays), ``attrs``; ``project(x)`` maps features to coordinates."""
         return load_basis(self.store, name)
+
+    def coords(self, name: str, view: int | None = 0, dtype: Any = None) -> np.ndarray:
+        """The coordinates stored with basis ``name`` (fitted with ``coords=True`` / ``--coords``), float16 as
+        stored: N x K of ``view``, or N x V x K with ``view=None``. StoreError when the basis has none
+        (``basis(name).project(features())`` computes them)."""
+        array = f"bases/{name}/coords"
+        self.basis(name)  # a StoreError naming the bases there are when it is not one
+        if array not in self.store:
+            raise StoreError(f"cache {self.path}: basis '{name}' has no stored coords (fit it with --coords)")
+        return self._rows(array, view, dtype, f"coords {name}")
+
+    def _rows(self, array: str, view: int | None, dtype: Any, desc: str) -> np.ndarray:
+        """``array`` (rows first, N x V x ...) whole or of one view, filled chunk by chunk."""
+        arr = self.store[array]
+        shape = tuple(int(s) for s in arr.shape)
+        if view is not None and not 0 <= view < shape[1]:
+            raise StoreError(f"cache {self.path} has {shape[1]} view(s): no view {view}")
+        out = np.empty(shape if view is None else shape[:1] + shape[2:], dtype=dtype or arr.dtype)
+        for chunk in self.chunks(array=array, view=view, desc=desc):
+            out[chunk.start:chunk.stop] = chunk.x
+        return out
 
     def close(self) -> None:
         self.store.close()

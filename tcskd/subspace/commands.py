@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import click
 
-from tcskd.options import click_options, config_from_params
+from tcskd.options import HELP, click_options, config_from_params
 from tcskd.subspace.config import BasisConfig
 from tcskd.subspace.fit import fit_basis
 
 
-@click.command("basis")
+@click.command("basis", context_settings=HELP)
 @click_options(BasisConfig)
 def basis(**params) -> None:
     """Fit a coordinate system (PCA basis) on a cache's features and store it in the cache."""

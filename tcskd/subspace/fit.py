@@ -43,6 +43,7 @@ import tcskd
 from tcskd import dist
 from tcskd.device import resolve_device
 from tcskd.errors import StoreError, TcskdError
+from tcskd.results import BasisResult
 from tcskd.splits import Holdout, rows_digest
 from tcskd.store import bases
 from tcskd.store.backends import Store, open_store
@@ -82,8 +83,9 @@ class Fitted:
 
 # -- the stage ---------------------------------------------------------------
 
-def fit_basis(cfg: BasisConfig) -> dict[str, Any]:
-    """Fit the basis ``cfg`` describes, store it in the cache, write its plot; return a summary.
+def fit_basis(cfg: BasisConfig) -> BasisResult:
+    """Fit the basis ``cfg`` describes, store it in the cache, write its plot; return a summary
+    (:class:`tcskd.results.BasisResult`).
 
     Summary keys: name, kind, k, dim, explained (cumulative share at K), top_eigenvalues,
     total_variance, rows_used, samples, cache, basis (where it is stored), plot (None when not drawn),
@@ -167,7 +169,7 @@ def fit_basis(cfg: BasisConfig) -> dict[str, Any]:
     where = str(cache_dir / "bases" / name) if fmt == "zarr" else f"{cache_dir / 'store.h5'}:/bases/{name}"
     explained = float(fitted.explained_ratio[-1])
     top = [float(v) for v in fitted.eigenvalues[:TOP_EIGENVALUES]]
-    summary = {
+    summary: BasisResult = {
         "name": name, "kind": cfg.kind, "k": fitted.k, "dim": int(fitted.mean.shape[0]),
         "explained": explained, "top_eigenvalues": top, "total_variance": fitted.total_variance,
         "rows_used": rows_used, "samples": fitted.samples, "cache": str(cache_dir), "basis": where,

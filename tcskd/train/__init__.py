@@ -20,4 +20,34 @@
 - ``commands``: the click commands ``train``, ``eval``, ``export`` and ``report``.
 
 This package never imports ``tcskd.teachers`` unless the method is ``online``.
+
+The package itself is callable as the stage: ``tcskd.train(cfg)`` is ``tcskd.train.loop.train(cfg)`` (the Python
+API's ``train``; the name is both, since ``import tcskd.train.loop`` makes ``tcskd.train`` this package). Importing
+it stays cheap: the loop (and torch) load on the first call.
 """
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tcskd.results import StoppedRun, TrainResult
+    from tcskd.train.config import TrainConfig
+
+
+class _StagePackage(types.ModuleType):
+    """``tcskd.train``: the package, and a callable that runs stage 3."""
+
+    def __call__(self, cfg: TrainConfig) -> TrainResult | StoppedRun:
+        """Stage 3: train ``cfg.student`` on ``cfg.cache`` (tcskd.train.loop.train); the content of
+        ``final.json`` (tcskd.results.TrainResult), or a StoppedRun after ``cfg.stop_after`` epochs.
+        With ``resume=True`` the fields left at their defaults come from the run's config.yaml, as
+        ``tcskd train --resume --out RUN_DIR`` takes the options not given on its command line."""
+        cfg = importlib.import_module("tcskd.train.config").with_saved_config(cfg)
+        return importlib.import_module("tcskd.train.loop").train(cfg)
+
+
+sys.modules[__name__].__class__ = _StagePackage

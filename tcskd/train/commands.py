@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from tcskd.errors import TcskdError
-from tcskd.options import click_options, config_from_params, given_params, read_config_file
+from tcskd.options import HELP, click_options, config_from_params, given_params, read_config_file
 from tcskd.train.config import EvalConfig, TrainConfig, with_saved_config
 from tcskd.train.evaluate import evaluate_teacher
 from tcskd.train.export import FORMATS, export_run
@@ -25,7 +25,7 @@ from tcskd.train.report import expand_run_dirs, load_runs, load_teacher_eval, ma
 
 log = logging.getLogger(__name__)
 
-@click.command("train")
+@click.command("train", context_settings=HELP)
 @click_options(TrainConfig)
 @click.pass_context
 def train(ctx: click.Context, **params) -> None:
@@ -53,7 +53,7 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.2f} %"
 
 
-@click.command("eval")
+@click.command("eval", context_settings=HELP)
 @click_options(EvalConfig)
 def eval_cmd(**params) -> None:
     """The teacher's kNN / linear-probe top-1 from cached features (no teacher forward).
@@ -82,7 +82,7 @@ def eval_cmd(**params) -> None:
         click.echo(f"wrote {params['out']}", err=True)
 
 
-@click.command("export")
+@click.command("export", context_settings=HELP)
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "out_file", required=True, help="File to write, e.g. student.pt2 (+ FILE.json).")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
@@ -111,7 +111,7 @@ def _default_png(run_dirs: list[Path]) -> Path:
     return parent / "report.png"
 
 
-@click.command("report")
+@click.command("report", context_settings=HELP)
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
 @click.option("--teacher-eval", type=click.Path(dir_okay=False), multiple=True,
               help="JSON from `tcskd eval --out`, shown above the table (repeatable: label budgets, seeds).")

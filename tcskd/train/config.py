@@ -47,8 +47,8 @@ class TrainConfig:
     with ``data``)."""
     basis: str = opt("pca", help="Basis name in the cache.")
     """Name of the basis in the cache (``bases/<name>``) whose coordinates are the targets."""
-    student: str = opt("cnn", help="cnn, resnet8x4, resnet20, resnet32x4, resnet56, wrn-16-2, wrn-40-2, vgg8, "
-                                   "mobilenetv2, shufflenetv2, tv:NAME or python:MODULE:FACTORY.")
+    student: str = opt("cnn", help="cnn, resnet8x4, resnet20, resnet32x4, resnet56, wrn-16-2, wrn-40-2, mobilenetv2, "
+                                   "shufflenetv2, vgg8, tv:NAME or python:MODULE:FACTORY.")
     """Student network (tcskd.train.students): cnn, resnet8x4, ..., tv:NAME, python:MODULE:FACTORY."""
     method: str = opt("tcs", choices=METHODS)
     """tcs (basis coordinates), fitnet (identity basis / raw features), ce (no distillation), online (live teacher)."""
@@ -81,14 +81,19 @@ class TrainConfig:
     """SGD momentum."""
     warmup_epochs: float = opt(1.0)
     """Linear warm-up length in epochs (may be fractional; 0 = none)."""
-    schedule: str = opt("cosine", choices=SCHEDULES)
-    """cosine (to 0), step (x0.1 at 50% and 75% of the steps) or multistep (x ``gamma`` at each of
-    ``milestones``)."""
-    milestones: tuple[int, ...] = opt((), metavar="E,E,...", help="multistep: epochs after which the lr is multiplied "
-                                                               "by --gamma (e.g. 150,180,210).")
-    """multistep: the epochs after which the learning rate is multiplied by ``gamma`` (ascending)."""
-    gamma: float = opt(0.1, help="multistep: lr factor at each milestone.")
-    """multistep: the learning rate's factor at each milestone."""
+    schedule: str = opt("cosine", choices=SCHEDULES,
+                        help="After the warm-up: cosine to 0, step (x0.1 at 50% and 75% of the steps), or "
+                             "multistep (x gamma at each of --milestones).")
+    """After the warm-up: cosine (to 0), step (x0.1 at 50% and 75% of the steps) or multistep (x ``gamma``
+    at each epoch of ``milestones``, the CIFAR-100 KD standard: 150,180,210 of 240 epochs)."""
+    milestones: tuple[int, ...] = opt((), metavar="E1,E2,...",
+                                      help="Epochs at which multistep multiplies the lr by --gamma, e.g. "
+                                           "150,180,210.")
+    """Epochs (increasing, each in 1 .. epochs - 1) at whose start ``multistep`` multiplies the learning rate
+    by ``gamma``: epoch e (0-based) trains at lr * gamma ** (milestones <= e), as torch's MultiStepLR and
+    RepDistiller's ``--lr_decay_epochs``. Only for ``multistep``."""
+    gamma: float = opt(0.1, help="Factor of each multistep milestone.")
+    """Factor applied to the learning rate at each milestone of ``multistep`` (in (0, 1])."""
     labels_per_class: int | None = opt(None, help="CE (and kNN references) on n labelled training images per class "
                                                   "(default: every label).")
     """CE on this many labelled images per class (seeded by ``seed``, drawn from the training rows); None =
@@ -173,7 +178,8 @@ class TrainConfig:
                 raise TcskdError(f"unknown {what} '{value}' (choose {', '.join(allowed)})")
         for what, value, allowed in (("optimizer", self.optimizer, OPTIMIZERS), ("schedule", self.schedule, SCHEDULES)):
             if value not in allowed:
-                raise TcskdError(f"unknown {what} '{value}' (choose {' or '.join(allowed)})")
+                raise TcskdError(f"unknown {what} '{value}' (choose {', '.join(allowed[:-1])} or {allowed[-1]})")
+        self._validate_milestones()
         for name, value, allowed in (("target-norm", self.target_norm, TARGET_NORMS), ("tailor", self.tailor, TAILOR),
                                      ("select-by", self.select_by, SELECT_BY),
                                      ("classify-from", self.classify_from, CLASSIFY_FROM)):
@@ -190,11 +196,6 @@ class TrainConfig:
                                     ("elsh-weight", self.elsh_weight, False)):
             if value is not None and (not math.isfinite(value) or value < 0 or (strict and value == 0)):
                 raise TcskdError(f"--{name} must be a finite number {'>' if strict else '>='} 0 (got {value})")
-        if self.schedule == "multistep" and (not self.milestones or list(self.milestones) != sorted(self.milestones)
-                                             or self.milestones[0] < 1):
-            raise TcskdError(f"--schedule multistep needs ascending --milestones >= 1 (got {self.milestones})")
-        if not 0.0 < self.gamma <= 1.0:
-            raise TcskdError(f"--gamma must be in (0, 1] (got {self.gamma})")
         if not 0.0 <= self.momentum < 1.0:
             raise TcskdError(f"--momentum must be in [0, 1) (got {self.momentum})")
         Holdout(self.val_frac, self.val_per_class, self.val_seed)  # checks the validation options
@@ -207,6 +208,26 @@ class TrainConfig:
         if self.image_size is not None and self.image_size < 8:
             raise TcskdError(f"--image-size must be >= 8 (got {self.image_size})")
         check_backends(self.log)  # a known backend whose package is installed
+
+    def _validate_milestones(self) -> None:
+        """TcskdError unless ``milestones`` are increasing epochs within the run, given for (and only for)
+        ``multistep``, and ``gamma`` is in (0, 1]."""
+        ms = tuple(self.milestones)
+        if self.schedule != "multistep":
+            if ms:
+                raise TcskdError(f"--milestones is for --schedule multistep (the schedule is {self.schedule})")
+            return
+        if not ms:
+            raise TcskdError("--schedule multistep needs --milestones (epochs, e.g. 150,180,210)")
+        if any(not isinstance(m, int) or isinstance(m, bool) for m in ms):
+            raise TcskdError(f"--milestones must be whole epochs (got {','.join(map(str, ms))})")
+        if any(b <= a for a, b in zip(ms, ms[1:])):
+            raise TcskdError(f"--milestones must be increasing (got {','.join(map(str, ms))})")
+        if ms[0] < 1 or ms[-1] >= self.epochs:
+            raise TcskdError(f"--milestones must lie within the {self.epochs} epochs, each in 1..{self.epochs - 1} "
+                             f"(got {','.join(map(str, ms))})")
+        if not (math.isfinite(self.gamma) and 0 < self.gamma <= 1):
+            raise TcskdError(f"--gamma must be in (0, 1] (got {self.gamma})")
 
 
 # -- the --tailor presets and the resolved config ------------------------------
@@ -245,7 +266,7 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     lr = cfg.lr if cfg.lr is not None else (0.05 if cfg.optimizer == "sgd" else 1e-3)
     wd = cfg.weight_decay if cfg.weight_decay is not None else (5e-4 if cfg.optimizer == "sgd" else 0.05)
     lam = 0.0 if cfg.method == "ce" else cfg.lam
-    return dataclasses.replace(cfg, lr=lr, weight_decay=wd, lam=lam)
+    return dataclasses.replace(cfg, lr=lr, weight_decay=wd, lam=lam, milestones=tuple(cfg.milestones))
 
 
 def tailoring_label(cfg: TrainConfig) -> str:

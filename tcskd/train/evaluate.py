@@ -28,7 +28,7 @@ import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from tcskd.device import autocast, resolve_device
 from tcskd.errors import StoreError, TcskdError
+from tcskd.results import EvalResult
 from tcskd.splits import Holdout, labelled_mask
 from tcskd.store.handle import Cache, open_cache
 from tcskd.store.registry import resolve_cache
@@ -236,14 +237,14 @@ def read_view0(cache: Cache, desc: str = "features") -> tuple[np.ndarray, np.nda
     return out, labels[keep], cache.sample_index()[keep]
 
 
-def evaluate_teacher(cfg: EvalConfig) -> dict[str, Any]:
+def evaluate_teacher(cfg: EvalConfig) -> EvalResult:
     """kNN (and linear-probe) top-1 of the teacher from view 0 of two complete caches.
 
     Refuses (StoreError) incomplete caches and caches of different teachers or
     dims. Rows whose ``row_ok`` is False are excluded, and so are unlabelled
     rows. Returns {'knn_top1', 'linear_top1' (None when cfg.linear is False),
     'k', 'train_rows', 'test_rows', 'teacher', 'data', ...} with accuracies as
-    fractions; writes it as JSON to ``cfg.out`` when given.
+    fractions (:class:`tcskd.results.EvalResult`); writes it as JSON to ``cfg.out`` when given.
     """
     cfg.validate()
     t0 = time.perf_counter()
@@ -309,7 +310,7 @@ def evaluate_teacher(cfg: EvalConfig) -> dict[str, Any]:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
         log.debug("wrote %s", out)
-    return result
+    return cast(EvalResult, result)
 
 
 # -- a trained student ---------------------------------------------------------

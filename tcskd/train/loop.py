@@ -1,12 +1,12 @@
 """Stage 3: train a student with the TCS head from cached targets, one page.
 
-``train(TrainConfig) -> dict`` reads top to bottom: prepare (:func:`load_run_inputs`:
+``train(TrainConfig) -> TrainResult`` reads top to bottom: prepare (:func:`load_run_inputs`:
 rows, targets and datasets from the data and the cache, tcskd.train.inputs) ->
 build (:func:`build_models`, :func:`build_run`: student, head, optimizer) ->
 restore (:func:`restore`, when resuming) -> for each epoch (:func:`run_epochs`):
 :func:`train_epoch`, :func:`evaluate_epoch`, :func:`select_coordinates` (tailoring),
 :func:`save_epoch` -> :func:`finish` (the final scores, ``final.json``).
-Learning-rate schedules are pure functions of the step (:func:`lr_at`).
+Learning-rate schedules (cosine, step, multistep) are pure functions of the step (:func:`lr_at`).
 
 The run directory and its files are described in tcskd.train.rundir, the
 checkpoint in tcskd.train.checkpoint; the datasets, sampler and DataLoaders in
@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from tcskd import dist
 from tcskd.device import autocast, peak_memory_bytes, resolve_device
 from tcskd.errors import TcskdError
+from tcskd.results import StoppedRun, TrainResult
 from tcskd.train.config import RESUME_FREE, TrainConfig, resolve_config, tailoring_label
 from tcskd.train.checkpoint import (CHECKPOINT, CHECKPOINT_FORMAT, check_resume, load_checkpoint, rng_state,
                                     save_checkpoint, set_rng_state)
@@ -62,8 +63,9 @@ LOG_EVERY = 50
 
 # -- the stage, one page -----------------------------------------------------------
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Stage 3: train ``cfg.student`` on ``cfg.cache``; returns the content of ``final.json``."""
+def train(cfg: TrainConfig) -> TrainResult | StoppedRun:
+    """Stage 3: train ``cfg.student`` on ``cfg.cache``; returns the content of ``final.json``
+    (:data:`tcskd.results.TrainResult`), or a :class:`~tcskd.results.StoppedRun` after ``stop_after`` epochs."""
     t_start = time.perf_counter()
     cfg = resolve_config(cfg)
     device = setup_device(cfg)
@@ -372,6 +374,7 @@ def train_epoch(run: Run, loop: EpochLoop, epoch: int) -> EpochStats:
     sums = torch.zeros(4, device=device)
     steps, lr, active = 0, cfg.lr, run.head.active
     waited, first = 0.0, None
+    milestones = tuple(m * loop.plan.steps_per_epoch for m in cfg.milestones)
     bar = tqdm(loop.loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
                disable=None if dist.is_main() else True)
     t_wait = time.perf_counter()
@@ -379,8 +382,7 @@ def train_epoch(run: Run, loop: EpochLoop, epoch: int) -> EpochStats:
         wait = time.perf_counter() - t_wait
         waited += wait
         first = wait if first is None else first
-        lr = lr_at(state.step, loop.total_steps, loop.warmup_steps, cfg.lr, cfg.schedule,
-                   [m * loop.plan.steps_per_epoch for m in cfg.milestones], cfg.gamma)
+        lr = lr_at(state.step, loop.total_steps, loop.warmup_steps, cfg.lr, cfg.schedule, milestones, cfg.gamma)
         parts = train_step(run, loop, batch, lr)
         state.step += 1
         steps += 1
@@ -467,14 +469,14 @@ def _elsh_for_mask(prep: RunInputs, head: TCSHead, device: torch.device
 
 # -- the end ---------------------------------------------------------------------
 
-def finish(run: Run, t_start: float) -> dict[str, Any]:
+def finish(run: Run, t_start: float) -> TrainResult:
     """The end of training (rank 0): validation and, once, the test split (kNN references: the labelled
     rows), ``curves.png`` and ``final.json``; returns final.json's content."""
     cfg, prep, state, student, head, out = run.cfg, run.prep, run.state, run.student, run.head, run.out
     t_eval = time.perf_counter()
     scores = final_scores(student, head, prep, run.device, _eval_batch(cfg), run.workers)
     rows = read_metrics(out / METRICS, state.epoch)
-    final = {
+    final: TrainResult = {
         **scores, "train_seconds": state.train_seconds,
         "img_per_s": state.images / state.train_seconds if state.train_seconds > 0 else None,
         "peak_mem_bytes": peak_memory_bytes(run.device), "method": cfg.method, "dim": prep.k,
@@ -505,9 +507,10 @@ def finish(run: Run, t_start: float) -> dict[str, Any]:
 # -- schedules (pure) -----------------------------------------------------------
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, schedule: str = "cosine",
-          milestone_steps: Sequence[int] = (), gamma: float = 0.1) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine to 0, steps, or
-    multistep (x ``gamma`` from each of ``milestone_steps`` on)."""
+          milestones: tuple[int, ...] = (), gamma: float = 0.1) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine to 0, steps (x0.1 at
+    50% and 75% of ``total_steps``) or multistep (x ``gamma`` for each of ``milestones``, given in steps,
+    that ``step`` has reached)."""
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     if schedule == "cosine":
@@ -517,7 +520,7 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, schedu
         passed = sum(step >= int(f * total_steps) for f in (0.5, 0.75))
         return base_lr * 0.1 ** passed
     if schedule == "multistep":
-        return base_lr * gamma ** sum(step >= m for m in milestone_steps)
+        return base_lr * gamma ** sum(step >= m for m in milestones)
     raise ValueError(f"unknown schedule '{schedule}'")
 
 

@@ -11,9 +11,9 @@ Names:
 - ``cnn``: a small CNN for 28/32 px inputs (~240k parameters), the default.
 - CIFAR students in the style of the CRD repository (Tian et al. 2020):
   ``resnet8x4``, ``resnet20``, ``resnet32x4``, ``resnet56``, ``wrn-16-2``,
-  ``wrn-40-2``, ``vgg8`` (CRD's ``vgg8_bn``), ``mobilenetv2`` (CRD's ``mobile_half``: width 0.5, expansion 6)
-  and ``shufflenetv2`` (net size 1). Global average pooling is adaptive, so any
-  input size >= 8 px works.
+  ``wrn-40-2``, ``mobilenetv2`` (CRD's ``mobile_half``: width 0.5, expansion 6),
+  ``shufflenetv2`` (net size 1) and ``vgg8`` (RepDistiller's ``vgg8_bn``). Global
+  average pooling is adaptive, so any input size >= 8 px works.
 - ``tv:NAME``: a torchvision model (``weights=None``); its last ``nn.Linear``
   becomes the identity and its input width is the feature dimension.
   Greyscale inputs are repeated to 3 channels.
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 from typing import Callable
 
 import torch
@@ -258,21 +259,34 @@ class ShuffleNetV2(nn.Module):
         return F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
 
 
-# -- VGG8 (CRD vgg.py, vgg8_bn: one 3x3 conv + BN + ReLU per stage) -----------------
+# -- VGG8 (RepDistiller vgg.py, vgg8_bn) ----------------------------------------
 
 class VGG8(nn.Module):
-    """Stages of 64, 128, 256, 512, 512 channels (one conv each), max-pooled between them, average-pooled at
-    the end: a 512-d feature."""
+    """RepDistiller's ``vgg8_bn`` (configuration S): five stages of one 3x3 conv (with bias) + BN + ReLU, of
+    64, 128, 256, 512 and 512 channels, 2x2 max-pooling after each of the first three, global average pooling
+    to the 512-d feature (the classifier on it lives in the TCS head). Six weight layers with that classifier;
+    the name follows the KD literature. Weights as RepDistiller initialises them (conv N(0, 2 / (9 C_out)),
+    zero biases, BN 1 / 0). RepDistiller pools once more before the last stage at 64 px only; here the same
+    layers serve every input size."""
 
-    def __init__(self, in_channels: int) -> None:
+    def __init__(self, in_channels: int, widths: tuple[int, ...] = (64, 128, 256, 512, 512), pools: int = 3) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         cin = in_channels
-        for i, cout in enumerate((64, 128, 256, 512, 512)):
-            layers += _conv_bn(cin, cout) + ([nn.MaxPool2d(2)] if i < 3 else [])
-            cin = cout
+        for i, width in enumerate(widths):
+            layers += [nn.Conv2d(cin, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+            if i < pools:
+                layers.append(nn.MaxPool2d(2, 2))
+            cin = width
         self.features = nn.Sequential(*layers)
-        self.feature_dim = 512
+        self.feature_dim = cin
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
@@ -291,6 +305,9 @@ _BUILTIN: dict[str, Callable[[int], nn.Module]] = {
     "mobilenetv2": lambda c: MobileNetV2(c),
     "shufflenetv2": lambda c: ShuffleNetV2(c),
 }
+
+#: The students of the CIFAR-100 KD benchmarks (CRD / RepDistiller tables), all built in.
+CIFAR_KD_STUDENTS = ("resnet8x4", "resnet20", "wrn-16-2", "wrn-40-2", "vgg8", "mobilenetv2", "shufflenetv2")
 
 STUDENTS = ("cnn", *_BUILTIN, "tv:NAME", "python:MODULE:FACTORY")
 

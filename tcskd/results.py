@@ -1,0 +1,133 @@
+"""What the stage functions return: typed dicts whose keys are documented here.
+
+``fit_basis`` returns a :class:`BasisResult`, ``train`` a :class:`TrainResult` (the content of the run's
+``final.json``; a run stopped by ``stop_after`` returns a :class:`StoppedRun`), ``evaluate`` (``tcskd eval``) an
+:class:`EvalResult`. They are plain dicts at run time, indexed as before (``res["test_top1"]``) and written
+as JSON as they are; the types tell an editor and a type checker which keys there are. The cache stage
+returns the dataclass ``tcskd.cache.build.CacheResult``.
+
+Accuracies are fractions in [0, 1]; None where there was nothing to score (no labelled rows). This module
+imports nothing of tcskd (and no torch), so ``from tcskd.results import TrainResult`` is cheap.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+
+class BasisResult(TypedDict):
+    """``fit_basis(BasisConfig)``: the basis that was fitted and stored."""
+
+    name: str
+    """The basis's name in the cache (``bases/<name>``)."""
+    kind: str
+    """pca, random or identity."""
+    k: int
+    """Coordinates kept (K)."""
+    dim: int
+    """Feature dimension D."""
+    explained: float
+    """Cumulative share of the total variance in the K coordinates."""
+    top_eigenvalues: list[float]
+    """The first (up to 10) eigenvalues, largest first."""
+    total_variance: float
+    """Trace of the covariance (identity: the summed second moments)."""
+    rows_used: int
+    """Rows the fit read (``row_ok``, less the held-out validation rows with ``exclude_val``)."""
+    samples: int
+    """Samples in the moments (rows x views with ``view='all'``)."""
+    cache: str
+    """The cache directory that holds the basis."""
+    basis: str
+    """Where the basis is stored (a directory, or ``store.h5:/bases/<name>``)."""
+    plot: str | None
+    """The scree plot written beside the cache (None with ``plot=False``)."""
+    fit_on: str
+    """Key of the cache whose features were fitted (this cache unless ``fit_on``)."""
+    seconds: float
+    """Wall time of the fit."""
+    timings: dict[str, float]
+    """Seconds of ``read``, ``compute``, ``write`` and ``plot`` (they sum to at most ``seconds``)."""
+
+
+#: ``train(TrainConfig)``: the content of the run's ``final.json``. A dict type declared by call, since one key
+#: is ``lambda``. Keys: the scores (``val_top1`` and ``test_top1`` of the classifier, ``knn_top1`` and
+#: ``knn_val_top1`` of a weighted kNN on the student's features with the ``knn_reference_rows`` labelled rows as
+#: references, ``best_val_top1`` over the epochs), what the run was (``method``, ``student``, ``student_params``,
+#: ``dim`` = K, ``active_coords`` after tailoring, ``tailoring``, ``classify_from``, ``select_by``, ``lambda``,
+#: ``mimic``, ``target_norm``, ``target_scale``, ``elsh_bits``, ``labels_per_class``, ``seed``, ``epochs``,
+#: ``image_size``, ``device``), its data (``basis``, ``basis_kind``, ``basis_excludes_val``, ``cache_key``,
+#: ``cache``, ``data``, ``train_images``, ``labelled_images``, ``val_rows``, ``holdout``), its cost
+#: (``train_seconds``, ``img_per_s``, ``peak_mem_bytes``, ``setup_seconds``, ``eval_seconds``,
+#: ``total_seconds``) and where it is (``run_dir``). The README's stage-3 section describes final.json.
+TrainResult = TypedDict("TrainResult", {
+    "val_top1": float | None, "test_top1": float | None, "knn_top1": float | None,
+    "knn_val_top1": float | None, "knn_reference_rows": int, "best_val_top1": float | None,
+    "train_seconds": float, "img_per_s": float | None, "peak_mem_bytes": int | None,
+    "setup_seconds": float, "eval_seconds": float, "total_seconds": float,
+    "method": str, "student": str, "student_params": int, "dim": int | None, "active_coords": int | None,
+    "tailoring": str, "classify_from": str, "select_by": str | None, "lambda": float, "mimic": str,
+    "target_norm": str, "target_scale": float | None, "elsh_bits": int, "labels_per_class": int | None,
+    "seed": int, "epochs": int, "image_size": int, "device": str,
+    "basis": str | None, "basis_kind": str | None, "basis_excludes_val": bool | None,
+    "cache_key": str | None, "cache": str | None, "data": str, "train_images": int, "labelled_images": int,
+    "val_rows": int, "holdout": dict[str, Any], "run_dir": str,
+})
+TrainResult.__doc__ = "``train(TrainConfig)``: the content of the run's final.json (tcskd.results lists the keys)."
+
+
+class StoppedRun(TypedDict):
+    """``train`` with ``stop_after`` below ``epochs``: the run stopped, resumable with ``resume=True``."""
+
+    stopped_after: int
+    """Epochs completed."""
+    run_dir: str
+    """The run directory to resume (``out``)."""
+
+
+class EvalResult(TypedDict):
+    """``evaluate(EvalConfig)`` (``tcskd eval``): the teacher's accuracy from its cached features."""
+
+    knn_top1: float
+    """Weighted kNN top-1 on the test cache (references: the labelled training rows)."""
+    linear_top1: float | None
+    """Linear-probe top-1 on the test cache (None with ``linear=False``)."""
+    val_knn_top1: float | None
+    """kNN top-1 on the held-out validation rows of the train cache (None without any)."""
+    val_linear_top1: float | None
+    """Linear-probe top-1 on the validation rows (None without any, or with ``linear=False``)."""
+    k: int
+    """Neighbours used (``k``, at most the reference rows)."""
+    temperature: float
+    """The kNN temperature."""
+    train_rows: int
+    """Labelled reference rows (and probe training rows)."""
+    val_rows: int
+    """Validation rows held out of the train cache."""
+    test_rows: int
+    """Labelled rows of the test cache."""
+    labels_per_class: int | None
+    """The label budget (None: every label)."""
+    seed: int
+    """Seed of the labelled subset and of the probe."""
+    holdout: dict[str, Any]
+    """The validation rule (``val_frac``, ``val_per_class``, ``val_seed``)."""
+    teacher: str
+    """The teacher spec of both caches."""
+    data: str
+    """The dataset spec of the train cache."""
+    test_data: str
+    """The dataset spec of the test cache."""
+    dim: int
+    """Feature dimension."""
+    train_cache: str
+    """The train cache directory."""
+    test_cache: str
+    """The test cache directory."""
+    seconds: float
+    """Wall time."""
+    config: dict[str, Any]
+    """The EvalConfig as a dict."""
+
+
+__all__ = ["BasisResult", "TrainResult", "StoppedRun", "EvalResult"]
