@@ -44,6 +44,7 @@ def _invoke(args: list[str]):
     return CliRunner().invoke(main, args, prog_name="tcskd")
 
 
+@pytest.mark.slow
 @needs_onnx
 @pytest.mark.parametrize("how", ["suffix", "option"])
 def test_onnx_runtime_gives_the_student_logits(run, tmp_path, how):
@@ -85,6 +86,7 @@ def test_format_from_the_suffix():
         export_format("s.pt2", "tflite")
 
 
+@pytest.mark.slow
 @needs_onnx
 def test_without_onnxruntime_the_export_is_written_unchecked(run, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)

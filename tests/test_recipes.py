@@ -121,6 +121,7 @@ def test_cifar_recipes_use_the_standard_schedule():
         assert plan.caches["train"].image_size == 224
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_recipe_runs_end_to_end(name, stand_ins, tmp_path):
     out = tmp_path / "out"
@@ -151,6 +152,7 @@ def _final(run_dir: str) -> dict:
     return {k: v for k, v in final.items() if k not in _VOLATILE and not k.endswith(("_seconds", "_bytes", "_mb"))}
 
 
+@pytest.mark.slow
 def test_a_recipe_resumes(tmp_path, tiny_teacher):
     from conftest import make_npz
 

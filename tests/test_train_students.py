@@ -29,6 +29,7 @@ def test_the_cifar_kd_students_are_the_benchmarks():
                                       "shufflenetv2"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CIFAR_KD_STUDENTS)
 def test_cifar_kd_students_at_32_px_export(name, tmp_path):
     """Each CIFAR-100 KD student at 32 px, 3 channels, 100 classes: its feature feeds the TCS head, and
