@@ -384,24 +384,12 @@ def _fill(store: Store, cfg: CacheConfig, source: Source, teacher, device: torch
             if current != c:
                 current = c
                 n = stop - start
-                buf = {"features": np.zeros((n, cfg.views, teacher.dim), np_dtype),
-                       "labels": np.full(n, -1, np.int64), "sample_index": np.full(n, -1, np.int64),
-                       "view_params": np.zeros((n, cfg.views, 5), np.float32),
-                       "row_ok": np.zeros(n, bool), "filled": np.zeros(n, bool)}
+                buf = _chunk_buffer(n, cfg.views, teacher.dim, np_dtype)
             bad = [e for e in errors if e]
             if bad and not cfg.skip_bad:
                 raise DataError(bad[0] + " (pass --skip-bad to record and skip such images)")
             t = time.perf_counter()
-            try:
-                feats = teacher_forward(teacher, x, device)
-            except Exception as e:  # the teacher's own error (a shape it cannot take, out of memory, ...)
-                msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-                raise TcskdError(f"teacher {teacher.spec} failed on rows {first}..{int(rows[-1])}: {msg}; "
-                                 f"nothing of this chunk was stored") from e
-            if not torch.isfinite(feats).all():
-                raise TcskdError(f"teacher produced NaN/Inf features for rows {first}..{int(rows[-1])}; "
-                                 f"nothing of this chunk was stored")
-            feats = feats.cpu()  # the finite check above has waited for the device already
+            feats = _checked_forward(teacher, x, device, first, int(rows[-1]))
             t_fwd = time.perf_counter()
             timings["forward"] += t_fwd - t
             r = rows.numpy() - start
@@ -428,6 +416,28 @@ def _fill(store: Store, cfg: CacheConfig, source: Source, teacher, device: torch
         timings["write"] += time.perf_counter() - t
     bar.close()
     return computed
+
+
+def _chunk_buffer(n: int, views: int, dim: int, dtype: np.dtype) -> dict[str, np.ndarray]:
+    """One chunk's rows in memory until every row is filled (then written at once)."""
+    return {"features": np.zeros((n, views, dim), dtype), "labels": np.full(n, -1, np.int64),
+            "sample_index": np.full(n, -1, np.int64), "view_params": np.zeros((n, views, 5), np.float32),
+            "row_ok": np.zeros(n, bool), "filled": np.zeros(n, bool)}
+
+
+def _checked_forward(teacher, x: torch.Tensor, device: torch.device, first: int, last: int) -> torch.Tensor:
+    """The teacher's features of rows ``first..last`` on the CPU; a TcskdError naming them when the teacher
+    fails or gives NaN/Inf (nothing of their chunk is stored then)."""
+    try:
+        feats = teacher_forward(teacher, x, device)
+    except Exception as e:  # the teacher's own error (a shape it cannot take, out of memory, ...)
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise TcskdError(f"teacher {teacher.spec} failed on rows {first}..{last}: {msg}; "
+                         f"nothing of this chunk was stored") from e
+    if not torch.isfinite(feats).all():
+        raise TcskdError(f"teacher produced NaN/Inf features for rows {first}..{last}; "
+                         f"nothing of this chunk was stored")
+    return feats.cpu()  # the finite check above has waited for the device already
 
 
 def _timed(it, timings: dict[str, float], name: str):
