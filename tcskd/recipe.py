@@ -43,11 +43,11 @@ from tcskd.options import check_values, load_yaml
 from tcskd.store.handle import open_cache
 from tcskd.subspace.config import BasisConfig
 from tcskd.subspace.fit import fit_basis
-from tcskd.train.config import EvalConfig, TrainConfig
+from tcskd.train.config import RESUME_FREE, EvalConfig, TrainConfig, resolve_config
 from tcskd.train.evaluate import evaluate_teacher
 from tcskd.train.loop import train
 from tcskd.train.report import load_runs, load_teacher_eval, markdown_table, plot_runs
-from tcskd.train.rundir import FINAL
+from tcskd.train.rundir import CONFIG, FINAL
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +107,9 @@ def run_recipe(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = 
             fit_basis(cfg)
     plan.out.mkdir(parents=True, exist_ok=True)
     for name, cfg in plan.evals.items():
-        if not Path(cfg.out).is_file():
-            evaluate_teacher(dataclasses.replace(cfg, cache=train_cache, test_cache=test_cache))
+        cfg = dataclasses.replace(cfg, cache=train_cache, test_cache=test_cache)
+        if not _eval_is_current(cfg):
+            evaluate_teacher(cfg)
         result["teacher"][name] = cfg.out
     for name, cfg in plan.runs.items():
         result["runs"][name] = _run(dataclasses.replace(cfg, cache=train_cache))
@@ -122,6 +123,7 @@ def _run(cfg: TrainConfig) -> dict[str, Any]:
     """One run of the grid: skipped when finished, else trained (resuming its checkpoint)."""
     out = Path(cfg.out)
     if (out / FINAL).is_file():
+        _refuse_if_changed(cfg, out)
         log.info("run %s is finished: skipped", out)
         status, res = "done", load_runs([out])[0]
     else:
@@ -130,6 +132,39 @@ def _run(cfg: TrainConfig) -> dict[str, Any]:
         log.info("run %s: %s", out, status)
     return {"run_dir": str(out), "status": status, "val_top1": res.get("val_top1"),
             "test_top1": res.get("test_top1")}
+
+
+def _plain(v: Any) -> Any:
+    """Tuples as lists (how YAML and JSON hold them), for comparing a saved config with a planned one."""
+    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def _refuse_if_changed(cfg: TrainConfig, out: Path) -> None:
+    """A finished run is reused only when it was trained with the recipe's options on this cache; otherwise
+    a TcskdError names what differs (the finished run is kept: remove it, or give the recipe another out)."""
+    saved = load_yaml(out / CONFIG) or {}
+    now = dataclasses.asdict(resolve_config(cfg))
+    diff = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now
+            if k not in RESUME_FREE and k in saved and _plain(saved[k]) != _plain(now[k])]
+    key = (saved.get("resolved") or {}).get("cache_key")
+    if key is not None and key != Path(cfg.cache).name:
+        diff.insert(0, f"cache {key} -> {Path(cfg.cache).name}")
+    if diff:
+        raise TcskdError(f"{out} finished with other options than the recipe's ({', '.join(diff)}); remove it "
+                         f"(or set another out) to train it again")
+
+
+def _eval_is_current(cfg: EvalConfig) -> bool:
+    """Whether ``cfg.out`` holds the teacher eval of these caches and options (a changed one is redone)."""
+    path = Path(cfg.out)
+    if not path.is_file():
+        return False
+    saved = (load_yaml(path) or {}).get("config") or {}
+    now = dataclasses.asdict(cfg)
+    same = all(_plain(saved.get(k)) == _plain(now[k]) for k in now if k not in ("out", "device", "cache_root"))
+    if not same:
+        log.info("teacher eval %s was made with other caches or options: evaluating again", path)
+    return same
 
 
 def _basis_is_current(cfg: BasisConfig) -> bool:

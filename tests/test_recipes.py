@@ -170,6 +170,13 @@ def test_a_recipe_resumes(tmp_path, tiny_teacher):
     assert {r["status"] for r in done["runs"].values()} == {"done"} and Path(done["report"]).is_file()
     changed = run_recipe(recipe, ["basis.pca.dim=6", "grid.method=[ce]", "grid.seed=[1]", "eval=false"])
     assert changed["bases"] == {"pca": "fitted"}  # other options: fitted again
+    # A finished run is reused only with the recipe's options; a changed one is refused, the run kept.
+    with pytest.raises(TcskdError, match=r"finished with other options than the recipe's \(epochs 2 -> 3\)"):
+        run_recipe(recipe, ["train.epochs=3"])
+    assert {r["status"] for r in run_recipe(recipe)["runs"].values()} == {"done"}
+    # A teacher eval made with other options is made again.
+    evals = run_recipe(recipe, ["eval.k=3"])["teacher"]
+    assert {json.loads(Path(f).read_text())["k"] for f in evals.values()} == {3}
 
 
 def test_set_overrides_by_dotted_path():
