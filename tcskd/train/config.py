@@ -9,6 +9,7 @@ options (the ``--tailor`` presets, learning rate and weight decay of the optimiz
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,9 @@ from tcskd.train.logger import check_backends
 from tcskd.train.losses import MIMICS
 from tcskd.train.selection import SELECT_BY
 from tcskd.train.targets import DEFAULT_DIM, TARGET_NORMS
+
+
+log = logging.getLogger(__name__)
 
 #: Training methods: tcs (basis coordinates), fitnet (raw features), ce (no distillation), online (live teacher).
 METHODS = ("tcs", "fitnet", "ce", "online")
@@ -210,8 +214,9 @@ class TrainConfig:
         check_backends(self.log)  # a known backend whose package is installed
 
     def _validate_milestones(self) -> None:
-        """TcskdError unless ``milestones`` are increasing epochs within the run, given for (and only for)
-        ``multistep``, and ``gamma`` is in (0, 1]."""
+        """TcskdError unless ``milestones`` are increasing epochs >= 1, given for (and only for) ``multistep``,
+        and ``gamma`` is in (0, 1]. Milestones at or past ``epochs`` change nothing (as torch's MultiStepLR);
+        :func:`resolve_config` says so."""
         ms = tuple(self.milestones)
         if self.schedule != "multistep":
             if ms:
@@ -223,9 +228,8 @@ class TrainConfig:
             raise TcskdError(f"--milestones must be whole epochs (got {','.join(map(str, ms))})")
         if any(b <= a for a, b in zip(ms, ms[1:])):
             raise TcskdError(f"--milestones must be increasing (got {','.join(map(str, ms))})")
-        if ms[0] < 1 or ms[-1] >= self.epochs:
-            raise TcskdError(f"--milestones must lie within the {self.epochs} epochs, each in 1..{self.epochs - 1} "
-                             f"(got {','.join(map(str, ms))})")
+        if ms[0] < 1:
+            raise TcskdError(f"--milestones must be epochs >= 1 (got {','.join(map(str, ms))})")
         if not (math.isfinite(self.gamma) and 0 < self.gamma <= 1):
             raise TcskdError(f"--gamma must be in (0, 1] (got {self.gamma})")
 
@@ -266,6 +270,10 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     lr = cfg.lr if cfg.lr is not None else (0.05 if cfg.optimizer == "sgd" else 1e-3)
     wd = cfg.weight_decay if cfg.weight_decay is not None else (5e-4 if cfg.optimizer == "sgd" else 0.05)
     lam = 0.0 if cfg.method == "ce" else cfg.lam
+    late = [m for m in cfg.milestones if m >= cfg.epochs]
+    if late:
+        log.warning("--milestones %s lie at or past the run's %d epochs: they do not change its learning rate",
+                    ",".join(map(str, late)), cfg.epochs)
     return dataclasses.replace(cfg, lr=lr, weight_decay=wd, lam=lam, milestones=tuple(cfg.milestones))
 
 
