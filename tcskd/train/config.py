@@ -290,7 +290,8 @@ def with_saved_config(cfg: TrainConfig, given: set[str] | None = None) -> TrainC
     The same mechanism as ``--config``: the run's config.yaml is the file, the given options override it
     (except :data:`NOT_SAVED`, never taken from the file). ``given`` is the set of field names given
     explicitly (the CLI passes those on its command line); None (the Python API) = the fields whose value
-    is not their default. Unchanged without ``resume``/``out`` or when the run has no config.yaml yet.
+    is not their default: a field set to its default in Python is taken from the run, and the log says
+    which. Unchanged without ``resume``/``out`` or when the run has no config.yaml yet.
     """
     if not (cfg.resume and cfg.out):
         return cfg
@@ -298,8 +299,15 @@ def with_saved_config(cfg: TrainConfig, given: set[str] | None = None) -> TrainC
     if not path.is_file():
         return cfg
     saved = read_config_file(TrainConfig, path)
+    from_python = given is None
     given = non_default(TrainConfig, dataclasses.asdict(cfg)) if given is None else given
-    return dataclasses.replace(cfg, **{k: v for k, v in saved.items() if k not in given and k not in NOT_SAVED})
+    taken = {k: v for k, v in saved.items() if k not in given and k not in NOT_SAVED}
+    changed = {k: v for k, v in taken.items() if v != getattr(cfg, k) and not (
+        isinstance(v, (list, tuple)) and tuple(v) == tuple(getattr(cfg, k) or ()))}
+    if from_python and changed:  # a field set to its default in Python looks the same as one not set
+        log.info("resume: from %s, %s (fields at their defaults count as not given)", path,
+                 ", ".join(f"{k}={v!r}" for k, v in sorted(changed.items())))
+    return dataclasses.replace(cfg, **taken)
 
 
 # -- tcskd eval ------------------------------------------------------------------

@@ -29,7 +29,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,7 +51,7 @@ from tcskd.train.logger import MetricsLogger, NullLogger, open_logger
 from tcskd.train.losses import LossParts, elsh_bias, tcs_loss
 from tcskd.train.plots import plot_curves
 from tcskd.train.rundir import (CONFIG, CURVES, FINAL, METRICS, SPLIT, append_metrics, read_metrics,
-                                shared_run_dir, write_json)
+                                shared_run_dir, write_json, write_text_atomic)
 from tcskd.train.selection import SelectionSchedule, apply_selection, step_importance
 from tcskd.train.students import Student, count_parameters, make_student
 from tcskd.train.targets import TorchProjection
@@ -86,7 +86,11 @@ def train(cfg: TrainConfig) -> TrainResult | StoppedRun:
     log.info("training %s (%s, %d params) on %d images (%d labelled), method %s, K=%s, on %s",
              cfg.student, prep.data_spec, count_parameters(student), len(prep.train_set), prep.n_labelled,
              cfg.method, prep.k, device)
-    run_epochs(run)                                                        # train, evaluate, select, save
+    try:
+        run_epochs(run)                                                    # train, evaluate, select, save
+    except BaseException:
+        run.logger.close()  # a wandb run is not left open; metrics.jsonl and the checkpoint have what was done
+        raise
     if not dist.is_main():  # rank 0 evaluates and writes the results
         return dist.broadcast_object(None)
     if run.state.epoch < cfg.epochs:
@@ -240,7 +244,7 @@ def start_run_dir(run: Run) -> None:
         "student_params": count_parameters(run.student), "head_params": count_parameters(run.head)}
     resolved["resolved"]["world_size"] = dist.world()
     if dist.is_main():
-        (out / CONFIG).write_text(yaml.safe_dump(resolved, sort_keys=False))
+        write_text_atomic(out / CONFIG, yaml.safe_dump(resolved, sort_keys=False))  # --resume reads it
         write_json(out / SPLIT, prep.split)
         run.logger = open_logger(cfg.log, out, run.state.epoch, resolved)
 
