@@ -212,7 +212,7 @@ def run_cmd(recipe: str, overrides: tuple[str, ...], dry_run: bool) -> None:
     skipped, an interrupted run resumes. Prints the report (Markdown) and its files.
     """
     if dry_run:
-        plan = load_recipe(recipe, overrides)
+        plan = load_recipe(recipe, overrides, check_paths=False)  # a preview: the placeholders may stay
         click.echo(f"caches: {', '.join(plan.caches)}; bases: {', '.join(plan.bases) or '-'}; "
                    f"teacher evals: {len(plan.evals)}; runs ({len(plan.runs)}) in {plan.out}:")
         for name in plan.runs:

@@ -193,8 +193,9 @@ def _report(out: Path, run_dirs: list[str], teacher: list[str]) -> tuple[str, st
 
 # -- reading and checking ------------------------------------------------------------
 
-def load_recipe(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = ()) -> Plan:
-    """The recipe at ``path`` with ``overrides`` applied, checked: every stage's config built and validated."""
+def load_recipe(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = (), check_paths: bool = True) -> Plan:
+    """The recipe at ``path`` with ``overrides`` applied, checked: every stage's config built and validated
+    (and, with ``check_paths``, the local data and teacher paths it names must exist)."""
     src = str(path)
     recipe = read_recipe(path)
     apply_overrides(recipe, overrides, src)
@@ -206,7 +207,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] =
         raise TcskdError(f"{src}: key 'out' must be a folder name (got {out!r})")
     device = _block(recipe, "device", src, str, default="auto")
     try:
-        caches = _caches(recipe, src, device)
+        caches = _caches(recipe, src, device, check_paths)
         shared = _fields(recipe, "train", TrainConfig, src)
         bases = _bases(recipe, src, device, shared)
         runs = _runs(recipe, src, device, shared, Path(out), bases)
@@ -302,14 +303,14 @@ def _checked(cfg: Any, src: str, what: str) -> Any:
     return cfg
 
 
-def _caches(recipe: dict[str, Any], src: str, device: str) -> dict[str, CacheConfig]:
+def _caches(recipe: dict[str, Any], src: str, device: str, check_paths: bool = True) -> dict[str, CacheConfig]:
     block = dict(_block(recipe, "cache", src, dict, default={}))
     splits = block.pop("splits", ["train", "test"])
     if not isinstance(splits, list) or "train" not in splits or not all(s in ("train", "test") for s in splits):
         raise TcskdError(f"{src}: key 'cache.splits' must be a list of train and test, with train (got {splits!r})")
     values = {"device": device, **_fields(recipe, "cache", CacheConfig, src, block)}
     caches = {s: _checked(CacheConfig(**values, split=s), src, f"cache {s}") for s in splits}
-    for key in ("data", "teacher"):
+    for key in ("data", "teacher") if check_paths else ():
         _check_local_path(getattr(caches["train"], key), f"cache.{key}", src)
     return caches
 
