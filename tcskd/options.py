@@ -332,6 +332,7 @@ def check_values(cls: type, values: Mapping[str, Any], source: str, prefix: str 
     """
     hints = typing.get_type_hints(cls)
     fields = [f.name for f in dataclasses.fields(cls)]
+    choices = {f.name: option_of(f).choices for f in dataclasses.fields(cls)}
     out = {}
     for name, value in values.items():
         if name not in hints or name not in fields:
@@ -341,6 +342,9 @@ def check_values(cls: type, values: Mapping[str, Any], source: str, prefix: str 
         if not ok:
             raise TcskdError(f"{source}: key '{prefix}{name}' must be {_describe(hints[name])} "
                              f"(got {type(value).__name__} {value!r})")
+        if choices[name] and converted is not None and converted not in choices[name]:
+            raise TcskdError(f"{source}: key '{prefix}{name}' must be one of {', '.join(choices[name])} "
+                             f"(got {converted!r})")
         out[name] = converted
     return out
 

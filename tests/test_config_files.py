@@ -118,6 +118,12 @@ def test_cli_refuses_a_bad_file_before_the_stage_runs(tmp_path, cmd, monkeypatch
     assert not (tmp_path / "caches").exists() and not (tmp_path / "runs").exists()
 
 
+def test_a_value_outside_the_choices_is_refused_naming_the_file(tmp_path):
+    f = _write(tmp_path / "c.yaml", {"cache": "c", "method": "tcss"})
+    with pytest.raises(TcskdError, match=r"c.yaml: key 'method' must be one of tcs, fitnet, ce, online \(got 'tcss'\)"):
+        read_config_file(TrainConfig, f)
+
+
 # -- a run's config.yaml ------------------------------------------------------------
 
 @pytest.fixture(scope="module")
