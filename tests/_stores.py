@@ -3,8 +3,8 @@
 :func:`write_cache` is the one fixture writer: it creates the layout of
 :func:`tcskd.store.layout.create_store` and fills every array, so a fixture
 cache has exactly the schema and manifest of one the cache stage builds.
-:func:`make_store` wraps it for the stage-2 tests (features given directly);
-``tests/_train_fixtures.make_store`` for the stage-3 tests (features of a fake
+:func:`make_feature_cache` wraps it for the stage-2 tests (features given directly);
+``tests/_train_fixtures.make_train_cache`` for the stage-3 tests (features of a fake
 teacher, with bases).
 """
 
@@ -68,7 +68,7 @@ def write_cache(path: "Path | RemotePath", features: np.ndarray, *, fmt: str = "
     return path
 
 
-def make_store(path: Path, features: np.ndarray, fmt: str = "zarr", chunk_rows: int = 64,
+def make_feature_cache(path: Path, features: np.ndarray, fmt: str = "zarr", chunk_rows: int = 64,
                row_ok: np.ndarray | None = None, chunk_done: np.ndarray | None = None,
                dtype: str | None = None) -> Path:
     """A cache at ``path`` holding ``features`` [N, V, D] (or [N, D] for one view).

@@ -1,7 +1,7 @@
 """Tiny synthetic datasets and feature stores for the stage-3 tests (no teacher involved).
 
 ``make_npz`` writes a labelled npz dataset of small uint8 images whose class
-is visible (a class-specific pattern plus noise). ``make_store`` writes a
+is visible (a class-specific pattern plus noise). ``make_train_cache`` writes a
 complete (or deliberately broken) cache for it (with tests/_stores.write_cache): the "teacher" is a
 fixed random projection of the view's pixels followed by tanh, so the
 targets are learnable; a PCA basis (and optionally stored coords and an
@@ -48,7 +48,7 @@ def teacher_features(img: np.ndarray, params: np.ndarray, size: int, dim: int, s
     return np.tanh((x - 0.5) @ r)
 
 
-def make_store(root: Path, npz: Path, views: int = 1, dim: int = 16, k: int = 8, coords: bool = False,
+def make_train_cache(root: Path, npz: Path, views: int = 1, dim: int = 16, k: int = 8, coords: bool = False,
                identity: bool = False, complete: bool = True, drop_rows: int = 0, bad_rows: tuple[int, ...] = (),
                teacher_size: int = 16, chunk_rows: int = 16, fmt: str = "zarr", view_seed: int = 0,
                name: str = "cache", teacher_spec: str = "builtin:efficientnet-lite0") -> Path:

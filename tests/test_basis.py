@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from _stores import low_rank_features, make_store
+from _stores import low_rank_features, make_feature_cache
 from tcskd.errors import StoreError, TcskdError
 from tcskd.store import bases as store_bases
 from tcskd.store.backends import open_store
@@ -46,7 +46,7 @@ def feats() -> np.ndarray:
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_pca_matches_numpy_svd(tmp_path, feats, fmt):
-    path = make_store(tmp_path / "c", feats, fmt=fmt, chunk_rows=64)
+    path = make_feature_cache(tmp_path / "c", feats, fmt=fmt, chunk_rows=64)
     summary = _fit(path)
     b = _load(path, "pca")
     mean, eig, vt = _reference(feats[:, 0])
@@ -80,10 +80,10 @@ def test_pca_matches_numpy_svd(tmp_path, feats, fmt):
 
 @pytest.mark.slow
 def test_chunk_size_and_format_invariance(tmp_path, feats):
-    ref_path = make_store(tmp_path / "z64", feats, fmt="zarr", chunk_rows=64)
+    ref_path = make_feature_cache(tmp_path / "z64", feats, fmt="zarr", chunk_rows=64)
     _fit(ref_path, dim=12)
     ref = _load(ref_path, "pca")
-    variants = [(make_store(tmp_path / "h50", feats, fmt="hdf5", chunk_rows=50), None),
+    variants = [(make_feature_cache(tmp_path / "h50", feats, fmt="hdf5", chunk_rows=50), None),
                 (ref_path, 17), (ref_path, 600), (ref_path, 7)]
     for path, rows in variants:
         _fit(path, dim=12, chunk_rows=rows, name=f"pca{rows}")
@@ -96,7 +96,7 @@ def test_chunk_size_and_format_invariance(tmp_path, feats):
 
 def test_float16_store_accumulates_in_float64(tmp_path, feats):
     x16 = feats.astype(np.float16)
-    path = make_store(tmp_path / "c", x16, fmt="zarr", chunk_rows=100)
+    path = make_feature_cache(tmp_path / "c", x16, fmt="zarr", chunk_rows=100)
     with open_store(path) as s:
         assert s["features"].dtype == np.float16
     _fit(path, dim=6)
@@ -108,7 +108,7 @@ def test_float16_store_accumulates_in_float64(tmp_path, feats):
 
 
 def test_svd_method_equals_eigh(tmp_path, feats):
-    path = make_store(tmp_path / "c", feats, fmt="zarr")
+    path = make_feature_cache(tmp_path / "c", feats, fmt="zarr")
     _fit(path, dim=10, name="e")
     _fit(path, dim=10, name="s", method="svd")
     e, s = _load(path, "e"), _load(path, "s")
@@ -123,7 +123,7 @@ def test_row_ok_and_all_views(tmp_path):
     ok = np.ones(300, bool)
     ok[[0, 5, 77, 299]] = False
     x[5] = np.nan  # an unreadable row may hold anything: it must be skipped, not checked
-    path = make_store(tmp_path / "c", x, fmt="hdf5", chunk_rows=32, row_ok=ok)
+    path = make_feature_cache(tmp_path / "c", x, fmt="hdf5", chunk_rows=32, row_ok=ok)
     _fit(path, view="all", name="all")
     _fit(path, view="0", name="v0")
     b_all, b_0 = _load(path, "all"), _load(path, "v0")
@@ -136,7 +136,7 @@ def test_row_ok_and_all_views(tmp_path):
 
 
 def test_random_basis_is_seeded_and_orthonormal(tmp_path, feats):
-    path = make_store(tmp_path / "c", feats, fmt="zarr")
+    path = make_feature_cache(tmp_path / "c", feats, fmt="zarr")
     _fit(path, kind="random", dim=10, seed=3, name="r3")
     _fit(path, kind="random", dim=10, seed=3, name="r3b", chunk_rows=33)
     _fit(path, kind="random", dim=10, seed=4, name="r4")
@@ -156,7 +156,7 @@ def test_random_basis_is_seeded_and_orthonormal(tmp_path, feats):
 
 
 def test_identity_round_trips_features(tmp_path, feats):
-    path = make_store(tmp_path / "c", feats, fmt="hdf5")
+    path = make_feature_cache(tmp_path / "c", feats, fmt="hdf5")
     s = _fit(path, kind="identity")
     b = _load(path, "identity")
     assert s["k"] == b.k == 48 and b.kind == "identity"
@@ -172,7 +172,7 @@ def test_identity_round_trips_features(tmp_path, feats):
 
 @pytest.mark.slow
 def test_energy_chooses_fewest_components(tmp_path, feats):
-    path = make_store(tmp_path / "c", feats, fmt="zarr")
+    path = make_feature_cache(tmp_path / "c", feats, fmt="zarr")
     _, eig, _ = _reference(feats[:, 0])
     ratio = np.cumsum(eig) / eig.sum()
     for energy in (0.5, 0.9, 0.999, 1.0):
@@ -189,7 +189,7 @@ def test_coords_equal_projection(tmp_path, whiten):
     x = low_rank_features(n=200, d=24, rank=5, views=2, seed=2, offset=0.5)
     ok = np.ones(200, bool)
     ok[[3, 150]] = False
-    path = make_store(tmp_path / "c", x, fmt="zarr", chunk_rows=48, row_ok=ok)
+    path = make_feature_cache(tmp_path / "c", x, fmt="zarr", chunk_rows=48, row_ok=ok)
     _fit(path, dim=8, coords=True, whiten=whiten, chunk_rows=30)
     b = _load(path, "pca-whiten" if whiten else "pca")
     assert b.whiten is whiten
@@ -204,9 +204,9 @@ def test_coords_equal_projection(tmp_path, whiten):
 
 
 def test_fit_on_other_cache(tmp_path, feats):
-    a = make_store(tmp_path / "a", feats, fmt="zarr")
+    a = make_feature_cache(tmp_path / "a", feats, fmt="zarr")
     other = low_rank_features(n=100, d=48, rank=3, seed=9)
-    b = make_store(tmp_path / "b", other, fmt="hdf5")
+    b = make_feature_cache(tmp_path / "b", other, fmt="hdf5")
     with open_store(a) as st:
         key_a = st.manifest["key"]
     s = fit_basis(BasisConfig(cache="b", fit_on="a", dim=6, cache_root=str(tmp_path), device="cpu", coords=True))
@@ -222,7 +222,7 @@ def test_fit_on_other_cache(tmp_path, feats):
         assert st.read(f"bases/{name}/coords").shape == (100, 1, 6)
     assert (tmp_path / "b" / f"basis-{name}.png").is_file()
 
-    small = make_store(tmp_path / "small", low_rank_features(n=50, d=16, rank=2), fmt="zarr")
+    small = make_feature_cache(tmp_path / "small", low_rank_features(n=50, d=16, rank=2), fmt="zarr")
     with pytest.raises(StoreError, match="16-dimensional"):
         _fit(b, fit_on=str(small), name="bad")
     with open_store(b) as st:
@@ -230,7 +230,7 @@ def test_fit_on_other_cache(tmp_path, feats):
 
 
 def test_half_written_basis_is_invisible_and_cleaned(tmp_path, feats, monkeypatch):
-    path = make_store(tmp_path / "c", feats, fmt="zarr")
+    path = make_feature_cache(tmp_path / "c", feats, fmt="zarr")
     _fit(path, dim=4)
     old = _load(path, "pca")
 
@@ -259,7 +259,7 @@ def test_half_written_basis_is_invisible_and_cleaned(tmp_path, feats, monkeypatc
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_error_inside_writer_leaves_nothing(tmp_path, feats, monkeypatch, fmt):
-    path = make_store(tmp_path / "c", feats, fmt=fmt)
+    path = make_feature_cache(tmp_path / "c", feats, fmt=fmt)
 
     def crash(*args, **kw):
         raise RuntimeError("disk full")
@@ -272,7 +272,7 @@ def test_error_inside_writer_leaves_nothing(tmp_path, feats, monkeypatch, fmt):
 
 
 def test_edited_manifest_refused(tmp_path, feats):
-    path = make_store(tmp_path / "c", feats, fmt="zarr")
+    path = make_feature_cache(tmp_path / "c", feats, fmt="zarr")
     with open_store(path, "a") as st:
         st.set_attrs({"teacher_spec": "someone-else"})
     with pytest.raises(StoreError, match="contradicts its identity"):
@@ -284,7 +284,7 @@ def test_edited_manifest_refused(tmp_path, feats):
 def test_incomplete_cache_refused(tmp_path, feats):
     done = np.ones(10, bool)
     done[3] = False
-    path = make_store(tmp_path / "c", feats, fmt="zarr", chunk_rows=60, chunk_done=done)
+    path = make_feature_cache(tmp_path / "c", feats, fmt="zarr", chunk_rows=60, chunk_done=done)
     with pytest.raises(StoreError, match=r"incomplete \(9/10 chunks done\)"):
         _fit(path)
 
@@ -293,7 +293,7 @@ def test_incomplete_cache_refused(tmp_path, feats):
 def test_nan_features_refused_naming_the_chunk(tmp_path, feats, fmt):
     x = feats.copy()
     x[130, 0, 7] = np.inf
-    path = make_store(tmp_path / "c", x, fmt=fmt, chunk_rows=64)
+    path = make_feature_cache(tmp_path / "c", x, fmt=fmt, chunk_rows=64)
     with pytest.raises(StoreError, match=r"chunk 2 \(rows 128-191\).*NaN/Inf.*row 130"):
         _fit(path)
     with open_store(path) as s:
@@ -305,7 +305,7 @@ def test_nan_in_the_first_or_last_sample_is_named(tmp_path, row, view, chunk):
     # The sums are checked once at the end; the first sample is also the shift of the sums.
     x = low_rank_features(n=600, d=16, rank=4, views=2, seed=2)
     x[row, view, 3] = np.nan
-    path = make_store(tmp_path / "c", x, chunk_rows=64)
+    path = make_feature_cache(tmp_path / "c", x, chunk_rows=64)
     with pytest.raises(StoreError, match=chunk + rf".*NaN/Inf.*row {row}, view {view}"):
         _fit(path, view="all")
 
@@ -324,7 +324,7 @@ def test_shift_of_the_first_sample_matches_an_explicit_shift(feats):
 
 
 def test_config_validation(tmp_path, feats):
-    path = make_store(tmp_path / "c", feats, fmt="zarr")
+    path = make_feature_cache(tmp_path / "c", feats, fmt="zarr")
     with pytest.raises(TcskdError, match="not both"):
         _fit(path, dim=3, energy=0.5)
     with pytest.raises(TcskdError, match=r"\(0, 1\]"):
@@ -360,7 +360,7 @@ def test_moments_merge_and_state(feats):
 
 
 def test_stream_moments_directly(tmp_path, feats):
-    path = make_store(tmp_path / "c", feats, fmt="hdf5", chunk_rows=64)
+    path = make_feature_cache(tmp_path / "c", feats, fmt="hdf5", chunk_rows=64)
     with open_store(path) as s:
         m = stream_moments(s, view="0", device="cpu", chunk_rows=100)
     np.testing.assert_allclose(m.covariance().numpy(), np.cov(feats[:, 0].astype(np.float64), rowvar=False),
@@ -369,7 +369,7 @@ def test_stream_moments_directly(tmp_path, feats):
 
 def test_cli_command(tmp_path):
     x = low_rank_features(n=80, d=12, rank=3, seed=5)
-    make_store(tmp_path / "k0123456789abcde", x, fmt="zarr", chunk_rows=16)
+    make_feature_cache(tmp_path / "k0123456789abcde", x, fmt="zarr", chunk_rows=16)
     runner = CliRunner()
     res = runner.invoke(basis_cmd, ["--cache", "k0123", "--cache-root", str(tmp_path), "--dim", "3",
                                     "--device", "cpu", "--coords"])
@@ -387,7 +387,7 @@ def test_cli_command(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu(tmp_path, feats):
-    path = make_store(tmp_path / "c", feats.astype(np.float16), fmt="hdf5", chunk_rows=64)
+    path = make_feature_cache(tmp_path / "c", feats.astype(np.float16), fmt="hdf5", chunk_rows=64)
     for kind in ("pca", "random", "identity"):
         for device in ("cpu", "cuda"):
             fit_basis(BasisConfig(cache=str(path), kind=kind, device=device, coords=True,

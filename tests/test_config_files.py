@@ -13,7 +13,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from _train_fixtures import make_npz, make_store
+from _train_fixtures import make_npz, make_train_cache
 from tcskd.cli import main
 from tcskd.errors import TcskdError
 from tcskd.options import click_options, config_from_file, config_from_params, opt, read_config_file
@@ -130,7 +130,7 @@ def test_a_value_outside_the_choices_is_refused_naming_the_file(tmp_path):
 def cache(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cfg-data")
     npz = make_npz(root / "d.npz", n_train=48, n_test=16)
-    return make_store(root, npz, name="cfg")
+    return make_train_cache(root, npz, name="cfg")
 
 
 def _metrics(run: Path) -> dict:

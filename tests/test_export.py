@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from _train_fixtures import make_npz, make_store
+from _train_fixtures import make_npz, make_train_cache
 from tcskd.cli import main
 from tcskd.errors import TcskdError
 from tcskd.train.config import TrainConfig
@@ -33,7 +33,7 @@ def run(request, tmp_path_factory):
     size, channels, classify_from = STUDENTS[name]
     root = tmp_path_factory.mktemp(f"export-{name}")
     npz = make_npz(root / "d.npz", n_train=24, n_test=8, size=size, channels=channels)
-    cache = make_store(root, npz, name="c")
+    cache = make_train_cache(root, npz, name="c")
     out = root / "run"
     train(TrainConfig(cache=str(cache), student=name, epochs=1, batch_size=8, dim=6, out=str(out), device="cpu",
                       workers=0, tailor="off", classify_from=classify_from))

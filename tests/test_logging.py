@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from _train_fixtures import make_npz, make_store
+from _train_fixtures import make_npz, make_train_cache
 from tcskd.cli import main
 from tcskd.errors import TcskdError
 from tcskd.train.config import TrainConfig
@@ -30,7 +30,7 @@ TIMING = {"seconds", "data_wait_s", "first_batch_s", "train_img_per_s"}
 def cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("logging")
     npz = make_npz(root / "d.npz", n_train=40, n_test=16)
-    return make_store(root, npz, coords=True, name="log")
+    return make_train_cache(root, npz, coords=True, name="log")
 
 
 def _cfg(cache: Path, out: Path, **kw) -> TrainConfig:

@@ -9,7 +9,7 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from _train_fixtures import make_npz, make_store
+from _train_fixtures import make_npz, make_train_cache
 from tcskd.errors import TcskdError
 from tcskd.train.checkpoint import CHECKPOINT
 from tcskd.train.commands import train as train_cmd
@@ -75,7 +75,7 @@ def _rows(run):
 
 def test_a_multistep_run_logs_its_learning_rates(tmp_path):
     npz = make_npz(tmp_path / "d.npz", n_train=40, n_test=16)
-    cache = make_store(tmp_path, npz, name="multistep")
+    cache = make_train_cache(tmp_path, npz, name="multistep")
     run = tmp_path / "run"
     # 36 training rows, batch 8 (the last partial batch dropped): 4 steps per epoch; warm-up 1 epoch, then
     # x0.5 at epochs 1 and 2. Stopped after 2 epochs, then resumed with --resume --out only: the schedule
@@ -102,7 +102,7 @@ def test_bad_milestones_on_the_command_line(tmp_path):
 def test_a_cosine_run_logs_what_it_did_before(tmp_path):
     """The default schedule: lr of the last step of each epoch, as before multistep existed."""
     npz = make_npz(tmp_path / "d.npz", n_train=40, n_test=16)
-    cache = make_store(tmp_path, npz, name="cosine")
+    cache = make_train_cache(tmp_path, npz, name="cosine")
     train(TrainConfig(cache=str(cache), epochs=3, batch_size=8, lr=0.08, device="cpu", out=str(tmp_path / "r")))
     rows = _rows(tmp_path / "r")
     assert [r["steps"] for r in rows] == [4, 4, 4]
@@ -114,7 +114,7 @@ def test_a_checkpoint_without_the_multistep_options_resumes(tmp_path):
     import torch
 
     npz = make_npz(tmp_path / "d.npz", n_train=40, n_test=16)
-    cache = make_store(tmp_path, npz, name="old")
+    cache = make_train_cache(tmp_path, npz, name="old")
     cfg = dict(cache=str(cache), epochs=2, batch_size=8, device="cpu", out=str(tmp_path / "r"))
     assert train(TrainConfig(**cfg, stop_after=1))["stopped_after"] == 1
     ck = torch.load(tmp_path / "r" / CHECKPOINT, weights_only=True)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from _train_fixtures import make_npz, make_script_teacher, make_store
+from _train_fixtures import make_npz, make_script_teacher, make_train_cache
 from tcskd.train.loop import TrainConfig, train
 
 pytestmark = pytest.mark.gpu
@@ -34,7 +34,7 @@ def test_cuda_training_online_and_export(tmp_path, knn):
     npz = make_npz(tmp_path / "d.npz", n_train=512, n_test=128, size=32, channels=3, classes=4)
     chance = 1.0 / len(np.unique(np.load(npz)["y"]))
     spec = make_script_teacher(tmp_path / "teacher.pt", size=24, dim=32, channels=3)
-    cache = make_store(tmp_path, npz, views=2, dim=32, k=16, coords=True, teacher_size=24, chunk_rows=128,
+    cache = make_train_cache(tmp_path, npz, views=2, dim=32, k=16, coords=True, teacher_size=24, chunk_rows=128,
                        fmt="hdf5", teacher_spec=spec)
     # 6 epochs (48 steps): after 2 the BatchNorm running statistics still lag, and the eval-mode classifier
     # of this toy (whose classes are plainly visible) answers one class: top-1 at chance, kNN near 100 %.

@@ -12,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from _train_fixtures import make_npz, make_script_teacher, make_store
+from _train_fixtures import make_npz, make_script_teacher, make_train_cache
 from tcskd.errors import TcskdError
 from tcskd.train.checkpoint import CHECKPOINT, check_resume
 from tcskd.train.loop import TrainConfig, load_run_inputs, lr_at, resolve_config, train
@@ -89,7 +89,7 @@ def test_a_checkpoint_from_before_an_option_existed_resumes_at_its_default():
 @pytest.mark.slow
 def test_resume_is_bit_identical(data, tmp_path):
     root, npz = data
-    cache = make_store(root, npz, views=2, name="resume")
+    cache = make_train_cache(root, npz, views=2, name="resume")
     opts = dict(select_every=1, drop_frac=0.25, min_dim=4, elsh_bits=8, labels_per_class=5, seed=3)
     full = train(_cfg(cache, tmp_path / "full", **opts))
     stopped = train(_cfg(cache, tmp_path / "part", stop_after=2, **opts))
@@ -125,7 +125,7 @@ def test_resume_is_bit_identical(data, tmp_path):
 @pytest.mark.slow
 def test_resume_warns_when_the_augmentation_generator_changed(data, tmp_path, caplog):
     root, npz = data
-    cache = make_store(root, npz, views=1, name="augrng")
+    cache = make_train_cache(root, npz, views=1, name="augrng")
     opts = dict(augment="crop-flip", seed=1)
     train(_cfg(cache, tmp_path / "run", stop_after=1, **opts))
     ck = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)
@@ -145,7 +145,7 @@ def test_resume_warns_when_the_augmentation_generator_changed(data, tmp_path, ca
 @pytest.mark.slow
 def test_training_never_imports_the_teacher(data, tmp_path):
     root, npz = data
-    cache = make_store(root, npz, identity=False, name="noteacher")
+    cache = make_train_cache(root, npz, identity=False, name="noteacher")
     script = textwrap.dedent(f"""
         import sys
         sys.modules["tcskd.teachers"] = None
@@ -177,7 +177,7 @@ def test_training_never_imports_the_teacher(data, tmp_path):
 def test_online_computes_the_cached_targets(data, tmp_path):
     root, npz = data
     spec = make_script_teacher(tmp_path / "teacher.pt", size=16, dim=16)
-    cache = make_store(root, npz, views=2, name="online", teacher_spec=spec)
+    cache = make_train_cache(root, npz, views=2, name="online", teacher_spec=spec)
     cached = load_run_inputs(resolve_config(TrainConfig(cache=str(cache))))
     online = load_run_inputs(resolve_config(TrainConfig(cache=str(cache), method="online")))
     assert online.train_set.targets is None and online.teacher_size == 16
@@ -207,7 +207,7 @@ def test_online_with_the_teacher_input_made_on_the_device_trains_the_same(data, 
 
     root, npz = data
     spec = make_script_teacher(tmp_path / "teacher.pt", size=16, dim=16)
-    cache = make_store(root, npz, views=1, name="online1", teacher_spec=spec)
+    cache = make_train_cache(root, npz, views=1, name="online1", teacher_spec=spec)
     ref = train(_cfg(cache, tmp_path / "a", method="online", epochs=1))
 
     monkeypatch.setattr(inputs, "resize_on_device", lambda device: True)  # as on a GPU
@@ -226,7 +226,7 @@ def cli_run(data, tmp_path_factory):
     from tcskd.train.commands import train as train_cmd
 
     root, npz = data
-    cache = make_store(root, npz, coords=True, name="cli")
+    cache = make_train_cache(root, npz, coords=True, name="cli")
     out = tmp_path_factory.mktemp("cli") / "run"
     res = CliRunner().invoke(train_cmd, ["--cache", str(cache), "--student", "cnn", "--epochs", "2",
                                          "--batch-size", "8", "--dim", "6", "--lambda", "2", "--out", str(out),
@@ -280,7 +280,7 @@ def test_cli_resume_takes_the_saved_options(data, tmp_path):
     from tcskd.train.commands import train as train_cmd
 
     root, npz = data
-    cache = make_store(root, npz, name="cli-resume")
+    cache = make_train_cache(root, npz, name="cli-resume")
     out = tmp_path / "run"
     first = CliRunner().invoke(train_cmd, ["--cache", str(cache), "--epochs", "2", "--batch-size", "8", "--dim", "4",
                                            "--seed", "2", "--out", str(out), "--device", "cpu", "--workers", "0",
@@ -297,7 +297,7 @@ def test_cli_resume_takes_the_saved_options(data, tmp_path):
 @pytest.mark.slow
 def test_workers_do_not_change_the_result(data, tmp_path):
     root, npz = data
-    cache = make_store(root, npz, name="workers")
+    cache = make_train_cache(root, npz, name="workers")
     a = train(_cfg(cache, tmp_path / "w0", epochs=1, workers=0))
     b = train(_cfg(cache, tmp_path / "w2", epochs=1, workers=2))
     wa = torch.load(tmp_path / "w0" / CHECKPOINT, weights_only=True)["student"]
@@ -310,7 +310,7 @@ def test_cli_refuses_an_incomplete_cache(data, tmp_path):
     from tcskd.train.commands import train as train_cmd
 
     root, npz = data
-    cache = make_store(root, npz, complete=False, name="cli-incomplete")
+    cache = make_train_cache(root, npz, complete=False, name="cli-incomplete")
     res = CliRunner().invoke(train_cmd, ["--cache", str(cache), "--out", str(tmp_path / "r"), "--device", "cpu"])
     assert res.exit_code != 0 and "incomplete" in str(res.exception)
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from _train_fixtures import make_npz, make_store
+from _train_fixtures import make_npz, make_train_cache
 from tcskd.store.backends import open_store
 from tcskd.views import apply_view, to_tensor
 from tcskd.data import open_source
@@ -24,7 +24,7 @@ def data(tmp_path_factory):
 
 def test_few_labels_in_training_config(data):
     root, npz = data
-    cache = make_store(root, npz, name="few")
+    cache = make_train_cache(root, npz, name="few")
     prep = load_run_inputs(resolve_config(TrainConfig(cache=str(cache), labels_per_class=3, seed=5)))
     ce = prep.train_set.ce_labels
     assert (ce >= 0).sum() == 3 * 4 and prep.n_labelled == 12
@@ -45,7 +45,7 @@ def test_few_labels_in_training_config(data):
 
 def test_targets_from_coords_match_projected_features(data):
     root, npz = data
-    cache = make_store(root, npz, views=2, coords=True, name="coords")
+    cache = make_train_cache(root, npz, views=2, coords=True, name="coords")
     with open_store(cache) as s:
         rows = np.arange(48)[::-1].copy()
         basis = load_basis(s, "pca").truncate(5)
@@ -58,7 +58,7 @@ def test_targets_from_coords_match_projected_features(data):
 
 def test_multi_view_replay_uses_the_stored_crop(data):
     root, npz = data
-    cache = make_store(root, npz, views=3, name="views")
+    cache = make_train_cache(root, npz, views=3, name="views")
     prep = load_run_inputs(resolve_config(TrainConfig(cache=str(cache), augment="crop-flip")))
     ds = prep.train_set
     assert prep.views == 3 and ds.augment == "none"  # the stored views are the augmentation
@@ -82,7 +82,7 @@ def test_multi_view_replay_uses_the_stored_crop(data):
 
 def test_one_view_augmentation_is_seeded_per_epoch(data):
     root, npz = data
-    cache = make_store(root, npz, name="aug")
+    cache = make_train_cache(root, npz, name="aug")
     ds = load_run_inputs(resolve_config(TrainConfig(cache=str(cache), augment="crop"))).train_set
     assert torch.equal(ds[(3, 0, 1)][0], ds[(3, 0, 1)][0])
     assert any(not torch.equal(ds[(i, 0, 1)][0], ds[(i, 0, 2)][0]) for i in range(8))
@@ -97,7 +97,7 @@ def test_a_batch_equals_its_images_one_by_one(data, views, augment):
     from tcskd.train.data import ViewImages
 
     root, npz = data
-    cache = make_store(root, npz, views=views, name=f"batch{views}")
+    cache = make_train_cache(root, npz, views=views, name=f"batch{views}")
     ds = load_run_inputs(resolve_config(TrainConfig(cache=str(cache), augment=augment, seed=3))).train_set
     assert ds.source.load_many is not None
     slow = ViewImages(replace(ds.source, load_many=None), ds.rows, ds.size, ds.channels, ds.params, ds.targets,
@@ -120,7 +120,7 @@ def test_teacher_input_left_to_the_device_is_the_same_view(data):
     from tcskd.train.data import ViewImages
 
     root, npz = data
-    cache = make_store(root, npz, name="defer")
+    cache = make_train_cache(root, npz, name="defer")
     ds = load_run_inputs(resolve_config(TrainConfig(cache=str(cache), augment="crop", seed=2))).train_set
     args = (ds.source, ds.rows, ds.size, ds.channels, ds.params, ds.targets, ds.ce_labels, ds.augment, ds.seed, 40)
     keys = list(EpochSampler(len(ds), 1, seed=1, epoch=0))[:16]
@@ -167,7 +167,7 @@ def test_augmentation_draws_cover_every_offset_and_flip_half_the_images():
 
 def test_incomplete_cache_is_refused(data, tmp_path):
     root, npz = data
-    cache = make_store(root, npz, complete=False, name="incomplete")
+    cache = make_train_cache(root, npz, complete=False, name="incomplete")
     with pytest.raises(StoreError, match="incomplete"):
         train(TrainConfig(cache=str(cache), epochs=1, out=str(tmp_path / "run"), device="cpu"))
     assert not (tmp_path / "run").exists()
@@ -175,14 +175,14 @@ def test_incomplete_cache_is_refused(data, tmp_path):
 
 def test_missing_rows_are_refused(data):
     root, npz = data
-    cache = make_store(root, npz, drop_rows=5, name="short")
+    cache = make_train_cache(root, npz, drop_rows=5, name="short")
     with pytest.raises(StoreError, match="lacks 5"):
         load_run_inputs(resolve_config(TrainConfig(cache=str(cache))))
 
 
 def test_bad_rows_are_left_out(data):
     root, npz = data
-    cache = make_store(root, npz, bad_rows=(2, 9), name="bad")
+    cache = make_train_cache(root, npz, bad_rows=(2, 9), name="bad")
     src = open_source(f"npz:{npz}", "train")
     with open_store(cache) as s:
         rows, store_rows = match_rows(s, src, src, limited=False)
@@ -192,7 +192,7 @@ def test_bad_rows_are_left_out(data):
 
 def test_wrong_data_is_refused(data, tmp_path):
     root, npz = data
-    cache = make_store(root, npz, name="other")
+    cache = make_train_cache(root, npz, name="other")
     other = make_npz(tmp_path / "other.npz", n_train=48, n_test=16, seed=9)
     with pytest.raises(StoreError, match="label"):
         load_run_inputs(resolve_config(TrainConfig(cache=str(cache), data=f"npz:{other}")))
@@ -200,8 +200,8 @@ def test_wrong_data_is_refused(data, tmp_path):
 
 def test_basis_choice(data):
     root, npz = data
-    cache = make_store(root, npz, identity=True, name="ident")
-    plain = make_store(root, npz, name="plain")
+    cache = make_train_cache(root, npz, identity=True, name="ident")
+    plain = make_train_cache(root, npz, name="plain")
     with open_store(cache) as s:
         assert resolve_basis(s, "fitnet", "pca", None).name == "identity"
         assert resolve_basis(s, "tcs", "pca", 3).k == 3
@@ -220,7 +220,7 @@ def test_basis_choice(data):
 
 def test_target_scale(data):
     root, npz = data
-    cache = make_store(root, npz, name="scale")
+    cache = make_train_cache(root, npz, name="scale")
     with open_store(cache) as s:
         basis = resolve_basis(s, "tcs", "pca", 4)
         t = load_targets(s, np.arange(48), basis)
@@ -238,7 +238,7 @@ def test_tcs_without_dim_takes_the_default_k_not_every_coordinate(data, monkeypa
     import tcskd.train.targets as targets
 
     root, npz = data
-    cache = make_store(root, npz, name="defaultk", k=8)
+    cache = make_train_cache(root, npz, name="defaultk", k=8)
     with open_store(cache) as s:
         monkeypatch.setattr(targets, "DEFAULT_DIM", 5)
         assert resolve_basis(s, "tcs", "pca", None).k == 5  # not all 8: tcs is not FitNet in a rotated basis

@@ -76,7 +76,7 @@ def list_caches(cache_root: "str | Path | RemotePath | None" = None) -> list[dic
                     "key": d.name, "data": m.data_spec, "split": m.split,
                     "teacher": m.teacher_spec, "rows": m.n_rows, "dim": m.dim,
                     "views": m.views, "format": s.format, "size_bytes": s.size_bytes(),
-                    "complete": bool(done is not None and done.all()),
+                    "complete": bool(done is not None and done.all() and m.complete),  # as integrity's "done"
                     "chunks_done": f"{int(done.sum()) if done is not None else 0}/{len(done) if done is not None else '?'}",
                     "bases": s.bases(), "path": str(d),
                 })

@@ -1,7 +1,7 @@
 """Stage 3: train students from cached teacher coordinates (no teacher in the loop).
 
-- ``loop``: ``TrainConfig`` and ``train(cfg) -> final.json dict``, one page: prepare, build, restore, then per
-  epoch train, evaluate, select, save; the final scores.
+- ``loop``: ``train(cfg) -> final.json dict``, one page: prepare, build, restore, then per epoch train,
+  evaluate, select, save; the final scores.
 - ``inputs``: what a run reads before it starts (``RunInputs``): rows, targets and datasets.
 - ``targets``: which rows of the dataset the cache holds, and their targets (bases, scale).
 - ``data``: the datasets, the epoch sampler, augmentation and the DataLoaders (``train_loader``).

@@ -14,8 +14,8 @@ tcskd.train.data; evaluation in tcskd.train.evaluate.
 
 Determinism and resume: the model is initialised from ``seed``; an epoch's
 sample order and view choices come from a generator seeded by (seed, epoch),
-augmentation from (seed, epoch, row), DataLoader worker seeds from (seed,
-epoch). On the CPU a run stopped after epoch e and resumed gives bit-identical
+augmentation from (seed, epoch, row) and not from the workers (the DataLoader's
+workers are started once, seeded from (seed, first epoch)). On the CPU a run stopped after epoch e and resumed gives bit-identical
 weights and metrics to an uninterrupted run.
 """
 
