@@ -309,7 +309,10 @@ def _caches(recipe: dict[str, Any], src: str, device: str, check_paths: bool = T
     if not isinstance(splits, list) or "train" not in splits or not all(s in ("train", "test") for s in splits):
         raise TcskdError(f"{src}: key 'cache.splits' must be a list of train and test, with train (got {splits!r})")
     values = {"device": device, **_fields(recipe, "cache", CacheConfig, src, block)}
-    caches = {s: _checked(CacheConfig(**values, split=s), src, f"cache {s}") for s in splits}
+    # cache.limit shrinks the training data only: the students are tested on the whole test split, and so is
+    # the teacher, so that both figures of the report are on the same images.
+    caches = {s: _checked(CacheConfig(**dict(values, limit=values.get("limit") if s == "train" else None), split=s),
+                          src, f"cache {s}") for s in splits}
     for key in ("data", "teacher") if check_paths else ():
         _check_local_path(getattr(caches["train"], key), f"cache.{key}", src)
     return caches

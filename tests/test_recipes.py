@@ -263,3 +263,9 @@ def test_dry_run_lists_the_runs():
     res = CliRunner().invoke(main, ["run", str(RECIPES / "default.yaml"), "--dry-run", "--set", "grid.seed=[0, 1]"])
     assert res.exit_code == 0, res.output
     assert "runs (12)" in res.output and "tcs-lpc10-s1" in res.output
+
+
+def test_cache_limit_shrinks_the_training_data_only():
+    # Students are tested on the whole test split: the teacher's test cache is whole too.
+    plan = load_recipe(RECIPES / "default.yaml", ["cache.limit=100"])
+    assert plan.caches["train"].limit == 100 and plan.caches["test"].limit is None
