@@ -86,7 +86,7 @@ def check_honest(path: Path, ref: Path) -> dict:
             assert got[name][sl].tobytes() == want[name][sl].tobytes(), f"chunk {c} marked done, {name} differs"
     if complete:
         assert done.all()
-    assert rows[path.name]["complete"] == bool(done.all())
+    assert rows[path.name]["complete"] == (complete and bool(done.all()))  # as readers and verify decide
     rep = verify_cache(path)
     assert rep.ok == (complete and done.all()), rep.problems
     return {"visible": True, "done": int(done.sum()), "complete": complete}
