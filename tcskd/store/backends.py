@@ -141,9 +141,6 @@ class Store:
     def chunk_done(self) -> np.ndarray:
         return np.asarray(self["chunk_done"][...], dtype=bool)
 
-    def is_complete(self) -> bool:
-        return "chunk_done" in self and bool(self.chunk_done().all())
-
     def bases(self) -> list[str]:
         """Names of complete bases (a basis becomes visible only when complete)."""
         out = []
