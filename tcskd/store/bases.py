@@ -106,7 +106,7 @@ def load_basis(store: Store, name: str) -> Basis:
     if comps.ndim != 2 or mean.shape != (comps.shape[1],) or eig.shape != (comps.shape[0],):
         raise StoreError(f"basis '{name}' in {store.path} has inconsistent shapes "
                          f"(mean {mean.shape}, components {comps.shape}, eigenvalues {eig.shape})")
-    dim = manifest.dim
+    dim = manifest.feature_dim
     if dim is not None and comps.shape[1] != int(dim):
         raise StoreError(f"basis '{name}' has dimension {comps.shape[1]} but the cache's features have {dim}")
     return Basis(name, str(attrs.get("kind", "pca")), mean, comps, eig, ratio,

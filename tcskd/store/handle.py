@@ -55,8 +55,18 @@ class Cache:
 
     @property
     def dim(self) -> int:
-        """Feature dimension D."""
-        return int(self.store["features"].shape[2])
+        """Feature dimension D (the stored width: K when the cache holds coordinates, Manifest.coords_of)."""
+        return int(self.store["features"].shape[-1])
+
+    @property
+    def dense(self) -> bool:
+        """Whether the cache holds token grids (``features`` N x V x T x D; Manifest.tokens)."""
+        return self.manifest.dense
+
+    @property
+    def grid(self) -> tuple[int, int] | None:
+        """(Gh, Gw) tokens per view of a dense cache, None for a global one."""
+        return (int(self.manifest.grid[0]), int(self.manifest.grid[1])) if self.dense else None
 
     @property
     def chunk_rows(self) -> int:
@@ -79,7 +89,7 @@ class Cache:
 
     def features(self, view: int | None = 0, dtype: Any = None) -> np.ndarray:
         """Every row's features as stored (``float16`` by default), read chunk by chunk: N x D of ``view``, or
-        N x V x D with ``view=None``. Rows whose :meth:`row_ok` is False hold zeros (or whatever a damaged
+        N x V x D with ``view=None`` (a dense cache: N x T x D, N x V x T x D). Rows whose :meth:`row_ok` is False hold zeros (or whatever a damaged
         source gave): select ``features()[cache.row_ok()]`` for the good ones. ``dtype`` converts per chunk."""
         return self._rows("features", view, dtype, "features")
 

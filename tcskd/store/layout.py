@@ -5,7 +5,8 @@ manifest); the cache stage, the benchmarks and the test fixtures use it, so a
 cache made anywhere has the same schema (DESIGN.md "The store"). N rows, V
 views, D feature dims, C = ceil(N / chunk_rows) chunks:
 
-- ``features``     N x V x D  float16|float32  chunked (chunk_rows, V, D), fill 0
+- ``features``     N x V x D  float16|float32  chunked (chunk_rows, V, D), fill 0; a ``patch`` cache
+                   (Manifest.tokens) holds N x V x T x D, T tokens per view, chunked (chunk_rows, V, T, D)
 - ``labels``       N          int64            -1 where unlabelled (fill -1)
 - ``sample_index`` N          int64            the sample's index in its source (fill -1)
 - ``view_params``  N x V x 5  float32          (y0, x0, h, w, hflip), box normalised
@@ -39,7 +40,8 @@ ROW_ARRAYS = ("features", "labels", "sample_index", "view_params", "row_ok")
 def array_specs(m: Manifest) -> dict[str, tuple[tuple[int, ...], str, tuple[int, ...], Any]]:
     """name -> (shape, dtype, chunks, fill value) of every array of a cache with manifest ``m``."""
     n, v, d, ch = int(m.n_rows), int(m.views), int(m.dim), int(m.chunk_rows)
-    return {"features": ((n, v, d), str(m.dtype), (ch, v, d), 0),
+    row = (v, m.n_tokens, d) if m.dense else (v, d)
+    return {"features": ((n, *row), str(m.dtype), (ch, *row), 0),
             "labels": ((n,), "int64", (ch,), -1),
             "sample_index": ((n,), "int64", (ch,), -1),
             "view_params": ((n, v, 5), "float32", (ch, v, 5), 0),
@@ -68,7 +70,7 @@ def create_store(path: "Path | RemotePath", manifest: Manifest, fmt: str) -> Sto
     An HDF5 store allocates its data now: the room for it is checked first (:func:`check_room`).
     """
     if fmt == "hdf5" and not is_remote(path):
-        n, v, d = int(manifest.n_rows), int(manifest.views), int(manifest.dim)
+        n, v, d = int(manifest.n_rows), int(manifest.views), int(manifest.dim) * manifest.n_tokens
         raw = n * v * d * np.dtype(manifest.dtype).itemsize + n * (8 + 8 + 1 + v * 5 * 4) + manifest.n_chunks
         check_room(Path(path).parent, raw + raw // 100 + (64 << 10))
     store = open_store(path, "a", fmt)

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 #: The manifest's keys, in the order they are written.
 FIELDS = ("schema_version", "key", "identity", "data_spec", "split", "teacher_spec", "n_rows", "views", "dim",
-          "dtype", "chunk_rows", "num_classes", "channels", "image_size", "complete", "skipped", "dense_chunks",
+          "dtype", "chunk_rows", "num_classes", "channels", "image_size", "tokens", "grid", "patch", "teacher_dim",
+          "coords_of", "complete", "skipped", "dense_chunks",
           "tool_version", "created", "libraries", "git_sha")
 
 
@@ -50,6 +51,19 @@ class Manifest:
     num_classes: int | None = None
     channels: int | None = None
     image_size: int | None = None
+    tokens: str = "global"
+    """``global``: one embedding per view (``features`` N x V x D); ``patch``: a grid of tokens per view
+    (``features`` N x V x T x D, T = grid[0] * grid[1] tokens in row-major order, tcskd.store.layout)."""
+    grid: list[int] | None = None
+    """[Gh, Gw] tokens per view for a ``patch`` cache; token (i, j) covers the part
+    [i / Gh, (i + 1) / Gh) x [j / Gw, (j + 1) / Gw) of its view's crop (``view_params``)."""
+    patch: float | None = None
+    """Teacher input pixels per token side (``image_size / grid``; 14 for DINOv2 ViT-/14)."""
+    teacher_dim: int | None = None
+    """The teacher's feature width D; ``dim`` differs from it only when ``coords_of`` is set."""
+    coords_of: str | None = None
+    """None: ``features`` holds the teacher's features. A basis name: ``features`` holds the first ``dim``
+    coordinates ``B (x - mean)`` in ``bases/<coords_of>`` of this store (``tcskd cache --dim K``)."""
     complete: bool = False
     """Set last by the cache stage: every chunk is done and ``skipped`` is final."""
     skipped: list[int] = field(default_factory=list)
@@ -117,6 +131,21 @@ class Manifest:
     def limited(self) -> bool:
         """Whether the cache holds a ``--limit`` subset of its split."""
         return self.identity.get("limit") is not None
+
+    @property
+    def dense(self) -> bool:
+        """Whether the cache holds token grids (``tokens == "patch"``)."""
+        return self.tokens == "patch"
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens per view: 1 for a global cache, Gh * Gw for a patch cache."""
+        return int(self.grid[0]) * int(self.grid[1]) if self.dense and self.grid else 1
+
+    @property
+    def feature_dim(self) -> int | None:
+        """The width of the teacher's features (the width a basis of this cache has)."""
+        return self.teacher_dim if self.teacher_dim is not None else self.dim
 
     @property
     def n_chunks(self) -> int:
