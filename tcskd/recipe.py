@@ -12,14 +12,14 @@
       pca: {kind: pca, dim: 256, coords: true, exclude_val: true}
     train: {student: cnn, epochs: 15}          # TrainConfig fields shared by every run
     grid:                                      # TrainConfig field -> list of values: a run per combination
-      labels_per_class: [null, 10]
+      labels_per_class: [null, 10]             #   (a list of such mappings: the union of their runs)
       method: [ce, fitnet, tcs]
     eval: {}                  # the teacher's kNN / probe at the grid's label budgets (EvalConfig fields); false: none
     report: true              # report.md and report.png in out
 
 ``include: base.yaml`` (or a list; relative to the recipe) starts from other recipes, whose values the
 including file replaces (mappings merged key by key). ``--set a.b=v`` replaces a value by its dotted path
-(``v`` read as YAML). The whole recipe is checked
+(``v`` read as YAML; ``grid.FIELD=v`` on a list of grids sets FIELD in each). The whole recipe is checked
 before any stage runs (every config built and validated): an unknown key, a wrong type, a missing file or
 a field the recipe sets itself is one TcskdError line naming the key and the file. Running is resumable:
 caches are hits when built, a basis already in the cache with the same options is kept, a run with
@@ -263,6 +263,11 @@ def apply_overrides(recipe: dict[str, Any], overrides: Sequence[str] | Mapping[s
                 raise TcskdError(f"{src}: --set {key}: {text!r} is not a YAML value") from None
     for key, value in items:
         node, parts = recipe, key.split(".")
+        if parts[0] == "grid" and len(parts) == 2 and isinstance(recipe.get("grid"), list):
+            for grid in recipe["grid"]:  # a list of grids: the value goes into each of them
+                if isinstance(grid, dict):
+                    grid[parts[1]] = value
+            continue
         for i, part in enumerate(parts[:-1]):
             if node.get(part) is None or node.get(part) is True:
                 node[part] = {}
@@ -343,24 +348,32 @@ def _bases(recipe: dict[str, Any], src: str, device: str, shared: dict[str, Any]
 
 def _runs(recipe: dict[str, Any], src: str, device: str, shared: dict[str, Any], out: Path,
           bases: dict[str, BasisConfig]) -> dict[str, TrainConfig]:
-    grid = _block(recipe, "grid", src, dict, default={})
-    for key, values in grid.items():
-        if not isinstance(values, list) or not values:
-            raise TcskdError(f"{src}: key 'grid.{key}' must be a non-empty list (got {values!r})")
-        for v in values:
-            _fields(recipe, "grid", TrainConfig, src, {key: v})
+    """Every run of the grid: one per combination of its values; a list of grids is their union (each
+    names its runs by its own keys, so ``[{method: [ce]}, {method: [tcs], basis: [pca, random]}]`` gives
+    ``ce-...``, ``tcs-pca-...`` and ``tcs-random-...``)."""
+    block = recipe.get("grid") or {}
+    grids = block if isinstance(block, list) else [_block(recipe, "grid", src, dict, default={})]
     runs: dict[str, TrainConfig] = {}
-    for combo in itertools.product(*grid.values()):
-        values = {**shared, **_fields(recipe, "grid", TrainConfig, src, dict(zip(grid, combo)))}
-        name = run_name(values, list(grid))
-        cfg = TrainConfig(**{"device": device, **values, "cache": "<train cache>", "out": str(out / name),
-                             "resume": True})
-        if cfg.method == "tcs" and cfg.basis not in bases:
-            raise TcskdError(f"{src}: run {name} uses basis '{cfg.basis}', which the recipe's basis block does not "
-                             f"fit (it has {', '.join(bases) or 'none'})")
-        if name in runs:
-            raise TcskdError(f"{src}: two runs of the grid are both named {name}")
-        runs[name] = _checked(cfg, src, f"run {name}")
+    for i, grid in enumerate(grids):
+        where = f"grid[{i}]" if isinstance(block, list) else "grid"
+        if not isinstance(grid, dict):
+            raise TcskdError(f"{src}: key '{where}' must be a mapping (got {type(grid).__name__} {grid!r})")
+        for key, values in grid.items():
+            if not isinstance(values, list) or not values:
+                raise TcskdError(f"{src}: key '{where}.{key}' must be a non-empty list (got {values!r})")
+            for v in values:
+                _fields(recipe, "grid", TrainConfig, src, {key: v})
+        for combo in itertools.product(*grid.values()):
+            values = {**shared, **_fields(recipe, "grid", TrainConfig, src, dict(zip(grid, combo)))}
+            name = run_name(values, list(grid))
+            cfg = TrainConfig(**{"device": device, **values, "cache": "<train cache>", "out": str(out / name),
+                                 "resume": True})
+            if cfg.method == "tcs" and cfg.basis not in bases:
+                raise TcskdError(f"{src}: run {name} uses basis '{cfg.basis}', which the recipe's basis block "
+                                 f"does not fit (it has {', '.join(bases) or 'none'})")
+            if name in runs:
+                raise TcskdError(f"{src}: two runs of the grid are both named {name}")
+            runs[name] = _checked(cfg, src, f"run {name}")
     return runs
 
 
