@@ -90,3 +90,25 @@ def low_rank_features(n: int = 600, d: int = 48, rank: int = 6, noise: float = 0
     mean = offset + rng.normal(size=d)
     x = z @ basis + mean + noise * rng.normal(size=(n, views, d))
     return x.astype(np.float32)
+
+
+def map_teacher(folder: Path, dim: int = 8, stride: int = 4) -> str:
+    """A torchscript teacher spec whose module returns a B x ``dim`` x S/stride x S/stride map (a tiny dense teacher:
+    its tokens are the map, its global feature the map's mean; tcskd.teachers)."""
+    import torch
+    import torch.nn as nn
+
+    class TinyMap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, dim, 3, stride=stride, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(self.conv(x)) + 0.1 * self.conv(x)
+
+    path = Path(folder) / f"map-{dim}-{stride}.pt"
+    if not path.is_file():
+        torch.manual_seed(dim * 100 + stride)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.jit.script(TinyMap().eval()).save(str(path))
+    return f"torchscript:{path}"

@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tcskd import dist
+from tcskd.cache import dense
 from tcskd.cache.config import CacheConfig
 from tcskd.cache.subset import LIMIT_RULE, limit_source
 from tcskd.data import DataError, Source, fingerprint, open_source
@@ -125,8 +126,10 @@ def collate_inputs(items):
 
 # -- identity, manifest -----------------------------------------------------
 
-def identity_of(cfg: CacheConfig, data_fingerprint: str, teacher_identity: dict[str, Any]) -> dict[str, Any]:
-    """Everything a cache's content depends on; its hash is the cache key."""
+def identity_of(cfg: CacheConfig, data_fingerprint: str, teacher_identity: dict[str, Any],
+                dense_identity: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything a cache's content depends on; its hash is the cache key. ``dense_identity``: the keys of a
+    patch cache (tcskd.cache.dense.identity_extras; none for a global cache, whose key stays as it was)."""
     ident = {
         "teacher": teacher_identity,
         "data": {"spec": cfg.data, "fingerprint": data_fingerprint},
@@ -140,6 +143,7 @@ def identity_of(cfg: CacheConfig, data_fingerprint: str, teacher_identity: dict[
     if cfg.views > 1:
         ident["view_seed"] = cfg.seed
         ident["crop_scale"] = list(cfg.crop_scale)
+    ident.update(dense_identity or {})
     return ident
 
 
@@ -161,11 +165,12 @@ def _create_store(path: Path, cfg: CacheConfig, source: Source, teacher, key: st
         path.remove()
     elif tmp.exists():
         shutil.rmtree(tmp)
-    manifest = Manifest.new(
+    fields = dict(
         key=key, identity=ident, data_spec=source.spec, split=cfg.split, teacher_spec=teacher.spec,
         n_rows=len(source), views=cfg.views, dim=teacher.dim, dtype=cfg.dtype, chunk_rows=cfg.chunk_rows,
         num_classes=source.num_classes, channels=source.channels, image_size=teacher.image_size,
         complete=False, skipped=[], dense_chunks=True)
+    manifest = Manifest.new(**{**fields, **dense.manifest_fields(cfg, teacher)})
     try:
         create_store(tmp, manifest, cfg.format).close()
     except BaseException:
@@ -210,7 +215,9 @@ def plan_cache(cfg: CacheConfig) -> tuple[Any, dict[str, Any], str, Path]:
     cfg.validate()
     data_fingerprint = fingerprint(cfg.data, cfg.split)
     teacher = load_teacher(cfg.teacher, cfg.image_size)
-    ident = identity_of(cfg, data_fingerprint, teacher.identity())
+    dense.check_teacher(cfg, teacher)
+    extras = dense.identity_extras(cfg, teacher, dense.basis_source_key(cfg, teacher))
+    ident = identity_of(cfg, data_fingerprint, teacher.identity(), extras)
     key = cache_key(ident)
     return teacher, ident, key, cache_root_of(cfg.cache_root) / key
 
@@ -256,8 +263,10 @@ def build_cache(cfg: CacheConfig) -> CacheResult:
     with WriterLock(path, wait=cfg.wait):
         store = _open_for_writing(path, cfg, source, teacher, key, ident)
         try:
+            project = dense.prepare_projection(store, path, cfg, teacher, device,
+                                               _row_batches(source, cfg, teacher, device), len(source))
             timings["setup"] = time.perf_counter() - t0  # _fill adds the teacher's move and the loader's start
-            rows = _fill(store, cfg, source, teacher, device, timings=timings)
+            rows = _fill(store, cfg, source, teacher, device, timings=timings, project=project)
             t = time.perf_counter()
             _finish(store, source)
             timings["write"] += time.perf_counter() - t
@@ -285,6 +294,7 @@ def _open_for_writing(path: Path, cfg: CacheConfig, source: Source, teacher, key
         _create_store(path, cfg, source, teacher, key, ident)
         log.info("created cache %s (%d rows x %d views x %d dims)", path, len(source), cfg.views, teacher.dim)
     store = open_store(path, "a")
+    log.info("features: %s", dense.describe_bytes(Manifest.read(store)))
     try:
         _check_identity(store, ident)
     except StoreError:
@@ -321,7 +331,10 @@ def _build_distributed(cfg: CacheConfig, source: Source, teacher, ident: dict[st
     try:
         store = open_store(path, "a")
         try:
-            rows = _fill(store, cfg, source, teacher, device, chunk_ids=todo[dist.rank()::dist.world()])
+            project = dense.prepare_projection(store if dist.is_main() else None, path, cfg, teacher, device,
+                                               _row_batches(source, cfg, teacher, device), len(source))
+            rows = _fill(store, cfg, source, teacher, device, chunk_ids=todo[dist.rank()::dist.world()],
+                         project=project)
         finally:
             store.close()
         dist.barrier()
@@ -343,9 +356,18 @@ def _batches(todo: list[tuple[int, int, int]], batch: int) -> list[list[int]]:
     return out
 
 
+def _row_batches(source: Source, cfg: CacheConfig, teacher, device: torch.device) -> dense.Batches:
+    """Row lists -> the cache stage's input batches of those rows (the ``--dim`` basis sample's loader)."""
+    ds = teacher_inputs(source, cfg, teacher.image_size, device)
+    return lambda lists: DataLoader(ds, batch_sampler=lists, num_workers=cfg.workers, collate_fn=collate_inputs,
+                                    pin_memory=device.type == "cuda")
+
+
 def _fill(store: Store, cfg: CacheConfig, source: Source, teacher, device: torch.device,
-          chunk_ids: list[int] | None = None, timings: dict[str, float] | None = None) -> int:
-    """Compute every chunk not yet done (or only ``chunk_ids``); return rows computed.
+          chunk_ids: list[int] | None = None, timings: dict[str, float] | None = None,
+          project: dense.Projector | None = None) -> int:
+    """Compute every chunk not yet done (or only ``chunk_ids``); return rows computed. A patch cache stores
+    token grids (``project``: their coordinates, tcskd.cache.dense).
 
     ``timings`` (see :class:`CacheResult`) receives the seconds of each part, added to what it holds.
     """
@@ -354,7 +376,9 @@ def _fill(store: Store, cfg: CacheConfig, source: Source, teacher, device: torch
     timings = {"setup": 0.0, "inputs": 0.0, "forward": 0.0, "write": 0.0} if timings is None else timings
     t = time.perf_counter()
 
-    ch = int(Manifest.read(store).chunk_rows)
+    manifest = Manifest.read(store)
+    ch = int(manifest.chunk_rows)
+    row_shape = (cfg.views, manifest.n_tokens, int(manifest.dim)) if manifest.dense else (cfg.views, teacher.dim)
     done = store.chunk_done()
     todo = [c for c in iter_chunks(len(source), ch) if not done[c[0]]]
     if chunk_ids is not None:
@@ -384,12 +408,12 @@ def _fill(store: Store, cfg: CacheConfig, source: Source, teacher, device: torch
             if current != c:
                 current = c
                 n = stop - start
-                buf = _chunk_buffer(n, cfg.views, teacher.dim, np_dtype)
+                buf = _chunk_buffer(n, row_shape, np_dtype)
             bad = [e for e in errors if e]
             if bad and not cfg.skip_bad:
                 raise DataError(bad[0] + " (pass --skip-bad to record and skip such images)")
             t = time.perf_counter()
-            feats = _checked_forward(teacher, x, device, first, int(rows[-1]))
+            feats = _checked_forward(teacher, x, device, first, int(rows[-1]), manifest.dense, project)
             t_fwd = time.perf_counter()
             timings["forward"] += t_fwd - t
             r = rows.numpy() - start
@@ -418,18 +442,22 @@ def _fill(store: Store, cfg: CacheConfig, source: Source, teacher, device: torch
     return computed
 
 
-def _chunk_buffer(n: int, views: int, dim: int, dtype: np.dtype) -> dict[str, np.ndarray]:
+def _chunk_buffer(n: int, row_shape: tuple[int, ...], dtype: np.dtype) -> dict[str, np.ndarray]:
     """One chunk's rows in memory until every row is filled (then written at once)."""
-    return {"features": np.zeros((n, views, dim), dtype), "labels": np.full(n, -1, np.int64),
+    views = row_shape[0]
+    return {"features": np.zeros((n, *row_shape), dtype), "labels": np.full(n, -1, np.int64),
             "sample_index": np.full(n, -1, np.int64), "view_params": np.zeros((n, views, 5), np.float32),
             "row_ok": np.zeros(n, bool), "filled": np.zeros(n, bool)}
 
 
-def _checked_forward(teacher, x: torch.Tensor, device: torch.device, first: int, last: int) -> torch.Tensor:
-    """The teacher's features of rows ``first..last`` on the CPU; a TcskdError naming them when the teacher
-    fails or gives NaN/Inf (nothing of their chunk is stored then)."""
+def _checked_forward(teacher, x: torch.Tensor, device: torch.device, first: int, last: int, tokens: bool = False,
+                     project: dense.Projector | None = None) -> torch.Tensor:
+    """The teacher's features of rows ``first..last`` on the CPU (``tokens``: its token grids, or their
+    coordinates with ``project``); a TcskdError naming them when the teacher fails or gives NaN/Inf (nothing
+    of their chunk is stored then)."""
     try:
-        feats = teacher_forward(teacher, x, device)
+        feats = (dense.tokens_forward(teacher, x, device, project) if tokens
+                 else teacher_forward(teacher, x, device))
     except Exception as e:  # the teacher's own error (a shape it cannot take, out of memory, ...)
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise TcskdError(f"teacher {teacher.spec} failed on rows {first}..{last}: {msg}; "

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from tcskd.cache import dense
 from tcskd.cache.build import teacher_forward
 from tcskd.data import open_source
 from tcskd.device import resolve_device
@@ -76,7 +77,8 @@ def verify_cache(path: Path, recompute: int = 0, device: str = "auto", seed: int
                 report.problems.append(f"chunk {c} (rows {start}..{stop - 1}) is unreadable: "
                                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
                 continue
-            bad = ~np.isfinite(f[ok].astype(np.float32)).all(axis=(1, 2)) if ok.any() else np.zeros(0, bool)
+            bad = (~np.isfinite(f[ok].astype(np.float32)).all(axis=tuple(range(1, f.ndim))) if ok.any()
+                   else np.zeros(0, bool))
             if bad.any():
                 report.problems.append(f"chunk {c}: {int(bad.sum())} row(s) hold NaN/Inf features")
             if ncls and ((lab < -1) | (lab >= ncls)).any():
@@ -111,7 +113,8 @@ def _check_basis(store: Store, name: str, n: int, ch: int) -> list[str]:
 
 
 def _recompute(store: Store, report: VerifyReport, k: int, device: str, seed: int) -> None:
-    """Recompute ``k`` random rows with the teacher named in the manifest and compare."""
+    """Recompute ``k`` random rows with the teacher named in the manifest and compare (a patch cache: every token,
+    projected onto its basis when it holds coordinates)."""
     # Imported where a teacher runs: the command line loads this module, and training never loads a teacher.
     from tcskd.teachers import load_teacher
 
@@ -130,6 +133,7 @@ def _recompute(store: Store, report: VerifyReport, k: int, device: str, seed: in
     rows = np.sort(rng.choice(ok, size=min(k, len(ok)), replace=False))
     dev = resolve_device(device)
     teacher.to(dev)
+    project = dense.Projector(load_basis(store, m.coords_of), int(m.dim), dev) if m.coords_of else None
     worst = 0.0
     for r in rows:
         idx = int(store["sample_index"][int(r)])
@@ -138,7 +142,8 @@ def _recompute(store: Store, report: VerifyReport, k: int, device: str, seed: in
             continue
         params = np.asarray(store["view_params"][int(r)])
         x = teacher_views(source.image(pos[idx]), params, teacher.image_size)[None]
-        got = teacher_forward(teacher, x, dev)[0].cpu().numpy()
+        got = (dense.tokens_forward(teacher, x, dev, project) if m.dense
+               else teacher_forward(teacher, x, dev))[0].cpu().numpy()
         want = np.asarray(store["features"][int(r)], np.float32)
         err = float(np.abs(got - want).max() / (np.abs(want).max() + 1e-6))
         worst = max(worst, err)

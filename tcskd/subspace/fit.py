@@ -34,7 +34,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -259,13 +259,19 @@ def _rank0_first(lock: Any):
 
 
 def _fit_pca_eigh(mom: Moments, cfg: BasisConfig) -> Fitted:
+    return pca_of_moments(mom, lambda spectrum, total: _choose_k(spectrum, total, cfg))
+
+
+def pca_of_moments(mom: Moments, k: "int | Callable[[np.ndarray, float], int]") -> Fitted:
+    """The PCA basis (eigh of the covariance, decreasing eigenvalues, sign convention) of ``mom``, keeping ``k``
+    components (or ``k(spectrum, total_variance)`` of them)."""
     cov = mom.covariance()
     evals, evecs = torch.linalg.eigh(cov)
     evals, evecs = evals.flip(0), evecs.flip(1)
     comps = sign_convention(evecs.T)
     spectrum = evals.clamp_min(0).cpu().numpy()
     total = float(torch.diagonal(cov).sum().item())
-    k = _choose_k(spectrum, total, cfg)
+    k = int(k(spectrum, total)) if callable(k) else int(k)
     _note_rank(k, mom.n)
     return _fitted("pca", mom.mean(), comps[:k], spectrum, total, k, mom.n)
 
