@@ -17,6 +17,7 @@ from tcskd.device import resolve_device
 from tcskd.errors import StoreError, TcskdError
 from tcskd.store.backends import Store, iter_chunks, open_store
 from tcskd.store.bases import load_basis
+from tcskd.store.layout import bytes_per_image
 from tcskd.store.integrity import check_structure, missing_data
 from tcskd.store.manifest import Manifest
 from tcskd.store.paths import as_location
@@ -155,6 +156,7 @@ def _recompute(store: Store, report: VerifyReport, k: int, device: str, seed: in
 
 
 def info(path: Path) -> dict[str, Any]:
+    """The manifest, bases, chunk count, size on disk and features' bytes per image of the cache at ``path``."""
     with open_store(path) as s:
         out = dict(s.manifest)
         out["path"] = str(path)
@@ -163,6 +165,10 @@ def info(path: Path) -> dict[str, Any]:
         out["chunks_done"] = f"{int(done.sum())}/{len(done)}"
         out["bases"] = {name: s.attrs(f"bases/{name}") for name in s.bases()}
         out["size_bytes"] = s.size_bytes()
+        m = Manifest.read(s)
+        if m.dim and m.views and m.dtype:  # uncompressed features per image: as stored, and as raw teacher features
+            out["bytes_per_image"] = bytes_per_image(int(m.dim), m.n_tokens, str(m.dtype), int(m.views))
+            out["bytes_per_image_raw"] = bytes_per_image(int(m.feature_dim), m.n_tokens, str(m.dtype), int(m.views))
     return out
 
 
