@@ -113,8 +113,10 @@ def fit_basis(cfg: BasisConfig) -> BasisResult:
             src = store if same else open_store(fit_dir, "r")
             try:
                 require(store, arrays=FIT_ARRAYS)
+                check_fittable(store)
                 if not same:
                     require(src, arrays=FIT_ARRAYS)
+                    check_fittable(src, store)
                     d_dst, d_src = _dim(store), _dim(src)
                     if d_dst != d_src:
                         raise StoreError(f"--fit-on cache {fit_dir} has {d_src}-dimensional features but "
@@ -184,7 +186,21 @@ def fit_basis(cfg: BasisConfig) -> BasisResult:
 # -- checks ------------------------------------------------------------------
 
 def _dim(store: Store) -> int:
-    return int(store["features"].shape[2])
+    return int(store["features"].shape[-1])
+
+
+def check_fittable(store: Store, other: Store | None = None) -> None:
+    """TcskdError when ``store`` holds coordinates (``tcskd cache --dim K``) rather than features, or when
+    ``other`` (the cache the basis goes into) holds another kind of features (token grids vs global)."""
+    m = Manifest.read(store)
+    if m.coords_of:
+        raise TcskdError(f"cache {store.path} already holds coordinates of basis '{m.coords_of}' (built with "
+                         f"tcskd cache --dim {m.dim}), not raw features: use that basis, or fit on a raw "
+                         f"--tokens patch cache")
+    if other is not None and Manifest.read(other).dense != m.dense:
+        kinds = {True: "patch tokens", False: "global features"}
+        raise TcskdError(f"--fit-on cache {store.path} holds {kinds[m.dense]} but cache {other.path} holds "
+                         f"{kinds[Manifest.read(other).dense]}: a basis must match the features")
 
 
 def holdout_rows(store: Store, ok: np.ndarray, holdout: Holdout) -> tuple[np.ndarray, str]:
@@ -278,7 +294,8 @@ def pca_of_moments(mom: Moments, k: "int | Callable[[np.ndarray, float], int]") 
 
 def _fit_pca_svd(src: Store, cfg: BasisConfig, device: torch.device, ok: np.ndarray) -> Fitted:
     d = _dim(src)
-    n = int(ok.sum()) * (int(src["features"].shape[1]) if cfg.view == "all" else 1)
+    shape = src["features"].shape  # N x V x D, or N x V x T x D: every token a sample
+    n = int(ok.sum()) * (int(shape[1]) if cfg.view == "all" else 1) * (int(shape[2]) if len(shape) == 4 else 1)
     need = n * d * 8 * 3  # data, centred copy / U, workspace
     avail = _available_bytes(device)
     if need > avail:
@@ -408,12 +425,13 @@ def write_basis(store: Store, name: str, fitted: Fitted, attrs: dict[str, Any], 
 
 def write_coords(store: Store, group: str, fitted: Fitted, whiten: bool, device: torch.device,
                   chunk_rows: int | None) -> None:
-    """coords [N, V, K] float16 = (x - mean) B^T (/ sqrt(eigenvalue)), chunk by chunk on ``device``."""
+    """coords [N, V, K] (a patch cache: [N, V, T, K]) float16 = (x - mean) B^T (/ sqrt(eigenvalue)), chunk by
+    chunk on ``device``."""
     feats = store["features"]
-    n, v, _ = (int(s) for s in feats.shape)
+    n, *mid = (int(s) for s in feats.shape[:-1])
     k = fitted.k
     ch = int(Manifest.read(store).chunk_rows or read_chunk_rows(store, chunk_rows))
-    out = store.create(f"{group}/coords", (n, v, k), "float16", (ch, v, k), fill_value=0)
+    out = store.create(f"{group}/coords", (n, *mid, k), "float16", (ch, *mid, k), fill_value=0)
     f64 = dict(dtype=torch.float64, device=device)
     mean = torch.as_tensor(fitted.mean, **f64)
     comps_t = torch.as_tensor(fitted.components, **f64).T.contiguous()
