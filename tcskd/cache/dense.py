@@ -33,7 +33,7 @@ from tcskd.data import DataError
 from tcskd.device import autocast
 from tcskd.errors import StoreError, TcskdError
 from tcskd.store.backends import Store, open_store
-from tcskd.store.bases import Basis, load_basis
+from tcskd.store.bases import Basis, load_basis, remove_leftovers
 from tcskd.store.handle import open_cache
 from tcskd.store.layout import bytes_per_image
 from tcskd.store.manifest import Manifest
@@ -179,6 +179,8 @@ def prepare_projection(store: Store | None, path: Any, cfg: CacheConfig, teacher
     """
     if cfg.dim is None:
         return None
+    if store is not None:
+        remove_leftovers(store)  # a basis half-written by a killed run (the caller holds the writer lock)
     have = dist.broadcast_object(store is not None and BASIS_NAME in store.bases())
     if not have:
         if cfg.basis_from is not None:
