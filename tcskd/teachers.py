@@ -46,7 +46,7 @@ import torch
 import torch.nn as nn
 
 from tcskd.data import sha256_file
-from tcskd.errors import TcskdError
+from tcskd.errors import NoTokensError, TcskdError
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +62,6 @@ SPEC_HELP = ("builtin:efficientnet-lite0, hf:DIR_OR_ID[#cls|#mean], timm:NAME[@W
 
 class TeacherError(TcskdError):
     """A teacher spec or its weights are wrong."""
-
-
-class NoTokensError(TeacherError):
-    """The teacher gives no token grid (``--tokens patch`` asked of a teacher without tokens)."""
 
 
 @dataclass

@@ -58,8 +58,9 @@ class CacheResult:
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds of this process in ``setup`` (teacher load, dataset, lock, store creation, loader start),
     ``inputs`` (waiting for decoded, cropped batches), ``forward`` (the teacher, to finite features on the
-    CPU), ``write`` (filling chunk buffers, waiting for the background writes, finishing). Disjoint spans
-    of one thread: they sum to at most ``seconds``. A hit has ``setup`` only."""
+    CPU), ``write`` (filling chunk buffers, waiting for the background writes, finishing), and with
+    ``--dim K`` ``basis`` (pass 1: the sample's tokens, their moments, the basis written; tcskd.cache.dense).
+    Disjoint spans of one thread: they sum to at most ``seconds``. A hit has ``setup`` only."""
 
 
 # -- the dataset the teacher reads -----------------------------------------
@@ -263,9 +264,12 @@ def build_cache(cfg: CacheConfig) -> CacheResult:
     with WriterLock(path, wait=cfg.wait):
         store = _open_for_writing(path, cfg, source, teacher, key, ident)
         try:
+            t = time.perf_counter()
             project = dense.prepare_projection(store, path, cfg, teacher, device,
                                                _row_batches(source, cfg, teacher, device), len(source))
-            timings["setup"] = time.perf_counter() - t0  # _fill adds the teacher's move and the loader's start
+            if cfg.dim is not None:
+                timings["basis"] = time.perf_counter() - t
+            timings["setup"] = t - t0  # _fill adds the teacher's move and the loader's start
             rows = _fill(store, cfg, source, teacher, device, timings=timings, project=project)
             t = time.perf_counter()
             _finish(store, source)

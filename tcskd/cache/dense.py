@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from tcskd import dist
 from tcskd.cache.config import CacheConfig
 from tcskd.data import DataError
 from tcskd.device import autocast
-from tcskd.errors import StoreError, TcskdError
+from tcskd.errors import NoTokensError, StoreError, TcskdError
 from tcskd.store.backends import Store, open_store
 from tcskd.store.bases import Basis, load_basis, remove_leftovers
 from tcskd.store.handle import open_cache
@@ -39,8 +39,10 @@ from tcskd.store.layout import bytes_per_image
 from tcskd.store.manifest import Manifest
 from tcskd.subspace import fit as subspace_fit
 from tcskd.subspace.moments import Moments
-from tcskd.teachers import NoTokensError, Teacher
 from tcskd.views import center_view
+
+if TYPE_CHECKING:  # training imports this package and must never import the teachers (tests/test_train_loop.py)
+    from tcskd.teachers import Teacher
 
 log = logging.getLogger(__name__)
 
