@@ -1,8 +1,9 @@
 """Stage 1: stream a dataset once through a teacher into a resumable feature store.
 
 The store is created whole (every array, the manifest) in a hidden folder and
-renamed into place, so a cache directory either does not exist or has its
-full layout. Rows are then computed chunk by chunk; a chunk's ``chunk_done``
+renamed into place (tcskd.cache.create), so a cache directory either does not
+exist or has its full layout. Rows are then computed chunk by chunk (a patch
+cache: token grids, or their ``--dim K`` coordinates, tcskd.cache.dense); a chunk's ``chunk_done``
 flag is written only after its data, so a killed run resumes with exactly
 the chunks that are missing. Batches never cross chunk boundaries: a resumed
 run feeds the teacher the very same batches as an uninterrupted one, and the
@@ -12,8 +13,6 @@ finished stores are equal byte for byte on the CPU.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,21 +27,19 @@ from torch.utils.data import DataLoader, Dataset
 from tcskd import dist
 from tcskd.cache import dense
 from tcskd.cache.config import CacheConfig
-from tcskd.cache.subset import LIMIT_RULE, limit_source
+from tcskd.cache.create import check_identity, clean_stale_tmp, create_cache_store, has_manifest, identity_of
+from tcskd.cache.subset import limit_source
 from tcskd.data import DataError, Source, fingerprint, open_source
 from tcskd.device import autocast, resolve_device
 from tcskd.errors import StoreError, TcskdError
 from tcskd.store.backends import Store, detect_format, iter_chunks, open_store
 from tcskd.store.handle import open_cache
-from tcskd.store.layout import create_store
 from tcskd.store.manifest import Manifest
 from tcskd.store.paths import is_remote
 from tcskd.store.registry import WriterLock, cache_key, cache_root_of
 from tcskd.views import apply_view, center_view, resize_on_device, teacher_views, view_params
 
 log = logging.getLogger(__name__)
-
-VIEW_PIPELINE = "crop+resize-uint8-bilinear-aa/1"
 
 
 @dataclass
@@ -125,84 +122,6 @@ def collate_inputs(items):
             torch.stack(params), list(errors))
 
 
-# -- identity, manifest -----------------------------------------------------
-
-def identity_of(cfg: CacheConfig, data_fingerprint: str, teacher_identity: dict[str, Any],
-                dense_identity: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Everything a cache's content depends on; its hash is the cache key. ``dense_identity``: the keys of a
-    patch cache (tcskd.cache.dense.identity_extras; none for a global cache, whose key stays as it was)."""
-    ident = {
-        "teacher": teacher_identity,
-        "data": {"spec": cfg.data, "fingerprint": data_fingerprint},
-        "split": cfg.split, "views": cfg.views, "dtype": cfg.dtype,
-        # None for the whole split (the key of an unlimited cache does not depend on the limit rule or seed).
-        "limit": None if cfg.limit is None else {"n": cfg.limit, "rule": LIMIT_RULE, "seed": cfg.seed},
-        "format": cfg.format,
-        # How views become teacher inputs (crop, then antialiased bilinear resize in uint8).
-        "view_pipeline": VIEW_PIPELINE,
-    }
-    if cfg.views > 1:
-        ident["view_seed"] = cfg.seed
-        ident["crop_scale"] = list(cfg.crop_scale)
-    ident.update(dense_identity or {})
-    return ident
-
-
-
-
-# -- store creation ---------------------------------------------------------
-
-def _create_store(path: Path, cfg: CacheConfig, source: Source, teacher, key: str,
-                  ident: dict[str, Any]) -> None:
-    """Create every array and the manifest in a hidden folder, then rename it into place.
-
-    An object store has no atomic rename: there the store is created in place
-    and the manifest written last, so a store cut short has no manifest and
-    is created again by the next run.
-    """
-    remote = is_remote(path)
-    tmp = path if remote else path.parent / f".tmp-{key}-{os.getpid()}"
-    if remote:
-        path.remove()
-    elif tmp.exists():
-        shutil.rmtree(tmp)
-    fields = dict(
-        key=key, identity=ident, data_spec=source.spec, split=cfg.split, teacher_spec=teacher.spec,
-        n_rows=len(source), views=cfg.views, dim=teacher.dim, dtype=cfg.dtype, chunk_rows=cfg.chunk_rows,
-        num_classes=source.num_classes, channels=source.channels, image_size=teacher.image_size,
-        complete=False, skipped=[], dense_chunks=True)
-    manifest = Manifest.new(**{**fields, **dense.manifest_fields(cfg, teacher)})
-    try:
-        create_store(tmp, manifest, cfg.format).close()
-    except BaseException:
-        if not remote:  # a full disk or a read-only root: leave nothing half-made behind
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if not remote:
-        os.rename(tmp, path)
-
-
-def _has_manifest(path) -> bool:
-    try:
-        with open_store(path):
-            return True
-    except StoreError:
-        return False
-
-
-def _clean_stale_tmp(root, key: str) -> None:
-    if is_remote(root):
-        return
-    for d in root.glob(f".tmp-{key}-*"):
-        try:
-            pid = int(d.name.rsplit("-", 1)[1])
-            os.kill(pid, 0)  # still alive: leave it
-        except (ValueError, ProcessLookupError):
-            shutil.rmtree(d, ignore_errors=True)
-        except PermissionError:
-            pass
-
-
 # -- the stage --------------------------------------------------------------
 
 def plan_cache(cfg: CacheConfig) -> tuple[Any, dict[str, Any], str, Path]:
@@ -232,14 +151,6 @@ def open_split(cfg: CacheConfig, ident: dict[str, Any] | None = None) -> Source:
     if ident is not None and source.fingerprint != ident["data"]["fingerprint"]:
         raise DataError(f"{cfg.data} changed while the cache was being prepared; run the command again")
     return source
-
-
-def _check_identity(store: Store, ident: dict[str, Any]) -> None:
-    found = Manifest.read(store).identity
-    if found != ident:
-        diff = sorted(k for k in set(ident) | set(found) if found.get(k) != ident.get(k))
-        raise StoreError(f"cache {store.path} was built from other inputs (differs in: {', '.join(diff)}); "
-                         f"refusing to mix them")
 
 
 def build_cache(cfg: CacheConfig) -> CacheResult:
@@ -280,10 +191,10 @@ def build_cache(cfg: CacheConfig) -> CacheResult:
 
 
 def _is_hit(path, ident: dict[str, Any]) -> bool:
-    if detect_format(path) is None or (is_remote(path) and not _has_manifest(path)):
+    if detect_format(path) is None or (is_remote(path) and not has_manifest(path)):
         return False
     with open_cache(path, require="open") as cache:
-        _check_identity(cache.store, ident)
+        check_identity(cache.store, ident)
         if cache.problem("done") is None:
             log.info("cache hit: %s", path)
             return True
@@ -293,14 +204,14 @@ def _is_hit(path, ident: dict[str, Any]) -> bool:
 def _open_for_writing(path: Path, cfg: CacheConfig, source: Source, teacher, key: str,
                       ident: dict[str, Any]) -> Store:
     """Create the store if absent (under the writer lock), then open it for writing."""
-    _clean_stale_tmp(path.parent, key)
-    if detect_format(path) is None or (is_remote(path) and not _has_manifest(path)):
-        _create_store(path, cfg, source, teacher, key, ident)
+    clean_stale_tmp(path.parent, key)
+    if detect_format(path) is None or (is_remote(path) and not has_manifest(path)):
+        create_cache_store(path, cfg, source, teacher, key, ident)
         log.info("created cache %s (%d rows x %d views x %d dims)", path, len(source), cfg.views, teacher.dim)
     store = open_store(path, "a")
     log.info("features: %s", dense.describe_bytes(Manifest.read(store)))
     try:
-        _check_identity(store, ident)
+        check_identity(store, ident)
     except StoreError:
         store.close()
         raise
