@@ -21,7 +21,7 @@ from tcskd.subspace.moments import Moments
 from tcskd.teachers import load_teacher
 from tcskd.views import teacher_views
 from _stores import map_teacher
-from conftest import make_npz, run_cli
+from conftest import make_npz
 
 
 def _cfg(data: str, teacher: str, root: Path, **kw) -> CacheConfig:
@@ -90,13 +90,24 @@ def test_bytes_per_image():
     assert bytes_per_image(768, 1, "float32") == 768 * 4
 
 
+def _cli(args: list[str]):
+    """The command line in this process: (exit code, stderr lines that are not Python warnings)."""
+    from click.testing import CliRunner
+
+    from tcskd.cli import main
+
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "Warning" not in ln and "warn" not in ln]
+    assert "Traceback" not in r.output and (r.exception is None or isinstance(r.exception, SystemExit)), r.output
+    return r.exit_code, lines
+
+
 def test_a_teacher_without_tokens_is_one_line(tmp_path, tiny_teacher):
     data = make_npz(tmp_path / "d.npz", n=8)
-    r = run_cli(["cache", "--data", data, "--teacher", tiny_teacher, "--image-size", "16", "--tokens", "patch",
-                 "--cache-root", str(tmp_path / "c")])
-    assert r.returncode == 2
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "Warning" not in ln and "warn" not in ln]
-    assert len(lines) == 1 and lines[0].startswith("tcskd: error: ") and "Traceback" not in r.stderr, r.stderr
+    code, lines = _cli(["cache", "--data", data, "--teacher", tiny_teacher, "--image-size", "16", "--tokens", "patch",
+                        "--cache-root", str(tmp_path / "c")])
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("tcskd: error: "), lines
     assert f"teacher {tiny_teacher} gives no token grid" in lines[0]
     assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
 
@@ -212,10 +223,9 @@ def test_basis_from_refuses_a_global_cache_or_another_teacher(tmp_path, dense_te
 ])
 def test_bad_dense_options_are_one_line(tmp_path, dense_teacher, args, says):
     data = make_npz(tmp_path / "d.npz", n=8)
-    r = run_cli(["cache", "--data", data, "--teacher", dense_teacher, "--image-size", "16", *args,
-                 "--cache-root", str(tmp_path / "c")])
-    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("tcskd: error")]
-    assert r.returncode == 2 and len(lines) == 1 and says in lines[0] and "Traceback" not in r.stderr, r.stderr
+    code, lines = _cli(["cache", "--data", data, "--teacher", dense_teacher, "--image-size", "16", *args,
+                        "--cache-root", str(tmp_path / "c")])
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("tcskd: error: ") and says in lines[0], lines
 
 
 def test_cache_info_shows_bytes_per_image(tmp_path, dense_teacher):
@@ -223,7 +233,25 @@ def test_cache_info_shows_bytes_per_image(tmp_path, dense_teacher):
 
     data = make_npz(tmp_path / "d.npz", n=8)
     res = build_cache(_cfg(data, dense_teacher, tmp_path / "c", dim=2, views=2))
-    r = run_cli(["cache", "info", str(res.path)])
-    assert r.returncode == 0, r.stderr
+    from click.testing import CliRunner
+
+    from tcskd.cli import main
+
+    r = CliRunner().invoke(main, ["cache", "info", str(res.path)])
+    assert r.exit_code == 0, r.output
     info = json.loads(r.stdout)
     assert info["bytes_per_image"] == 2 * 16 * 2 * 2 and info["bytes_per_image_raw"] == 2 * 16 * 8 * 2
+
+
+@pytest.mark.parametrize("size, grid", [(96, 3)])
+def test_image_size_sets_the_grid_of_a_patch_cache(tmp_path, size, grid):
+    """--image-size with a patch cache: EfficientNet-Lite0's last map is S/32 tokens a side (448 px: 14 x 14,
+    tests/test_dense_teachers.py), each covering 32 teacher pixels; the manifest records both."""
+    data = make_npz(tmp_path / "d.npz", n=3, size=12, channels=3)
+    res = build_cache(_cfg(data, "builtin:efficientnet-lite0", tmp_path / "c", image_size=size, dtype="float32"))
+    want, m = _tokens_of("builtin:efficientnet-lite0", data, "train", res.path)
+    assert m.image_size == size and m.grid == [grid, grid] and m.patch == 32.0 and m.teacher_dim == 1280
+    with open_cache(res.path) as c:
+        got = c.features(None)
+    assert got.shape == (3, 1, grid * grid, 1280)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

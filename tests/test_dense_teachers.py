@@ -52,7 +52,7 @@ def test_hf_grid_follows_the_image_size(tmp_path):
     torch.testing.assert_close(got, want.reshape(2, 8, 8, 32).permute(0, 3, 1, 2), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("size, grid", [(224, (7, 7)), (448, (14, 14))])
+@pytest.mark.parametrize("size, grid", [(224, (7, 7)), pytest.param(448, (14, 14), marks=pytest.mark.slow)])
 def test_builtin_token_map_is_extract_features(size, grid):
     ref = _reference_lite0()
     t = load_teacher("builtin:efficientnet-lite0", size)
