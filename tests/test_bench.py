@@ -132,7 +132,7 @@ def test_dense_section_compares_tokens_with_global_features(tmp_path):
     assert [c["bytes_per_image"] for c in cache.values()] == [8 * 2, 16 * 8 * 2, 16 * 4 * 2]
     for c in cache.values():
         assert c["img_per_s"] > 0 and c["tokens_per_s"] == pytest.approx(c["img_per_s"] * c["tokens_per_image"])
-        assert c["disk_bytes_per_image"] > 0 and c["timings_s"]["forward"] > 0
+        assert c["disk_bytes_per_image"] > c["features_disk_bytes_per_image"] > 0 and c["timings_s"]["forward"] > 0
     assert cache["coords"]["timings_s"]["basis"] > 0 and "basis" not in cache["global"]["timings_s"]
     basis = {b["config"]: b for b in res["basis"]["configs"]}
     assert list(basis) == ["global", "patch"]

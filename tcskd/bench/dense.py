@@ -29,6 +29,12 @@ from tcskd.subspace.fit import BasisConfig, fit_basis
 CONFIGS = (("global", {"tokens": "global"}), ("patch", {"tokens": "patch"}), ("coords", {"tokens": "patch"}))
 
 
+def _features_on_disk(path: Path) -> int | None:
+    """Bytes of the ``features`` array's files of a Zarr directory store (None for another store)."""
+    folder = Path(path) / "features"
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else None
+
+
 def _build(cfg: CacheConfig, device: torch.device) -> tuple[float, Any, Manifest, int]:
     """(wall seconds, CacheResult, manifest, bytes on disk) of one ``build_cache`` that computes every row."""
     sync(device)
@@ -46,13 +52,18 @@ def _build(cfg: CacheConfig, device: torch.device) -> tuple[float, Any, Manifest
 
 def bench_dense_cache(teacher_spec: str, data: str, image_size: int | None, rows: int, batch: int, workers: int,
                       chunk_rows: int, dim: int, device: torch.device, repeats: int, workdir: Path,
-                      keep: bool = True) -> dict[str, Any]:
+                      keep: bool = True, warmup: int = 1) -> dict[str, Any]:
     """``build_cache`` of ``rows`` rows as global features, raw patch tokens and their first ``dim`` coordinates
     (the basis fitted on a sample of every row): img/s, tokens/s, bytes per image (uncompressed and on disk), and
     the parts of the time (``timings_s``; ``basis``: the sample pass of ``--dim``). With ``keep`` the last global
-    and raw patch caches stay (``kept``) for :func:`bench_dense_basis`."""
+    and raw patch caches stay (``kept``) for :func:`bench_dense_basis`. ``warmup`` small patch caches first (the
+    dataset read, the teacher's first batches)."""
     base = dict(data=data, teacher=teacher_spec, split="train", image_size=image_size, batch_size=batch,
                 limit=rows, device=device.type, workers=workers, chunk_rows=chunk_rows, basis_sample=rows)
+    for w in range(warmup):
+        root = workdir / f"warm-{w}"
+        _build(CacheConfig(**{**base, "limit": min(rows, batch)}, tokens="patch", cache_root=str(root)), device)
+        shutil.rmtree(root, ignore_errors=True)
     out: list[dict[str, Any]] = []
     kept: dict[str, str] = {}
     for name, opts in CONFIGS:
@@ -63,14 +74,15 @@ def bench_dense_cache(teacher_spec: str, data: str, image_size: int | None, rows
             root = workdir / f"dense-{name}-{r}"
             cfg = CacheConfig(**base, **opts, cache_root=str(root), dim=dim if name == "coords" else None)
             s, res, m, size = _build(cfg, device)
+            feats = _features_on_disk(res.path)
             secs.append(s)
             parts.append(res.timings)
             if keep and r == repeats - 1 and name != "coords":
                 kept[name] = str(res.path)
             else:
                 shutil.rmtree(root, ignore_errors=True)
-            last = (m, size)
-        m, size = last
+            last = (m, size, feats)
+        m, size, feats = last
         st = stats(secs)
         tokens = m.n_tokens * int(m.views)
         out.append({"config": name, "tokens_per_image": tokens, "grid": m.grid, "dim": int(m.dim),
@@ -78,6 +90,7 @@ def bench_dense_cache(teacher_spec: str, data: str, image_size: int | None, rows
                     "img_per_s": rows / st["median"], "tokens_per_s": rows * tokens / st["median"],
                     "bytes_per_image": bytes_per_image(int(m.dim), m.n_tokens, str(m.dtype), int(m.views)),
                     "disk_bytes_per_image": size / rows,
+                    "features_disk_bytes_per_image": None if feats is None else feats / rows,
                     "timings_s": {n: float(np.median([p.get(n, 0.0) for p in parts])) for n in parts[0]}})
     return {"rows": rows, "batch": batch, "k": dim, "configs": out, "kept": kept}
 
@@ -109,11 +122,12 @@ def bench_dense_basis(paths: dict[str, str], dim: int, device: torch.device, rep
 
 
 def bench_dense(teacher_spec: str, data: str, image_size: int | None, rows: int, batch: int, workers: int,
-                chunk_rows: int, dim: int, device: torch.device, repeats: int, workdir: Path) -> dict[str, Any]:
+                chunk_rows: int, dim: int, device: torch.device, repeats: int, workdir: Path,
+                warmup: int = 1) -> dict[str, Any]:
     """Both dense sections for one teacher; ``skipped`` (with the reason) when the teacher has no token grid."""
     try:
         cache = bench_dense_cache(teacher_spec, data, image_size, rows, batch, workers, chunk_rows, dim, device,
-                                  repeats, workdir)
+                                  repeats, workdir, warmup=warmup)
     except NoTokensError as e:
         shutil.rmtree(workdir, ignore_errors=True)
         return {"skipped": str(e)}

@@ -127,7 +127,7 @@ class _Run:
         self.say(f"dense: teacher {t.label}: global vs patch tokens vs --dim {cfg.dense_dim} at {cfg.dense_rows} rows")
         self.res["dense"] = {"teacher": t.label, **bench_dense(
             self.specs[t.label], data, t.image_size, cfg.dense_rows, cfg.cache_batch, cfg.cache_workers,
-            cfg.chunk_rows, cfg.dense_dim, self.device, cfg.repeats, self.work / f"dense-{t.label}")}
+            cfg.chunk_rows, cfg.dense_dim, self.device, cfg.repeats, self.work / f"dense-{t.label}", cfg.warmup)}
         self.save()
 
     def teachers(self, data: str) -> None:
