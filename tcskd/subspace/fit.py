@@ -13,6 +13,11 @@
 - ``identity``: the raw features (mean 0, components I_D, K = D); its
   "eigenvalues" are the per-dimension second moments (FitNet-style targets).
 
+A patch cache (``features`` N x V x T x D) is fitted on its tokens: every token of the chosen views is a
+sample. A ``--dim K`` cache (``Manifest.coords_of``) holds coordinates of its own basis, not features: it is
+refused in one line (its basis is already in it; fit on a raw patch cache instead), as is ``fit_on`` across a
+global and a patch cache.
+
 ``explained_ratio`` is cumulative: the share of ``total_variance`` (the trace
 of the covariance; for ``identity`` the summed second moments) in the first k
 coordinates. Covariances are unbiased (divided by n - 1).
