@@ -176,8 +176,8 @@ def prepare_projection(store: Store | None, path: Any, cfg: CacheConfig, teacher
     """The projection of a ``--dim K`` cache (None otherwise), its basis written into ``store`` first when absent.
 
     ``store`` (at ``path``) is open for writing on rank 0 (None on the other ranks, which read the basis from
-    ``path`` once rank 0 wrote it);
-    ``batches(rows)`` yields the cache stage's input batches of those row lists. Collective under torchrun.
+    ``path`` once rank 0 wrote it); ``batches(rows)`` yields the cache stage's input batches of those row lists.
+    Collective under torchrun. A stored basis (a resumed run) is used as it is.
     """
     if cfg.dim is None:
         return None
@@ -222,7 +222,7 @@ def _fit_sample_basis(store: Store | None, cfg: CacheConfig, teacher: Teacher, d
         images += int(ok.sum())
     if dist.world() > 1:
         mom.all_reduce()
-        images = int(dist.all_reduce_sum(torch.tensor([images], dtype=torch.float64))[0].item())
+        images = int(dist.all_reduce_sum(torch.tensor([images], dtype=torch.float64, device=device))[0].item())
     error = None
     if dist.is_main():
         try:
