@@ -15,6 +15,10 @@ class StoreError(TcskdError):
     """The feature store is missing, incomplete, corrupt or does not match."""
 
 
+class NoTokensError(TcskdError):
+    """A token grid was asked of a teacher that gives only a global feature (``tcskd cache --tokens patch``)."""
+
+
 class LockedError(TcskdError):
     """Another process is writing the same cache."""
 

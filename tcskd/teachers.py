@@ -1,4 +1,4 @@
-"""Teacher specs -> a frozen module that maps normalised images to global embeddings.
+"""Teacher specs -> a frozen module that maps normalised images to global embeddings (and token grids).
 
 Specs:
 - ``builtin:efficientnet-lite0``: ImageNet-pretrained EfficientNet-Lite0 from the
@@ -9,6 +9,18 @@ Specs:
 - ``timm:NAME[@WEIGHTS_FILE]``: a timm model with its classifier removed.
 - ``hub:LOCAL_REPO_DIR:ENTRY[@WEIGHTS_FILE]``: torch.hub with a local source.
 - ``torchscript:FILE``: a scripted module that returns B x D.
+
+Token grids (``Teacher.token_map``, for ``tcskd cache --tokens patch``): B x D x Gh x Gw float32, the
+tokens of the same forward whose pooling gives the global feature:
+
+- builtin: the last feature map (``extract_features``, 1280 x S/32 x S/32); its spatial mean is the feature.
+- hf: the patch tokens of ``last_hidden_state`` (CLS and ``num_register_tokens`` registers left out),
+  reshaped to (S / patch_size)^2 in row-major order; ``#mean`` is their mean. A model whose
+  ``last_hidden_state`` is already a B x D x H x W map gives that map.
+- timm: ``forward_features``: ViTs without their ``num_prefix_tokens`` (class and register tokens),
+  reshaped to the patch grid; CNNs give their last map (NHWC models are permuted to NCHW).
+- hub / torchscript: a module returning B x D has no tokens (``grid`` None); a module returning a
+  B x D x H x W map gives that map as its tokens and its spatial mean as its global feature.
 
 Every adapter declares its input size, normalisation and feature dimension;
 greyscale inputs become 3 channels. Weights files are loaded with
@@ -34,7 +46,7 @@ import torch
 import torch.nn as nn
 
 from tcskd.data import sha256_file
-from tcskd.errors import TcskdError
+from tcskd.errors import NoTokensError, TcskdError
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +78,9 @@ class Teacher:
     embed: Callable[[nn.Module, torch.Tensor], torch.Tensor] = field(repr=False, default=lambda m, x: m(x))
     adapter_version: int = 1
     """The version of the adapter that built this teacher (:data:`ADAPTER_VERSIONS`)."""
+    tokens: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = field(repr=False, default=None)
+    """Normalised images -> B x D x Gh x Gw token map; None: the teacher has no tokens."""
+    _grid: tuple[int, int] | None = field(repr=False, default=None, compare=False)
 
     def to(self, device: torch.device | str) -> "Teacher":
         self.module.to(device)
@@ -85,6 +100,35 @@ class Teacher:
             x = x.float().div_(255.0)
         out = self.embed(self.module, self.normalize(x).contiguous(memory_format=torch.channels_last))
         return out.float()
+
+    def token_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B x C x S x S, uint8 or floats in [0, 1]) -> B x D x Gh x Gw float32 tokens (module docstring);
+        NoTokensError for a teacher without tokens."""
+        if self.tokens is None:
+            raise NoTokensError(f"teacher {self.spec} gives no token grid (only a global feature): "
+                                f"--tokens patch needs builtin:, hf:, timm: or a module returning B x D x H x W")
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0)
+        out = self.tokens(self.module, self.normalize(x).contiguous(memory_format=torch.channels_last))
+        return out.float()
+
+    @property
+    def grid(self) -> tuple[int, int] | None:
+        """(Gh, Gw) tokens per image at ``image_size`` (probed once with one blank image); None without tokens."""
+        if self.tokens is None:
+            return None
+        if self._grid is None:
+            device = next(iter(self.module.parameters()), torch.zeros(0)).device
+            with torch.inference_mode():
+                shape = self.token_map(torch.zeros(1, 3, self.image_size, self.image_size, device=device)).shape
+            self._grid = (int(shape[2]), int(shape[3]))
+        return self._grid
+
+    @property
+    def patch(self) -> float | None:
+        """Teacher input pixels per token side (``image_size / Gh``); None without tokens."""
+        grid = self.grid
+        return None if grid is None else self.image_size / grid[0]
 
     def identity(self) -> dict[str, Any]:
         """What makes two teachers' features comparable (part of a cache's key)."""
@@ -117,7 +161,8 @@ def _load_weights(path: str) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _probe_dim(module: nn.Module, embed: Callable, size: int) -> int:
+def _probe_dim(module: nn.Module, embed: Callable, size: int, maps: bool = False) -> int:
+    """The width D of the module's output for one blank image: 1 x D, or (``maps``) also 1 x D x H x W."""
     module.eval()
     try:
         with torch.inference_mode():
@@ -127,9 +172,23 @@ def _probe_dim(module: nn.Module, embed: Callable, size: int) -> int:
         raise TeacherError(f"the teacher fails on a 1 x 3 x {size} x {size} input: {msg}") from e
     if not isinstance(out, torch.Tensor):
         raise TeacherError(f"the teacher returns {type(out).__name__} for one image; expected a 1 x D tensor")
-    if out.ndim != 2:
-        raise TeacherError(f"teacher returns shape {tuple(out.shape)} for one image; expected 1 x D")
+    if out.ndim != 2 and not (maps and out.ndim == 4):
+        want = "1 x D or 1 x D x H x W" if maps else "1 x D"
+        raise TeacherError(f"teacher returns shape {tuple(out.shape)} for one image; expected {want}")
     return int(out.shape[1])
+
+
+def _pooled(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A module's B x D output, or the spatial mean of its B x D x H x W map."""
+    out = m(x)
+    return out.mean(dim=(2, 3)) if out.ndim == 4 else out
+
+
+def _map_or_none(module: nn.Module, size: int) -> Callable[[nn.Module, torch.Tensor], torch.Tensor] | None:
+    """The token map of a hub/torchscript module: its own output when that is B x D x H x W, else None."""
+    with torch.inference_mode():
+        four_d = module(torch.zeros(1, 3, size, size)).ndim == 4
+    return (lambda m, x: m(x)) if four_d else None
 
 
 def load_teacher(spec: str, image_size: int | None = None) -> Teacher:
@@ -182,7 +241,7 @@ def _efficientnet_lite0(spec: str, name: str, image_size: int | None) -> Teacher
 
     # EfficientNet-Lite was trained with inputs scaled to [-1, 1].
     return Teacher(spec, model, image_size or 224, 1280, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5),
-                   sha256_file(weights_path), embed)
+                   sha256_file(weights_path), embed, tokens=lambda m, x: m.extract_features(x))
 
 
 def _hf(spec: str, arg: str, image_size: int | None) -> Teacher:
@@ -224,10 +283,33 @@ def _hf(spec: str, arg: str, image_size: int | None) -> Teacher:
         registers = int(getattr(m.config, "num_register_tokens", 0) or 0)
         return tokens[:, 1 + registers:].mean(dim=1)
 
+    def token_map(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        tokens = m(pixel_values=x).last_hidden_state
+        if tokens.ndim == 4:  # a convolutional model's map
+            return tokens
+        registers = int(getattr(m.config, "num_register_tokens", 0) or 0)
+        return _to_grid(tokens[:, 1 + registers:], x, getattr(m.config, "patch_size", None))
+
     weights = [Path(source) / n for n in ("model.safetensors", "pytorch_model.bin")]
     digest = next((sha256_file(w) for w in weights if w.is_file()), None) or sha256_state(model)
     dim = int(getattr(config, "hidden_size", 0)) or _probe_dim(model, embed, int(size))
-    return Teacher(spec, model, image_size or int(size), dim, tuple(mean), tuple(std), digest, embed)
+    return Teacher(spec, model, image_size or int(size), dim, tuple(mean), tuple(std), digest, embed,
+                   tokens=token_map)
+
+
+def _to_grid(tokens: torch.Tensor, x: torch.Tensor, patch: Any) -> torch.Tensor:
+    """Patch tokens B x T x D of images ``x`` -> B x D x Gh x Gw, Gh = H // patch (a square grid when the
+    patch size is unknown)."""
+    b, t, d = tokens.shape
+    if patch is not None:
+        ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
+        gh, gw = x.shape[-2] // int(ph), x.shape[-1] // int(pw)
+    else:
+        gh = gw = int(round(t ** 0.5))
+    if gh * gw != t:
+        raise TeacherError(f"the teacher gives {t} patch tokens for a {x.shape[-2]} x {x.shape[-1]} image; "
+                           f"they do not form a {gh} x {gw} grid")
+    return tokens.transpose(1, 2).reshape(b, d, gh, gw)
 
 
 def _split_weights(arg: str) -> tuple[str, str | None]:
@@ -255,7 +337,19 @@ def _timm(spec: str, arg: str, image_size: int | None) -> Teacher:
     std = tuple(cfg.get("std", IMAGENET_STD))
     embed = lambda m, x: m(x)
     digest = sha256_file(weights) if weights else sha256_state(model)
-    return Teacher(spec, model, size, _probe_dim(model, embed, size), mean, std, digest, embed)
+    return Teacher(spec, model, size, _probe_dim(model, embed, size), mean, std, digest, embed,
+                   tokens=_timm_tokens)
+
+
+def _timm_tokens(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm ``forward_features`` as B x D x Gh x Gw: a ViT's tokens without its prefix tokens, a CNN's map."""
+    out = m.forward_features(x)
+    if out.ndim == 3:
+        patch = getattr(getattr(m, "patch_embed", None), "patch_size", None)
+        return _to_grid(out[:, int(getattr(m, "num_prefix_tokens", 0) or 0):], x, patch)
+    if out.ndim == 4 and str(getattr(m, "output_fmt", "NCHW")).endswith("NHWC"):
+        return out.permute(0, 3, 1, 2)
+    return out
 
 
 def _hub(spec: str, arg: str, image_size: int | None) -> Teacher:
@@ -274,9 +368,10 @@ def _hub(spec: str, arg: str, image_size: int | None) -> Teacher:
     if weights:
         model.load_state_dict(_load_weights(weights))
     size = image_size or 224
-    embed = lambda m, x: m(x)
+    dim = _probe_dim(model, lambda m, x: m(x), size, maps=True)
     digest = sha256_file(weights) if weights else sha256_state(model)
-    return Teacher(spec, model, size, _probe_dim(model, embed, size), IMAGENET_MEAN, IMAGENET_STD, digest, embed)
+    return Teacher(spec, model, size, dim, IMAGENET_MEAN, IMAGENET_STD, digest, _pooled,
+                   tokens=_map_or_none(model, size))
 
 
 def _torchscript(spec: str, path: str, image_size: int | None) -> Teacher:
@@ -287,6 +382,6 @@ def _torchscript(spec: str, path: str, image_size: int | None) -> Teacher:
     except Exception as e:
         raise TeacherError(f"cannot load torchscript module {path}: {e}") from e
     size = image_size or 224
-    embed = lambda m, x: m(x)
-    return Teacher(spec, model, size, _probe_dim(model, embed, size), IMAGENET_MEAN, IMAGENET_STD,
-                   sha256_file(path), embed)
+    dim = _probe_dim(model, lambda m, x: m(x), size, maps=True)
+    return Teacher(spec, model, size, dim, IMAGENET_MEAN, IMAGENET_STD, sha256_file(path), _pooled,
+                   tokens=_map_or_none(model, size))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from _stores import low_rank_features, make_feature_cache
+from _stores import low_rank_features, make_feature_cache, write_cache
 from tcskd.errors import StoreError, TcskdError
 from tcskd.store import bases as store_bases
 from tcskd.store.backends import open_store
@@ -20,6 +20,18 @@ from tcskd.subspace.fit import BasisConfig, fit_basis, random_rotation
 from tcskd.subspace.moments import Moments, stream_moments
 
 FORMATS = ("zarr", "hdf5")
+#: A global cache, and a patch cache holding the same samples as T tokens per row (tcskd cache --tokens patch):
+#: every token is a sample, so both give the same basis.
+LAYOUTS = ("global", "patch")
+T = 4
+
+
+def _as_layout(x: np.ndarray, layout: str) -> np.ndarray:
+    """[n, V, D] samples -> themselves (global) or [n / T, V, T, D] rows of T tokens (row r: samples rT..rT+T-1)."""
+    if layout == "global":
+        return x
+    n, v, d = x.shape
+    return np.ascontiguousarray(x.reshape(n // T, T, v, d).transpose(0, 2, 1, 3))
 
 
 def _load(path: Path, name: str) -> Basis:
@@ -44,9 +56,9 @@ def feats() -> np.ndarray:
     return low_rank_features(n=600, d=48, rank=6, noise=0.01, views=1, seed=0)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_pca_matches_numpy_svd(tmp_path, feats, fmt):
-    path = make_feature_cache(tmp_path / "c", feats, fmt=fmt, chunk_rows=64)
+@pytest.mark.parametrize("fmt, layout", [("zarr", "global"), ("hdf5", "global"), ("zarr", "patch")])
+def test_pca_matches_numpy_svd(tmp_path, feats, fmt, layout):
+    path = make_feature_cache(tmp_path / "c", _as_layout(feats, layout), fmt=fmt, chunk_rows=64)
     summary = _fit(path)
     b = _load(path, "pca")
     mean, eig, vt = _reference(feats[:, 0])
@@ -65,7 +77,9 @@ def test_pca_matches_numpy_svd(tmp_path, feats, fmt):
     np.testing.assert_allclose(r, np.cumsum(eig) / eig.sum(), rtol=1e-6)
     with open_store(path) as st:
         key = st.manifest["key"]
-    assert b.attrs["rows_used"] == 600 and b.attrs["complete"] is True and b.attrs["fit_on"] == key
+    rows = 600 if layout == "global" else 600 // T
+    assert b.attrs["rows_used"] == rows and b.attrs["samples"] == 600
+    assert b.attrs["complete"] is True and b.attrs["fit_on"] == key
     x = feats[:, 0].astype(np.float64)
     errs = []
     for k in range(1, 12):
@@ -107,8 +121,9 @@ def test_float16_store_accumulates_in_float64(tmp_path, feats):
     assert (np.abs(np.sum(b.components * vt[:6], axis=1)) > 0.9999).all()
 
 
-def test_svd_method_equals_eigh(tmp_path, feats):
-    path = make_feature_cache(tmp_path / "c", feats, fmt="zarr")
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_svd_method_equals_eigh(tmp_path, feats, layout):
+    path = make_feature_cache(tmp_path / "c", _as_layout(feats, layout), fmt="zarr")
     _fit(path, dim=10, name="e")
     _fit(path, dim=10, name="s", method="svd")
     e, s = _load(path, "e"), _load(path, "s")
@@ -135,8 +150,9 @@ def test_row_ok_and_all_views(tmp_path):
     assert b_all.attrs["view"] == "all" and b_0.attrs["samples"] == 296
 
 
-def test_random_basis_is_seeded_and_orthonormal(tmp_path, feats):
-    path = make_feature_cache(tmp_path / "c", feats, fmt="zarr")
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_random_basis_is_seeded_and_orthonormal(tmp_path, feats, layout):
+    path = make_feature_cache(tmp_path / "c", _as_layout(feats, layout), fmt="zarr")
     _fit(path, kind="random", dim=10, seed=3, name="r3")
     _fit(path, kind="random", dim=10, seed=3, name="r3b", chunk_rows=33)
     _fit(path, kind="random", dim=10, seed=4, name="r4")
@@ -155,8 +171,9 @@ def test_random_basis_is_seeded_and_orthonormal(tmp_path, feats):
     np.testing.assert_array_equal(random_rotation(48, 3)[:10].numpy(), r3.components)
 
 
-def test_identity_round_trips_features(tmp_path, feats):
-    path = make_feature_cache(tmp_path / "c", feats, fmt="hdf5")
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_identity_round_trips_features(tmp_path, feats, layout):
+    path = make_feature_cache(tmp_path / "c", _as_layout(feats, layout), fmt="hdf5")
     s = _fit(path, kind="identity")
     b = _load(path, "identity")
     assert s["k"] == b.k == 48 and b.kind == "identity"
@@ -184,19 +201,20 @@ def test_energy_chooses_fewest_components(tmp_path, feats):
             assert ratio[expected - 2] < energy
 
 
-@pytest.mark.parametrize("whiten", [False, True])
-def test_coords_equal_projection(tmp_path, whiten):
-    x = low_rank_features(n=200, d=24, rank=5, views=2, seed=2, offset=0.5)
-    ok = np.ones(200, bool)
-    ok[[3, 150]] = False
+@pytest.mark.parametrize("whiten, layout", [(False, "global"), (True, "global"), (False, "patch")])
+def test_coords_equal_projection(tmp_path, whiten, layout):
+    x = _as_layout(low_rank_features(n=400, d=24, rank=5, views=2, seed=2, offset=0.5), layout)
+    n = len(x)
+    ok = np.ones(n, bool)
+    ok[[3, n * 3 // 4]] = False
     path = make_feature_cache(tmp_path / "c", x, fmt="zarr", chunk_rows=48, row_ok=ok)
     _fit(path, dim=8, coords=True, whiten=whiten, chunk_rows=30)
     b = _load(path, "pca-whiten" if whiten else "pca")
     assert b.whiten is whiten
     with open_store(path) as s:
         coords = s.read(f"bases/{b.name}/coords")
-        assert s[f"bases/{b.name}/coords"].chunks == (48, 2, 8)
-    assert coords.shape == (200, 2, 8) and coords.dtype == np.float16
+        assert s[f"bases/{b.name}/coords"].chunks == (48, *x.shape[1:-1], 8)
+    assert coords.shape == (n, *x.shape[1:-1], 8) and coords.dtype == np.float16
     expected = b.project(x.astype(np.float64))
     expected[~ok] = 0
     np.testing.assert_allclose(coords.astype(np.float64), expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
@@ -403,3 +421,21 @@ def test_cuda_matches_cpu(tmp_path, feats):
     _fit_svd = fit_basis(BasisConfig(cache=str(path), device="cuda", method="svd", dim=10, name="svd-cuda"))
     assert _fit_svd["k"] == 10
     np.testing.assert_allclose(_load(path, "svd-cuda").eigenvalues, _load(path, "pca-cpu").eigenvalues, rtol=1e-8)
+
+
+def test_a_coordinates_cache_is_refused(tmp_path, feats):
+    """A ``tcskd cache --dim K`` cache holds coordinates of its basis, not features: no basis is fitted on them."""
+    x = _as_layout(feats, "patch")[..., :6]
+    eye = np.eye(6, 48)
+
+    def basis(store):
+        arrays = {"mean": np.zeros(48), "components": eye, "eigenvalues": np.ones(6), "explained_ratio": np.ones(6)}
+        store_bases.write_basis(store, "pca", arrays, {"kind": "pca"})
+
+    path = write_cache(tmp_path / "c", x, coords_of="pca", teacher_dim=48, bases=basis)
+    with pytest.raises(TcskdError, match=r"already holds coordinates of basis 'pca' \(built with tcskd cache --dim 6\)"):
+        _fit(path, dim=2)
+    raw = make_feature_cache(tmp_path / "raw", _as_layout(feats, "patch"))
+    glob = make_feature_cache(tmp_path / "glob", feats)
+    with pytest.raises(TcskdError, match="holds global features but cache .* holds patch tokens"):
+        fit_basis(BasisConfig(cache=str(raw), fit_on=str(glob), device="cpu"))

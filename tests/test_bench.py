@@ -11,8 +11,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from _stores import map_teacher
 from conftest import make_npz
 from tcskd.bench.cache import bench_forward
+from tcskd.bench.dense import bench_dense
 from tcskd.bench.cli import bench_cmd
 from tcskd.bench.env import REPO_ROOT
 from tcskd.bench.measure import linear_fit
@@ -33,7 +35,7 @@ def _tiny_config(data: str, teacher: str, workdir, **kw) -> BenchConfig:
     base = dict(profile="cpu", device="cpu", quick=True, data=data,
                 teachers=[TeacherSpec("tiny", teacher, 16)], cache_rows=8, cache_batch=8, chunk_rows=8,
                 forward_seconds=0.01, basis_dim=4, basis_rows_large=48, basis_plot=False, student="cnn",
-                train_batch=8, train_epochs=1, isolate=False, repeats=1, warmup=1, workdir=str(workdir))
+                train_batch=8, train_epochs=1, isolate=False, repeats=1, warmup=1, workdir=str(workdir), dense_rows=8)
     base.update(kw)
     return BenchConfig(**base)
 
@@ -62,7 +64,7 @@ def test_bench_sections_in_process(tmp_path, tiny_teacher):
 
     saved = json.loads(out.read_text())
     assert saved["schema"] == BENCH_SCHEMA
-    for key in ("environment", "settings", "cache", "basis", "train", "dataloading", "goals"):
+    for key in ("environment", "settings", "cache", "basis", "train", "dense", "dataloading", "goals"):
         assert saved[key], key
     env = saved["environment"]
     assert env["torch"] == torch.__version__ and env["device"] == "cpu" and env["date"]
@@ -105,11 +107,45 @@ def test_bench_sections_in_process(tmp_path, tiny_teacher):
     assert goals["online_vs_tcs_time"]["applies"] is False  # a GPU goal, measured on the CPU
     assert res["goals"].keys() == goals.keys()
 
+    assert saved["dense"]["skipped"].startswith(f"teacher {tiny_teacher} gives no token grid")  # a global teacher
+
     md = out.with_suffix(".md").read_text()
-    assert "| ce |" in md and "cache_vs_forward" in md and "(tiled)" in md
+    assert "| ce |" in md and "cache_vs_forward" in md and "(tiled)" in md and "dense vs global: skipped" in md
     # the caches and runs went into the given workdir (and were removed there), never into the repository
     assert "caches-tiny" in _listing(tmp_path / "work") and "tiled" in _listing(tmp_path / "work")
     assert _listing(REPO_ROOT / "caches") == repo_caches
+
+
+def test_dense_section_compares_tokens_with_global_features(tmp_path):
+    """tcskd bench's dense section: the cache stage for global, raw patch and --dim K caches (img/s, tokens/s,
+    bytes per image) and the basis stage on the global and the patch cache, in the JSON and the Markdown."""
+    from tcskd.bench.report import render_markdown
+
+    data = make_npz(tmp_path / "d.npz", n=16, size=12, channels=3)
+    teacher = map_teacher(tmp_path / "t")  # 4 x 4 tokens of 8 dims at 16 px
+    work = tmp_path / "work"
+    res = bench_dense(teacher, data, 16, 16, 8, 0, 8, 4, torch.device("cpu"), 1, work)
+    cache = {c["config"]: c for c in res["cache"]["configs"]}
+    assert list(cache) == ["global", "patch", "coords"] and res["cache"]["k"] == 4
+    assert [(c["tokens_per_image"], c["dim"], c["teacher_dim"]) for c in cache.values()] == [(1, 8, 8), (16, 8, 8),
+                                                                                             (16, 4, 8)]
+    assert [c["bytes_per_image"] for c in cache.values()] == [8 * 2, 16 * 8 * 2, 16 * 4 * 2]
+    for c in cache.values():
+        assert c["img_per_s"] > 0 and c["tokens_per_s"] == pytest.approx(c["img_per_s"] * c["tokens_per_image"])
+        assert c["disk_bytes_per_image"] > c["features_disk_bytes_per_image"] > 0 and c["timings_s"]["forward"] > 0
+    assert cache["coords"]["timings_s"]["basis"] > 0 and "basis" not in cache["global"]["timings_s"]
+    basis = {b["config"]: b for b in res["basis"]["configs"]}
+    assert list(basis) == ["global", "patch"]
+    assert basis["global"]["samples"] == 16 and basis["patch"]["samples"] == 16 * 16  # every token a sample
+    assert all(b["fit_samples_per_s"] > 0 and b["read_mb_per_s"] > 0 for b in basis.values())
+    assert not work.exists() or not any(work.rglob("zarr.json"))  # its caches are removed
+    md = render_markdown({"environment": {"device_name": "cpu", "cpu_count": 2, "torch_threads": 1, "device": "cpu",
+                                          "date": "today", "torch": "x", "tcskd": "x", "python": "x"},
+                          "profile": "cpu", "quick": True, "settings": {"repeats": 1, "warmup": 1},
+                          "dense": {"teacher": "map", **res}})
+    assert "### dense vs global: cache" in md and "| coords | 16 x 4 of 8 float16 |" in md
+    assert "### dense vs global: basis" in md and "| patch | 4 | 256 |" in md
+    assert profile_config("gpu", "cuda").dense_rows > 0 and profile_config("cpu", "cpu").dense_rows > 0
 
 
 def test_tiled_store_is_a_cache_of_its_own(tmp_path, tiny_teacher):

@@ -25,9 +25,27 @@ from tcskd.data import open_source
 from tcskd.errors import LockedError, StoreError
 from tcskd.teachers import load_teacher
 
+from _stores import map_teacher
 from conftest import make_npz, run_cli
 
 ARRAYS = ("features", "labels", "sample_index", "view_params", "row_ok", "chunk_done")
+#: The kinds of cache the suites below build: global features (the tiny teacher, 16-d), a token grid per view
+#: (--tokens patch: a tiny map teacher, 4 x 4 tokens of 8 dims at 16 px) and its first 3 PCA coordinates (--dim).
+KINDS = {"global": {}, "patch": {"tokens": "patch"}, "coords": {"tokens": "patch", "dim": 3, "basis_sample": 12}}
+#: features' shape per row and view.
+ROW = {"global": (16,), "patch": (16, 8), "coords": (16, 3)}
+
+
+@pytest.fixture(scope="module")
+def dense_teacher(tmp_path_factory) -> str:
+    return map_teacher(tmp_path_factory.mktemp("dense-teacher"))
+
+
+def _kind(kind: str, tiny_teacher: str, dense_teacher: str) -> tuple[str, dict, list[str]]:
+    """(teacher spec, CacheConfig options, CLI options) of a kind of cache."""
+    opts = KINDS[kind]
+    cli = [a for k, v in opts.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    return (tiny_teacher if kind == "global" else dense_teacher), dict(opts), cli
 
 
 def _cfg(data, teacher, root, **kw) -> CacheConfig:
@@ -61,22 +79,26 @@ def test_store_round_trip(tmp_path, fmt):
     assert r.read("bases/p/mean").tolist() == [1.0, 2.0, 3.0]
 
 
-@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
-def test_build_writes_schema_and_hits(tiny_npz, tiny_teacher, cache_root, fmt):
-    cfg = _cfg(tiny_npz, tiny_teacher, cache_root, format=fmt, views=2)
+@pytest.mark.parametrize("fmt, kind", [("zarr", "global"), ("hdf5", "global"), ("zarr", "patch"),
+                                       ("hdf5", "coords")])
+def test_build_writes_schema_and_hits(tiny_npz, tiny_teacher, dense_teacher, cache_root, fmt, kind):
+    teacher, opts, _ = _kind(kind, tiny_teacher, dense_teacher)
+    cfg = _cfg(tiny_npz, teacher, cache_root, format=fmt, views=2, **opts)
     res = build_cache(cfg)
     assert not res.hit and res.rows_computed == 40
     src = open_source(tiny_npz, "train")
     a = _arrays(res.path)
-    assert a["features"].shape == (40, 2, 16) and a["features"].dtype == np.float16
+    assert a["features"].shape == (40, 2, *ROW[kind]) and a["features"].dtype == np.float16
     assert a["labels"].tolist() == src.labels.tolist()
     assert a["sample_index"].tolist() == list(range(40))
     assert a["row_ok"].all() and a["chunk_done"].all() and len(a["chunk_done"]) == 5
     assert np.isfinite(a["features"]).all() and np.abs(a["features"]).sum() > 0
     with open_store(res.path) as s:
         m = s.manifest
-    assert m["complete"] and m["n_rows"] == 40 and m["views"] == 2 and m["dim"] == 16
-    assert m["teacher_spec"] == tiny_teacher and m["data_spec"] == tiny_npz and m["schema_version"] == 1
+    assert m["complete"] and m["n_rows"] == 40 and m["views"] == 2 and m["dim"] == ROW[kind][-1]
+    assert m["teacher_spec"] == teacher and m["data_spec"] == tiny_npz and m["schema_version"] == 1
+    assert m["tokens"] == ("global" if kind == "global" else "patch") and m["coords_of"] == ("pca" if kind == "coords" else None)
+    assert m["grid"] == (None if kind == "global" else [4, 4]) and (kind != "global") == (m["teacher_dim"] == 8)
     assert len(m["identity"]["teacher"]["weights_sha256"]) == 64
 
     # The same command again is a hit that computes nothing: no input, forward or write time (its timings).
@@ -203,11 +225,13 @@ main(sys.argv[1:])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
-def test_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_teacher, fmt):
+@pytest.mark.parametrize("fmt, kind", [("zarr", "global"), ("hdf5", "global"), ("zarr", "patch"),
+                                       ("zarr", "coords"), ("hdf5", "coords")])
+def test_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_teacher, dense_teacher, fmt, kind):
     data = make_npz(tmp_path / "d.npz", n=64)
-    args = ["cache", "--data", data, "--teacher", tiny_teacher, "--image-size", "16", "--chunk-rows", "8",
-            "--batch-size", "4", "--format", fmt, "--views", "2"]
+    teacher, _, extra = _kind(kind, tiny_teacher, dense_teacher)
+    args = ["cache", "--data", data, "--teacher", teacher, "--image-size", "16", "--chunk-rows", "8",
+            "--batch-size", "4", "--format", fmt, "--views", "2", *extra]
     ref = run_cli([*args, "--cache-root", str(tmp_path / "ref")])
     assert ref.returncode == 0, ref.stderr
     ref_path = Path(ref.stdout.strip().splitlines()[-1])
@@ -236,18 +260,25 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path, tiny_teacher, fmt):
             if f.is_file():
                 assert f.read_bytes() == (killed_path / f.relative_to(ref_path)).read_bytes()
     assert verify_cache(killed_path).ok
+    if kind == "coords":  # the basis written before the kill (and kept by the resumed run) is the same
+        with open_store(ref_path) as a, open_store(killed_path) as b:
+            for arr in ("mean", "components", "eigenvalues"):
+                assert a.read(f"bases/pca/{arr}").tobytes() == b.read(f"bases/pca/{arr}").tobytes()
 
 
-def test_cli_ls_info_verify_and_corruption(tiny_npz, tiny_teacher, cache_root):
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_cli_ls_info_verify_and_corruption(tiny_npz, tiny_teacher, dense_teacher, cache_root, kind):
     runner = CliRunner()
-    r = runner.invoke(main, ["-q", "cache", "--data", tiny_npz, "--teacher", tiny_teacher, "--image-size", "16",
-                             "--chunk-rows", "8", "--cache-root", str(cache_root)])
+    teacher, _, extra = _kind(kind, tiny_teacher, dense_teacher)
+    r = runner.invoke(main, ["-q", "cache", "--data", tiny_npz, "--teacher", teacher, "--image-size", "16",
+                             "--chunk-rows", "8", "--cache-root", str(cache_root), *extra])
     assert r.exit_code == 0, r.output
     path = Path(r.stdout.strip().splitlines()[-1])
     r = runner.invoke(main, ["cache", "ls", "--cache-root", str(cache_root)])
     assert path.name in r.stdout and "complete" in r.stdout
     r = runner.invoke(main, ["cache", "info", path.name, "--cache-root", str(cache_root)])
-    assert json.loads(r.stdout)["n_rows"] == 40
+    info = json.loads(r.stdout)
+    assert info["n_rows"] == 40 and info["bytes_per_image"] == int(np.prod(ROW[kind])) * 2
     r = runner.invoke(main, ["cache", "verify", str(path), "--recompute", "3", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     assert "3 recomputed" in r.stdout

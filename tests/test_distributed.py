@@ -13,6 +13,7 @@ import pytest
 
 from tcskd.store.backends import open_store
 
+from _stores import map_teacher
 from conftest import make_npz, run_cli
 
 pytestmark = pytest.mark.slow
@@ -30,10 +31,30 @@ def _last_path(out: str) -> Path:
     return Path([l for l in out.strip().splitlines() if l.strip()][-1].strip())
 
 
-def test_cache_two_ranks_equals_one_process(tmp_path, tiny_teacher):
+#: global features; raw patch tokens of a tiny map teacher; their first 3 PCA coordinates (the basis fitted on a
+#: sample of 30 images, split between the ranks, its moments all-reduced).
+KINDS = {"global": [], "patch": ["--tokens", "patch"],
+         "coords": ["--tokens", "patch", "--dim", "3", "--basis-sample", "30", "--dtype", "float32"]}
+
+
+def _same_basis(a, b) -> None:
+    """Two stores' token bases agree (summation order aside) and their coordinates with them."""
+    from tcskd.store.bases import load_basis
+
+    x, y = load_basis(a, "pca"), load_basis(b, "pca")
+    np.testing.assert_allclose(y.eigenvalues, x.eigenvalues, rtol=1e-9)
+    np.testing.assert_allclose(y.mean, x.mean, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(np.abs((x.components * y.components).sum(1)), 1.0, atol=1e-8)
+    assert x.attrs["sample_images"] == y.attrs["sample_images"] == 30
+    np.testing.assert_allclose(b.read("features"), a.read("features"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_cache_two_ranks_equals_one_process(tmp_path, tiny_teacher, kind):
     data = make_npz(tmp_path / "d.npz", n=70)
-    args = ["cache", "--data", data, "--teacher", tiny_teacher, "--image-size", "16", "--chunk-rows", "8",
-            "--batch-size", "4", "--views", "2", "--device", "cpu"]
+    teacher = tiny_teacher if kind == "global" else map_teacher(tmp_path / "teacher")
+    args = ["cache", "--data", data, "--teacher", teacher, "--image-size", "16", "--chunk-rows", "8",
+            "--batch-size", "4", "--views", "2", "--device", "cpu", *KINDS[kind]]
     one = run_cli([*args, "--cache-root", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr
     two = torchrun([*args, "--cache-root", str(tmp_path / "two")])
@@ -41,7 +62,10 @@ def test_cache_two_ranks_equals_one_process(tmp_path, tiny_teacher):
     p1, p2 = _last_path(one.stdout), tmp_path / "two" / _last_path(one.stdout).name
     with open_store(p1) as a, open_store(p2) as b:
         for name in ARRAYS:
-            assert a.read(name).tobytes() == b.read(name).tobytes(), name
+            if name != "features" or kind != "coords":  # coordinates: up to the basis's summation order
+                assert a.read(name).tobytes() == b.read(name).tobytes(), name
+        if kind == "coords":
+            _same_basis(a, b)
         assert b.manifest["complete"]
 
     # Resume: chunks lost by a one-process run are finished by 2 ranks, and the reverse.
@@ -53,7 +77,10 @@ def test_cache_two_ranks_equals_one_process(tmp_path, tiny_teacher):
 
     def same():
         with open_store(p1) as a, open_store(p2) as b:
-            assert a.read("features").tobytes() == b.read("features").tobytes()
+            if kind == "coords":
+                _same_basis(a, b)
+            else:
+                assert a.read("features").tobytes() == b.read("features").tobytes()
             assert b.manifest["complete"]
 
     drop([3, 6])

@@ -29,22 +29,28 @@ from tcskd.store.registry import cache_key, list_caches, resolve_cache
 N, V, D, CH = 50, 2, 6, 16
 
 
-def _features(seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).normal(size=(N, V, D)).astype(np.float32)
+def _features(seed: int = 0, tokens: int | None = None) -> np.ndarray:
+    """N x V x D, or N x V x T x D with ``tokens`` T (a patch cache)."""
+    shape = (N, V, D) if tokens is None else (N, V, tokens, D)
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
 
 
-def _manifest(key_hint: str = "x") -> Manifest:
+def _manifest(key_hint: str = "x", tokens: int | None = None) -> Manifest:
     ident = {"hint": key_hint, "data": {"spec": "synthetic"}, "teacher": {"spec": "synthetic"}, "split": "train",
              "views": V, "dtype": "float32"}
+    dense = {} if tokens is None else {"tokens": "patch", "grid": [1, tokens], "patch": 16.0, "teacher_dim": D}
     return Manifest.new(key=cache_key(ident), identity=ident, data_spec="synthetic", split="train",
                         teacher_spec="synthetic", n_rows=N, views=V, dim=D, dtype="float32", chunk_rows=CH,
-                        num_classes=3, channels=1, image_size=16, complete=False, skipped=[], dense_chunks=True)
+                        num_classes=3, channels=1, image_size=16, complete=False, skipped=[], dense_chunks=True,
+                        **dense)
 
 
 class StoreSuite:
-    """The tests every backend passes; a subclass sets ``fmt`` and :meth:`location`."""
+    """The tests every backend passes; a subclass sets ``fmt`` and :meth:`location` (and ``tokens``: a patch
+    cache of T tokens per view, ``features`` N x V x T x D)."""
 
     fmt = "zarr"
+    tokens: int | None = None
 
     @pytest.fixture
     def where(self, tmp_path):
@@ -54,7 +60,7 @@ class StoreSuite:
         return tmp_path / "cache"
 
     def cache(self, where, **kw):
-        return write_cache(where, _features(), fmt=self.fmt, chunk_rows=CH,
+        return write_cache(where, _features(tokens=self.tokens), fmt=self.fmt, chunk_rows=CH,
                            labels=np.arange(N) % 3, num_classes=3, **kw)
 
     def drop_chunk(self, where, name: str, chunk: int) -> None:
@@ -62,7 +68,7 @@ class StoreSuite:
 
     # -- layout and manifest -----------------------------------------------
     def test_layout_has_every_array_with_its_spec(self, where):
-        m = _manifest()
+        m = _manifest(tokens=self.tokens)
         with create_store(where, m, self.fmt) as s:
             assert s.format == self.fmt and detect_format(where) == self.fmt
             for name, (shape, dtype, chunks, fill) in array_specs(m).items():
@@ -75,7 +81,7 @@ class StoreSuite:
             assert sorted(s.children("")) == sorted(REQUIRED + ("bases",))
 
     def test_manifest_round_trip(self, where):
-        m = _manifest()
+        m = _manifest(tokens=self.tokens)
         m.extra = {"someone_elses": [1, 2]}
         create_store(where, m, self.fmt).close()
         with open_store(where) as s:
@@ -96,7 +102,7 @@ class StoreSuite:
     # -- the chunk iterator ------------------------------------------------
     def test_chunks_cover_every_row_in_the_stores_own_chunks(self, where):
         self.cache(where)
-        x = _features()
+        x = _features(tokens=self.tokens)
         with open_cache(where) as c:
             assert (c.n, c.views, c.dim, c.chunk_rows) == (N, V, D, CH)
             chunks = list(c.chunks(progress=False))
@@ -109,7 +115,7 @@ class StoreSuite:
 
     def test_chunks_subset_view_and_other_spans(self, where):
         self.cache(where)
-        x = _features()
+        x = _features(tokens=self.tokens)
         with open_cache(where) as c:
             picked = list(c.chunks(chunk_ids=[1, 3], view=0, progress=False))
             assert [ch.index for ch in picked] == [1, 3]
@@ -242,6 +248,14 @@ class TestZarrDirectory(StoreSuite):
 
 class TestHDF5(StoreSuite):
     fmt = "hdf5"
+
+
+class TestZarrDirectoryPatch(TestZarrDirectory):
+    tokens = 4
+
+
+class TestHDF5Patch(TestHDF5):
+    tokens = 4
 
 
 class TestMemoryURL(StoreSuite):

@@ -91,6 +91,10 @@ class BenchConfig:
     workdir: str | None = None
     """Where caches and runs go (a temporary folder, removed at the end, when None)."""
     child_timeout_s: float = 600.0
+    dense_rows: int = 0
+    """Rows of the dense-vs-global comparison (tcskd.bench.dense) on the main teacher; 0 = none."""
+    dense_dim: int = 64
+    """K of the ``--dim K`` cache in that comparison (at most the teacher's width)."""
 
 
 def profile_config(profile: str, device: str, quick: bool = False, **overrides: Any) -> BenchConfig:
@@ -101,7 +105,7 @@ def profile_config(profile: str, device: str, quick: bool = False, **overrides: 
             teachers=[TeacherSpec("efficientnet-lite0@64", "builtin:efficientnet-lite0", 64)],
             cache_rows=64 if quick else 256, cache_batch=32, cache_workers=0, forward_seconds=0.3 if quick else 1.0,
             basis_dim=64, basis_rows_large=0 if quick else 4096, student="cnn", train_batch=64 if quick else 128, train_epochs=1 if quick else 3,
-            repeats=2 if quick else 3, warmup=1, budget_s=60.0 if quick else 170.0)
+            repeats=2 if quick else 3, warmup=1, budget_s=60.0 if quick else 170.0, dense_rows=64 if quick else 256)
     elif profile == "gpu":
         cores = os.cpu_count() or 1
         cfg = BenchConfig(
@@ -114,7 +118,7 @@ def profile_config(profile: str, device: str, quick: bool = False, **overrides: 
             cache_workers=min(8, cores), forward_seconds=0.5 if quick else 1.0, basis_dim=64,
             basis_rows_large=65536 if quick else 262144,
             student="resnet32x4", train_batch=512, train_epochs=1 if quick else 3,
-            repeats=2 if quick else 3, warmup=1, budget_s=150.0 if quick else 290.0)
+            repeats=2 if quick else 3, warmup=1, budget_s=150.0 if quick else 290.0, dense_rows=1024 if quick else 4096)
         if quick:
             cfg.teachers = cfg.teachers[:1]
     else:

@@ -158,6 +158,33 @@ def _basis_table(res: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _dense_table(res: dict[str, Any]) -> list[str]:
+    dense = res.get("dense")
+    if not dense:
+        return []
+    if dense.get("skipped"):
+        return ["", f"### dense vs global: skipped ({dense['skipped']})"]
+    c = dense["cache"]
+    lines = ["", f"### dense vs global: cache ({dense.get('teacher')}, {c['rows']} rows, batch {c['batch']})", "",
+             "| cache | tokens x dim | img/s | tokens/s | bytes/image | features on disk/image | store on disk/image | "
+             "of which: setup / basis sample / inputs / forward / write (s) |", "|---|---|---|---|---|---|---|---|"]
+    for r in c["configs"]:
+        tm = r["timings_s"]
+        parts = " / ".join(_f(tm.get(n, 0.0), 3) for n in ("setup", "basis", "inputs", "forward", "write"))
+        what = f"{r['tokens_per_image']} x {r['dim']}" + (f" of {r['teacher_dim']}" if r["dim"] != r["teacher_dim"] else "")
+        lines.append(f"| {r['config']} | {what} {r['dtype']} | {_f(r['img_per_s'])} | {_f(r['tokens_per_s'])} | "
+                     f"{_f(r['bytes_per_image'])} | {_f(r.get('features_disk_bytes_per_image'))} | "
+                     f"{_f(r['disk_bytes_per_image'])} | {parts} |")
+    lines += ["", "### dense vs global: basis (tcskd basis, every token a sample)", "",
+              "| cache | K | samples | read MB/s | fit MB/s | fit samples/s | read s | basis s |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in dense["basis"]["configs"]:
+        lines.append(f"| {r['config']} | {r['k']} | {_f(r['samples'])} | {_f(r['read_mb_per_s'], 1)} | "
+                     f"{_f(r['fit_mb_per_s'], 1)} | {_f(r['fit_samples_per_s'])} | {_f(r['read_s']['median'], 3)} | "
+                     f"{_f(r['basis_s']['median'], 3)} |")
+    return lines
+
+
 def _train_table(res: dict[str, Any]) -> list[str]:
     train = res.get("train")
     if not train:
@@ -186,4 +213,5 @@ def _train_table(res: dict[str, Any]) -> list[str]:
 
 def render_markdown(res: dict[str, Any]) -> str:
     """The Markdown table of a run (or of the sections it has measured so far)."""
-    return "\n".join(_header(res) + _cache_table(res) + _basis_table(res) + _train_table(res)) + "\n"
+    return "\n".join(_header(res) + _cache_table(res) + _basis_table(res) + _train_table(res)
+                     + _dense_table(res)) + "\n"

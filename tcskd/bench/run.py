@@ -17,6 +17,7 @@ import torch
 
 from tcskd.bench.basis import bench_basis
 from tcskd.bench.cache import bench_cache, bench_cache_inputs, bench_forward
+from tcskd.bench.dense import bench_dense
 from tcskd.bench.env import environment, threads_probe
 from tcskd.bench.profiles import BENCH_SCHEMA, REFERENCE, BenchConfig, TeacherSpec
 from tcskd.bench.report import compute_goals, dataloading_summary, render_markdown, write_atomic
@@ -35,13 +36,15 @@ class _Run:
         self.cfg, self.device, self.work, self.out, self.echo = cfg, device, work, out, echo
         self.t_start = t_start
         self.measured_inputs: dict[int, dict[str, Any]] = {}
+        self.specs: dict[str, str] = {}
+        """Each teacher's spec (a DINOv2 written at run time: its hf: folder)."""
         settings = dataclasses.asdict(cfg)
         settings["teachers"] = [dataclasses.asdict(t) for t in cfg.teachers]
         self.res: dict[str, Any] = {
             "schema": BENCH_SCHEMA, "profile": cfg.profile, "quick": cfg.quick,
             "environment": {**environment(device), "threads_probe": probe}, "settings": settings,
             "reference": REFERENCE, "cache": {"teachers": [], "skipped": []}, "basis": None, "train": None,
-            "dataloading": None, "goals": {}, "seconds": None}
+            "dense": None, "dataloading": None, "goals": {}, "seconds": None}
 
     def save(self) -> None:
         self.res["goals"] = compute_goals(self.res, self.device)
@@ -72,6 +75,7 @@ class _Run:
             self.say(f"writing a random-weight DINOv2 {t.arch} teacher")
             spec = make_dinov2(self.work / "teachers" / t.label, t.arch or t.label, t.image_size or 224,
                                **t.arch_overrides)
+        self.specs[t.label] = spec
         self.say(f"cache: teacher {t.label}: forward only")
         fwd = bench_forward(spec, data, t.image_size, cfg.cache_batch, self.device, cfg.repeats, cfg.warmup,
                             cfg.forward_seconds)
@@ -115,6 +119,17 @@ class _Run:
         self.res["dataloading"] = dataloading_summary(self.res)
         self.save()
 
+    def dense_section(self, t: TeacherSpec, data: str) -> None:
+        """Dense caches against global ones on the main teacher (tcskd.bench.dense): cache and basis stages."""
+        cfg = self.cfg
+        if not cfg.dense_rows:
+            return
+        self.say(f"dense: teacher {t.label}: global vs patch tokens vs --dim {cfg.dense_dim} at {cfg.dense_rows} rows")
+        self.res["dense"] = {"teacher": t.label, **bench_dense(
+            self.specs[t.label], data, t.image_size, cfg.dense_rows, cfg.cache_batch, cfg.cache_workers,
+            cfg.chunk_rows, cfg.dense_dim, self.device, cfg.repeats, self.work / f"dense-{t.label}", cfg.warmup)}
+        self.save()
+
     def teachers(self, data: str) -> None:
         """Every teacher in order: an optional one is skipped once the soft budget runs short, or recorded as
         failed without stopping the rest."""
@@ -136,6 +151,7 @@ class _Run:
                 continue
             if i == 0:
                 self.basis_and_train(kept, t.label)
+                self.dense_section(t, data)
             for p in kept.values():
                 shutil.rmtree(p, ignore_errors=True)
 

@@ -1,8 +1,9 @@
 """Stage 1: stream a dataset once through a teacher into a resumable feature store.
 
 The store is created whole (every array, the manifest) in a hidden folder and
-renamed into place, so a cache directory either does not exist or has its
-full layout. Rows are then computed chunk by chunk; a chunk's ``chunk_done``
+renamed into place (tcskd.cache.create), so a cache directory either does not
+exist or has its full layout. Rows are then computed chunk by chunk (a patch
+cache: token grids, or their ``--dim K`` coordinates, tcskd.cache.dense); a chunk's ``chunk_done``
 flag is written only after its data, so a killed run resumes with exactly
 the chunks that are missing. Batches never cross chunk boundaries: a resumed
 run feeds the teacher the very same batches as an uninterrupted one, and the
@@ -12,8 +13,6 @@ finished stores are equal byte for byte on the CPU.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,22 +25,21 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tcskd import dist
+from tcskd.cache import dense
 from tcskd.cache.config import CacheConfig
-from tcskd.cache.subset import LIMIT_RULE, limit_source
+from tcskd.cache.create import check_identity, clean_stale_tmp, create_cache_store, has_manifest, identity_of
+from tcskd.cache.subset import limit_source
 from tcskd.data import DataError, Source, fingerprint, open_source
 from tcskd.device import autocast, resolve_device
 from tcskd.errors import StoreError, TcskdError
 from tcskd.store.backends import Store, detect_format, iter_chunks, open_store
 from tcskd.store.handle import open_cache
-from tcskd.store.layout import create_store
 from tcskd.store.manifest import Manifest
 from tcskd.store.paths import is_remote
 from tcskd.store.registry import WriterLock, cache_key, cache_root_of
 from tcskd.views import apply_view, center_view, resize_on_device, teacher_views, view_params
 
 log = logging.getLogger(__name__)
-
-VIEW_PIPELINE = "crop+resize-uint8-bilinear-aa/1"
 
 
 @dataclass
@@ -57,8 +55,9 @@ class CacheResult:
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds of this process in ``setup`` (teacher load, dataset, lock, store creation, loader start),
     ``inputs`` (waiting for decoded, cropped batches), ``forward`` (the teacher, to finite features on the
-    CPU), ``write`` (filling chunk buffers, waiting for the background writes, finishing). Disjoint spans
-    of one thread: they sum to at most ``seconds``. A hit has ``setup`` only."""
+    CPU), ``write`` (filling chunk buffers, waiting for the background writes, finishing), and with
+    ``--dim K`` ``basis`` (pass 1: the sample's tokens, their moments, the basis written; tcskd.cache.dense).
+    Disjoint spans of one thread: they sum to at most ``seconds``. A hit has ``setup`` only."""
 
 
 # -- the dataset the teacher reads -----------------------------------------
@@ -123,80 +122,6 @@ def collate_inputs(items):
             torch.stack(params), list(errors))
 
 
-# -- identity, manifest -----------------------------------------------------
-
-def identity_of(cfg: CacheConfig, data_fingerprint: str, teacher_identity: dict[str, Any]) -> dict[str, Any]:
-    """Everything a cache's content depends on; its hash is the cache key."""
-    ident = {
-        "teacher": teacher_identity,
-        "data": {"spec": cfg.data, "fingerprint": data_fingerprint},
-        "split": cfg.split, "views": cfg.views, "dtype": cfg.dtype,
-        # None for the whole split (the key of an unlimited cache does not depend on the limit rule or seed).
-        "limit": None if cfg.limit is None else {"n": cfg.limit, "rule": LIMIT_RULE, "seed": cfg.seed},
-        "format": cfg.format,
-        # How views become teacher inputs (crop, then antialiased bilinear resize in uint8).
-        "view_pipeline": VIEW_PIPELINE,
-    }
-    if cfg.views > 1:
-        ident["view_seed"] = cfg.seed
-        ident["crop_scale"] = list(cfg.crop_scale)
-    return ident
-
-
-
-
-# -- store creation ---------------------------------------------------------
-
-def _create_store(path: Path, cfg: CacheConfig, source: Source, teacher, key: str,
-                  ident: dict[str, Any]) -> None:
-    """Create every array and the manifest in a hidden folder, then rename it into place.
-
-    An object store has no atomic rename: there the store is created in place
-    and the manifest written last, so a store cut short has no manifest and
-    is created again by the next run.
-    """
-    remote = is_remote(path)
-    tmp = path if remote else path.parent / f".tmp-{key}-{os.getpid()}"
-    if remote:
-        path.remove()
-    elif tmp.exists():
-        shutil.rmtree(tmp)
-    manifest = Manifest.new(
-        key=key, identity=ident, data_spec=source.spec, split=cfg.split, teacher_spec=teacher.spec,
-        n_rows=len(source), views=cfg.views, dim=teacher.dim, dtype=cfg.dtype, chunk_rows=cfg.chunk_rows,
-        num_classes=source.num_classes, channels=source.channels, image_size=teacher.image_size,
-        complete=False, skipped=[], dense_chunks=True)
-    try:
-        create_store(tmp, manifest, cfg.format).close()
-    except BaseException:
-        if not remote:  # a full disk or a read-only root: leave nothing half-made behind
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if not remote:
-        os.rename(tmp, path)
-
-
-def _has_manifest(path) -> bool:
-    try:
-        with open_store(path):
-            return True
-    except StoreError:
-        return False
-
-
-def _clean_stale_tmp(root, key: str) -> None:
-    if is_remote(root):
-        return
-    for d in root.glob(f".tmp-{key}-*"):
-        try:
-            pid = int(d.name.rsplit("-", 1)[1])
-            os.kill(pid, 0)  # still alive: leave it
-        except (ValueError, ProcessLookupError):
-            shutil.rmtree(d, ignore_errors=True)
-        except PermissionError:
-            pass
-
-
 # -- the stage --------------------------------------------------------------
 
 def plan_cache(cfg: CacheConfig) -> tuple[Any, dict[str, Any], str, Path]:
@@ -210,7 +135,9 @@ def plan_cache(cfg: CacheConfig) -> tuple[Any, dict[str, Any], str, Path]:
     cfg.validate()
     data_fingerprint = fingerprint(cfg.data, cfg.split)
     teacher = load_teacher(cfg.teacher, cfg.image_size)
-    ident = identity_of(cfg, data_fingerprint, teacher.identity())
+    dense.check_teacher(cfg, teacher)
+    extras = dense.identity_extras(cfg, teacher, dense.basis_source_key(cfg, teacher))
+    ident = identity_of(cfg, data_fingerprint, teacher.identity(), extras)
     key = cache_key(ident)
     return teacher, ident, key, cache_root_of(cfg.cache_root) / key
 
@@ -224,14 +151,6 @@ def open_split(cfg: CacheConfig, ident: dict[str, Any] | None = None) -> Source:
     if ident is not None and source.fingerprint != ident["data"]["fingerprint"]:
         raise DataError(f"{cfg.data} changed while the cache was being prepared; run the command again")
     return source
-
-
-def _check_identity(store: Store, ident: dict[str, Any]) -> None:
-    found = Manifest.read(store).identity
-    if found != ident:
-        diff = sorted(k for k in set(ident) | set(found) if found.get(k) != ident.get(k))
-        raise StoreError(f"cache {store.path} was built from other inputs (differs in: {', '.join(diff)}); "
-                         f"refusing to mix them")
 
 
 def build_cache(cfg: CacheConfig) -> CacheResult:
@@ -256,8 +175,13 @@ def build_cache(cfg: CacheConfig) -> CacheResult:
     with WriterLock(path, wait=cfg.wait):
         store = _open_for_writing(path, cfg, source, teacher, key, ident)
         try:
-            timings["setup"] = time.perf_counter() - t0  # _fill adds the teacher's move and the loader's start
-            rows = _fill(store, cfg, source, teacher, device, timings=timings)
+            t = time.perf_counter()
+            project = dense.prepare_projection(store, path, cfg, teacher, device,
+                                               _row_batches(source, cfg, teacher, device), len(source))
+            if cfg.dim is not None:
+                timings["basis"] = time.perf_counter() - t
+            timings["setup"] = t - t0  # _fill adds the teacher's move and the loader's start
+            rows = _fill(store, cfg, source, teacher, device, timings=timings, project=project)
             t = time.perf_counter()
             _finish(store, source)
             timings["write"] += time.perf_counter() - t
@@ -267,10 +191,10 @@ def build_cache(cfg: CacheConfig) -> CacheResult:
 
 
 def _is_hit(path, ident: dict[str, Any]) -> bool:
-    if detect_format(path) is None or (is_remote(path) and not _has_manifest(path)):
+    if detect_format(path) is None or (is_remote(path) and not has_manifest(path)):
         return False
     with open_cache(path, require="open") as cache:
-        _check_identity(cache.store, ident)
+        check_identity(cache.store, ident)
         if cache.problem("done") is None:
             log.info("cache hit: %s", path)
             return True
@@ -280,13 +204,14 @@ def _is_hit(path, ident: dict[str, Any]) -> bool:
 def _open_for_writing(path: Path, cfg: CacheConfig, source: Source, teacher, key: str,
                       ident: dict[str, Any]) -> Store:
     """Create the store if absent (under the writer lock), then open it for writing."""
-    _clean_stale_tmp(path.parent, key)
-    if detect_format(path) is None or (is_remote(path) and not _has_manifest(path)):
-        _create_store(path, cfg, source, teacher, key, ident)
+    clean_stale_tmp(path.parent, key)
+    if detect_format(path) is None or (is_remote(path) and not has_manifest(path)):
+        create_cache_store(path, cfg, source, teacher, key, ident)
         log.info("created cache %s (%d rows x %d views x %d dims)", path, len(source), cfg.views, teacher.dim)
     store = open_store(path, "a")
+    log.info("features: %s", dense.describe_bytes(Manifest.read(store)))
     try:
-        _check_identity(store, ident)
+        check_identity(store, ident)
     except StoreError:
         store.close()
         raise
@@ -321,7 +246,10 @@ def _build_distributed(cfg: CacheConfig, source: Source, teacher, ident: dict[st
     try:
         store = open_store(path, "a")
         try:
-            rows = _fill(store, cfg, source, teacher, device, chunk_ids=todo[dist.rank()::dist.world()])
+            project = dense.prepare_projection(store if dist.is_main() else None, path, cfg, teacher, device,
+                                               _row_batches(source, cfg, teacher, device), len(source))
+            rows = _fill(store, cfg, source, teacher, device, chunk_ids=todo[dist.rank()::dist.world()],
+                         project=project)
         finally:
             store.close()
         dist.barrier()
@@ -343,9 +271,18 @@ def _batches(todo: list[tuple[int, int, int]], batch: int) -> list[list[int]]:
     return out
 
 
+def _row_batches(source: Source, cfg: CacheConfig, teacher, device: torch.device) -> dense.Batches:
+    """Row lists -> the cache stage's input batches of those rows (the ``--dim`` basis sample's loader)."""
+    ds = teacher_inputs(source, cfg, teacher.image_size, device)
+    return lambda lists: DataLoader(ds, batch_sampler=lists, num_workers=cfg.workers, collate_fn=collate_inputs,
+                                    pin_memory=device.type == "cuda")
+
+
 def _fill(store: Store, cfg: CacheConfig, source: Source, teacher, device: torch.device,
-          chunk_ids: list[int] | None = None, timings: dict[str, float] | None = None) -> int:
-    """Compute every chunk not yet done (or only ``chunk_ids``); return rows computed.
+          chunk_ids: list[int] | None = None, timings: dict[str, float] | None = None,
+          project: dense.Projector | None = None) -> int:
+    """Compute every chunk not yet done (or only ``chunk_ids``); return rows computed. A patch cache stores
+    token grids (``project``: their coordinates, tcskd.cache.dense).
 
     ``timings`` (see :class:`CacheResult`) receives the seconds of each part, added to what it holds.
     """
@@ -354,7 +291,9 @@ def _fill(store: Store, cfg: CacheConfig, source: Source, teacher, device: torch
     timings = {"setup": 0.0, "inputs": 0.0, "forward": 0.0, "write": 0.0} if timings is None else timings
     t = time.perf_counter()
 
-    ch = int(Manifest.read(store).chunk_rows)
+    manifest = Manifest.read(store)
+    ch = int(manifest.chunk_rows)
+    row_shape = (cfg.views, manifest.n_tokens, int(manifest.dim)) if manifest.dense else (cfg.views, teacher.dim)
     done = store.chunk_done()
     todo = [c for c in iter_chunks(len(source), ch) if not done[c[0]]]
     if chunk_ids is not None:
@@ -384,12 +323,12 @@ def _fill(store: Store, cfg: CacheConfig, source: Source, teacher, device: torch
             if current != c:
                 current = c
                 n = stop - start
-                buf = _chunk_buffer(n, cfg.views, teacher.dim, np_dtype)
+                buf = _chunk_buffer(n, row_shape, np_dtype)
             bad = [e for e in errors if e]
             if bad and not cfg.skip_bad:
                 raise DataError(bad[0] + " (pass --skip-bad to record and skip such images)")
             t = time.perf_counter()
-            feats = _checked_forward(teacher, x, device, first, int(rows[-1]))
+            feats = _checked_forward(teacher, x, device, first, int(rows[-1]), manifest.dense, project)
             t_fwd = time.perf_counter()
             timings["forward"] += t_fwd - t
             r = rows.numpy() - start
@@ -418,18 +357,22 @@ def _fill(store: Store, cfg: CacheConfig, source: Source, teacher, device: torch
     return computed
 
 
-def _chunk_buffer(n: int, views: int, dim: int, dtype: np.dtype) -> dict[str, np.ndarray]:
+def _chunk_buffer(n: int, row_shape: tuple[int, ...], dtype: np.dtype) -> dict[str, np.ndarray]:
     """One chunk's rows in memory until every row is filled (then written at once)."""
-    return {"features": np.zeros((n, views, dim), dtype), "labels": np.full(n, -1, np.int64),
+    views = row_shape[0]
+    return {"features": np.zeros((n, *row_shape), dtype), "labels": np.full(n, -1, np.int64),
             "sample_index": np.full(n, -1, np.int64), "view_params": np.zeros((n, views, 5), np.float32),
             "row_ok": np.zeros(n, bool), "filled": np.zeros(n, bool)}
 
 
-def _checked_forward(teacher, x: torch.Tensor, device: torch.device, first: int, last: int) -> torch.Tensor:
-    """The teacher's features of rows ``first..last`` on the CPU; a TcskdError naming them when the teacher
-    fails or gives NaN/Inf (nothing of their chunk is stored then)."""
+def _checked_forward(teacher, x: torch.Tensor, device: torch.device, first: int, last: int, tokens: bool = False,
+                     project: dense.Projector | None = None) -> torch.Tensor:
+    """The teacher's features of rows ``first..last`` on the CPU (``tokens``: its token grids, or their
+    coordinates with ``project``); a TcskdError naming them when the teacher fails or gives NaN/Inf (nothing
+    of their chunk is stored then)."""
     try:
-        feats = teacher_forward(teacher, x, device)
+        feats = (dense.tokens_forward(teacher, x, device, project) if tokens
+                 else teacher_forward(teacher, x, device))
     except Exception as e:  # the teacher's own error (a shape it cannot take, out of memory, ...)
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise TcskdError(f"teacher {teacher.spec} failed on rows {first}..{last}: {msg}; "

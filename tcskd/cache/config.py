@@ -18,6 +18,8 @@ from tcskd.options import opt
 
 #: Storage dtypes of ``features``.
 DTYPES = ("float16", "float32")
+#: What a cache holds per view: one global embedding, or the teacher's grid of patch tokens.
+TOKENS = ("global", "patch")
 
 
 @dataclass
@@ -49,8 +51,9 @@ class CacheConfig:
     device: str = opt("auto", choices=DEVICES)
     workers: int = opt(0, help="DataLoader worker processes.")
     """DataLoader worker processes for decoding and cropping."""
-    seed: int = opt(0, help="Seed of the random views.")
-    """Seed of the random views (ignored with one view)."""
+    seed: int = opt(0, help="Seed of the random views, of --limit and of the --dim basis sample.")
+    """Seed of the random views (ignored with one view), of the ``limit`` subset and of the images the
+    ``dim`` basis is fitted on."""
     chunk_rows: int = opt(1024, help="Rows per chunk (unit of resume).")
     """Rows per store chunk (the unit of resume and of parallel writers)."""
     skip_bad: bool = opt(False, help="Record unreadable images in the manifest instead of stopping.")
@@ -59,6 +62,22 @@ class CacheConfig:
     """Wait for another writer of the same cache instead of exiting."""
     crop_scale: tuple[float, float] = opt(DEFAULT_SCALE, cli=False)
     """Area range of the random views' crops."""
+    tokens: str = opt("global", choices=TOKENS, help="global: one embedding per view; patch: the teacher's "
+                                                     "token grid per view (N x V x T x D).")
+    """``global``: the teacher's global embedding per view; ``patch``: its grid of patch tokens per view
+    (``features`` N x V x T x D, tcskd.store.layout; the grid and patch size go into the manifest)."""
+    dim: int | None = opt(None, metavar="K", help="With --tokens patch: store only the first K PCA coordinates "
+                                                  "of each token (the basis is fitted first on a sample).")
+    """With ``tokens='patch'``: never store raw tokens. A PCA basis of the tokens is fitted first on a seeded
+    sample of ``basis_sample`` images (or taken from ``basis_from``) and stored as ``bases/pca``; ``features``
+    then holds each token's first K coordinates ``B (x - mean)`` (``Manifest.coords_of``)."""
+    basis_sample: int = opt(1000, metavar="N", help="With --dim: images (seeded by --seed) the token basis is "
+                                                    "fitted on (all when fewer).")
+    """With ``dim``: the number of images, drawn with ``seed``, whose tokens (every view) fit the basis."""
+    basis_from: str | None = opt(None, metavar="KEY|PATH", help="With --dim: project with this patch cache's "
+                                                                "token basis (e.g. the train split's).")
+    """With ``dim``: take the token basis of another patch cache of the same teacher (its ``bases/pca``, or
+    the basis its coordinates are in) instead of fitting one, e.g. the train split's basis for the test split."""
 
     def validate(self) -> None:
         """TcskdError (one line) for an unknown choice or a value out of range."""
@@ -74,6 +93,16 @@ class CacheConfig:
             raise TcskdError(f"--image-size must be >= 8 (got {self.image_size})")
         if self.workers < 0:
             raise TcskdError(f"--workers must be >= 0 (got {self.workers})")
+        if self.tokens not in TOKENS:
+            raise TcskdError(f"unknown --tokens '{self.tokens}' (choose {' or '.join(TOKENS)})")
+        if self.tokens != "patch" and (self.dim is not None or self.basis_from is not None):
+            raise TcskdError("--dim and --basis-from store coordinates of patch tokens: they need --tokens patch")
+        if self.dim is not None and self.dim < 1:
+            raise TcskdError(f"--dim must be >= 1 (got {self.dim})")
+        if self.basis_from is not None and self.dim is None:
+            raise TcskdError("--basis-from gives the basis of --dim K coordinates: give --dim too")
+        if self.basis_sample < 2:
+            raise TcskdError(f"--basis-sample must be >= 2 (got {self.basis_sample})")
 
 
 def config_dict(cfg: CacheConfig) -> dict[str, Any]:
@@ -83,4 +112,4 @@ def config_dict(cfg: CacheConfig) -> dict[str, Any]:
     return d
 
 
-__all__ = ["DTYPES", "CacheConfig", "config_dict"]
+__all__ = ["DTYPES", "TOKENS", "CacheConfig", "config_dict"]

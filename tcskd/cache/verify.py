@@ -10,12 +10,14 @@ from typing import Any
 
 import numpy as np
 
+from tcskd.cache import dense
 from tcskd.cache.build import teacher_forward
 from tcskd.data import open_source
 from tcskd.device import resolve_device
 from tcskd.errors import StoreError, TcskdError
 from tcskd.store.backends import Store, iter_chunks, open_store
 from tcskd.store.bases import load_basis
+from tcskd.store.layout import bytes_per_image
 from tcskd.store.integrity import check_structure, missing_data
 from tcskd.store.manifest import Manifest
 from tcskd.store.paths import as_location
@@ -76,7 +78,8 @@ def verify_cache(path: Path, recompute: int = 0, device: str = "auto", seed: int
                 report.problems.append(f"chunk {c} (rows {start}..{stop - 1}) is unreadable: "
                                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
                 continue
-            bad = ~np.isfinite(f[ok].astype(np.float32)).all(axis=(1, 2)) if ok.any() else np.zeros(0, bool)
+            bad = (~np.isfinite(f[ok].astype(np.float32)).all(axis=tuple(range(1, f.ndim))) if ok.any()
+                   else np.zeros(0, bool))
             if bad.any():
                 report.problems.append(f"chunk {c}: {int(bad.sum())} row(s) hold NaN/Inf features")
             if ncls and ((lab < -1) | (lab >= ncls)).any():
@@ -111,7 +114,8 @@ def _check_basis(store: Store, name: str, n: int, ch: int) -> list[str]:
 
 
 def _recompute(store: Store, report: VerifyReport, k: int, device: str, seed: int) -> None:
-    """Recompute ``k`` random rows with the teacher named in the manifest and compare."""
+    """Recompute ``k`` random rows with the teacher named in the manifest and compare (a patch cache: every token,
+    projected onto its basis when it holds coordinates)."""
     # Imported where a teacher runs: the command line loads this module, and training never loads a teacher.
     from tcskd.teachers import load_teacher
 
@@ -130,6 +134,7 @@ def _recompute(store: Store, report: VerifyReport, k: int, device: str, seed: in
     rows = np.sort(rng.choice(ok, size=min(k, len(ok)), replace=False))
     dev = resolve_device(device)
     teacher.to(dev)
+    project = dense.Projector(load_basis(store, m.coords_of), int(m.dim), dev) if m.coords_of else None
     worst = 0.0
     for r in rows:
         idx = int(store["sample_index"][int(r)])
@@ -138,7 +143,8 @@ def _recompute(store: Store, report: VerifyReport, k: int, device: str, seed: in
             continue
         params = np.asarray(store["view_params"][int(r)])
         x = teacher_views(source.image(pos[idx]), params, teacher.image_size)[None]
-        got = teacher_forward(teacher, x, dev)[0].cpu().numpy()
+        got = (dense.tokens_forward(teacher, x, dev, project) if m.dense
+               else teacher_forward(teacher, x, dev))[0].cpu().numpy()
         want = np.asarray(store["features"][int(r)], np.float32)
         err = float(np.abs(got - want).max() / (np.abs(want).max() + 1e-6))
         worst = max(worst, err)
@@ -150,6 +156,7 @@ def _recompute(store: Store, report: VerifyReport, k: int, device: str, seed: in
 
 
 def info(path: Path) -> dict[str, Any]:
+    """The manifest, bases, chunk count, size on disk and features' bytes per image of the cache at ``path``."""
     with open_store(path) as s:
         out = dict(s.manifest)
         out["path"] = str(path)
@@ -158,6 +165,10 @@ def info(path: Path) -> dict[str, Any]:
         out["chunks_done"] = f"{int(done.sum())}/{len(done)}"
         out["bases"] = {name: s.attrs(f"bases/{name}") for name in s.bases()}
         out["size_bytes"] = s.size_bytes()
+        m = Manifest.read(s)
+        if m.dim and m.views and m.dtype:  # uncompressed features per image: as stored, and as raw teacher features
+            out["bytes_per_image"] = bytes_per_image(int(m.dim), m.n_tokens, str(m.dtype), int(m.views))
+            out["bytes_per_image_raw"] = bytes_per_image(int(m.feature_dim), m.n_tokens, str(m.dtype), int(m.views))
     return out
 
 

@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 LEVELS = ("open", "done", "complete")
 #: Manifest fields that repeat a part of the identity (the key hashes the identity only).
 _REPEATED = (("teacher_spec", ("teacher", "spec")), ("data_spec", ("data", "spec")), ("split", ("split",)),
-             ("views", ("views",)), ("dtype", ("dtype",)))
+             ("views", ("views",)), ("dtype", ("dtype",)), ("tokens", ("tokens",)), ("grid", ("grid",)),
+             ("dim", ("coords", "dim")))
 _NEED = ("key", "identity", "n_rows", "views", "dim", "chunk_rows", "data_spec", "split", "teacher_spec")
 
 
@@ -63,6 +64,9 @@ def check_structure(store: Store) -> list[str]:
                                 f"({node!r}): the manifest was edited")
     except (TypeError, ValueError, AttributeError) as e:
         return [f"manifest is malformed: {e}"]
+    coords_of = m.get("coords_of")
+    if coords_of and coords_of not in store.bases():
+        problems.append(f"the basis '{coords_of}' whose coordinates the features hold is missing or incomplete")
     for name, shape in shapes.items():
         if name not in store:
             problems.append(f"array '{name}' is missing")

@@ -49,6 +49,13 @@ def array_specs(m: Manifest) -> dict[str, tuple[tuple[int, ...], str, tuple[int,
             "chunk_done": ((m.n_chunks,), "bool", (1,), False)}
 
 
+def bytes_per_image(dim: int, n_tokens: int = 1, dtype: str = "float16", views: int = 1) -> int:
+    """Bytes of ``features`` per image, uncompressed: ``views x n_tokens x dim`` values of ``dtype`` (a global
+    cache: ``n_tokens`` 1; a patch cache: Gh * Gw tokens of width D, or K with ``--dim K``). The per-row
+    bookkeeping (labels, sample_index, row_ok, view_params) adds 17 + 20 * views bytes."""
+    return int(views) * int(n_tokens) * int(dim) * np.dtype(dtype).itemsize
+
+
 def expected_shapes(m: Manifest) -> dict[str, tuple[int, ...]]:
     """name -> shape of every array the manifest ``m`` implies."""
     return {name: spec[0] for name, spec in array_specs(m).items()}

@@ -54,7 +54,8 @@ class BasisConfig:
     basis in ``cache``; the basis's ``fit_on`` attribute records that cache's key."""
 
     view: str = opt("0", choices=VIEWS, help="Fit on view 0 only, or on every view as a separate sample.")
-    """Samples to fit on: '0' = view 0 of every row, 'all' = every view as a separate sample."""
+    """Samples to fit on: '0' = view 0 of every row, 'all' = every view as a separate sample. A patch cache
+    (``tcskd cache --tokens patch``): every token of those views is a sample; ``coords`` are then N x V x T x K."""
 
     coords: bool = opt(False, help="Also store the projected targets [N, V, K] (float16).")
     """Also store the projected targets ``bases/<name>/coords`` [N, V, K] float16 for every row and view."""

@@ -13,6 +13,11 @@
 - ``identity``: the raw features (mean 0, components I_D, K = D); its
   "eigenvalues" are the per-dimension second moments (FitNet-style targets).
 
+A patch cache (``features`` N x V x T x D) is fitted on its tokens: every token of the chosen views is a
+sample. A ``--dim K`` cache (``Manifest.coords_of``) holds coordinates of its own basis, not features: it is
+refused in one line (its basis is already in it; fit on a raw patch cache instead), as is ``fit_on`` across a
+global and a patch cache.
+
 ``explained_ratio`` is cumulative: the share of ``total_variance`` (the trace
 of the covariance; for ``identity`` the summed second moments) in the first k
 coordinates. Covariances are unbiased (divided by n - 1).
@@ -34,7 +39,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -113,8 +118,10 @@ def fit_basis(cfg: BasisConfig) -> BasisResult:
             src = store if same else open_store(fit_dir, "r")
             try:
                 require(store, arrays=FIT_ARRAYS)
+                check_fittable(store)
                 if not same:
                     require(src, arrays=FIT_ARRAYS)
+                    check_fittable(src, store)
                     d_dst, d_src = _dim(store), _dim(src)
                     if d_dst != d_src:
                         raise StoreError(f"--fit-on cache {fit_dir} has {d_src}-dimensional features but "
@@ -184,7 +191,21 @@ def fit_basis(cfg: BasisConfig) -> BasisResult:
 # -- checks ------------------------------------------------------------------
 
 def _dim(store: Store) -> int:
-    return int(store["features"].shape[2])
+    return int(store["features"].shape[-1])
+
+
+def check_fittable(store: Store, other: Store | None = None) -> None:
+    """TcskdError when ``store`` holds coordinates (``tcskd cache --dim K``) rather than features, or when
+    ``other`` (the cache the basis goes into) holds another kind of features (token grids vs global)."""
+    m = Manifest.read(store)
+    if m.coords_of:
+        raise TcskdError(f"cache {store.path} already holds coordinates of basis '{m.coords_of}' (built with "
+                         f"tcskd cache --dim {m.dim}), not raw features: use that basis, or fit on a raw "
+                         f"--tokens patch cache")
+    if other is not None and Manifest.read(other).dense != m.dense:
+        kinds = {True: "patch tokens", False: "global features"}
+        raise TcskdError(f"--fit-on cache {store.path} holds {kinds[m.dense]} but cache {other.path} holds "
+                         f"{kinds[Manifest.read(other).dense]}: a basis must match the features")
 
 
 def holdout_rows(store: Store, ok: np.ndarray, holdout: Holdout) -> tuple[np.ndarray, str]:
@@ -259,20 +280,27 @@ def _rank0_first(lock: Any):
 
 
 def _fit_pca_eigh(mom: Moments, cfg: BasisConfig) -> Fitted:
+    return pca_of_moments(mom, lambda spectrum, total: _choose_k(spectrum, total, cfg))
+
+
+def pca_of_moments(mom: Moments, k: "int | Callable[[np.ndarray, float], int]") -> Fitted:
+    """The PCA basis (eigh of the covariance, decreasing eigenvalues, sign convention) of ``mom``, keeping ``k``
+    components (or ``k(spectrum, total_variance)`` of them)."""
     cov = mom.covariance()
     evals, evecs = torch.linalg.eigh(cov)
     evals, evecs = evals.flip(0), evecs.flip(1)
     comps = sign_convention(evecs.T)
     spectrum = evals.clamp_min(0).cpu().numpy()
     total = float(torch.diagonal(cov).sum().item())
-    k = _choose_k(spectrum, total, cfg)
+    k = int(k(spectrum, total)) if callable(k) else int(k)
     _note_rank(k, mom.n)
     return _fitted("pca", mom.mean(), comps[:k], spectrum, total, k, mom.n)
 
 
 def _fit_pca_svd(src: Store, cfg: BasisConfig, device: torch.device, ok: np.ndarray) -> Fitted:
     d = _dim(src)
-    n = int(ok.sum()) * (int(src["features"].shape[1]) if cfg.view == "all" else 1)
+    shape = src["features"].shape  # N x V x D, or N x V x T x D: every token a sample
+    n = int(ok.sum()) * (int(shape[1]) if cfg.view == "all" else 1) * (int(shape[2]) if len(shape) == 4 else 1)
     need = n * d * 8 * 3  # data, centred copy / U, workspace
     avail = _available_bytes(device)
     if need > avail:
@@ -402,12 +430,13 @@ def write_basis(store: Store, name: str, fitted: Fitted, attrs: dict[str, Any], 
 
 def write_coords(store: Store, group: str, fitted: Fitted, whiten: bool, device: torch.device,
                   chunk_rows: int | None) -> None:
-    """coords [N, V, K] float16 = (x - mean) B^T (/ sqrt(eigenvalue)), chunk by chunk on ``device``."""
+    """coords [N, V, K] (a patch cache: [N, V, T, K]) float16 = (x - mean) B^T (/ sqrt(eigenvalue)), chunk by
+    chunk on ``device``."""
     feats = store["features"]
-    n, v, _ = (int(s) for s in feats.shape)
+    n, *mid = (int(s) for s in feats.shape[:-1])
     k = fitted.k
     ch = int(Manifest.read(store).chunk_rows or read_chunk_rows(store, chunk_rows))
-    out = store.create(f"{group}/coords", (n, v, k), "float16", (ch, v, k), fill_value=0)
+    out = store.create(f"{group}/coords", (n, *mid, k), "float16", (ch, *mid, k), fill_value=0)
     f64 = dict(dtype=torch.float64, device=device)
     mean = torch.as_tensor(fitted.mean, **f64)
     comps_t = torch.as_tensor(fitted.components, **f64).T.contiguous()

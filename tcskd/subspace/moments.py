@@ -1,6 +1,7 @@
 """Streaming first and second moments of cached features, in float64.
 
-One pass over ``features`` chunk by chunk, holding O(D^2 + chunk) memory:
+One pass over ``features`` chunk by chunk, holding O(D^2 + chunk) memory (a patch cache's every token is
+a sample):
 ``count``, ``total`` (sum of x) and ``outer`` (sum of x x^T), all float64 on
 the chosen device. Rows whose ``row_ok`` is False are skipped; ``view`` '0'
 takes view 0 of every row, 'all' takes every view as a separate sample.
@@ -159,19 +160,21 @@ def check_finite(store: Store, chunk: FeatureChunk, x: torch.Tensor) -> None:
 
 
 def samples_of(x: torch.Tensor, view: str) -> torch.Tensor:
-    """Usable rows [m, V, D] -> samples [m, D] (view 0) or [m*V, D] (every view)."""
+    """Usable rows [m, V, D] -> samples [m, D] (view 0) or [m*V, D] (every view); rows of a patch cache
+    [m, V, T, D] -> every token a sample: [m*T, D] (view 0) or [m*V*T, D]."""
     if view == "0":
-        return x[:, 0, :]
+        return x[:, 0].reshape(-1, x.shape[-1])
     if view == "all":
         return x.reshape(-1, x.shape[-1])
     raise StoreError(f"unknown view '{view}' (choose 0 or all)")
 
 
 def first_sample(store: Store, ok: np.ndarray) -> np.ndarray:
-    """View 0 of the first usable row (``ok``, the row mask, has one): the shift that keeps the sums well
-    conditioned."""
+    """View 0 of the first usable row (``ok``, the row mask, has one; a patch cache: its first token): the shift
+    that keeps the sums well conditioned."""
     r = int(np.argmax(ok))
-    x = np.asarray(store.read_rows("features", r, r + 1)[0, 0], dtype=np.float64)
+    row = store.read_rows("features", r, r + 1)
+    x = np.asarray(row[0, 0], dtype=np.float64).reshape(-1, row.shape[-1])[0]
     if not np.isfinite(x).all():
         ch = read_chunk_rows(store)
         raise StoreError(f"cache {store.path}: features chunk {r // ch} (row {r}, view 0) holds NaN/Inf "
@@ -201,7 +204,7 @@ def stream_moments(store: Store, view: str = "0", device: torch.device | str = "
     if view not in VIEWS:
         raise StoreError(f"unknown view '{view}' (choose 0 or all)")
     device = torch.device(device)
-    dim = int(store["features"].shape[2])
+    dim = int(store["features"].shape[-1])
     ok = row_mask(store) if ok is None else ok
     if not ok.any():
         raise StoreError(f"cache {store.path} has no usable rows (row_ok is False everywhere)")

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from _stores import map_teacher
 from conftest import make_npz
 from reliability._forkserver import ForkServer
 from reliability._tally import DETAIL, KINDS, TOTALS
@@ -20,6 +21,9 @@ from reliability._tally import DETAIL, KINDS, TOTALS
 ARRAYS = ("features", "labels", "sample_index", "view_params", "row_ok", "chunk_done")
 BASIS_ARRAYS = ("mean", "components", "eigenvalues", "explained_ratio", "coords")
 CHUNK = 8
+#: Options of the kinds of cache the suites build besides a global one: the first 3 PCA coordinates of a tiny map
+#: teacher's 4 x 4 token grid (tcskd cache --tokens patch --dim 3; its basis fitted first on a sample of 20 images).
+KINDS_OPTS = {"global": {}, "coords": {"tokens": "patch", "dim": 3, "basis_sample": 20}}
 
 
 @pytest.fixture(scope="session")
@@ -38,32 +42,38 @@ class World:
     teacher: str
     fs: ForkServer
     refs: dict = field(default_factory=dict)
+    dense_teacher: str = ""
+    """A teacher with a token grid (a tiny map teacher) for the dense kinds (:data:`KINDS_OPTS`)."""
 
-    def cache_args(self, fmt: str, root: Path, *extra: str) -> list[str]:
-        return ["-q", "cache", "--data", self.data, "--teacher", self.teacher, "--image-size", "16",
+    def teacher_of(self, kind: str) -> str:
+        return self.teacher if kind == "global" else self.dense_teacher
+
+    def cache_args(self, fmt: str, root: Path, *extra: str, kind: str = "global") -> list[str]:
+        dense = [a for k, v in KINDS_OPTS[kind].items() for a in (f"--{k.replace('_', '-')}", str(v))]
+        return ["-q", "cache", "--data", self.data, "--teacher", self.teacher_of(kind), "--image-size", "16",
                 "--chunk-rows", str(CHUNK), "--batch-size", "4", "--views", "2", "--format", fmt,
-                "--device", "cpu", "--cache-root", str(root), *extra]
+                "--device", "cpu", "--cache-root", str(root), *dense, *extra]
 
-    def cache_config(self, fmt: str, root: Path, **kw):
+    def cache_config(self, fmt: str, root: Path, kind: str = "global", **kw):
         from tcskd.cache.build import CacheConfig
 
-        base = dict(data=self.data, teacher=self.teacher, image_size=16, chunk_rows=CHUNK, batch_size=4, views=2,
-                    format=fmt, device="cpu", cache_root=str(root))
+        base = dict(data=self.data, teacher=self.teacher_of(kind), image_size=16, chunk_rows=CHUNK, batch_size=4,
+                    views=2, format=fmt, device="cpu", cache_root=str(root), **KINDS_OPTS[kind])
         base.update(kw)
         return CacheConfig(**base)
 
-    def ref(self, fmt: str):
+    def ref(self, fmt: str, kind: str = "global"):
         """(path, store events, zarr put events) of an uninterrupted `tcskd cache` run, recorded."""
-        if fmt not in self.refs:
-            out = self.root / f"ref-{fmt}"
+        if (fmt, kind) not in self.refs:
+            out = self.root / f"ref-{fmt}-{kind}"
             faults = [{"domain": "store", "action": "record"}]
             if fmt == "zarr":
                 faults.append({"domain": "put", "action": "record"})
-            res = self.fs.run(self.cache_args(fmt, out / "caches"), out / "log", faults)
+            res = self.fs.run(self.cache_args(fmt, out / "caches", kind=kind), out / "log", faults)
             assert res.code == 0, res.stderr
             path = Path(res.stdout.strip().splitlines()[-1])
-            self.refs[fmt] = (path, res.events("store"), res.events("put"))
-        return self.refs[fmt]
+            self.refs[fmt, kind] = (path, res.events("store"), res.events("put"))
+        return self.refs[fmt, kind]
 
     def copy_ref(self, fmt: str, dst_root: Path) -> Path:
         """A private copy of the reference cache under ``dst_root``."""
@@ -77,7 +87,7 @@ class World:
 def world(tmp_path_factory, fs, tiny_teacher) -> World:
     root = tmp_path_factory.mktemp("world")
     data = make_npz(root / "data.npz", n=48, n_test=16, size=12)
-    return World(root, data, tiny_teacher, fs)
+    return World(root, data, tiny_teacher, fs, dense_teacher=map_teacher(root / "dense-teacher"))
 
 
 def read_arrays(path: Path, names=ARRAYS, group: str = "") -> dict[str, np.ndarray]:

@@ -230,6 +230,10 @@ CACHE_OPTION_CASES = [
     (["--image-size", "4"], r"--image-size must be >= 8"),
     (["--workers", "-1"], r"--workers must be >= 0"),
     (["--cache-root", "/dev/null/caches"], r"Not a directory|File exists"),
+    (["--dim", "4"], r"--dim and --basis-from store coordinates of patch tokens: they need --tokens patch"),
+    (["--tokens", "patch", "--dim", "0"], r"--dim must be >= 1"),
+    (["--tokens", "patch", "--dim", "2", "--basis-sample", "1"], r"--basis-sample must be >= 2"),
+    (["--tokens", "patch"], r"teacher torchscript:.*tiny\.pt gives no token grid \(only a global feature\)"),
 ]
 
 
@@ -246,6 +250,24 @@ def test_bad_cache_options(world, tmp_path, opts, says):
 ])
 def test_click_usage_errors(world, tmp_path, opts, option):
     usage_error(["cache", "--data", world.data, "--cache-root", tmp_path] + opts, option)
+
+
+def test_dense_basis_on_a_global_cache_is_refused_and_loses_nothing(world, tmp_path):
+    """--basis-from a global cache, or --dim beyond the teacher's width; tcskd basis on a --dim K cache."""
+    from tcskd.cache.verify import verify_cache
+
+    glob = world.copy_ref("zarr", tmp_path)
+    base = ["cache", "--data", world.data, "--teacher", world.dense_teacher, "--image-size", "16", "--tokens", "patch",
+            "--cache-root", tmp_path, "--device", "cpu"]
+    refused(base + ["--dim", "2", "--basis-from", glob], r"is a global cache .*a dense basis on a global cache")
+    refused(base + ["--dim", "99"], r"--dim 99 exceeds the width of teacher torchscript:.* tokens \(8\)")
+    assert verify_cache(glob).ok and sorted(p.name for p in tmp_path.iterdir()) == [glob.name]
+    r = _cli(["-q", *base, "--dim", "2", "--chunk-rows", "8", "--basis-sample", "5"])
+    assert r.exit_code == 0, r.output
+    coords = r.stdout.strip().splitlines()[-1]
+    refused(["basis", "--cache", coords, "--device", "cpu"],
+            r"already holds coordinates of basis 'pca' \(built with tcskd cache --dim 2\)")
+    assert verify_cache(Path(coords)).ok
 
 
 def _train_case(cache, tmp_path, opts):

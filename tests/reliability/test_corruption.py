@@ -151,3 +151,45 @@ def test_damage_is_named_and_refused(templates, tmp_path, name, fmt, damage, say
     assert __import__("re").search(refuses, line), line
     assert not run.exists(), "train started on a damaged cache"
     tally("corruptions", f"{fmt}: {'manifest edit' if 'manifest' in name else 'data damage'}")
+
+
+# A --dim K cache (tcskd cache --tokens patch --dim 3): its coordinates' chunks and its token basis, damaged.
+DENSE_CASES = [
+    ("flip coordinates chunk", flip("features/c/2/0/0/0"), r"chunk 2 .*unreadable", r"'features' rows 16\.\.23"),
+    ("delete coordinates chunk", delete("features/c/1/0/0/0"), r"chunk 1: the data of 'features' are missing",
+     r"'features' are missing"),
+    ("flip token basis components", flip("bases/pca/components/c/0/0"), r"basis 'pca' is unreadable",
+     r"'bases/pca/components' rows 0\.\.2 cannot be read"),
+    ("delete the token basis", delete("bases/pca"), r"basis 'pca' whose coordinates the features hold is missing",
+     r"basis 'pca' whose coordinates the features hold is missing"),
+]
+
+
+@pytest.fixture(scope="module")
+def dense_template(world, tmp_path_factory):
+    from tcskd.cache.build import build_cache
+
+    return build_cache(world.cache_config("zarr", tmp_path_factory.mktemp("tmpl-dense"), "coords")).path
+
+
+@pytest.mark.parametrize("name, damage, says, reads", DENSE_CASES, ids=[c[0] for c in DENSE_CASES])
+def test_dense_damage_is_named_and_refused(dense_template, tmp_path, name, damage, says, reads):
+    import re
+
+    from tcskd.cli import main
+    from tcskd.errors import StoreError
+    from tcskd.store.handle import open_cache
+
+    cache = tmp_path / dense_template.name
+    shutil.copytree(dense_template, cache)
+    damage(cache)
+    r = CliRunner().invoke(main, ["cache", "verify", str(cache)])
+    assert r.exit_code == 1, (r.output, r.exception)
+    assert any(re.search(says, line) for line in r.output.splitlines()), r.output
+    one_error_line(r.stderr)
+    with pytest.raises(StoreError) as e:  # a reader of the coordinates (and their basis) refuses, naming it
+        with open_cache(cache) as c:
+            c.features(None)
+            c.basis(c.manifest.coords_of)
+    assert re.search(reads, str(e.value)), str(e.value)
+    tally("corruptions", "zarr: dense data damage")

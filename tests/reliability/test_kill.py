@@ -38,9 +38,14 @@ def _last(events, pattern: str) -> int:
     return hits[-1]
 
 
-def cache_kill_points(fmt: str, events, puts) -> list[tuple[str, dict]]:
-    """Named kill points: the required ones plus seeded random ones."""
-    named = {
+def cache_kill_points(fmt: str, events, puts, kind: str = "global") -> list[tuple[str, dict]]:
+    """Named kill points: the required ones plus seeded random ones (a --dim cache: also in its token basis)."""
+    named = {} if kind == "global" else {
+        "token basis: arrays being written": _first(events, r"setitem:bases/\.tmp-pca-\d+/components:.*"),
+        "token basis renamed into place, not marked complete": _first(events, r"set_attrs:bases/pca:complete"),
+        "token basis complete, no chunk written yet": _first(events, r"setitem:features:0:8"),
+    }
+    named.update({
         "during store creation": _first(events, r"create:features"),
         "store created, not yet renamed into place": _first(events, r"os\.rename:[0-9a-f]{16}"),
         "chunk 0: features written, labels not": _first(events, r"setitem:labels:0:8"),
@@ -49,7 +54,7 @@ def cache_kill_points(fmt: str, events, puts) -> list[tuple[str, dict]]:
         "last chunk: data written, chunk_done not": _last(events, r"setitem:chunk_done:\d+"),
         "final manifest update, before it": _first(events, r"set_attrs::skipped"),
         "final manifest update, skipped list written, complete flag not": _first(events, r"set_attrs::complete"),
-    }
+    })
     points = [(name, {"domain": "store", "n": n}) for name, n in named.items()]
     rng = np.random.default_rng(SEED + len(fmt))
     others = sorted(set(n for n, _ in events) - set(named.values()))
@@ -59,7 +64,7 @@ def cache_kill_points(fmt: str, events, puts) -> list[tuple[str, dict]]:
     if fmt == "zarr":  # a crash in the middle of a file write leaves its temporary file
         last_flag = _last(puts, r"put:.*/chunk_done/c/\d+")
         root_meta = _first([e for e in puts if e[0] > last_flag], r"put:.*/[0-9a-f]{16}/zarr\.json")
-        chunk1 = _first(puts, r"put:.*/features/c/1/0/0")
+        chunk1 = _first(puts, r"put:.*/features/c/1(/0)+")
         points.append(("torn write of the final manifest file", {"domain": "put", "n": root_meta, "torn": True}))
         points.append(("torn write of chunk 1's features", {"domain": "put", "n": chunk1, "torn": True}))
     return points
@@ -92,29 +97,33 @@ def check_honest(path: Path, ref: Path) -> dict:
     return {"visible": True, "done": int(done.sum()), "complete": complete}
 
 
-@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
-def test_cache_killed_anywhere_resumes_to_the_reference(world, fs, tmp_path, fmt):
+@pytest.mark.parametrize("fmt, kind", [("zarr", "global"), ("hdf5", "global"), ("zarr", "coords")])
+def test_cache_killed_anywhere_resumes_to_the_reference(world, fs, tmp_path, fmt, kind):
     from tcskd.cache.build import build_cache
     from tcskd.store.backends import open_store
     from tcskd.cache.verify import verify_cache
 
-    ref, events, puts = world.ref(fmt)
+    ref, events, puts = world.ref(fmt, kind)
     ref_arrays = read_arrays(ref)
+    basis_arrays = BASIS_ARRAYS[:-1] if kind == "coords" else ()
+    ref_basis = read_arrays(ref, basis_arrays, "bases/pca/")
     with open_store(ref) as s:
         ref_manifest = s.manifest
-    points = cache_kill_points(fmt, events, puts)
-    assert len(points) >= (13 if fmt == "zarr" else 10)
+    points = cache_kill_points(fmt, events, puts, kind)
+    assert len(points) >= (13 if fmt == "zarr" else 10) + (3 if kind == "coords" else 0)
     for i, (name, fault) in enumerate(points):
         root = tmp_path / f"p{i}" / "caches"
-        res = fs.run(world.cache_args(fmt, root), tmp_path / f"p{i}" / "log", [dict(fault, action="kill")])
+        res = fs.run(world.cache_args(fmt, root, kind=kind), tmp_path / f"p{i}" / "log",
+                     [dict(fault, action="kill")])
         assert res.killed, (name, res.code, res.stderr)
         tally("faults", f"SIGKILL in tcskd cache ({fmt})")
         path = root / ref.name
         state = check_honest(path, ref)
         # rerun to completion
-        again = build_cache(world.cache_config(fmt, root))
+        again = build_cache(world.cache_config(fmt, root, kind))
         assert not again.hit and again.path == path, name
         assert_same_arrays(read_arrays(path), ref_arrays)
+        assert_same_arrays(read_arrays(path, basis_arrays, "bases/pca/"), ref_basis)  # the coordinates' basis
         with open_store(path) as s:
             m = s.manifest
         assert {k: v for k, v in m.items() if k != "created"} == \
