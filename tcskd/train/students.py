@@ -34,8 +34,10 @@ Names, with their stages as ``stage: channels /stride`` (``*`` = the default, la
   VGG, ...; after DenseNet's final ReLU; after Swin's permute to channels-first); channels and stride are
   measured once, on a 128 px input (stride rounded to a power of two). Models with no such map (ViTs:
   their pool is the class token) build as before but fail with one line when a dense map is asked for.
-  ``forward`` is the pool of the map where nothing but the classifier follows it (EfficientNet, ConvNeXt,
-  ResNets, RegNets, ...), not where an MLP does (VGG, AlexNet, MobileNetV3).
+  ``forward`` is the pool of the map where nothing but the classifier follows the pool (ResNets,
+  EfficientNet, MobileNetV2, DenseNet, RegNet, MnasNet, ShuffleNetV2, GoogLeNet, ...), not where an MLP or
+  a norm does (VGG, AlexNet, MobileNetV3, ConvNeXt). The trace is made at 224 px: Swin's map fails (one line)
+  at other sizes.
 - ``python:MODULE:FACTORY``: ``FACTORY(num_classes, in_channels)`` returns a module with an integer
   ``feature_dim`` whose forward returns the features (B x feature_dim), or a tuple whose first element is
   the features. For dense use it also has ``feature_map(x)`` (normalised images -> B x C x h x w) and an
@@ -282,7 +284,13 @@ class _TracedMaps(_Maps):
         ext = self._trace(backbone)
         if ext.training != backbone.training:
             ext.train(backbone.training)
-        out = ext(x)["map"]
+        try:
+            out = ext(x)["map"]
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as e:  # the trace fixed a size-dependent branch (Swin's windows at 224 px)
+            raise StudentError(f"student '{self.name}': its traced feature map fails on a {tuple(x.shape)} input: "
+                               f"{str(e).strip().splitlines()[0]}") from e
         if out.dim() != 4:
             raise StudentError(f"student '{self.name}' has no dense feature map: its pool reads a "
                                f"{out.dim()}-D activation ('{self._node}')")
@@ -319,19 +327,19 @@ def _torchvision(name: str, num_classes: int, in_channels: int, stage: int | Non
         net = torchvision.models.get_model(arch, weights=None)
     except Exception as e:
         raise StudentError(f"torchvision cannot build '{arch}': {str(e).splitlines()[0] if str(e) else e}") from e
-    last: tuple[nn.Module, str, nn.Linear] | None = None
-    for parent in net.modules():
-        for child_name, child in parent.named_children():
-            if isinstance(child, nn.Linear):
-                last = (parent, child_name, child)
-    if last is None:
-        raise StudentError(f"torchvision model '{arch}' has no linear classifier to replace")
-    parent, child_name, linear = last
-    setattr(parent, child_name, nn.Identity())
-    if hasattr(net, "aux_logits"):
+    if hasattr(net, "aux_logits"):  # GoogLeNet / Inception: their auxiliary heads' Linears are not the classifier
         net.aux_logits = False
-        if hasattr(net, "AuxLogits"):
-            net.AuxLogits = None
+        for aux in ("AuxLogits", "aux1", "aux2"):
+            if hasattr(net, aux):
+                setattr(net, aux, None)
+    linears = [q for q, m in net.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise StudentError(f"torchvision model '{arch}' has no linear classifier to replace")
+    # the last Linear in registration order (Swin's head comes after its blocks' MLPs)
+    parent_name, _, child_name = linears[-1].rpartition(".")
+    parent = net.get_submodule(parent_name)
+    linear = getattr(parent, child_name)
+    setattr(parent, child_name, nn.Identity())
     maps: _Maps = _TVResNetMaps() if all(hasattr(net, a) for a in _RESNET_PARTS) else _TracedMaps(name)
     student = Student(net, linear.in_features, in_channels, name, expand_to=3, stage=stage, maps=maps)
     if stage is not None and isinstance(maps, _TracedMaps):
