@@ -171,8 +171,8 @@ def _check_stage(name: str, stage: int | None, n: int) -> int:
     if stage is None:
         return n
     if isinstance(stage, bool) or not isinstance(stage, int) or not 1 <= stage <= n:
-        valid = "1" if n == 1 else f"1..{n}"
-        raise StudentError(f"student '{name}' has stage {valid} (the last is the default); got stage {stage!r}")
+        valid = "only stage 1" if n == 1 else f"stages 1..{n}"
+        raise StudentError(f"student '{name}' has {valid} (default: the last); got stage {stage!r}")
     return stage
 
 
@@ -262,9 +262,12 @@ class _TracedMaps(_Maps):
         self.name = name
         self._extractor: nn.Module | None = None
         self._node: str | None = None
+        self._device: torch.device | None = None
 
     def _trace(self, backbone: nn.Module) -> nn.Module:
-        if self._extractor is None:
+        device = next(backbone.parameters()).device
+        if self._extractor is None or device != self._device:  # traced tensors (get_attr) do not follow .to()
+            self._device = device
             from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
             try:
@@ -282,8 +285,11 @@ class _TracedMaps(_Maps):
 
     def forward_map(self, backbone: nn.Module, x: torch.Tensor, stage: int) -> torch.Tensor:
         ext = self._trace(backbone)
-        if ext.training != backbone.training:
+        if ext.training != backbone.training:  # swap its train/eval graph, leaving the modules' own modes be
+            modes = [(m, m.training) for m in backbone.modules()]
             ext.train(backbone.training)
+            for m, mode in modes:
+                m.training = mode
         try:
             out = ext(x)["map"]
         except torch.OutOfMemoryError:
