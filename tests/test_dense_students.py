@@ -224,6 +224,18 @@ def test_torchvision_traced_map_is_the_features_output():
     assert (s.map_channels, s.map_stride, s.num_stages) == (576, 32, 1)
 
 
+def test_torchvision_traced_map_pools_to_the_feature():
+    """EfficientNet: only the classifier follows the pool, so ``forward`` is the pool of the traced map (its
+    ``features`` output; the squeeze-excitation pools inside the blocks are not taken for the global pool)."""
+    s = build_student("tv:efficientnet_b0", 10, 1).eval()
+    x = _x(2, 1, 64)
+    with torch.no_grad():
+        m = s.feature_map(x)
+        assert torch.equal(m, s.backbone.features(s._prepare(x)))
+        assert torch.allclose(F.adaptive_avg_pool2d(m, 1).flatten(1), s(x), atol=1e-6)
+    assert (s.map_channels, s.map_stride) == (1280, 32)
+
+
 def test_torchvision_model_without_a_map_is_one_line():
     s = build_student("tv:vit_b_16", 10, 3)  # builds as before: only dense use fails
     for use in (lambda: s.feature_map(_x(1, 3, 224)), lambda: s.map_channels):
