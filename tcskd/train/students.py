@@ -48,6 +48,7 @@ from __future__ import annotations
 import importlib
 import logging
 import math
+import numbers
 import re
 from typing import Callable
 
@@ -179,10 +180,10 @@ class Student(nn.Module):
 def _check_stage(name: str, stage: int | None, n: int) -> int:
     if stage is None:
         return n
-    if isinstance(stage, bool) or not isinstance(stage, int) or not 1 <= stage <= n:
+    if isinstance(stage, bool) or not isinstance(stage, numbers.Integral) or not 1 <= stage <= n:
         valid = "only stage 1" if n == 1 else f"stages 1..{n}"
         raise StudentError(f"student '{name}' has {valid} (default: the last); got stage {stage!r}")
-    return stage
+    return int(stage)
 
 
 # -- the registry ----------------------------------------------------------------
