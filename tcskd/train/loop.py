@@ -8,6 +8,11 @@ restore (:func:`restore`, when resuming) -> for each epoch (:func:`run_epochs`):
 :func:`save_epoch` -> :func:`finish` (the final scores, ``final.json``).
 Learning-rate schedules (cosine, step, multistep) are pure functions of the step (:func:`lr_at`).
 
+Every task and target kind goes through the same :func:`train_step` and :func:`train_epoch`: a dense run adds
+the dense mimic term (the predicted coordinate maps aligned to the teacher's grid, tcskd.train.losses), a
+segmentation run (``--task segment``) takes the masks as CE labels (255 = ignore) and is validated by mean IoU
+(``val_miou``, which plays the part ``val_top1`` plays for classification).
+
 The run directory and its files are described in tcskd.train.rundir, the
 checkpoint in tcskd.train.checkpoint; the datasets, sampler and DataLoaders in
 tcskd.train.data; evaluation in tcskd.train.evaluate.
@@ -43,12 +48,12 @@ from tcskd.results import StoppedRun, TrainResult
 from tcskd.train.config import RESUME_FREE, TrainConfig, resolve_config, tailoring_label
 from tcskd.train.checkpoint import (CHECKPOINT, CHECKPOINT_FORMAT, check_resume, load_checkpoint, rng_state,
                                     save_checkpoint, set_rng_state)
-from tcskd.train.data import AUGMENT_RNG, BatchPlan, batch_plan, resolve_workers, train_loader
-from tcskd.train.evaluate import embed, final_scores, top1
+from tcskd.train.data import AUGMENT_RNG, Batch, BatchPlan, batch_plan, resolve_workers, train_loader
+from tcskd.train.evaluate import embed, final_scores, segment_scores, top1
 from tcskd.train.head import TCSHead
 from tcskd.train.inputs import RunInputs, load_run_inputs, online_teacher
 from tcskd.train.logger import MetricsLogger, NullLogger, open_logger
-from tcskd.train.losses import LossParts, elsh_bias, tcs_loss
+from tcskd.train.losses import LossParts, align_to_grid, elsh_bias, tcs_loss
 from tcskd.train.plots import plot_curves
 from tcskd.train.rundir import (CONFIG, CURVES, FINAL, METRICS, SPLIT, append_metrics, read_metrics,
                                 shared_run_dir, write_json, write_text_atomic)
@@ -83,9 +88,9 @@ def train(cfg: TrainConfig) -> TrainResult | StoppedRun:
     start_run_dir(run)
     if teacher is not None:
         teacher.to(device)
-    log.info("training %s (%s, %d params) on %d images (%d labelled), method %s, K=%s, on %s",
+    log.info("training %s (%s, %d params) on %d images (%d labelled), %s, method %s, K=%s%s, on %s",
              cfg.student, prep.data_spec, count_parameters(student), len(prep.train_set), prep.n_labelled,
-             cfg.method, prep.k, device)
+             cfg.task, cfg.method, prep.k, f", mimic {prep.mimic_on}" if prep.mimic_on else "", device)
     try:
         run_epochs(run)                                                    # train, evaluate, select, save
     except BaseException:
@@ -154,9 +159,16 @@ class StudentWithHead(torch.nn.Module):
         self.student, self.head = student, head
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
-        f = self.student(x)
-        logits, c_hat = self.head(f, mask)
-        return f, logits, c_hat
+        """(f, logits, c_hat, d_hat): the pooled feature (None when the head does not read it), logits (B x C, or
+        B x C x H x W for segmentation), the global and the dense (B x K x h x w) predicted coordinates."""
+        head = self.head
+        f = self.student(x) if head.needs_feature else None
+        fmap = self.student.feature_map(x) if head.needs_map else None
+        if head.task == "segment":
+            logits, c_hat = head.segment(fmap, tuple(x.shape[-2:])), head.project(f)
+        else:
+            logits, c_hat = head(f, mask)
+        return f, logits, c_hat, head.project_map(fmap) if head.dense else None
 
 
 def build_models(cfg: TrainConfig, prep: RunInputs) -> tuple[Student, TCSHead]:
@@ -164,8 +176,15 @@ def build_models(cfg: TrainConfig, prep: RunInputs) -> tuple[Student, TCSHead]:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % (2 ** 32))
     random.seed(cfg.seed)
-    student = make_student(cfg.student, prep.num_classes, prep.channels)
-    return student, TCSHead(student.feature_dim, prep.num_classes, prep.k, cfg.classify_from)
+    if cfg.student_stage is None:
+        student = make_student(cfg.student, prep.num_classes, prep.channels)
+    else:
+        student = make_student(cfg.student, prep.num_classes, prep.channels, stage=cfg.student_stage)
+    if not (prep.dense or cfg.task == "segment"):
+        return student, TCSHead(student.feature_dim, prep.num_classes, prep.k, cfg.classify_from)
+    return student, TCSHead(student.feature_dim, prep.num_classes, prep.k, cfg.classify_from,
+                            map_channels=student.map_channels, dense=prep.dense, global_=prep.global_,
+                            task=cfg.task)
 
 
 def saved_checkpoint(cfg: TrainConfig, prep: RunInputs, out: Path) -> dict[str, Any] | None:
@@ -202,6 +221,9 @@ def build_run(cfg: TrainConfig, prep: RunInputs, device: torch.device, out: Path
             "cache_key": prep.cache_key, "basis": prep.basis_name, "basis_kind": prep.basis_kind,
             "method": cfg.method, "data": prep.data_spec, "augment_rng": AUGMENT_RNG,
             "classify_from": head.classify_from}
+    if head.needs_map:  # what load_run needs to rebuild a dense or segmentation head
+        meta.update({"task": cfg.task, "mimic_on": prep.mimic_on, "student_stage": cfg.student_stage,
+                     "map_channels": student.map_channels, "grid": list(prep.grid) if prep.grid else None})
     return Run(cfg, prep, device, resolve_workers(cfg.workers, device), out, student, head, optimizer, meta,
                teacher)
 
@@ -242,6 +264,8 @@ def start_run_dir(run: Run) -> None:
         "test_images": len(prep.test_set) if prep.test_set is not None else 0,
         "num_classes": prep.num_classes, "channels": prep.channels, "teacher_spec": prep.teacher_spec,
         "student_params": count_parameters(run.student), "head_params": count_parameters(run.head)}
+    if run.head.needs_map:
+        resolved["resolved"].update({"mimic_on": prep.mimic_on, "grid": list(prep.grid) if prep.grid else None})
     resolved["resolved"]["world_size"] = dist.world()
     if dist.is_main():
         write_text_atomic(out / CONFIG, yaml.safe_dump(resolved, sort_keys=False))  # --resume reads it
@@ -292,8 +316,10 @@ def parallel_model(run: Run) -> torch.nn.Module:
             model, ["head.importance"])
         if run.cfg.sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # A dense or segmentation head reads a feature map: the student's layers after it may go unused.
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+            model, device_ids=[run.device.index] if run.device.type == "cuda" else None,
+            find_unused_parameters=run.head.needs_map)
     return model
 
 
@@ -330,14 +356,18 @@ def run_epochs(run: Run) -> None:
     dist.barrier()
 
 
-def train_step(run: Run, loop: EpochLoop, batch: tuple, lr: float) -> LossParts:
+def train_step(run: Run, loop: EpochLoop, batch: Batch, lr: float) -> LossParts:
     """One optimizer step on ``batch`` at learning rate ``lr``; the head's importance accumulates."""
     cfg, device, head = run.cfg, run.device, run.head
-    x, c, y, _, _, tx = batch
+    x, c, y, tx = batch.x, batch.target, batch.label, batch.teacher_x
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     x = x.to(device, non_blocking=True)
-    y = y.to(device, non_blocking=True)
+    if cfg.task == "segment":  # per-pixel CE labels; 255 (ignore) becomes -1, as an unlabelled image's label
+        y = batch.mask.to(device, non_blocking=True).long()
+        y = y.masked_fill(y == 255, -1)
+    else:
+        y = y.to(device, non_blocking=True)
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     if run.teacher is not None:
@@ -346,15 +376,19 @@ def train_step(run: Run, loop: EpochLoop, batch: tuple, lr: float) -> LossParts:
             with autocast(device):
                 feats = run.teacher.features(tx)
             c = loop.project(feats)  # in float32, like the cached targets
-    elif head.k:
+    elif head.global_:
         c = c.to(device, non_blocking=True)
     # The mask enters the loss (and the classifier, reading coords) as a copy whose gradient
     # is the taylor criterion; its values are the head's.
     mask = head.mask.clone().requires_grad_(cfg.select_by == "taylor") if head.k else None
     with autocast(device):
-        f, logits, c_hat = loop.model(x, mask)
-    parts = tcs_loss(logits, y, c_hat, c if head.k else None, mask, cfg.lam, cfg.mimic, loop.elsh,
-                     cfg.elsh_weight if cfg.elsh_bits else 0.0)
+        f, logits, c_hat, d_hat = loop.model(x, mask)
+    dense: dict[str, Any] = {}
+    if d_hat is not None:  # aligned to the teacher's grid, the student's augmentation undone
+        d_al, valid = align_to_grid(d_hat.float(), run.prep.grid, batch.aug, x.shape[-1])
+        dense = {"d_hat": d_al, "d": batch.dense.to(device, non_blocking=True).float(), "valid": valid}
+    parts = tcs_loss(logits, y, c_hat, c if head.global_ else None, mask, cfg.lam, cfg.mimic, loop.elsh,
+                     cfg.elsh_weight if cfg.elsh_bits else 0.0, **dense)
     run.optimizer.zero_grad(set_to_none=True)
     parts.total.backward()
     if head.k:
@@ -362,10 +396,27 @@ def train_step(run: Run, loop: EpochLoop, batch: tuple, lr: float) -> LossParts:
             # Per rank, a share of the step's importance: summed over ranks it is one process's
             # (grad is the gradient DDP already averaged, the same on every rank).
             share = 1 if cfg.select_by == "grad" else dist.world()
-            head.importance += step_importance(cfg.select_by, head.gate.grad, mask.grad, c_hat, c) / share
+            pred, target = _importance_rows(c_hat, c if head.global_ else None, dense)
+            head.importance += step_importance(cfg.select_by, head.gate.grad, mask.grad, pred, target) / share
         head.gate.grad = None
     run.optimizer.step()
     return parts
+
+
+def _importance_rows(c_hat: torch.Tensor | None, c: torch.Tensor | None, dense: dict[str, Any]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predictions, targets) as rows x K for the error criteria: the global rows and the valid dense locations."""
+    preds, targets = ([c_hat.float()], [c.float()]) if c_hat is not None and c is not None else ([], [])
+    if dense:
+        d_al, d, valid = dense["d_hat"], dense["d"], dense["valid"]
+        k = d_al.shape[1]
+        rows, tgt = d_al.permute(0, 2, 3, 1).reshape(-1, k), d.reshape(-1, k)
+        if valid is not None:
+            keep = valid.reshape(-1) > 0
+            rows, tgt = rows[keep], tgt[keep]
+        preds.append(rows)
+        targets.append(tgt)
+    return torch.cat(preds), torch.cat(targets)
 
 
 def train_epoch(run: Run, loop: EpochLoop, epoch: int) -> EpochStats:
@@ -375,7 +426,7 @@ def train_epoch(run: Run, loop: EpochLoop, epoch: int) -> EpochStats:
     t_epoch = time.perf_counter()
     run.student.train()
     run.head.train()
-    sums = torch.zeros(4, device=device)
+    sums = torch.zeros(5, device=device)
     steps, lr, active = 0, cfg.lr, run.head.active
     waited, first = 0.0, None
     milestones = tuple(m * loop.plan.steps_per_epoch for m in cfg.milestones)
@@ -408,15 +459,19 @@ def train_epoch(run: Run, loop: EpochLoop, epoch: int) -> EpochStats:
     return EpochStats(means, lr, active, seconds, images, steps, waited, first)
 
 
-def evaluate_epoch(run: Run, epoch: int) -> float | None:
-    """Validation top-1 after ``epoch`` (rank 0, every ``eval_every`` epochs and after the last); the test
+def evaluate_epoch(run: Run, epoch: int) -> dict[str, float | None]:
+    """Validation scores after ``epoch`` (rank 0, every ``eval_every`` epochs and after the last): top-1
+    (``val_top1``), or for segmentation ``val_miou`` and ``val_pixel_acc`` (``val_top1`` None); the test
     split is never looked at during training."""
     cfg, prep = run.cfg, run.prep
     if not (dist.is_main() and prep.val_set is not None
             and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)):
-        return None
+        return {"val_top1": None, **({"val_miou": None, "val_pixel_acc": None} if cfg.task == "segment" else {})}
+    if cfg.task == "segment":
+        miou, acc = segment_scores(run.student, run.head, prep.val_set, run.device, _eval_batch(cfg), run.workers)
+        return {"val_top1": None, "val_miou": miou, "val_pixel_acc": acc}
     _, logits = embed(run.student, run.head, prep.val_set, run.device, _eval_batch(cfg), run.workers)
-    return top1(logits, prep.val_set.ce_labels)
+    return {"val_top1": top1(logits, prep.val_set.ce_labels)}
 
 
 def select_coordinates(run: Run, loop: EpochLoop, epoch: int) -> None:
@@ -428,14 +483,17 @@ def select_coordinates(run: Run, loop: EpochLoop, epoch: int) -> None:
         loop.elsh = _elsh_for_mask(run.prep, run.head, run.device)  # the hash of the coordinates still active
 
 
-def save_epoch(run: Run, stats: EpochStats, val: float | None, t_epoch: float) -> None:
+def save_epoch(run: Run, stats: EpochStats, val: dict[str, float | None], t_epoch: float) -> None:
     """The epoch's row of ``metrics.jsonl`` and the checkpoint (rank 0)."""
     cfg, state, out = run.cfg, run.state, run.out
     row = {"epoch": state.epoch, "loss": stats.means[0], "loss_ce": stats.means[1],
            "loss_mimic": stats.means[2], "loss_elsh": stats.means[3], "lr": stats.lr,
-           "active_coords": stats.active, "train_img_per_s": stats.images / stats.seconds, "val_top1": val,
+           "active_coords": stats.active, "train_img_per_s": stats.images / stats.seconds,
+           "val_top1": val["val_top1"],
            "seconds": time.perf_counter() - t_epoch, "data_wait_s": stats.data_wait_s,
            "first_batch_s": stats.first_batch_s, "steps": stats.steps}
+    if run.head.needs_map:  # dense or segmentation runs: the dense term and the segmentation scores
+        row.update({"loss_dense": stats.means[4], **{k: v for k, v in val.items() if k != "val_top1"}})
     append_metrics(out / METRICS, row)
     run.logger.log_epoch(row)
     save_checkpoint(out / CHECKPOINT, {
@@ -444,9 +502,10 @@ def save_epoch(run: Run, stats: EpochStats, val: float | None, t_epoch: float) -
         "student": run.student.state_dict(), "head": run.head.state_dict(),
         "optimizer": run.optimizer.state_dict(), "rng": rng_state(), "config": dataclasses.asdict(cfg),
         "meta": run.meta})
-    log.info("epoch %d/%d: loss %.4f (ce %.4f, mimic %.4f, elsh %.4f), active %s, val top-1 %s, %.0f img/s",
-             state.epoch, cfg.epochs, *stats.means, stats.active, "-" if val is None else f"{val:.4f}",
-             stats.images / stats.seconds)
+    what, score = ("mIoU", val.get("val_miou")) if cfg.task == "segment" else ("top-1", val["val_top1"])
+    log.info("epoch %d/%d: loss %.4f (ce %.4f, mimic %.4f, elsh %.4f, dense %.4f), active %s, val %s %s, "
+             "%.0f img/s", state.epoch, cfg.epochs, *stats.means, stats.active, what,
+             "-" if score is None else f"{score:.4f}", stats.images / stats.seconds)
 
 
 def _gather_importance(head: TCSHead, select_by: str, world: int, rank: int, everywhere: bool) -> None:
@@ -480,6 +539,8 @@ def finish(run: Run, t_start: float) -> TrainResult:
     t_eval = time.perf_counter()
     scores = final_scores(student, head, prep, run.device, _eval_batch(cfg), run.workers)
     rows = read_metrics(out / METRICS, state.epoch)
+    if cfg.task == "segment":
+        scores["best_val_miou"] = max((r["val_miou"] for r in rows if r.get("val_miou") is not None), default=None)
     final: TrainResult = {
         **scores, "train_seconds": state.train_seconds,
         "img_per_s": state.images / state.train_seconds if state.train_seconds > 0 else None,
@@ -496,15 +557,19 @@ def finish(run: Run, t_start: float) -> TrainResult:
         "total_seconds": time.perf_counter() - t_start, "run_dir": str(out),
         "best_val_top1": max((r["val_top1"] for r in rows if r.get("val_top1") is not None), default=None),
         "val_rows": len(prep.split["val"]), "holdout": prep.split["holdout"],
-        "basis_excludes_val": prep.basis_excludes_val,
+        "basis_excludes_val": prep.basis_excludes_val, "task": cfg.task, "mimic_on": prep.mimic_on,
     }
     # final.json marks the run finished (a resume then does nothing): every other artifact comes first.
     plot_curves(rows, out / CURVES, f"{cfg.method} {cfg.student} K={prep.k} seed {cfg.seed}")
     write_json(out / FINAL, final)
     run.logger.log_final(final, state.epoch)
     run.logger.close()
-    log.info("finished: val top-1 %s, test top-1 %s, kNN top-1 %s, %.1f s of training; %s",
-             final["val_top1"], final["test_top1"], final["knn_top1"], state.train_seconds, out)
+    if cfg.task == "segment":
+        log.info("finished: val mIoU %s, test mIoU %s, %.1f s of training; %s", final.get("val_miou"),
+                 final.get("test_miou"), state.train_seconds, out)
+    else:
+        log.info("finished: val top-1 %s, test top-1 %s, kNN top-1 %s, %.1f s of training; %s",
+                 final["val_top1"], final["test_top1"], final["knn_top1"], state.train_seconds, out)
     return final
 
 
