@@ -1,25 +1,47 @@
-"""Student networks: ``--student NAME`` -> a backbone that maps images to features.
+"""Student networks: ``--student NAME`` -> a backbone that maps images to features and feature maps.
 
-Every student is a :class:`Student`: ``forward(x) -> f`` (B x ``feature_dim``),
-the penultimate feature. The classifier is not part of it: it lives in the
-TCS head (tcskd.train.head), beside the projector, so that every student
-exposes the same two outputs. Inputs are images in [0, 1]; the student
-normalises them itself (fixed mean 0.5, std 0.25 per channel) so that an
-exported student takes the same [0, 1] images.
+Every student is a :class:`Student`: ``forward(x) -> f`` (B x ``feature_dim``), the penultimate feature,
+and ``feature_map(x) -> B x map_channels x h x w``, the dense map a dense head reads (tcskd.train), taken
+after the student's last stage or the ``stage`` given to :func:`build_student` (1-based; ``map_stride`` is
+the number of input pixels per map cell along each side, exact for input sizes divisible by it). The
+classifier is not part of it: it lives in the TCS head (tcskd.train.head), beside the projector, so that
+every student exposes the same two outputs. Inputs are images in [0, 1]; the student normalises them itself
+(fixed mean 0.5, std 0.25 per channel) so that an exported student takes the same [0, 1] images.
 
-Names:
-- ``cnn``: a small CNN for 28/32 px inputs (~240k parameters), the default.
-- CIFAR students in the style of the CRD repository (Tian et al. 2020):
-  ``resnet8x4``, ``resnet20``, ``resnet32x4``, ``resnet56``, ``wrn-16-2``,
-  ``wrn-40-2``, ``mobilenetv2`` (CRD's ``mobile_half``: width 0.5, expansion 6),
-  ``shufflenetv2`` (net size 1) and ``vgg8`` (RepDistiller's ``vgg8_bn``). Global
-  average pooling is adaptive, so any input size >= 8 px works.
-- ``tv:NAME``: a torchvision model (``weights=None``); its last ``nn.Linear``
-  becomes the identity and its input width is the feature dimension.
-  Greyscale inputs are repeated to 3 channels.
-- ``python:MODULE:FACTORY``: ``FACTORY(num_classes, in_channels)`` returns a
-  module with an integer ``feature_dim`` whose forward returns the features
-  (B x feature_dim), or a tuple whose first element is the features.
+Names, with their stages as ``stage: channels /stride`` (``*`` = the default, last stage; ``=`` after the name:
+``forward`` is exactly the global average pool of the last stage's map):
+
+- ``cnn`` = : a small CNN for 28/32 px inputs (~240k parameters), the default.
+  1: 32 /1, 2: 64 /2, 3: 128 /4, 4*: 128 /4 (each conv+BN+ReLU's output).
+- ``segnet`` = : a small encoder-decoder (U-Net) for segmentation (~0.44M parameters at 1 channel).
+  1: 32 /2, 2: 64 /4, 3: 128 /8 (the encoder), 4*: 32 /1 (the decoder's output at the input resolution).
+- CIFAR students in the style of the CRD repository (Tian et al. 2020), all ``=``; global average pooling is
+  adaptive, so any input size >= 8 px works:
+  ``resnet8x4``, ``resnet32x4``: 1: 64 /1, 2: 128 /2, 3*: 256 /4 (layer1..layer3);
+  ``resnet20``, ``resnet56``: 1: 16 /1, 2: 32 /2, 3*: 64 /4;
+  ``wrn-16-2``, ``wrn-40-2``: 1: 32 /1, 2: 64 /2 (pre-activation group outputs), 3*: 128 /4 (after the final
+  BN + ReLU);
+  ``mobilenetv2`` (CRD's ``mobile_half``: width 0.5, expansion 6): 1: 12 /2, 2: 16 /4, 3: 48 /8, 4*: 1280 /16
+  (the last block at each resolution; 4 = the final 1x1 conv);
+  ``shufflenetv2`` (net size 1): 1: 116 /2, 2: 232 /4, 3*: 1024 /8 (group outputs; 3 = the final 1x1 conv);
+  ``vgg8`` (RepDistiller's ``vgg8_bn``): 1: 64 /1, 2: 128 /2, 3: 256 /4, 4: 512 /8, 5*: 512 /8 (each conv's
+  ReLU output, before its max-pool; no pool follows the last conv, so ``forward`` pools exactly that map).
+- ``tv:NAME``: a torchvision model (``weights=None``); its last ``nn.Linear`` becomes the identity and its
+  input width is the feature dimension. Greyscale inputs are repeated to 3 channels. ResNets (``resnet*``,
+  ``resnext*``, ``wide_resnet*``): 1: layer1 /4, 2: layer2 /8, 3: layer3 /16, 4*: layer4 /32 (``=``). Other
+  models have one stage: the 4-D activation their global average pool reads, found by tracing the model
+  with torchvision.models.feature_extraction (the ``features`` output of MobileNet, EfficientNet, ConvNeXt,
+  VGG, ...; after DenseNet's final ReLU; after Swin's permute to channels-first); channels and stride are
+  measured once, on a 128 px input (stride rounded to a power of two). Models with no such map (ViTs:
+  their pool is the class token) build as before but fail with one line when a dense map is asked for.
+  ``forward`` is the pool of the map where nothing but the classifier follows the pool (ResNets,
+  EfficientNet, MobileNetV2, DenseNet, RegNet, MnasNet, ShuffleNetV2, GoogLeNet, ...), not where an MLP or
+  a norm does (VGG, AlexNet, MobileNetV3, ConvNeXt). The trace is made at 224 px: Swin's map fails (one line)
+  at other sizes.
+- ``python:MODULE:FACTORY``: ``FACTORY(num_classes, in_channels)`` returns a module with an integer
+  ``feature_dim`` whose forward returns the features (B x feature_dim), or a tuple whose first element is
+  the features. For dense use it also has ``feature_map(x)`` (normalised images -> B x C x h x w) and an
+  integer ``map_channels`` (optionally ``map_stride``, else measured on a 128 px input); one stage.
 """
 
 from __future__ import annotations
@@ -27,274 +49,138 @@ from __future__ import annotations
 import importlib
 import logging
 import math
+import re
 from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from tcskd.errors import TcskdError
+from tcskd.train.backbones import (VGG8, CifarResNet, MobileNetV2, SegNet, ShuffleNetV2, SmallCNN, WideResNet,
+                                   small_cnn)
 
 log = logging.getLogger(__name__)
 
 INPUT_MEAN = 0.5
 INPUT_STD = 0.25
+PROBE_SIZE = 128  # px of the input that measures a traced map's channels and stride
+
+__all__ = ["CIFAR_KD_STUDENTS", "STUDENTS", "Student", "StudentError", "VGG8", "build_student",
+           "count_parameters", "make_student", "small_cnn"]
 
 
 class StudentError(TcskdError):
-    """An unknown or unusable student name."""
+    """An unknown or unusable student name, or a stage / dense map it does not have."""
+
+
+class _Maps:
+    """How a student's backbone gives its stage maps (a plain object: it adds nothing to the state dict)."""
+
+    def stages(self, backbone: nn.Module) -> int:
+        return 1
+
+    def channels(self, backbone: nn.Module, stage: int) -> int | None:
+        return None  # unknown: measured by Student._probe
+
+    def stride(self, backbone: nn.Module, stage: int) -> int | None:
+        return None
+
+    def forward_map(self, backbone: nn.Module, x: torch.Tensor, stage: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _StagedMaps(_Maps):
+    """A built-in :class:`Staged` backbone (or the cnn): it declares its stages."""
+
+    def stages(self, backbone: nn.Module) -> int:
+        return len(backbone.stage_channels)
+
+    def channels(self, backbone: nn.Module, stage: int) -> int | None:
+        return int(backbone.stage_channels[stage - 1])
+
+    def stride(self, backbone: nn.Module, stage: int) -> int | None:
+        return int(backbone.stage_strides[stage - 1])
+
+    def forward_map(self, backbone: nn.Module, x: torch.Tensor, stage: int) -> torch.Tensor:
+        return backbone.forward_map(x, stage)
 
 
 class Student(nn.Module):
-    """Input normalisation + a backbone returning B x ``feature_dim`` features."""
+    """Input normalisation + a backbone returning B x ``feature_dim`` features, and its stage maps."""
 
     def __init__(self, backbone: nn.Module, feature_dim: int, in_channels: int, name: str,
-                 expand_to: int | None = None) -> None:
+                 expand_to: int | None = None, stage: int | None = None, maps: _Maps | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.feature_dim = int(feature_dim)
         self.in_channels = int(in_channels)
         self.name = name
         self.expand_to = expand_to
+        self._maps = maps if maps is not None else _StagedMaps()
+        self.num_stages = self._maps.stages(backbone)
+        self.stage = _check_stage(name, stage, self.num_stages)
+        self._probed: tuple[int, int] | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - INPUT_MEAN) / INPUT_STD
         if self.expand_to is not None and x.shape[1] != self.expand_to:
             x = x.expand(-1, self.expand_to, -1, -1)
-        out = self.backbone(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.backbone(self._prepare(x))
         if isinstance(out, (tuple, list)):
             out = out[0]
         return out.flatten(1)
 
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """B x ``map_channels`` x h x w: the map after stage ``self.stage`` of images ``x`` in [0, 1]."""
+        return self._maps.forward_map(self.backbone, self._prepare(x), self.stage)
 
-# -- cnn --------------------------------------------------------------------
+    @property
+    def map_channels(self) -> int:
+        c = self._maps.channels(self.backbone, self.stage)
+        return c if c is not None else self._probe()[0]
 
-def _conv_bn(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+    @property
+    def map_stride(self) -> int:
+        s = self._maps.stride(self.backbone, self.stage)
+        return s if s is not None else self._probe()[1]
 
-
-def small_cnn(in_channels: int) -> tuple[nn.Module, int]:
-    layers = (_conv_bn(in_channels, 32) + _conv_bn(32, 64, 2) + _conv_bn(64, 128, 2) + _conv_bn(128, 128)
-              + [nn.AdaptiveAvgPool2d(1), nn.Flatten()])
-    return nn.Sequential(*layers), 128
-
-
-# -- CIFAR ResNets (CRD resnet.py) -------------------------------------------
-
-class _BasicBlock(nn.Module):
-    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = None
-        if stride != 1 or inplanes != planes:
-            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False),
-                                            nn.BatchNorm2d(planes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        res = x if self.downsample is None else self.downsample(x)
-        return F.relu(out + res)
-
-
-class CifarResNet(nn.Module):
-    def __init__(self, depth: int, filters: tuple[int, int, int, int], in_channels: int) -> None:
-        super().__init__()
-        assert (depth - 2) % 6 == 0
-        n = (depth - 2) // 6
-        self.conv1 = nn.Conv2d(in_channels, filters[0], 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(filters[0])
-        inplanes = filters[0]
-        stages = []
-        for i, stride in ((1, 1), (2, 2), (3, 2)):
-            blocks = []
-            for j in range(n):
-                blocks.append(_BasicBlock(inplanes, filters[i], stride if j == 0 else 1))
-                inplanes = filters[i]
-            stages.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = stages
-        self.feature_dim = filters[3]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+    def _probe(self) -> tuple[int, int]:
+        """(channels, stride) of the map, measured once on a PROBE_SIZE px grey image in eval mode."""
+        if self._probed is None:
+            modes = [(m, m.training) for m in self.modules()]
+            p = next(self.parameters(), None)
+            x = torch.full((1, self.in_channels, PROBE_SIZE, PROBE_SIZE), 0.5,
+                           device=p.device if p is not None else None)
+            self.eval()
+            try:
+                with torch.no_grad():
+                    m = self.feature_map(x)
+            finally:
+                for mod, mode in modes:
+                    mod.training = mode
+            if m.dim() != 4:
+                raise StudentError(f"student '{self.name}': feature_map gives a {m.dim()}-D tensor, not B x C x h x w")
+            self._probed = (int(m.shape[1]), 2 ** round(math.log2(PROBE_SIZE / m.shape[-1])))
+        return self._probed
 
 
-# -- Wide ResNets (CRD wrn.py) ------------------------------------------------
-
-class _WideBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(cin)
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.equal = cin == cout
-        self.shortcut = None if self.equal else nn.Conv2d(cin, cout, 1, stride, 0, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        o = F.relu(self.bn1(x))
-        if not self.equal:
-            x = o
-        out = self.conv2(F.relu(self.bn2(self.conv1(o))))
-        return out + (x if self.shortcut is None else self.shortcut(x))
-
-
-class WideResNet(nn.Module):
-    def __init__(self, depth: int, widen: int, in_channels: int) -> None:
-        super().__init__()
-        assert (depth - 4) % 6 == 0
-        n = (depth - 4) // 6
-        ch = [16, 16 * widen, 32 * widen, 64 * widen]
-        self.conv1 = nn.Conv2d(in_channels, ch[0], 3, 1, 1, bias=False)
-        blocks: list[nn.Module] = []
-        for i, stride in ((1, 1), (2, 2), (3, 2)):
-            for j in range(n):
-                blocks.append(_WideBlock(ch[i - 1] if j == 0 else ch[i], ch[i], stride if j == 0 else 1))
-        self.blocks = nn.Sequential(*blocks)
-        self.bn = nn.BatchNorm2d(ch[3])
-        self.feature_dim = ch[3]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn(self.blocks(self.conv1(x))))
-        return F.adaptive_avg_pool2d(x, 1).flatten(1)
-
-
-# -- MobileNetV2 (CRD mobilenetv2.py, mobile_half) -------------------------------
-
-class _InvertedResidual(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
-        super().__init__()
-        hid = cin * expand
-        self.use_res = stride == 1 and cin == cout
-        self.conv = nn.Sequential(
-            nn.Conv2d(cin, hid, 1, 1, 0, bias=False), nn.BatchNorm2d(hid), nn.ReLU(inplace=True),
-            nn.Conv2d(hid, hid, 3, stride, 1, groups=hid, bias=False), nn.BatchNorm2d(hid), nn.ReLU(inplace=True),
-            nn.Conv2d(hid, cout, 1, 1, 0, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv(x) if self.use_res else self.conv(x)
-
-
-class MobileNetV2(nn.Module):
-    def __init__(self, in_channels: int, expand: int = 6, width: float = 0.5) -> None:
-        super().__init__()
-        setting = [(1, 16, 1, 1), (expand, 24, 2, 1), (expand, 32, 3, 2), (expand, 64, 4, 2),
-                   (expand, 96, 3, 1), (expand, 160, 3, 2), (expand, 320, 1, 1)]
-        cin = int(32 * width)
-        layers: list[nn.Module] = [*_conv_bn(in_channels, cin, 2)]
-        for t, c, n, s in setting:
-            cout = int(c * width)
-            for i in range(n):
-                layers.append(_InvertedResidual(cin, cout, s if i == 0 else 1, t))
-                cin = cout
-        self.last = 1280
-        layers += [nn.Conv2d(cin, self.last, 1, 1, 0, bias=False), nn.BatchNorm2d(self.last), nn.ReLU(inplace=True)]
-        self.features = nn.Sequential(*layers)
-        self.feature_dim = self.last
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
-
-
-# -- ShuffleNetV2 (CRD ShuffleNetv2.py, net size 1) ----------------------------
-
-def _shuffle(x: torch.Tensor, groups: int = 2) -> torch.Tensor:
-    n, c, h, w = x.shape
-    return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
-
-
-class _ShuffleBlock(nn.Module):
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        c = channels // 2
-        self.half = c
-        self.branch = nn.Sequential(
-            nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
-            nn.Conv2d(c, c, 3, 1, 1, groups=c, bias=False), nn.BatchNorm2d(c),
-            nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x[:, :self.half], x[:, self.half:]
-        return _shuffle(torch.cat([x1, self.branch(x2)], 1))
-
-
-class _ShuffleDown(nn.Module):
-    def __init__(self, cin: int, cout: int) -> None:
-        super().__init__()
-        mid = cout // 2
-        self.left = nn.Sequential(
-            nn.Conv2d(cin, cin, 3, 2, 1, groups=cin, bias=False), nn.BatchNorm2d(cin),
-            nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True))
-        self.right = nn.Sequential(
-            nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
-            nn.Conv2d(mid, mid, 3, 2, 1, groups=mid, bias=False), nn.BatchNorm2d(mid),
-            nn.Conv2d(mid, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(inplace=True))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _shuffle(torch.cat([self.left(x), self.right(x)], 1))
-
-
-class ShuffleNetV2(nn.Module):
-    def __init__(self, in_channels: int, out_channels: tuple[int, ...] = (116, 232, 464, 1024),
-                 blocks: tuple[int, ...] = (3, 7, 3)) -> None:
-        super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, 24, 3, 1, 1, bias=False), nn.BatchNorm2d(24),
-                                   nn.ReLU(inplace=True)]
-        cin = 24
-        for cout, n in zip(out_channels[:3], blocks):
-            layers.append(_ShuffleDown(cin, cout))
-            layers += [_ShuffleBlock(cout) for _ in range(n)]
-            cin = cout
-        layers += [nn.Conv2d(cin, out_channels[3], 1, bias=False), nn.BatchNorm2d(out_channels[3]),
-                   nn.ReLU(inplace=True)]
-        self.features = nn.Sequential(*layers)
-        self.feature_dim = out_channels[3]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
-
-
-# -- VGG8 (RepDistiller vgg.py, vgg8_bn) ----------------------------------------
-
-class VGG8(nn.Module):
-    """RepDistiller's ``vgg8_bn`` (configuration S): five stages of one 3x3 conv (with bias) + BN + ReLU, of
-    64, 128, 256, 512 and 512 channels, 2x2 max-pooling after each of the first three, global average pooling
-    to the 512-d feature (the classifier on it lives in the TCS head). Six weight layers with that classifier;
-    the name follows the KD literature. Weights as RepDistiller initialises them (conv N(0, 2 / (9 C_out)),
-    zero biases, BN 1 / 0). RepDistiller pools once more before the last stage at 64 px only; here the same
-    layers serve every input size."""
-
-    def __init__(self, in_channels: int, widths: tuple[int, ...] = (64, 128, 256, 512, 512), pools: int = 3) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        cin = in_channels
-        for i, width in enumerate(widths):
-            layers += [nn.Conv2d(cin, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
-            if i < pools:
-                layers.append(nn.MaxPool2d(2, 2))
-            cin = width
-        self.features = nn.Sequential(*layers)
-        self.feature_dim = cin
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
+def _check_stage(name: str, stage: int | None, n: int) -> int:
+    if stage is None:
+        return n
+    if isinstance(stage, bool) or not isinstance(stage, int) or not 1 <= stage <= n:
+        valid = "1" if n == 1 else f"1..{n}"
+        raise StudentError(f"student '{name}' has stage {valid} (the last is the default); got stage {stage!r}")
+    return stage
 
 
 # -- the registry ----------------------------------------------------------------
 
 _BUILTIN: dict[str, Callable[[int], nn.Module]] = {
+    "cnn": lambda c: SmallCNN(c),
+    "segnet": lambda c: SegNet(c),
     "resnet8x4": lambda c: CifarResNet(8, (32, 64, 128, 256), c),
     "resnet20": lambda c: CifarResNet(20, (16, 16, 32, 64), c),
     "resnet32x4": lambda c: CifarResNet(32, (32, 64, 128, 256), c),
@@ -309,36 +195,131 @@ _BUILTIN: dict[str, Callable[[int], nn.Module]] = {
 #: The students of the CIFAR-100 KD benchmarks (CRD / RepDistiller tables), all built in.
 CIFAR_KD_STUDENTS = ("resnet8x4", "resnet20", "wrn-16-2", "wrn-40-2", "vgg8", "mobilenetv2", "shufflenetv2")
 
-STUDENTS = ("cnn", *_BUILTIN, "tv:NAME", "python:MODULE:FACTORY")
+STUDENTS = (*_BUILTIN, "tv:NAME", "python:MODULE:FACTORY")
 
 
-def build_student(name: str, num_classes: int, in_channels: int) -> Student:
-    """The student called ``name`` for ``in_channels``-channel images; StudentError if unknown."""
-    if name == "cnn":
-        backbone, dim = small_cnn(in_channels)
-        return Student(backbone, dim, in_channels, name)
+def build_student(name: str, num_classes: int, in_channels: int, stage: int | None = None) -> Student:
+    """The student called ``name`` for ``in_channels``-channel images, its ``feature_map`` after ``stage``
+    (None: the last); StudentError if the name or the stage is unknown."""
     if name in _BUILTIN:
         net = _BUILTIN[name](in_channels)
-        return Student(net, net.feature_dim, in_channels, name)
+        return Student(net, net.feature_dim, in_channels, name, stage=stage)
     if name.startswith("tv:"):
-        return _torchvision(name, num_classes, in_channels)
+        return _torchvision(name, num_classes, in_channels, stage)
     if name.startswith("python:"):
-        return _python(name, num_classes, in_channels)
+        return _python(name, num_classes, in_channels, stage)
     raise StudentError(f"unknown student '{name}' (choose one of {', '.join(STUDENTS)})")
 
 
-
-def make_student(name: str, num_classes: int, in_channels: int) -> Student:
+def make_student(name: str, num_classes: int, in_channels: int, stage: int | None = None) -> Student:
     """build_student, with whatever a ``python:`` factory raises turned into a one-line StudentError."""
     try:
-        return build_student(name, num_classes, in_channels)
+        return build_student(name, num_classes, in_channels, stage)
     except StudentError:
         raise
     except Exception as e:  # the user's module or factory failed (or is not a factory at all)
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else ""
         raise StudentError(f"cannot build student '{name}': {type(e).__name__}: {msg}") from e
 
-def _torchvision(name: str, num_classes: int, in_channels: int) -> Student:
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# -- tv: and python: students ------------------------------------------------------
+
+_RESNET_PARTS = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+
+
+class _TVResNetMaps(_Maps):
+    """torchvision ResNets: stage k = layer k (strides 4, 8, 16, 32)."""
+
+    def stages(self, backbone: nn.Module) -> int:
+        return 4
+
+    def channels(self, backbone: nn.Module, stage: int) -> int | None:
+        bns = [m for m in getattr(backbone, f"layer{stage}")[-1].children() if isinstance(m, nn.BatchNorm2d)]
+        return int(bns[-1].num_features)
+
+    def stride(self, backbone: nn.Module, stage: int) -> int | None:
+        return 2 ** (stage + 1)
+
+    def forward_map(self, backbone: nn.Module, x: torch.Tensor, stage: int) -> torch.Tensor:
+        x = backbone.maxpool(backbone.relu(backbone.bn1(backbone.conv1(x))))
+        for k in range(1, stage + 1):
+            x = getattr(backbone, f"layer{k}")(x)
+        return x
+
+
+#: fx node names of a global pool (the last one in the graph is the model's; earlier ones are SE blocks')
+_POOL_NODE = re.compile(r"(avgpool|adaptive_avg_pool2d|mean)(_[0-9]+)?")
+
+
+class _TracedMaps(_Maps):
+    """Other torchvision models: the activation that their first global-pool node reads (traced once)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._extractor: nn.Module | None = None
+        self._node: str | None = None
+
+    def _trace(self, backbone: nn.Module) -> nn.Module:
+        if self._extractor is None:
+            from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+            try:
+                _, nodes = get_graph_node_names(backbone)
+            except Exception as e:
+                raise StudentError(f"student '{self.name}' has no dense feature map: torch.fx cannot trace it "
+                                   f"({type(e).__name__})") from e
+            pools = [i for i, n in enumerate(nodes) if i > 0 and _POOL_NODE.fullmatch(n.rsplit(".", 1)[-1])]
+            if not pools:
+                raise StudentError(f"student '{self.name}' has no dense feature map (no global average pool of a "
+                                   f"4-D activation; ViTs pool a class token)")
+            self._node = nodes[pools[-1] - 1]
+            self._extractor = create_feature_extractor(backbone, return_nodes={self._node: "map"})
+        return self._extractor
+
+    def forward_map(self, backbone: nn.Module, x: torch.Tensor, stage: int) -> torch.Tensor:
+        ext = self._trace(backbone)
+        if ext.training != backbone.training:
+            ext.train(backbone.training)
+        try:
+            out = ext(x)["map"]
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as e:  # the trace fixed a size-dependent branch (Swin's windows at 224 px)
+            raise StudentError(f"student '{self.name}': its traced feature map fails on a {tuple(x.shape)} input: "
+                               f"{str(e).strip().splitlines()[0]}") from e
+        if out.dim() != 4:
+            raise StudentError(f"student '{self.name}' has no dense feature map: its pool reads a "
+                               f"{out.dim()}-D activation ('{self._node}')")
+        return out
+
+
+class _NoMaps(_Maps):
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+    def forward_map(self, backbone: nn.Module, x: torch.Tensor, stage: int) -> torch.Tensor:
+        raise StudentError(self.why)
+
+
+class _PythonMaps(_Maps):
+    """A ``python:`` module's own ``feature_map`` (one stage), ``map_channels`` and optional ``map_stride``."""
+
+    def channels(self, backbone: nn.Module, stage: int) -> int | None:
+        return int(backbone.map_channels)
+
+    def stride(self, backbone: nn.Module, stage: int) -> int | None:
+        s = getattr(backbone, "map_stride", None)
+        return int(s) if isinstance(s, int) else None
+
+    def forward_map(self, backbone: nn.Module, x: torch.Tensor, stage: int) -> torch.Tensor:
+        return backbone.feature_map(x)
+
+
+def _torchvision(name: str, num_classes: int, in_channels: int, stage: int | None) -> Student:
     import torchvision
 
     arch = name[3:]
@@ -346,23 +327,27 @@ def _torchvision(name: str, num_classes: int, in_channels: int) -> Student:
         net = torchvision.models.get_model(arch, weights=None)
     except Exception as e:
         raise StudentError(f"torchvision cannot build '{arch}': {str(e).splitlines()[0] if str(e) else e}") from e
-    last: tuple[nn.Module, str, nn.Linear] | None = None
-    for parent in net.modules():
-        for child_name, child in parent.named_children():
-            if isinstance(child, nn.Linear):
-                last = (parent, child_name, child)
-    if last is None:
-        raise StudentError(f"torchvision model '{arch}' has no linear classifier to replace")
-    parent, child_name, linear = last
-    setattr(parent, child_name, nn.Identity())
-    if hasattr(net, "aux_logits"):
+    if hasattr(net, "aux_logits"):  # GoogLeNet / Inception: their auxiliary heads' Linears are not the classifier
         net.aux_logits = False
-        if hasattr(net, "AuxLogits"):
-            net.AuxLogits = None
-    return Student(net, linear.in_features, in_channels, name, expand_to=3)
+        for aux in ("AuxLogits", "aux1", "aux2"):
+            if hasattr(net, aux):
+                setattr(net, aux, None)
+    linears = [q for q, m in net.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise StudentError(f"torchvision model '{arch}' has no linear classifier to replace")
+    # the last Linear in registration order (Swin's head comes after its blocks' MLPs)
+    parent_name, _, child_name = linears[-1].rpartition(".")
+    parent = net.get_submodule(parent_name)
+    linear = getattr(parent, child_name)
+    setattr(parent, child_name, nn.Identity())
+    maps: _Maps = _TVResNetMaps() if all(hasattr(net, a) for a in _RESNET_PARTS) else _TracedMaps(name)
+    student = Student(net, linear.in_features, in_channels, name, expand_to=3, stage=stage, maps=maps)
+    if stage is not None and isinstance(maps, _TracedMaps):
+        maps._trace(net)  # a dense map asked for by name: fail now, in one line, if there is none
+    return student
 
 
-def _python(name: str, num_classes: int, in_channels: int) -> Student:
+def _python(name: str, num_classes: int, in_channels: int, stage: int | None) -> Student:
     parts = name.split(":")
     if len(parts) != 3 or not parts[1] or not parts[2]:
         raise StudentError(f"bad student '{name}': expected python:MODULE:FACTORY")
@@ -374,8 +359,12 @@ def _python(name: str, num_classes: int, in_channels: int) -> Student:
     dim = getattr(net, "feature_dim", None)
     if not isinstance(net, nn.Module) or not isinstance(dim, int):
         raise StudentError(f"{parts[1]}:{parts[2]} must return an nn.Module with an integer 'feature_dim'")
-    return Student(net, dim, in_channels, name)
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    if callable(getattr(net, "feature_map", None)) and isinstance(getattr(net, "map_channels", None), int):
+        maps: _Maps = _PythonMaps()
+    else:
+        maps = _NoMaps(f"student '{name}' has no dense feature map: its module needs a 'feature_map(x)' method "
+                       f"and an integer 'map_channels'")
+    student = Student(net, dim, in_channels, name, stage=stage, maps=maps)
+    if stage is not None and isinstance(maps, _NoMaps):
+        raise StudentError(maps.why)
+    return student
