@@ -8,9 +8,19 @@ Specs:
   1,000 test digits (each digit once); masks of 11 classes (0 = background, 1 + digit),
   255 on the digits' faint rims. tcskd/segdata.py says how they are drawn.
 - ``cifar10:ROOT`` / ``cifar100:ROOT``: the python-pickle folders (no download).
-- ``imagefolder:ROOT``: ``ROOT/<split>/<class>/<image>``.
+- ``imagefolder:ROOT``: ``ROOT/<split>/<class>/<image>``; or, for segmentation,
+  ``ROOT/<split>/images/<name>.<ext>`` with ``ROOT/<split>/masks/<name>.png`` beside it
+  (same relative path and stem; a one-channel PNG, mode L or P, of class ids, 255 = ignore,
+  of the image's size), and optionally ``ROOT/classes.txt`` (one class name per line,
+  background first; without it the classes are the largest id in any mask + 1). A split
+  folder holding both ``images/`` and ``masks/`` makes the folder a segmentation one (so a
+  classification set must not name its only classes ``images`` and ``masks``).
 - ``npz:FILE``: ``x`` (N,H,W[,C] uint8) and ``y`` are ``train``; optional
-  ``x_test``/``y_test`` are ``test``.
+  ``x_test``/``y_test`` are ``test``. ``y`` holds one label per image (N), or masks
+  (N x H x W class ids of the images' size, 255 = ignore) for segmentation.
+
+Segmentation sources (``Source.has_masks``) give ``Source.mask(i)`` (H x W uint8) and count
+the mask classes, background included, in ``num_classes``; their ``labels`` are -1.
 
 Split ``all`` is ``train`` followed by ``test`` (for builtin:mnist5k, all 5,000
 rows in their original order). A sample's index is its position in its source
@@ -27,138 +37,21 @@ import logging
 import os
 import pickle
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from tcskd import segdata
-from tcskd.errors import TcskdError
+from tcskd.errors import DataError
+from tcskd.source import Source, match_channels  # noqa: F401 - Source and match_channels re-exported
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "test", "all")
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+IMAGE_EXTS = segdata.IMAGE_EXTS
 SPEC_HELP = "builtin:mnist5k, builtin:mnist-seg, cifar10:ROOT, cifar100:ROOT, imagefolder:ROOT or npz:FILE"
 BUILTINS = ("mnist5k", "mnist-seg")
 IGNORE = 255  # the mask value of a pixel without a label
-
-
-class DataError(TcskdError):
-    """A dataset spec, folder or image is wrong."""
-
-
-@dataclass
-class Source:
-    """A split of a dataset: ``source[i] -> (sample_index, image uint8 HWC, label)``.
-
-    ``indices[i]`` is the sample's index in its source; ``labels[i]`` its label
-    (-1 when unlabelled). Images are produced by ``load(i)`` so that folder
-    datasets decode lazily (in DataLoader workers).
-    """
-
-    spec: str
-    split: str
-    indices: np.ndarray
-    labels: np.ndarray
-    num_classes: int
-    channels: int
-    fingerprint: str
-    load: Callable[[int], np.ndarray] = field(repr=False)
-    describe: Callable[[int], str] = field(repr=False, default=lambda i: f"row {i}")
-    load_many: Callable[[np.ndarray], np.ndarray] | None = field(repr=False, default=None)
-    """Rows -> their images as one array, for sources held in memory (arrays, MNIST); None for folders."""
-    masks: Callable[[np.ndarray], np.ndarray] | None = field(repr=False, default=None)
-    """Segmentation sources held in memory: rows -> their masks, B x H x W uint8 class ids (255 = ignore)."""
-    load_mask: Callable[[int], np.ndarray] | None = field(repr=False, default=None)
-    """Segmentation sources: row -> its mask H x W uint8, decoded lazily for folders (use :meth:`mask`)."""
-
-    @property
-    def has_masks(self) -> bool:
-        """A segmentation source: every row has a mask of its image's size (``num_classes`` counts the mask
-        classes, background included)."""
-        return self.masks is not None or self.load_mask is not None
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> tuple[int, np.ndarray, int]:
-        return int(self.indices[i]), self.load(i), int(self.labels[i])
-
-    def mask(self, i: int) -> np.ndarray:
-        """The mask of row ``i``: H x W uint8 class ids in [0, num_classes), 255 = ignore; or a DataError
-        naming the sample."""
-        if not self.has_masks:
-            raise DataError(f"{self.spec} has no masks (a segmentation dataset has per-pixel labels)")
-        try:
-            m = self.load_mask(i) if self.load_mask is not None else self.masks(np.asarray([i], np.int64))[0]
-        except DataError:
-            raise
-        except Exception as e:
-            raise DataError(f"unreadable mask of {self.describe(i)}: {e}") from e
-        m = np.asarray(m)
-        if m.ndim != 2 or m.dtype != np.uint8:
-            raise DataError(f"the mask of {self.describe(i)} is {m.dtype} {m.shape}; expected H x W uint8 class ids")
-        return m
-
-    def image(self, i: int, channels: int | None = None) -> np.ndarray:
-        """The image of row ``i`` (C made ``channels`` when given, see :func:`match_channels`), or a
-        DataError naming the sample."""
-        try:
-            img = self.load(i)
-        except DataError:
-            raise
-        except Exception as e:
-            raise DataError(f"unreadable image {self.describe(i)}: {e}") from e
-        img = _as_hwc(img, self.describe(i))
-        return img if channels is None else match_channels(img, channels)
-
-    def images(self, rows: np.ndarray, channels: int | None = None) -> np.ndarray | None:
-        """The uint8 images of ``rows`` as one B x H x W x C array (C made ``channels`` when given: grey
-        repeated, or colour's first channel), or None when the source cannot give them at once (a folder,
-        float pixels, odd shapes): then load them one by one with :meth:`image`, which names any problem."""
-        if self.load_many is None or len(rows) == 0:
-            return None
-        try:
-            arr = np.asarray(self.load_many(np.asarray(rows, np.int64)))
-        except Exception as e:  # noqa: BLE001 - the one-by-one path reports it, naming the image
-            log.debug("%s: no batch of %d images (%s); loading them one by one", self.spec, len(rows), e)
-            return None
-        if arr.ndim == 3:
-            arr = arr[:, :, :, None]
-        if (arr.dtype != np.uint8 or arr.ndim != 4 or len(arr) != len(rows) or arr.shape[3] not in (1, 3, 4)
-                or arr.shape[1] < 1 or arr.shape[2] < 1):
-            # The array's dtype or shape: true of every batch, so this source stops trying.
-            log.debug("%s holds %s images of shape %s: loading them one by one", self.spec, arr.dtype,
-                      arr.shape[1:])
-            self.load_many = None
-            return None
-        arr = arr[:, :, :, :3]
-        return np.ascontiguousarray(arr if channels is None else match_channels(arr, channels))
-
-
-def match_channels(img: np.ndarray, channels: int) -> np.ndarray:
-    """Images (... x C) with C made ``channels``: greyscale repeated to 3, or colour's first channel
-    (a greyscale file in a colour folder, or the reverse)."""
-    if img.shape[-1] == channels:
-        return img
-    return np.repeat(img[..., :1], 3, axis=-1) if channels == 3 else img[..., :1]
-
-
-def _as_hwc(img: np.ndarray, what: str) -> np.ndarray:
-    img = np.asarray(img)
-    if img.ndim == 2:
-        img = img[:, :, None]
-    if img.ndim != 3 or img.shape[2] not in (1, 3, 4) or img.shape[0] < 1 or img.shape[1] < 1:
-        raise DataError(f"image {what} has shape {img.shape}; expected H x W, H x W x 1, 3 or 4")
-    if img.shape[2] == 4:
-        img = img[:, :, :3]
-    if img.dtype != np.uint8:
-        if np.issubdtype(img.dtype, np.floating) and img.size and img.max() <= 1.0:
-            img = img * 255.0
-        img = np.clip(img, 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(img)
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -287,9 +180,10 @@ def _mnist_seg(spec: str, split: str) -> Source:
 # -- arrays (npz, cifar) ----------------------------------------------------
 
 def _array_source(spec: str, split: str, parts: dict[str, tuple[np.ndarray, np.ndarray]],
-                  num_classes: int, fingerprint: str) -> Source:
+                  num_classes: int, fingerprint: str, masks: dict[str, np.ndarray] | None = None) -> Source:
+    """A Source over in-memory arrays; ``masks`` (per part, N x H x W uint8) makes it a segmentation source."""
     names = ["train", "test"] if split == "all" else [split]
-    xs, ys, idx = [], [], []
+    xs, ys, ms, idx = [], [], [], []
     offset = 0
     for name in ("train", "test"):
         if name in parts:
@@ -297,6 +191,7 @@ def _array_source(spec: str, split: str, parts: dict[str, tuple[np.ndarray, np.n
             if name in names:
                 xs.append(x)
                 ys.append(y)
+                ms.append(masks[name] if masks else None)
                 idx.append(np.arange(len(x)) + offset)
             offset += len(x)
     if not xs:
@@ -305,8 +200,12 @@ def _array_source(spec: str, split: str, parts: dict[str, tuple[np.ndarray, np.n
     y = np.concatenate(ys) if len(ys) > 1 else ys[0]
     indices = np.concatenate(idx).astype(np.int64)
     channels = 1 if x.ndim == 3 or x.shape[-1] == 1 else 3
-    return Source(spec, split, indices, y.astype(np.int64), num_classes, channels, fingerprint,
-                  load=lambda i: x[i], describe=lambda i: f"{spec} row {indices[i]}", load_many=lambda i: x[i])
+    src = Source(spec, split, indices, y.astype(np.int64), num_classes, channels, fingerprint,
+                 load=lambda i: x[i], describe=lambda i: f"{spec} row {indices[i]}", load_many=lambda i: x[i])
+    if masks:
+        m = np.concatenate(ms) if len(ms) > 1 else ms[0]
+        src.masks, src.load_mask = (lambda i: m[i]), (lambda i: m[i])
+    return src
 
 
 # sha256 memo: (resolved path, size, st_mtime_ns, st_ctime_ns, st_ino, st_dev) -> digest, in this process and in a small JSON file, so
@@ -411,6 +310,7 @@ def _npz(spec: str, path: Path, split: str) -> Source:
     if "x" not in z:
         raise DataError(f"{path} has no array 'x' (expected x, y[, x_test, y_test])")
     parts = {}
+    masks: dict[str, np.ndarray] = {}
     for name, xk, yk in (("train", "x", "y"), ("test", "x_test", "y_test")):
         if xk in z:
             x = _npz_array(z, xk, path)
@@ -418,15 +318,36 @@ def _npz(spec: str, path: Path, split: str) -> Source:
                 raise DataError(f"{path}: '{xk}' has shape {x.shape}; expected N x H x W or N x H x W x C (C = 1 or 3)")
             if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
                 raise DataError(f"{path}: '{xk}' holds {x.dtype} values; expected numeric pixels (uint8 or float)")
-            y = _npz_labels(_npz_array(z, yk, path), yk, path) if yk in z else np.full(len(x), -1, np.int64)
+            raw = _npz_array(z, yk, path) if yk in z else None
+            if raw is not None and raw.ndim == 3:  # masks: a segmentation dataset
+                masks[name] = segdata.npz_masks(raw, yk, path, x, xk)
+                raw = None
+            y = _npz_labels(raw, yk, path) if raw is not None else np.full(len(x), -1, np.int64)
             if len(y) != len(x):
                 raise DataError(f"{path}: '{yk}' has {len(y)} labels for {len(x)} images")
             parts[name] = (x, y)
+    if masks:
+        return _npz_segmentation(spec, path, split, parts, masks)
     labelled = np.concatenate([p[1] for p in parts.values()])
     num_classes = int(labelled.max()) + 1 if (labelled >= 0).any() else 0
     if (labelled < -1).any():
         raise DataError(f"{path}: labels must be >= 0 (or -1 for unlabelled)")
     return _array_source(spec, split, parts, num_classes, sha256_file(path))
+
+
+def _npz_segmentation(spec: str, path: Path, split: str, parts: dict[str, tuple[np.ndarray, np.ndarray]],
+                      masks: dict[str, np.ndarray]) -> Source:
+    """An npz whose ``y`` (and ``y_test``) are masks; a split without its ``y`` array has masks of 255
+    (no labelled pixel); a split whose ``y`` is 1-D labels is an error (one kind of label per file)."""
+    for name, (x, y) in parts.items():
+        if name not in masks:
+            yk = "y" if name == "train" else "y_test"
+            if (y >= 0).any():
+                raise DataError(f"{path}: '{yk}' holds image labels but the other split's y holds masks "
+                                f"(N x H x W); give both as masks")
+            masks[name] = np.full(x.shape[:3], segdata.IGNORE, np.uint8)
+    num_classes = segdata.num_mask_classes(list(masks.values()))
+    return _array_source(spec, split, parts, num_classes, sha256_file(path), masks)
 
 
 def _npz_array(z, key: str, path: Path) -> np.ndarray:
@@ -439,7 +360,8 @@ def _npz_array(z, key: str, path: Path) -> np.ndarray:
 def _npz_labels(y: np.ndarray, key: str, path: Path) -> np.ndarray:
     """Integer class ids (-1 = unlabelled) as int64, or a DataError naming what is wrong."""
     if y.ndim != 1:
-        raise DataError(f"{path}: '{key}' has shape {y.shape}; expected one integer label per image")
+        raise DataError(f"{path}: '{key}' has shape {y.shape}; expected one integer label per image (N) or "
+                        f"masks of class ids (N x H x W)")
     integral = np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_
     if not integral and np.issubdtype(y.dtype, np.floating):
         integral = bool(np.isfinite(y).all() and (y == np.round(y)).all())
@@ -492,6 +414,8 @@ def _imagefolder(spec: str, root: Path, split: str) -> Source:
     class_root = root / "train" if (root / "train").is_dir() else root / names[0]
     if not class_root.is_dir():
         raise DataError(f"image folder {root} has no '{names[0]}' folder (expected ROOT/<split>/<class>/<image>)")
+    if segdata.is_mask_folder(class_root):
+        return _mask_folder(spec, root, split, names)
     classes = sorted(d.name for d in class_root.iterdir() if d.is_dir())
     if not classes:
         raise DataError(f"{class_root} has no class folders")
@@ -524,16 +448,24 @@ def _imagefolder(spec: str, root: Path, split: str) -> Source:
     if not files and not any((root / n).is_dir() for n in names):
         raise DataError(f"image folder {root} has no '{split}' split")
 
-    def load(i: int) -> np.ndarray:
-        from PIL import Image
-
-        p = files[i]
-        try:
-            with Image.open(p) as im:
-                im = im.convert("RGB")
-                return np.asarray(im, dtype=np.uint8)
-        except Exception as e:
-            raise DataError(f"unreadable image {p}: {e}") from e
-
     return Source(spec, split, np.asarray(indices, np.int64), np.asarray(labels, np.int64),
-                  len(classes), 3, h.hexdigest(), load=load, describe=lambda i: str(files[i]))
+                  len(classes), 3, h.hexdigest(), load=lambda i: _read_rgb(files[i]), describe=lambda i: str(files[i]))
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            return np.asarray(im, dtype=np.uint8)
+    except Exception as e:
+        raise DataError(f"unreadable image {path}: {e}") from e
+
+
+def _mask_folder(spec: str, root: Path, split: str, names: list[str]) -> Source:
+    """``ROOT/<split>/images/`` + ``ROOT/<split>/masks/``: a segmentation source (labels -1)."""
+    f = segdata.scan_mask_folder(root, names)
+    return Source(spec, split, f.indices, np.full(len(f.indices), -1, np.int64), f.num_classes, 3, f.fingerprint,
+                  load=lambda i: _read_rgb(f.images[i]), describe=lambda i: str(f.images[i]),
+                  load_mask=lambda i: segdata.read_mask(f.masks[i], f.images[i], f.num_classes))

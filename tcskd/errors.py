@@ -19,3 +19,8 @@ class LockedError(TcskdError):
     """Another process is writing the same cache."""
 
     exit_code = 3
+
+
+class DataError(TcskdError):
+    """A dataset spec, folder, image or mask is wrong (``tcskd.data`` raises it; defined here so that
+    ``tcskd.segdata`` can raise it too without importing ``tcskd.data``)."""

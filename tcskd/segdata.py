@@ -1,4 +1,9 @@
-"""Segmentation data: the ``builtin:mnist-seg`` composer and the checks that masks are class-id maps.
+"""Segmentation data: the ``builtin:mnist-seg`` composer, npz masks and mask folders, and their checks.
+
+A mask is an H x W map of class ids (uint8), 255 = ignore (a pixel without a label), of its image's size.
+:func:`npz_masks` checks an npz ``y`` of shape N x H x W; :func:`scan_mask_folder` and :func:`read_mask`
+read ``ROOT/<split>/images/`` + ``ROOT/<split>/masks/`` (the layout is in tcskd/data.py's docstring).
+Every problem is one :class:`DataError` line naming the file, the array or mask and the first bad row.
 
 ``builtin:mnist-seg`` (see :func:`compose_mnist_seg`) places MNIST digits on 64 x 64 greyscale canvases:
 
@@ -23,10 +28,15 @@ Everything is numpy with fixed seeds: the same arrays in every process and on ev
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+from tcskd.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +50,7 @@ MAX_DIGITS = 3
 NUM_CLASSES = 11
 IGNORE = 255
 SPLIT_SEEDS = {"train": 1, "test": 2}
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
 @dataclass(frozen=True)
@@ -169,3 +180,183 @@ def compose_mnist_seg(x: np.ndarray, y: np.ndarray, rows: np.ndarray, seed: int)
         digits[n, :len(on)] = on
         images[n, :, :, 0], masks[n] = _canvas(rng, [grey[r] for r in on], [int(y[r]) for r in on])
     return Composed(images, masks, digits)
+
+
+# -- npz masks ----------------------------------------------------------------
+
+def npz_masks(y: np.ndarray, key: str, path: Path, x: np.ndarray, xkey: str) -> np.ndarray:
+    """An npz ``y`` of shape N x H x W as uint8 masks, or a DataError naming the file, the array and the
+    first bad row: the images' H x W must match, values must be class ids in [0, 255) or 255."""
+    if len(y) != len(x):
+        raise DataError(f"{path}: '{key}' has {len(y)} masks for {len(x)} images in '{xkey}'")
+    if y.shape[1:] != x.shape[1:3]:
+        raise DataError(f"{path}: '{key}' masks are {y.shape[1]}x{y.shape[2]} px but the images of '{xkey}' "
+                        f"are {x.shape[1]}x{x.shape[2]} (row 0)")
+    integral = np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_
+    if not integral and np.issubdtype(y.dtype, np.floating):
+        integral = bool(np.isfinite(y).all() and (y == np.round(y)).all())
+    if not integral:
+        raise DataError(f"{path}: '{key}' holds non-integer mask values ({y.dtype}); expected class ids "
+                        f"(255 = ignore)")
+    bad = ((y < 0) | (y > IGNORE)).reshape(len(y), -1).any(1) if len(y) else np.zeros(0, bool)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        vals = y[row][(y[row] < 0) | (y[row] > IGNORE)]
+        raise DataError(f"{path}: '{key}' row {row} holds the value {vals.reshape(-1)[0]}, neither a class id in "
+                        f"[0, 255) nor 255 (ignore)")
+    return np.ascontiguousarray(y.astype(np.uint8))
+
+
+def num_mask_classes(masks: list[np.ndarray]) -> int:
+    """The largest class id in the masks + 1 (255 = ignore not counted); 0 when no pixel is labelled."""
+    top = -1
+    for m in masks:
+        ids = np.unique(m)
+        ids = ids[ids != IGNORE]
+        if len(ids):
+            top = max(top, int(ids[-1]))
+    return top + 1
+
+
+# -- mask folders -------------------------------------------------------------
+
+MASK_MODES = {"1", "L", "P", "I", "I;16", "I;16L", "I;16B"}
+_SIZES_OK: set[tuple] = set()  # (image, mask, their sizes and mtimes) whose headers agreed, in this process
+_CLASSES: dict[str, int] = {}   # folder fingerprint -> largest id + 1, in this process
+
+
+def is_mask_folder(split_dir: Path) -> bool:
+    """Whether a split folder holds ``images/`` and ``masks/`` (a segmentation folder) rather than classes."""
+    return (split_dir / "images").is_dir() and (split_dir / "masks").is_dir()
+
+
+@dataclass(frozen=True)
+class MaskFolder:
+    """The rows of a segmentation folder's split(s): image and mask files, sample indices, classes."""
+
+    images: list[Path]
+    masks: list[Path]
+    indices: np.ndarray
+    num_classes: int
+    fingerprint: str
+
+
+def _pairs(d: Path) -> list[tuple[str, Path, Path]]:
+    """(relative image path, image, mask) of a split folder, sorted; an image without a mask is an error."""
+    images_dir, masks_dir = d / "images", d / "masks"
+    out = []
+    for dirpath, _, fnames in os.walk(images_dir):
+        for fn in fnames:
+            if Path(fn).suffix.lower() in IMAGE_EXTS:
+                img = Path(dirpath, fn)
+                rel = img.relative_to(images_dir)
+                mask = masks_dir / rel.with_suffix(".png")
+                if not mask.is_file():
+                    raise DataError(f"image {img} has no mask {mask} (a PNG of class ids with the image's stem)")
+                out.append((str(rel), img, mask))
+    out.sort(key=lambda t: t[0])
+    return out
+
+
+def _classes_file(root: Path) -> int | None:
+    path = root / "classes.txt"
+    if not path.is_file():
+        return None
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not names:
+        raise DataError(f"{path} names no classes (expected one class name per line, background first)")
+    return len(names)
+
+
+def scan_mask_folder(root: Path, names: list[str]) -> MaskFolder:
+    """The rows of splits ``names`` of a segmentation folder (``ROOT/<split>/images`` + ``masks``); sample
+    indices count train then test. Image and mask sizes are checked from the files' headers."""
+    images: list[Path] = []
+    masks: list[Path] = []
+    indices: list[int] = []
+    all_masks: list[Path] = []
+    h = hashlib.sha256()
+    offset = 0
+    for name in ("train", "test"):
+        d = root / name
+        if not d.is_dir():
+            continue
+        if not is_mask_folder(d):
+            raise DataError(f"{d} has no images/ and masks/ folders, unlike the other split of {root}")
+        pairs = _pairs(d)
+        for j, (rel, img, mask) in enumerate(pairs):
+            h.update(f"{name}/{rel}:{img.stat().st_size}:{mask.stat().st_size}\n".encode())
+            all_masks.append(mask)
+            if name in names:
+                images.append(img)
+                masks.append(mask)
+                indices.append(offset + j)
+        offset += len(pairs)
+    if not any((root / n).is_dir() for n in names):
+        raise DataError(f"image folder {root} has no '{'/'.join(names)}' split")
+    declared = _classes_file(root)
+    h.update(f"classes:{declared}".encode())
+    fingerprint = h.hexdigest()
+    for img, mask in zip(images, masks):
+        check_sizes(img, mask)
+    if declared is None and fingerprint not in _CLASSES:
+        if len(all_masks) > 1000:
+            log.info("%s: reading %d masks for the number of classes (ROOT/classes.txt saves this)", root,
+                     len(all_masks))
+        _CLASSES[fingerprint] = num_mask_classes([read_mask(m) for m in all_masks])
+    num_classes = declared if declared is not None else _CLASSES[fingerprint]
+    return MaskFolder(images, masks, np.asarray(indices, np.int64), num_classes, fingerprint)
+
+
+def _size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:  # reads the header only
+            return im.size
+    except Exception as e:
+        raise DataError(f"unreadable image {path}: {e}") from e
+
+
+def check_sizes(image: Path, mask: Path) -> None:
+    """A DataError naming both files when the mask's width x height differs from its image's (headers only)."""
+    si, sm = image.stat(), mask.stat()
+    key = (str(image), str(mask), si.st_size, si.st_mtime_ns, sm.st_size, sm.st_mtime_ns)
+    if key in _SIZES_OK:
+        return
+    (iw, ih), (mw, mh) = _size(image), _size(mask)
+    if (iw, ih) != (mw, mh):
+        raise DataError(f"mask {mask} is {mw}x{mh} px but its image {image} is {iw}x{ih}")
+    _SIZES_OK.add(key)
+
+
+def read_mask(mask: Path, image: Path | None = None, num_classes: int | None = None) -> np.ndarray:
+    """A mask PNG as H x W uint8 class ids, checked: one channel, values in [0, num_classes) or 255, and
+    (given its image) the image's size; else a DataError naming the file(s)."""
+    from PIL import Image
+
+    try:
+        with Image.open(mask) as im:
+            if im.mode not in MASK_MODES:
+                raise DataError(f"mask {mask} is a {im.mode} image; expected one channel of class ids "
+                                f"(PNG mode L or P)")
+            arr = np.asarray(im)
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"unreadable mask {mask}: {e}") from e
+    if image is not None:
+        (iw, ih) = _size(image)
+        if arr.shape != (ih, iw):
+            raise DataError(f"mask {mask} is {arr.shape[1]}x{arr.shape[0]} px but its image {image} is {iw}x{ih}")
+    if arr.dtype != np.uint8:
+        if arr.size and (arr.min() < 0 or arr.max() > IGNORE):
+            raise DataError(f"mask {mask} holds the value {int(arr.max() if arr.max() > IGNORE else arr.min())}, "
+                            f"neither a class id nor 255 (ignore)")
+        arr = arr.astype(np.uint8)
+    if num_classes is not None:
+        bad = (arr >= num_classes) & (arr != IGNORE)
+        if bad.any():
+            raise DataError(f"mask {mask} holds class {int(arr[bad][0])}, outside the {num_classes} classes "
+                            f"(ids 0..{num_classes - 1}, 255 = ignore)")
+    return arr

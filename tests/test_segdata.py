@@ -1,5 +1,6 @@
 """Segmentation data: masks through views, builtin:mnist-seg, npz masks and mask folders (and their errors)."""
 
+import hashlib
 import subprocess
 import sys
 
@@ -87,7 +88,6 @@ def test_mnist_seg_fingerprint_is_mnist_file_and_version():
     fp = fingerprint("builtin:mnist-seg")
     assert fp == open_source("builtin:mnist-seg", "test").fingerprint
     assert fp != sha256_file(_mnist_file()) and fp != fingerprint("builtin:mnist5k")
-    import hashlib
     assert fp == hashlib.sha256(f"{sha256_file(_mnist_file())}:{segdata.MNIST_SEG_VERSION}".encode()).hexdigest()
 
 
@@ -96,7 +96,6 @@ def test_mnist_seg_is_the_same_in_another_process():
             "print(hashlib.sha256(c.images.tobytes() + c.masks.tobytes() + t.images.tobytes() + t.masks.tobytes()"
             " + c.digits.tobytes()).hexdigest())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    import hashlib
     c, t = mnist_seg_split("train"), mnist_seg_split("test")
     here = hashlib.sha256(c.images.tobytes() + c.masks.tobytes() + t.images.tobytes() + t.masks.tobytes()
                           + c.digits.tobytes()).hexdigest()
@@ -152,3 +151,177 @@ def test_digit_counts_sum_and_shape():
     for n in (1, 2, 7, 1000, 4001):
         counts = segdata.digit_counts(n, rng)
         assert counts.sum() == n and set(counts.tolist()) <= {1, 2, 3}
+
+
+# -- npz masks ----------------------------------------------------------------
+
+def _one_line_error(fn, *parts):
+    with pytest.raises(DataError) as e:
+        fn()
+    msg = str(e.value)
+    assert "\n" not in msg
+    for p in parts:
+        assert p in msg, (p, msg)
+    return msg
+
+
+def _seg_npz(tmp_path, name="seg.npz", **over):
+    rng = np.random.default_rng(0)
+    arrays = {"x": rng.integers(0, 256, (6, 8, 10, 3), dtype=np.uint8),
+              "y": rng.integers(0, 4, (6, 8, 10)).astype(np.uint8),
+              "x_test": rng.integers(0, 256, (3, 8, 10, 3), dtype=np.uint8),
+              "y_test": rng.integers(0, 6, (3, 8, 10)).astype(np.int64)}
+    arrays["y"][0, 0, :4] = 255
+    arrays.update(over)
+    arrays = {k: v for k, v in arrays.items() if v is not None}
+    path = tmp_path / name
+    np.savez(path, **arrays)
+    return path, arrays
+
+
+def test_npz_masks_make_a_segmentation_source(tmp_path):
+    path, a = _seg_npz(tmp_path)
+    tr, te, al = (open_source(f"npz:{path}", s) for s in ("train", "test", "all"))
+    assert tr.has_masks and te.has_masks and al.has_masks
+    assert tr.num_classes == te.num_classes == int(a["y_test"].max()) + 1  # both splits' ids counted
+    assert (tr.labels == -1).all() and np.array_equal(te.indices, [6, 7, 8])
+    assert np.array_equal(tr.mask(0), a["y"][0]) and tr.mask(0).dtype == np.uint8
+    assert np.array_equal(te.masks(np.array([2, 0])), a["y_test"][[2, 0]].astype(np.uint8))
+    assert np.array_equal(al.mask(7), a["y_test"][1]) and np.array_equal(al.image(7), a["x_test"][1])
+    assert tr.fingerprint == sha256_file(path)
+    # a split without its y: no labelled pixel
+    path2, _ = _seg_npz(tmp_path, "noytest.npz", y_test=None)
+    te2 = open_source(f"npz:{path2}", "test")
+    assert te2.has_masks and (te2.mask(0) == 255).all() and te2.num_classes == int(a["y"][a["y"] != 255].max()) + 1
+
+
+def test_npz_one_dimensional_labels_are_unchanged(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (5, 4, 4), dtype=np.uint8)
+    np.savez(tmp_path / "cls.npz", x=x, y=np.array([0, 2, 1, 2, 0]))
+    src = open_source(f"npz:{tmp_path / 'cls.npz'}")
+    assert not src.has_masks and src.masks is None and src.load_mask is None
+    assert src.num_classes == 3 and src.labels.tolist() == [0, 2, 1, 2, 0]
+
+
+def test_npz_mask_errors_name_file_array_and_row(tmp_path):
+    path, a = _seg_npz(tmp_path, "size.npz", y=np.zeros((6, 8, 9), np.uint8))
+    _one_line_error(lambda: open_source(f"npz:{path}"), str(path), "'y'", "8x9", "8x10", "row 0")
+    bad = a["y_test"].copy()
+    bad[2, 3, 4] = 300
+    path, _ = _seg_npz(tmp_path, "big.npz", y_test=bad)
+    _one_line_error(lambda: open_source(f"npz:{path}", "test"), str(path), "'y_test'", "row 2", "300")
+    bad = np.zeros((6, 8, 10), np.int16)
+    bad[4, 0, 0] = -1
+    path, _ = _seg_npz(tmp_path, "neg.npz", y=bad)
+    _one_line_error(lambda: open_source(f"npz:{path}"), str(path), "'y'", "row 4", "-1")
+    path, _ = _seg_npz(tmp_path, "float.npz", y=np.full((6, 8, 10), 0.5))
+    _one_line_error(lambda: open_source(f"npz:{path}"), str(path), "'y'", "non-integer")
+    path, _ = _seg_npz(tmp_path, "count.npz", y=np.zeros((5, 8, 10), np.uint8))
+    _one_line_error(lambda: open_source(f"npz:{path}"), str(path), "'y'", "5 masks for 6 images")
+    path, _ = _seg_npz(tmp_path, "two.npz", y=np.zeros((6, 8), np.uint8))
+    _one_line_error(lambda: open_source(f"npz:{path}"), str(path), "'y'", "N x H x W")
+    path, _ = _seg_npz(tmp_path, "mixed.npz", y_test=np.array([0, 1, 2]))
+    _one_line_error(lambda: open_source(f"npz:{path}"), str(path), "'y_test'", "masks")
+    # a float mask with integral values is accepted
+    path, a = _seg_npz(tmp_path, "intfloat.npz", y=np.full((6, 8, 10), 2.0))
+    assert open_source(f"npz:{path}").mask(3).tolist() == np.full((8, 10), 2).tolist()
+
+
+# -- mask folders -------------------------------------------------------------
+
+def _save(path, arr, mode=None):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = _palette(arr) if mode == "P" else Image.fromarray(arr)
+    im.save(path)
+
+
+def _palette(arr):
+    """A palette PNG whose indices are the class ids (VOC style); its colours are not the ids."""
+    from PIL import Image
+
+    im = Image.new("P", (arr.shape[1], arr.shape[0]))
+    im.putpalette([v for i in range(256) for v in (i, (7 * i) % 256, (13 * i) % 256)])
+    im.putdata(arr.reshape(-1).tolist())
+    return im
+
+
+def _seg_folder(root, n_train=3, n_test=2, size=(12, 16), classes=None, seed=0):
+    rng = np.random.default_rng(seed)
+    made = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        for k in range(n):
+            h, w = size
+            img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            mask = rng.integers(0, 5, (h, w)).astype(np.uint8)
+            mask[0, 0] = 255
+            ext = ".jpg" if k == 1 else ".png"
+            _save(root / split / "images" / f"im{k}{ext}", img)
+            _save(root / split / "masks" / f"im{k}.png", mask, mode="P" if k == 2 else None)
+            made[(split, k)] = mask
+    if classes:
+        (root / "classes.txt").write_text("\n".join(classes) + "\n")
+    return made
+
+
+def test_mask_folder_is_a_segmentation_source(tmp_path):
+    made = _seg_folder(tmp_path / "ds")
+    tr, te = open_source(f"imagefolder:{tmp_path / 'ds'}"), open_source(f"imagefolder:{tmp_path / 'ds'}", "test")
+    assert tr.has_masks and len(tr) == 3 and len(te) == 2 and np.array_equal(te.indices, [3, 4])
+    assert (tr.labels == -1).all() and tr.channels == 3
+    assert tr.num_classes == te.num_classes == 1 + max(int(m[m != 255].max()) for m in made.values())
+    for k in range(3):
+        assert np.array_equal(tr.mask(k), made[("train", k)]), k  # L and P (palette index) masks alike
+        assert tr.image(k).shape == (12, 16, 3)
+    from PIL import Image
+    assert Image.open(tmp_path / "ds" / "train" / "masks" / "im2.png").mode == "P"
+    assert np.array_equal(te.mask(1), made[("test", 1)])
+    fp = tr.fingerprint
+    (tmp_path / "ds" / "classes.txt").write_text("bg\na\nb\nc\nd\ne\nf\n")
+    tr2 = open_source(f"imagefolder:{tmp_path / 'ds'}")
+    assert tr2.num_classes == 7 and tr2.fingerprint != fp
+
+
+def test_classic_class_folders_still_classify(tmp_path):
+    for split in ("train", "test"):
+        for c in ("cat", "dog"):
+            _save(tmp_path / "cls" / split / c / "a.png", np.zeros((4, 4, 3), np.uint8))
+    src = open_source(f"imagefolder:{tmp_path / 'cls'}")
+    assert not src.has_masks and src.labels.tolist() == [0, 1] and src.num_classes == 2
+
+
+def test_mask_folder_errors_name_both_files(tmp_path):
+    root = tmp_path / "missing"
+    _seg_folder(root)
+    (root / "train" / "masks" / "im1.png").unlink()
+    _one_line_error(lambda: open_source(f"imagefolder:{root}"), str(root / "train" / "images" / "im1.jpg"),
+                    str(root / "train" / "masks" / "im1.png"), "no mask")
+
+    root = tmp_path / "size"
+    _seg_folder(root)
+    _save(root / "train" / "masks" / "im0.png", np.zeros((12, 15), np.uint8))
+    _one_line_error(lambda: open_source(f"imagefolder:{root}"), str(root / "train" / "masks" / "im0.png"),
+                    str(root / "train" / "images" / "im0.png"), "15x12", "16x12")
+
+    root = tmp_path / "later"  # a mask replaced after the source was opened: caught when loaded
+    _seg_folder(root, classes=["bg", "a", "b", "c", "d"])
+    src = open_source(f"imagefolder:{root}")
+    _save(root / "train" / "masks" / "im2.png", np.zeros((13, 16), np.uint8))
+    _one_line_error(lambda: src.mask(2), str(root / "train" / "masks" / "im2.png"),
+                    str(root / "train" / "images" / "im2.png"), "16x13")
+    _save(root / "train" / "masks" / "im2.png", np.full((12, 16), 5, np.uint8))
+    _one_line_error(lambda: src.mask(2), str(root / "train" / "masks" / "im2.png"), "class 5", "5 classes")
+    _save(root / "train" / "masks" / "im2.png", np.zeros((12, 16, 3), np.uint8))
+    _one_line_error(lambda: src.mask(2), str(root / "train" / "masks" / "im2.png"), "RGB")
+
+    root = tmp_path / "layout"
+    _seg_folder(root)
+    import shutil
+    shutil.rmtree(root / "test" / "masks")
+    _one_line_error(lambda: open_source(f"imagefolder:{root}", "test"), str(root / "test"), "masks/")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "classes.txt").write_text("\n")
+    _seg_folder(tmp_path / "empty")
+    _one_line_error(lambda: open_source(f"imagefolder:{tmp_path / 'empty'}"), "classes.txt", "no classes")
