@@ -124,15 +124,15 @@ def make_script_teacher(path: Path, size: int = 16, dim: int = 16, channels: int
 
 def make_seg_npz(path: Path, n_train: int = 96, n_test: int = 32, size: int = 16, classes: int = 4,
                  seed: int = 0) -> Path:
-    """A segmentation npz: grey images of textured rectangles on a flat background, ``y`` N x H x W uint8
-    (0 = background, class c >= 1 = the texture of its rectangle: c-dependent stripes), ``x_test``/``y_test``."""
+    """A segmentation npz: grey images of textured rectangles on a flat dark background, ``y`` N x H x W uint8
+    (0 = background, class c >= 1 = the texture of its rectangle: stripes across, stripes down, checks, ... of
+    the same mean grey), ``x_test``/``y_test``."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size]
-    textures = [np.full((size, size), 40.0)]
-    for c in range(1, classes):
-        period = 2 + (c - 1) % 3
-        along = yy if c % 2 else xx
-        textures.append(np.where((along // (period // 2 + 1)) % 2 == 0, 230.0, 120.0 + 10 * c))
+    # Every texture has the same mean grey: stripes across, stripes down, a checkerboard, ... (2 px bands)
+    patterns = [(yy // 2) % 2, (xx // 2) % 2, (yy // 2 + xx // 2) % 2, ((yy + xx) // 2) % 2, ((yy - xx) // 2) % 2]
+    textures = [np.full((size, size), 40.0)] + [np.where(patterns[(c - 1) % 5] == 0, 220.0, 120.0)
+                                                for c in range(1, classes)]
 
     def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
         x = np.empty((n, size, size), np.uint8)

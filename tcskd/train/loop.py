@@ -30,13 +30,11 @@ import dataclasses
 import json
 import logging
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -53,12 +51,13 @@ from tcskd.train.evaluate import embed, final_scores, segment_scores, top1
 from tcskd.train.head import TCSHead
 from tcskd.train.inputs import RunInputs, load_run_inputs, online_teacher
 from tcskd.train.logger import MetricsLogger, NullLogger, open_logger
+from tcskd.train.model import build_models, importance_rows, parallel_model
 from tcskd.train.losses import LossParts, align_to_grid, elsh_bias, tcs_loss
 from tcskd.train.plots import plot_curves
 from tcskd.train.rundir import (CONFIG, CURVES, FINAL, METRICS, SPLIT, append_metrics, read_metrics,
                                 shared_run_dir, write_json, write_text_atomic)
 from tcskd.train.selection import SelectionSchedule, apply_selection, step_importance
-from tcskd.train.students import Student, count_parameters, make_student
+from tcskd.train.students import Student, count_parameters
 from tcskd.train.targets import TorchProjection
 from tcskd.views import center_view
 
@@ -149,42 +148,6 @@ class Run:
     """The live teacher of ``--method online``."""
     state: LoopState = field(default_factory=LoopState)
     logger: MetricsLogger = field(default_factory=NullLogger)  # mirrors metrics.jsonl (--log, rank 0)
-
-
-class StudentWithHead(torch.nn.Module):
-    """Student and TCS head as one module, so that DistributedDataParallel syncs both."""
-
-    def __init__(self, student: Student, head: TCSHead) -> None:
-        super().__init__()
-        self.student, self.head = student, head
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
-        """(f, logits, c_hat, d_hat): the pooled feature (None when the head does not read it), logits (B x C, or
-        B x C x H x W for segmentation), the global and the dense (B x K x h x w) predicted coordinates."""
-        head = self.head
-        f = self.student(x) if head.needs_feature else None
-        fmap = self.student.feature_map(x) if head.needs_map else None
-        if head.task == "segment":
-            logits, c_hat = head.segment(fmap, tuple(x.shape[-2:])), head.project(f)
-        else:
-            logits, c_hat = head(f, mask)
-        return f, logits, c_hat, head.project_map(fmap) if head.dense else None
-
-
-def build_models(cfg: TrainConfig, prep: RunInputs) -> tuple[Student, TCSHead]:
-    """The student and its TCS head, initialised from ``cfg.seed`` (torch, numpy and python seeded first)."""
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed % (2 ** 32))
-    random.seed(cfg.seed)
-    if cfg.student_stage is None:
-        student = make_student(cfg.student, prep.num_classes, prep.channels)
-    else:
-        student = make_student(cfg.student, prep.num_classes, prep.channels, stage=cfg.student_stage)
-    if not (prep.dense or cfg.task == "segment"):
-        return student, TCSHead(student.feature_dim, prep.num_classes, prep.k, cfg.classify_from)
-    return student, TCSHead(student.feature_dim, prep.num_classes, prep.k, cfg.classify_from,
-                            map_channels=student.map_channels, dense=prep.dense, global_=prep.global_,
-                            task=cfg.task)
 
 
 def saved_checkpoint(cfg: TrainConfig, prep: RunInputs, out: Path) -> dict[str, Any] | None:
@@ -306,27 +269,10 @@ class EpochStats:
     first_batch_s: float | None
 
 
-def parallel_model(run: Run) -> torch.nn.Module:
-    """Student and head as one module; under torchrun, DistributedDataParallel (with SyncBatchNorm when asked)."""
-    model: torch.nn.Module = StudentWithHead(run.student, run.head)
-    if dist.world() > 1:
-        # Each rank accumulates its own importance (summed over ranks before a selection step): DDP must
-        # not overwrite it with rank 0's buffer at every forward.
-        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-            model, ["head.importance"])
-        if run.cfg.sync_bn:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        # A dense or segmentation head reads a feature map: the student's layers after it may go unused.
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[run.device.index] if run.device.type == "cuda" else None,
-            find_unused_parameters=run.head.needs_map)
-    return model
-
-
 def epoch_loop(run: Run) -> EpochLoop:
     """The :class:`EpochLoop` of ``run``, from its current epoch on."""
     cfg, prep = run.cfg, run.prep
-    model = parallel_model(run)
+    model = parallel_model(run.student, run.head, run.device, cfg.sync_bn, prep.image_size)
     plan = batch_plan(len(prep.train_set), cfg.batch_size, dist.world())
     schedule = SelectionSchedule(prep.k or 0, cfg.epochs, cfg.select_every, cfg.drop_frac, cfg.min_dim)
     project = TorchProjection(prep.basis, run.device, prep.target_scale) if run.teacher is not None else None
@@ -396,27 +342,11 @@ def train_step(run: Run, loop: EpochLoop, batch: Batch, lr: float) -> LossParts:
             # Per rank, a share of the step's importance: summed over ranks it is one process's
             # (grad is the gradient DDP already averaged, the same on every rank).
             share = 1 if cfg.select_by == "grad" else dist.world()
-            pred, target = _importance_rows(c_hat, c if head.global_ else None, dense)
+            pred, target = importance_rows(c_hat, c if head.global_ else None, dense)
             head.importance += step_importance(cfg.select_by, head.gate.grad, mask.grad, pred, target) / share
         head.gate.grad = None
     run.optimizer.step()
     return parts
-
-
-def _importance_rows(c_hat: torch.Tensor | None, c: torch.Tensor | None, dense: dict[str, Any]
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(predictions, targets) as rows x K for the error criteria: the global rows and the valid dense locations."""
-    preds, targets = ([c_hat.float()], [c.float()]) if c_hat is not None and c is not None else ([], [])
-    if dense:
-        d_al, d, valid = dense["d_hat"], dense["d"], dense["valid"]
-        k = d_al.shape[1]
-        rows, tgt = d_al.permute(0, 2, 3, 1).reshape(-1, k), d.reshape(-1, k)
-        if valid is not None:
-            keep = valid.reshape(-1) > 0
-            rows, tgt = rows[keep], tgt[keep]
-        preds.append(rows)
-        targets.append(tgt)
-    return torch.cat(preds), torch.cat(targets)
 
 
 def train_epoch(run: Run, loop: EpochLoop, epoch: int) -> EpochStats:
