@@ -259,6 +259,14 @@ class ViewImages(Dataset):
         """The view's masks at the student's size, B x S x S uint8 (all 255 for rows not in ``mask_rows``)."""
         out = torch.full((len(idx), self.size, self.size), 255, dtype=torch.uint8)
         keep = np.flatnonzero(self.mask_rows[idx])
+        if not len(keep):
+            return out
+        many = self.source.masks(self.rows[idx[keep]]) if self.source.masks is not None else None
+        box = self._shared_box(idx[keep], views[keep], *many.shape[1:3]) if many is not None else None
+        if box is not None and many.ndim == 3:  # one shape, one box: the whole batch at once
+            out[torch.from_numpy(keep)] = apply_mask_view(torch.from_numpy(np.ascontiguousarray(many, np.uint8)),
+                                                          box, self.size)
+            return out
         for j in keep:
             i, view = int(idx[j]), int(views[j])
             m = np.asarray(self.source.mask(int(self.rows[i])), np.uint8)
