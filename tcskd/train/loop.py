@@ -6,7 +6,7 @@ build (:func:`build_models`, :func:`build_run`: student, head, optimizer) ->
 restore (:func:`restore`, when resuming) -> for each epoch (:func:`run_epochs`):
 :func:`train_epoch`, :func:`evaluate_epoch`, :func:`select_coordinates` (tailoring),
 :func:`save_epoch` -> :func:`finish` (the final scores, ``final.json``).
-Learning-rate schedules (cosine, step, multistep) are pure functions of the step (:func:`lr_at`).
+Learning-rate schedules (cosine, step, multistep) are pure functions of the step (tcskd.train.schedule.lr_at).
 
 Every task and target kind goes through the same :func:`train_step` and :func:`train_epoch`: a dense run adds
 the dense mimic term (the predicted coordinate maps aligned to the teacher's grid, tcskd.train.losses), a
@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +55,8 @@ from tcskd.train.losses import LossParts, align_to_grid, elsh_bias, tcs_loss
 from tcskd.train.plots import plot_curves
 from tcskd.train.rundir import (CONFIG, CURVES, FINAL, METRICS, SPLIT, append_metrics, read_metrics,
                                 shared_run_dir, write_json, write_text_atomic)
-from tcskd.train.selection import SelectionSchedule, apply_selection, step_importance
+from tcskd.train.schedule import lr_at
+from tcskd.train.selection import SelectionSchedule, apply_selection, gather_importance, step_importance
 from tcskd.train.students import Student, count_parameters
 from tcskd.train.targets import TorchProjection
 from tcskd.views import center_view
@@ -408,7 +408,7 @@ def select_coordinates(run: Run, loop: EpochLoop, epoch: int) -> None:
     """Tailoring after ``epoch``: the importance summed over ranks, the schedule's coordinates dropped, the
     eLSH bias fitted again to the coordinates still active."""
     world, rank = dist.world(), dist.rank()
-    _gather_importance(run.head, run.cfg.select_by, world, rank, everywhere=loop.schedule.selects_after(epoch))
+    gather_importance(run.head, run.cfg.select_by, world, rank, everywhere=loop.schedule.selects_after(epoch))
     if apply_selection(run.head, loop.schedule, epoch) and loop.elsh is not None:
         loop.elsh = _elsh_for_mask(run.prep, run.head, run.device)  # the hash of the coordinates still active
 
@@ -436,19 +436,6 @@ def save_epoch(run: Run, stats: EpochStats, val: dict[str, float | None], t_epoc
     log.info("epoch %d/%d: loss %.4f (ce %.4f, mimic %.4f, elsh %.4f, dense %.4f), active %s, val %s %s, "
              "%.0f img/s", state.epoch, cfg.epochs, *stats.means, stats.active, what,
              "-" if score is None else f"{score:.4f}", stats.images / stats.seconds)
-
-
-def _gather_importance(head: TCSHead, select_by: str, world: int, rank: int, everywhere: bool) -> None:
-    """Under torchrun, after every epoch: rank 0's importance becomes the sum over all ranks and the
-    others start again from 0, so rank 0's checkpoint holds what every rank accumulated (a run resumed
-    with any number of processes goes on from the same total); before a selection step (``everywhere``)
-    every rank keeps the sum, so all drop the same coordinates. ``grad`` needs nothing: DDP averages the
-    gate's gradient, so every rank accumulates the same values."""
-    if world == 1 or not head.k or select_by == "grad":
-        return
-    dist.all_reduce_sum(head.importance)
-    if rank != 0 and not everywhere:
-        head.importance.zero_()
 
 
 def _elsh_for_mask(prep: RunInputs, head: TCSHead, device: torch.device
@@ -494,33 +481,10 @@ def finish(run: Run, t_start: float) -> TrainResult:
     write_json(out / FINAL, final)
     run.logger.log_final(final, state.epoch)
     run.logger.close()
-    if cfg.task == "segment":
-        log.info("finished: val mIoU %s, test mIoU %s, %.1f s of training; %s", final.get("val_miou"),
-                 final.get("test_miou"), state.train_seconds, out)
-    else:
-        log.info("finished: val top-1 %s, test top-1 %s, kNN top-1 %s, %.1f s of training; %s",
-                 final["val_top1"], final["test_top1"], final["knn_top1"], state.train_seconds, out)
+    shown = ("val_miou", "test_miou") if cfg.task == "segment" else ("val_top1", "test_top1", "knn_top1")
+    log.info("finished: %s, %.1f s of training; %s", ", ".join(f"{k} {final.get(k)}" for k in shown),
+             state.train_seconds, out)
     return final
-
-
-# -- schedules (pure) -----------------------------------------------------------
-
-def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, schedule: str = "cosine",
-          milestones: tuple[int, ...] = (), gamma: float = 0.1) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine to 0, steps (x0.1 at
-    50% and 75% of ``total_steps``) or multistep (x ``gamma`` for each of ``milestones``, given in steps,
-    that ``step`` has reached)."""
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    if schedule == "cosine":
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    if schedule == "step":
-        passed = sum(step >= int(f * total_steps) for f in (0.5, 0.75))
-        return base_lr * 0.1 ** passed
-    if schedule == "multistep":
-        return base_lr * gamma ** sum(step >= m for m in milestones)
-    raise ValueError(f"unknown schedule '{schedule}'")
 
 
 def _eval_batch(cfg: TrainConfig) -> int:
