@@ -309,7 +309,8 @@ def markdown_table(runs: list[dict[str, Any]], teacher_eval: list[dict[str, Any]
     order = ["labels_per_class", "method", "basis_kind", "dim"] + names[4:]
     tasks = _tasks(runs)
     scores = [c for t in tasks for c in SCORE_COLUMNS[t]]
-    head = [HEADERS[n] for n in order] + [h for h, _ in scores] + ["train img/s", "peak mem (MB)", "n"]
+    headers = dict(HEADERS, labels_per_class="labelled images") if tasks == ["segment"] else HEADERS
+    head = [headers[n] for n in order] + [h for h, _ in scores] + ["train img/s", "peak mem (MB)", "n"]
     align = ["---"] * len(order) + ["---:"] * (len(scores) + 3)
     lines = []
     if teacher_eval:
