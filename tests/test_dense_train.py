@@ -227,3 +227,18 @@ def test_dense_mimic_on_a_global_cache_is_refused_in_one_line(data, tmp_path):
         train(TrainConfig(cache=str(dense), out=str(tmp_path / "r3"), epochs=1, device="cpu", method="online"))
     with pytest.raises(TcskdError, match="--task segment: npz:.* has no masks"):
         train(TrainConfig(cache=str(dense), out=str(tmp_path / "r4"), epochs=1, device="cpu", task="segment"))
+
+
+def test_the_pooled_feature_comes_from_the_map_only_when_forward_is_its_pool():
+    from tcskd.train.model import StudentWithHead, pools_its_map
+    from tcskd.train.students import make_student
+
+    torch.manual_seed(0)
+    last, early = make_student("cnn", 4, 1), make_student("cnn", 4, 1, 2)
+    assert pools_its_map(last, 16) and not pools_its_map(early, 16)
+    head = TCSHead(last.feature_dim, 4, 5, map_channels=last.map_channels, dense=True)
+    x = torch.rand(3, 1, 16, 16)
+    last.eval()
+    f, logits, c_hat, d_hat = StudentWithHead(last, head, pool_map=True).eval()(x)
+    assert torch.allclose(f, last(x), atol=1e-5) and d_hat.shape == (3, 5, 4, 4) and c_hat.shape == (3, 5)
+    assert torch.allclose(logits, head(last(x))[0], atol=1e-5)

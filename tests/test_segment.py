@@ -177,3 +177,19 @@ def test_a_dense_segment_run_resumed_equals_an_uninterrupted_one(seg, tmp_path):
         for k in a[piece]:
             assert torch.equal(a[piece][k], b[piece][k]), (piece, k)
     assert a["head"]["mask"].sum() < 8  # tailoring worked on the dense coordinates
+
+
+def test_student_stage_chooses_the_map_the_dense_head_reads(tmp_path):
+    # cnn stage 2: 64 channels at stride 2 (8 x 8 at 16 px), averaged over each 4 x 4-pixel teacher cell
+    npz = make_npz(tmp_path / "d.npz", n_train=24, n_test=8, size=16)
+    cache = make_dense_cache(tmp_path, npz, grid=(4, 4), k=6, name="stage")
+    res = train(TrainConfig(cache=str(cache), student="cnn", student_stage=2, epochs=1, batch_size=8, device="cpu",
+                            workers=0, out=str(tmp_path / "run"), tailor="off"))
+    ck = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)
+    assert ck["head"]["dense_projector.weight"].shape == (6, 64, 1, 1) and ck["meta"]["student_stage"] == 2
+    assert res["mimic_on"] == "dense" and "projector.weight" not in ck["head"]
+    student, head, _ = load_run(tmp_path / "run")
+    assert student.stage == 2 and head(student(torch.rand(2, 1, 16, 16)))[0].shape == (2, 4)
+    with pytest.raises(TcskdError, match="stage"):
+        train(TrainConfig(cache=str(cache), student="cnn", student_stage=9, epochs=1, device="cpu",
+                          out=str(tmp_path / "bad")))
