@@ -217,8 +217,14 @@ def read_view0(cache: Cache, desc: str = "features") -> tuple[np.ndarray, np.nda
     """(features of view 0 as float32 N' x D, labels N', sample_index N') of the rows with ``row_ok``.
 
     Reads the cache chunk by chunk (its ``chunk_rows``), so memory holds only
-    the result and one chunk.
+    the result and one chunk. A patch cache of raw tokens gives each view's mean
+    token (the teacher's mean-pooled embedding); a cache of token coordinates
+    (``coords_of``) is refused: its coordinates are in a basis of its own.
     """
+    if cache.manifest.coords_of:
+        raise StoreError(f"cache {cache.path} holds token coordinates in its own basis "
+                         f"('{cache.manifest.coords_of}'): the teacher's kNN needs raw features (a global cache, "
+                         f"or a patch cache built without --dim)")
     n, d = cache.n, cache.dim
     ok = cache.row_ok()
     labels = cache.labels()
@@ -233,6 +239,8 @@ def read_view0(cache: Cache, desc: str = "features") -> tuple[np.ndarray, np.nda
         if not chunk.ok.any():
             continue
         block = chunk.x.astype(np.float32)[chunk.ok]
+        if block.ndim == 3:  # rows x T x D tokens: their mean
+            block = block.mean(1)
         if not np.isfinite(block).all():
             raise StoreError(f"cache {cache.path}: features rows {chunk.start}..{chunk.stop - 1} hold NaN/Inf "
                              f"values; the cache is damaged: rebuild it")
