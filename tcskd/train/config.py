@@ -75,9 +75,10 @@ class TrainConfig:
                                     help="The student stage whose feature map the dense head and the pixel "
                                          "classifier read (default: the last).")
     """The stage of the student whose output is ``Student.feature_map`` (tcskd.train.students); None = the last."""
-    student: str = opt("cnn", help="cnn, resnet8x4, resnet20, resnet32x4, resnet56, wrn-16-2, wrn-40-2, mobilenetv2, "
-                                   "shufflenetv2, vgg8, tv:NAME or python:MODULE:FACTORY.")
-    """Student network (tcskd.train.students): cnn, resnet8x4, ..., tv:NAME, python:MODULE:FACTORY."""
+    student: str = opt("cnn", help="cnn, segnet, resnet8x4, resnet20, resnet32x4, resnet56, wrn-16-2, wrn-40-2, "
+                                   "mobilenetv2, shufflenetv2, vgg8, tv:NAME or python:MODULE:FACTORY.")
+    """Student network (tcskd.train.students): cnn, segnet (an encoder-decoder for segmentation), resnet8x4, ...,
+    tv:NAME, python:MODULE:FACTORY."""
     method: str = opt("tcs", choices=METHODS)
     """tcs (basis coordinates), fitnet (identity basis / raw features), ce (no distillation), online (live teacher)."""
     dim: int | None = opt(None, help="K: first K coordinates of the basis (default: 64, or all when the basis has "
