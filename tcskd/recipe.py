@@ -51,6 +51,7 @@ from tcskd.subspace.config import BasisConfig
 from tcskd.subspace.fit import fit_basis
 from tcskd.train.config import RESUME_FREE, EvalConfig, TrainConfig, resolve_config
 from tcskd.train.evaluate import evaluate_teacher
+from tcskd.train.inputs import mimic_for_cache
 from tcskd.train.loop import train
 from tcskd.train.report import load_runs, load_teacher_eval, markdown_table, plot_runs
 from tcskd.train.rundir import CONFIG, FINAL
@@ -150,7 +151,7 @@ def _refuse_if_changed(cfg: TrainConfig, out: Path) -> None:
     """A finished run is reused only when it was trained with the recipe's options on this cache; otherwise
     a TcskdError names what differs (the finished run is kept: remove it, or give the recipe another out)."""
     saved = load_yaml(out / CONFIG) or {}
-    now = dataclasses.asdict(resolve_config(cfg))
+    now = dataclasses.asdict(resolve_config(mimic_for_cache(cfg)))
     diff = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now
             if k not in RESUME_FREE and k in saved and _plain(saved[k]) != _plain(now[k])]
     key = (saved.get("resolved") or {}).get("cache_key")

@@ -242,3 +242,24 @@ def test_the_pooled_feature_comes_from_the_map_only_when_forward_is_its_pool():
     f, logits, c_hat, d_hat = StudentWithHead(last, head, pool_map=True).eval()(x)
     assert torch.allclose(f, last(x), atol=1e-5) and d_hat.shape == (3, 5, 4, 4) and c_hat.shape == (3, 5)
     assert torch.allclose(logits, head(last(x))[0], atol=1e-5)
+
+
+def test_auto_on_a_patch_cache_is_dense_before_the_presets_apply(data, tmp_path):
+    import yaml
+
+    from tcskd.train.inputs import mimic_for_cache
+    from tcskd.train.loop import train
+
+    root, npz = data
+    cache = make_dense_cache(root, npz, grid=(4, 4), k=6, name="auto")
+    assert mimic_for_cache(TrainConfig(cache=str(cache))).mimic_on == "dense"
+    assert mimic_for_cache(TrainConfig(cache=str(cache), method="ce")).mimic_on == "auto"
+    assert mimic_for_cache(TrainConfig(cache=str(make_train_cache(root, npz, name="g")))).mimic_on == "auto"
+    assert mimic_for_cache(TrainConfig(cache=str(tmp_path / "nothing"))).mimic_on == "auto"  # refused later
+    res = train(TrainConfig(cache=str(cache), epochs=1, batch_size=8, device="cpu", out=str(tmp_path / "run")))
+    assert res["mimic_on"] == "dense" and res["tailoring"] == "off" and res["dim"] == 6
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["mimic_on"] == "dense" and saved["select_every"] == 0
+    again = train(TrainConfig(cache=str(cache), epochs=1, batch_size=8, device="cpu", out=str(tmp_path / "run"),
+                              resume=True))  # resumes (finished): the saved dense equals auto made dense
+    assert again["val_top1"] == res["val_top1"]

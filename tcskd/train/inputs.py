@@ -17,6 +17,7 @@ with ``--task segment`` every dataset carries masks, CE sees the masks of ``--la
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -29,10 +30,11 @@ from tcskd.data import Source, has_split, open_source
 from tcskd.device import resolve_device
 from tcskd.errors import StoreError, TcskdError
 from tcskd.splits import Holdout, labelled_images, labelled_mask, rows_digest
-from tcskd.store.backends import Store
+from tcskd.store.backends import Store, open_store
 from tcskd.store.bases import Basis
 from tcskd.store.handle import open_cache
 from tcskd.store.manifest import Manifest
+from tcskd.store.registry import resolve_cache
 from tcskd.train.data import ViewImages, resolve_augment
 from tcskd.train.losses import elsh_bias, elsh_planes, elsh_sample
 from tcskd.train.config import TrainConfig, default_dim
@@ -88,6 +90,21 @@ class RunInputs:
     def global_(self) -> bool:
         """Whether the run mimics one global target per image."""
         return self.mimic_on in ("global", "both")
+
+
+def mimic_for_cache(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with ``--mimic-on auto`` made ``dense`` when its cache holds patch tokens (read from the manifest
+    only), before the options are resolved: the tailoring presets (``--tailor auto``) and the saved config then
+    know the run is dense. Global caches, ce, and a cache that cannot be opened (refused later, by the
+    loading) leave ``cfg`` as it is."""
+    if cfg.mimic_on != "auto" or cfg.cache is None or cfg.method == "ce":
+        return cfg
+    try:
+        with open_store(resolve_cache(cfg.cache, cfg.cache_root)) as store:
+            dense = Manifest.read(store).dense
+    except (TcskdError, OSError):
+        return cfg
+    return dataclasses.replace(cfg, mimic_on="dense") if dense else cfg
 
 
 def resolve_mimic(cfg: TrainConfig, manifest: Manifest, cache_path: Any) -> str | None:

@@ -48,7 +48,7 @@ from tcskd.train.checkpoint import (CHECKPOINT, CHECKPOINT_FORMAT, check_resume,
 from tcskd.train.data import AUGMENT_RNG, Batch, BatchPlan, batch_plan, resolve_workers, train_loader
 from tcskd.train.evaluate import embed, final_scores, segment_scores, top1
 from tcskd.train.head import TCSHead
-from tcskd.train.inputs import RunInputs, load_run_inputs, online_teacher
+from tcskd.train.inputs import RunInputs, load_run_inputs, mimic_for_cache, online_teacher
 from tcskd.train.logger import MetricsLogger, NullLogger, open_logger
 from tcskd.train.model import build_models, importance_rows, parallel_model
 from tcskd.train.losses import LossParts, align_to_grid, elsh_bias, tcs_loss
@@ -71,7 +71,7 @@ def train(cfg: TrainConfig) -> TrainResult | StoppedRun:
     """Stage 3: train ``cfg.student`` on ``cfg.cache``; returns the content of ``final.json``
     (:data:`tcskd.results.TrainResult`), or a :class:`~tcskd.results.StoppedRun` after ``stop_after`` epochs."""
     t_start = time.perf_counter()
-    cfg = resolve_config(cfg)
+    cfg = resolve_config(mimic_for_cache(cfg))  # auto on a patch cache: dense, before the presets apply
     device = setup_device(cfg)
     prep = load_run_inputs(cfg)                                            # prepare
     teacher = online_teacher(prep) if cfg.method == "online" else None
