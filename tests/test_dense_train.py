@@ -221,7 +221,7 @@ def test_dense_mimic_on_a_global_cache_is_refused_in_one_line(data, tmp_path):
             train(TrainConfig(cache=str(cache), out=str(tmp_path / "r"), epochs=1, device="cpu", **kw))
         assert "\n" not in str(e.value)
     dense = make_dense_cache(root, npz, name="dense-elsh")
-    with pytest.raises(TcskdError, match="does not work with dense targets"):
+    with pytest.raises(TcskdError, match="--elsh-bits hashes global targets; it does not work with --mimic-on dense"):
         train(TrainConfig(cache=str(dense), out=str(tmp_path / "r2"), epochs=1, device="cpu", elsh_bits=8))
     with pytest.raises(TcskdError, match="--method online computes global targets only"):
         train(TrainConfig(cache=str(dense), out=str(tmp_path / "r3"), epochs=1, device="cpu", method="online"))
