@@ -32,16 +32,15 @@ Names, with their stages as ``stage: channels /stride`` (``*`` = the default, la
   models have one stage: the 4-D activation their global average pool reads, found by tracing the model
   with torchvision.models.feature_extraction (the ``features`` output of MobileNet, EfficientNet, ConvNeXt,
   VGG, ...; after DenseNet's final ReLU; after Swin's permute to channels-first); channels and stride are
-  measured once, on a 128 px input (stride rounded to a power of two). Models with no such map (ViTs:
+  measured once, on a 128 px input (224 px if that fails; stride rounded to a power of two). Models with no such map (ViTs:
   their pool is the class token) build as before but fail with one line when a dense map is asked for.
   ``forward`` is the pool of the map where nothing but the classifier follows the pool (ResNets,
-  EfficientNet, MobileNetV2, DenseNet, RegNet, MnasNet, ShuffleNetV2, GoogLeNet, ...), not where an MLP or
-  a norm does (VGG, AlexNet, MobileNetV3, ConvNeXt). The trace is made at 224 px: Swin's map fails (one line)
-  at other sizes.
+  EfficientNet, MobileNetV2, DenseNet, RegNet, MnasNet, ShuffleNetV2, GoogLeNet, Swin, ...), not where an
+  MLP or a norm does (VGG, AlexNet, MobileNetV3, ConvNeXt, MaxViT).
 - ``python:MODULE:FACTORY``: ``FACTORY(num_classes, in_channels)`` returns a module with an integer
   ``feature_dim`` whose forward returns the features (B x feature_dim), or a tuple whose first element is
   the features. For dense use it also has ``feature_map(x)`` (normalised images -> B x C x h x w) and an
-  integer ``map_channels`` (optionally ``map_stride``, else measured on a 128 px input); one stage.
+  integer ``map_channels`` (optionally ``map_stride``, else measured as for ``tv:``); one stage.
 """
 
 from __future__ import annotations
@@ -49,6 +48,7 @@ from __future__ import annotations
 import importlib
 import logging
 import math
+import numbers
 import re
 from typing import Callable
 
@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 
 INPUT_MEAN = 0.5
 INPUT_STD = 0.25
-PROBE_SIZE = 128  # px of the input that measures a traced map's channels and stride
+PROBE_SIZES = (128, 224)  # px of the inputs that measure a traced map's channels and stride
 
 __all__ = ["CIFAR_KD_STUDENTS", "STUDENTS", "Student", "StudentError", "VGG8", "build_student",
            "count_parameters", "make_student", "small_cnn"]
@@ -106,7 +106,11 @@ class _StagedMaps(_Maps):
 
 
 class Student(nn.Module):
-    """Input normalisation + a backbone returning B x ``feature_dim`` features, and its stage maps."""
+    """Input normalisation + a backbone returning B x ``feature_dim`` features, and its stage maps.
+
+    ``stage`` (1..``num_stages``) chooses the map ``feature_map`` gives; ``map_channels`` and ``map_stride``
+    describe it. How the backbone gives its maps (``maps``) is a plain object, outside the state dict, so
+    the parameter names are the backbone's alone, whatever the stage."""
 
     def __init__(self, backbone: nn.Module, feature_dim: int, in_channels: int, name: str,
                  expand_to: int | None = None, stage: int | None = None, maps: _Maps | None = None) -> None:
@@ -148,32 +152,38 @@ class Student(nn.Module):
         return s if s is not None else self._probe()[1]
 
     def _probe(self) -> tuple[int, int]:
-        """(channels, stride) of the map, measured once on a PROBE_SIZE px grey image in eval mode."""
+        """(channels, stride) of the map, measured once on a grey image in eval mode: PROBE_SIZES px, the
+        first that the model takes (MaxViT's windows want 224)."""
         if self._probed is None:
             modes = [(m, m.training) for m in self.modules()]
             p = next(self.parameters(), None)
-            x = torch.full((1, self.in_channels, PROBE_SIZE, PROBE_SIZE), 0.5,
-                           device=p.device if p is not None else None)
             self.eval()
             try:
-                with torch.no_grad():
-                    m = self.feature_map(x)
+                for i, size in enumerate(PROBE_SIZES):
+                    x = torch.full((1, self.in_channels, size, size), 0.5, device=p.device if p is not None else None)
+                    try:
+                        with torch.no_grad():
+                            m = self.feature_map(x)
+                        break
+                    except StudentError:
+                        if i == len(PROBE_SIZES) - 1:
+                            raise
             finally:
                 for mod, mode in modes:
                     mod.training = mode
             if m.dim() != 4:
                 raise StudentError(f"student '{self.name}': feature_map gives a {m.dim()}-D tensor, not B x C x h x w")
-            self._probed = (int(m.shape[1]), 2 ** round(math.log2(PROBE_SIZE / m.shape[-1])))
+            self._probed = (int(m.shape[1]), 2 ** round(math.log2(size / m.shape[-1])))
         return self._probed
 
 
 def _check_stage(name: str, stage: int | None, n: int) -> int:
     if stage is None:
         return n
-    if isinstance(stage, bool) or not isinstance(stage, int) or not 1 <= stage <= n:
-        valid = "1" if n == 1 else f"1..{n}"
-        raise StudentError(f"student '{name}' has stage {valid} (the last is the default); got stage {stage!r}")
-    return stage
+    if isinstance(stage, bool) or not isinstance(stage, numbers.Integral) or not 1 <= stage <= n:
+        valid = "only stage 1" if n == 1 else f"stages 1..{n}"
+        raise StudentError(f"student '{name}' has {valid} (default: the last); got stage {stage!r}")
+    return int(stage)
 
 
 # -- the registry ----------------------------------------------------------------
@@ -255,16 +265,29 @@ class _TVResNetMaps(_Maps):
 _POOL_NODE = re.compile(r"(avgpool|adaptive_avg_pool2d|mean)(_[0-9]+)?")
 
 
+def _is_pool(net: nn.Module, node: str) -> bool:
+    """Whether the fx node ``node`` of ``net`` is an average pool (a module, or a functional call by its name)."""
+    if _POOL_NODE.fullmatch(node.rsplit(".", 1)[-1]):
+        return True
+    try:
+        return isinstance(net.get_submodule(node), (nn.AdaptiveAvgPool2d, nn.AvgPool2d))
+    except AttributeError:
+        return False
+
+
 class _TracedMaps(_Maps):
-    """Other torchvision models: the activation that their first global-pool node reads (traced once)."""
+    """Other torchvision models: the activation that their last global-pool node reads (traced once)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self._extractor: nn.Module | None = None
         self._node: str | None = None
+        self._device: torch.device | None = None
 
     def _trace(self, backbone: nn.Module) -> nn.Module:
-        if self._extractor is None:
+        device = next(backbone.parameters()).device
+        if self._extractor is None or device != self._device:  # traced tensors (get_attr) do not follow .to()
+            self._device = device
             from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
             try:
@@ -272,7 +295,7 @@ class _TracedMaps(_Maps):
             except Exception as e:
                 raise StudentError(f"student '{self.name}' has no dense feature map: torch.fx cannot trace it "
                                    f"({type(e).__name__})") from e
-            pools = [i for i, n in enumerate(nodes) if i > 0 and _POOL_NODE.fullmatch(n.rsplit(".", 1)[-1])]
+            pools = [i for i, n in enumerate(nodes) if i > 0 and _is_pool(backbone, n)]
             if not pools:
                 raise StudentError(f"student '{self.name}' has no dense feature map (no global average pool of a "
                                    f"4-D activation; ViTs pool a class token)")
@@ -282,13 +305,16 @@ class _TracedMaps(_Maps):
 
     def forward_map(self, backbone: nn.Module, x: torch.Tensor, stage: int) -> torch.Tensor:
         ext = self._trace(backbone)
-        if ext.training != backbone.training:
+        if ext.training != backbone.training:  # swap its train/eval graph, leaving the modules' own modes be
+            modes = [(m, m.training) for m in backbone.modules()]
             ext.train(backbone.training)
+            for m, mode in modes:
+                m.training = mode
         try:
-            out = ext(x)["map"]
+            out = ext.forward(x)["map"]  # not ext(x): fx's __call__ prints a traceback on errors
         except torch.OutOfMemoryError:
             raise
-        except RuntimeError as e:  # the trace fixed a size-dependent branch (Swin's windows at 224 px)
+        except RuntimeError as e:  # a trace may fix a size-dependent branch that this input size does not take
             raise StudentError(f"student '{self.name}': its traced feature map fails on a {tuple(x.shape)} input: "
                                f"{str(e).strip().splitlines()[0]}") from e
         if out.dim() != 4:
