@@ -25,6 +25,12 @@ a field the recipe sets itself is one TcskdError line naming the key and the fil
 caches are hits when built, a basis already in the cache with the same options is kept, a run with
 ``final.json`` is skipped and an unfinished one resumes from its checkpoint, a teacher eval whose JSON
 exists is kept.
+
+Dense and segmentation recipes: ``train: {task: segment}`` (or ``grid: {task: [...]}``) trains segmentation
+runs (their mIoU in the report). The teacher eval (a kNN and a linear probe on global features with image
+labels) is skipped, with a log line, when the cache holds patch tokens (``cache.tokens: patch``) or every run
+segments: neither has global features with image labels to score. A cache built with ``cache.dim`` (token
+coordinates) brings its basis (``pca``), so runs may use it without a ``basis`` block.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from tcskd.subspace.config import BasisConfig
 from tcskd.subspace.fit import fit_basis
 from tcskd.train.config import RESUME_FREE, EvalConfig, TrainConfig, resolve_config
 from tcskd.train.evaluate import evaluate_teacher
+from tcskd.train.inputs import mimic_for_cache
 from tcskd.train.loop import train
 from tcskd.train.report import load_runs, load_teacher_eval, markdown_table, plot_runs
 from tcskd.train.rundir import CONFIG, FINAL
@@ -130,8 +137,9 @@ def _run(cfg: TrainConfig) -> dict[str, Any]:
         res = train(cfg)
         status = "stopped" if "stopped_after" in res else "trained"
         log.info("run %s: %s", out, status)
+    scores = ("val_miou", "test_miou") if res.get("task") == "segment" else ()
     return {"run_dir": str(out), "status": status, "val_top1": res.get("val_top1"),
-            "test_top1": res.get("test_top1")}
+            "test_top1": res.get("test_top1"), **{k: res.get(k) for k in scores}}
 
 
 def _plain(v: Any) -> Any:
@@ -143,7 +151,7 @@ def _refuse_if_changed(cfg: TrainConfig, out: Path) -> None:
     """A finished run is reused only when it was trained with the recipe's options on this cache; otherwise
     a TcskdError names what differs (the finished run is kept: remove it, or give the recipe another out)."""
     saved = load_yaml(out / CONFIG) or {}
-    now = dataclasses.asdict(resolve_config(cfg))
+    now = dataclasses.asdict(resolve_config(mimic_for_cache(cfg)))
     diff = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now
             if k not in RESUME_FREE and k in saved and _plain(saved[k]) != _plain(now[k])]
     key = (saved.get("resolved") or {}).get("cache_key")
@@ -210,7 +218,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] =
         caches = _caches(recipe, src, device, check_paths)
         shared = _fields(recipe, "train", TrainConfig, src)
         bases = _bases(recipe, src, device, shared)
-        runs = _runs(recipe, src, device, shared, Path(out), bases)
+        runs = _runs(recipe, src, device, shared, Path(out), bases, _cache_basis(caches["train"]))
         evals = _evals(recipe, src, device, shared, Path(out), runs, caches)
     except TypeError as e:  # a dataclass without a required field
         raise TcskdError(f"{src}: {e}") from None
@@ -346,8 +354,13 @@ def _bases(recipe: dict[str, Any], src: str, device: str, shared: dict[str, Any]
     return out
 
 
+def _cache_basis(cache: CacheConfig) -> str | None:
+    """The basis a cache brings itself: ``pca`` for patch tokens stored as coordinates (``cache.dim``)."""
+    return "pca" if getattr(cache, "tokens", "global") == "patch" and getattr(cache, "dim", None) else None
+
+
 def _runs(recipe: dict[str, Any], src: str, device: str, shared: dict[str, Any], out: Path,
-          bases: dict[str, BasisConfig]) -> dict[str, TrainConfig]:
+          bases: dict[str, BasisConfig], cache_basis: str | None = None) -> dict[str, TrainConfig]:
     """Every run of the grid: one per combination of its values; a list of grids is their union (each
     names its runs by its own keys, so ``[{method: [ce]}, {method: [tcs], basis: [pca, random]}]`` gives
     ``ce-...``, ``tcs-pca-...`` and ``tcs-random-...``)."""
@@ -368,7 +381,7 @@ def _runs(recipe: dict[str, Any], src: str, device: str, shared: dict[str, Any],
             name = run_name(values, list(grid))
             cfg = TrainConfig(**{"device": device, **values, "cache": "<train cache>", "out": str(out / name),
                                  "resume": True})
-            if cfg.method == "tcs" and cfg.basis not in bases:
+            if cfg.method == "tcs" and cfg.basis not in bases and cfg.basis != cache_basis:
                 raise TcskdError(f"{src}: run {name} uses basis '{cfg.basis}', which the recipe's basis block "
                                  f"does not fit (it has {', '.join(bases) or 'none'})")
             if name in runs:
@@ -399,6 +412,11 @@ def _evals(recipe: dict[str, Any], src: str, device: str, shared: dict[str, Any]
     if block is False:
         return {}
     values = _fields(recipe, "eval", EvalConfig, src, {} if block in (None, True) else block)
+    if getattr(caches["train"], "tokens", "global") == "patch" or (
+            runs and all(cfg.task == "segment" for cfg in runs.values())):
+        log.info("%s: no teacher eval: the teacher's kNN / probe scores global features by image labels, and "
+                 "this recipe has patch tokens or segmentation runs", src)
+        return {}
     if "test" not in caches:
         raise TcskdError(f"{src}: key 'eval' needs a test cache: add test to cache.splits (or set eval: false)")
     values = {"device": device, **{k: shared[k] for k in _HOLDOUT if k in shared}, **values}

@@ -59,8 +59,11 @@ class BasisResult(TypedDict):
 #: ``image_size``, ``device``), its data (``basis``, ``basis_kind``, ``basis_excludes_val``, ``cache_key``,
 #: ``cache``, ``data``, ``train_images``, ``labelled_images``, ``val_rows``, ``holdout``), its cost
 #: (``train_seconds``, ``img_per_s``, ``peak_mem_bytes``, ``setup_seconds``, ``eval_seconds``,
-#: ``total_seconds``) and where it is (``run_dir``). The README's stage-3 section describes final.json.
-TrainResult = TypedDict("TrainResult", {
+#: ``total_seconds``) and where it is (``run_dir``), ``task`` (classify | segment) and ``mimic_on`` (global, dense,
+#: both; None without a mimic term). Segmentation runs add ``val_miou``, ``test_miou``, ``val_pixel_acc``,
+#: ``test_pixel_acc`` (the pixel classifier's mean IoU and pixel accuracy; their top-1 and kNN keys are None) and
+#: ``best_val_miou``. The README's stage-3 section describes final.json.
+_TrainResultKeys = TypedDict("_TrainResultKeys", {
     "val_top1": float | None, "test_top1": float | None, "knn_top1": float | None,
     "knn_val_top1": float | None, "knn_reference_rows": int, "best_val_top1": float | None,
     "train_seconds": float, "img_per_s": float | None, "peak_mem_bytes": int | None,
@@ -71,9 +74,18 @@ TrainResult = TypedDict("TrainResult", {
     "seed": int, "epochs": int, "image_size": int, "device": str,
     "basis": str | None, "basis_kind": str | None, "basis_excludes_val": bool | None,
     "cache_key": str | None, "cache": str | None, "data": str, "train_images": int, "labelled_images": int,
-    "val_rows": int, "holdout": dict[str, Any], "run_dir": str,
+    "val_rows": int, "holdout": dict[str, Any], "run_dir": str, "task": str, "mimic_on": str | None,
 })
-TrainResult.__doc__ = "``train(TrainConfig)``: the content of the run's final.json (tcskd.results lists the keys)."
+
+
+class TrainResult(_TrainResultKeys, total=False):
+    """``train(TrainConfig)``: the content of the run's final.json (tcskd.results lists the keys)."""
+
+    val_miou: float | None
+    test_miou: float | None
+    val_pixel_acc: float | None
+    test_pixel_acc: float | None
+    best_val_miou: float | None
 
 
 class StoppedRun(TypedDict):

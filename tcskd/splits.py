@@ -11,6 +11,11 @@ accuracy):
   the remaining (training) rows carry a label; the rest are used for the mimic
   term only. kNN references are exactly the labelled rows.
 
+Segmentation data (image labels -1, per-pixel masks): the images are one
+stratum, so ``val_frac`` is a seeded share of the images and ``val_per_class``
+a number of images (the same rule for every run seed); :func:`labelled_images`
+draws the ``n`` images whose masks CE sees.
+
 Both rules depend only on the rows' labels and ``sample_index`` values (the
 sample's position in its source), never on the order in which a store or a
 source lists them, so ``tcskd train``, ``tcskd eval`` and ``tcskd basis`` pick
@@ -95,6 +100,16 @@ def labelled_mask(labels: np.ndarray, sample_index: np.ndarray, per_class: int |
             log.warning("class %d has only %d labelled training images (< %d per class)", c, len(rows), per_class)
         out[rng.permutation(rows)[:per_class]] = True
     return out
+
+
+def labelled_images(sample_index: np.ndarray, n: int | None, seed: int,
+                    eligible: np.ndarray | None = None) -> np.ndarray:
+    """Segmentation: the images whose masks CE may use: every eligible image, or ``n`` of them (seeded by
+    ``seed``, drawn as :func:`labelled_mask` draws one class)."""
+    sample_index = np.asarray(sample_index, np.int64).reshape(-1)
+    if n is not None and n < 1:
+        raise TcskdError(f"--labels-per-class must be >= 1 (got {n}; with --task segment it counts images)")
+    return labelled_mask(np.zeros(len(sample_index), np.int64), sample_index, n, seed, eligible)
 
 
 def _check(labels: np.ndarray, sample_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -355,3 +355,39 @@ def test_sync_bn_needs_cuda(tmp_path):
     r = CliRunner().invoke(main, ["train", "--data", data, "--method", "ce", "--device", "cpu", "--sync-bn",
                                   "--out", str(tmp_path / "run")])
     assert r.exit_code != 0 and "--sync-bn needs CUDA" in r.output
+
+
+# -- dense segmentation under DDP ------------------------------------------------------------------------
+
+def test_ddp_trains_a_dense_segment_run_and_resumes_it(tmp_path):
+    import json
+
+    import torch
+
+    from _train_fixtures import make_dense_cache, make_seg_npz
+
+    npz = make_seg_npz(tmp_path / "s.npz", n_train=48, n_test=8, size=16)
+    cache = make_dense_cache(tmp_path, npz, grid=(4, 4), dim=16, k=8, from_masks=True, name="seg")
+    args = ["train", "--cache", str(cache), "--task", "segment", "--student", "cnn", "--epochs", "2",
+            "--batch-size", "16", "--labels-per-class", "4", "--augment", "crop-flip", "--device", "cpu",
+            "--val-frac", "0.25"]
+    full = torchrun([*args, "--out", str(tmp_path / "full")])
+    assert full.returncode == 0, full.stderr[-3000:]
+    final = json.loads((tmp_path / "full" / "final.json").read_text())
+    assert final["task"] == "segment" and final["mimic_on"] == "dense"
+    assert 0 < final["val_miou"] <= 1 and 0 < final["test_miou"] <= 1 and final["test_pixel_acc"] > 0
+    rows = _metrics(tmp_path / "full")
+    assert [r["epoch"] for r in rows] == [1, 2] and all(r["loss_dense"] > 0 and r["val_miou"] for r in rows)
+    assert "world_size: 2" in (tmp_path / "full" / "config.yaml").read_text()
+    # stopped after epoch 1 and resumed by 2 ranks: the uninterrupted run's weights and scores
+    stopped = torchrun([*args, "--out", str(tmp_path / "part"), "--stop-after", "1"])
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    resumed = torchrun([*args, "--out", str(tmp_path / "part"), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = json.loads((tmp_path / "part" / "final.json").read_text())
+    for key in ("val_miou", "test_miou", "val_pixel_acc", "test_pixel_acc"):
+        assert again[key] == final[key], key
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)
+    for k in a["student"]:
+        assert torch.equal(a["student"][k], b["student"][k]), k

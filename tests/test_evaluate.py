@@ -246,3 +246,20 @@ def test_eval_command(pair):
     r = CliRunner().invoke(eval_cmd, ["--cache", str(tmp / "nope"), "--test-cache", str(tmp / "test"),
                                       "--device", "cpu"])
     assert r.exit_code != 0 and isinstance(r.exception, StoreError)
+
+
+def test_a_patch_cache_is_scored_on_its_mean_tokens_and_a_coordinate_cache_is_refused(tmp_path):
+    from _train_fixtures import make_dense_cache, make_npz
+    from tcskd.store.handle import open_cache
+    from tcskd.train.evaluate import read_view0
+
+    npz = make_npz(tmp_path / "d.npz", n_train=20, n_test=4, size=16)
+    raw = make_dense_cache(tmp_path, npz, views=2, name="raw")
+    with open_cache(raw) as cache:
+        x, y, si = read_view0(cache)
+        tokens = cache.store.read("features")[:, 0].astype(np.float32)        # N x T x D
+    np.testing.assert_allclose(x, tokens.mean(1), rtol=1e-6)
+    assert x.shape == (20, 16) and np.array_equal(y, np.load(npz)["y"]) and np.array_equal(si, np.arange(20))
+    coords = make_dense_cache(tmp_path, npz, coords_of="pca", name="coords")
+    with open_cache(coords) as cache, pytest.raises(StoreError, match="holds token coordinates in its own basis"):
+        read_view0(cache)

@@ -269,3 +269,24 @@ def test_cache_limit_shrinks_the_training_data_only():
     # Students are tested on the whole test split: the teacher's test cache is whole too.
     plan = load_recipe(RECIPES / "default.yaml", ["cache.limit=100"])
     assert plan.caches["train"].limit == 100 and plan.caches["test"].limit is None
+
+
+def test_a_segmentation_recipe_runs_without_a_teacher_eval(tmp_path, tiny_teacher):
+    # train.task segment: the runs report mIoU; the teacher eval (image labels) is skipped, not failed
+    from _train_fixtures import make_seg_npz
+
+    npz = make_seg_npz(tmp_path / "s.npz", n_train=32, n_test=8, size=16)
+    recipe = {"out": str(tmp_path / "out"), "device": "cpu",
+              "cache": {"data": f"npz:{npz}", "teacher": tiny_teacher, "cache_root": str(tmp_path / "caches"),
+                        "chunk_rows": 16, "image_size": 16},
+              "basis": {"pca": {"dim": 8}},
+              "train": {"task": "segment", "epochs": 1, "batch_size": 8, "dim": 4, "workers": 0},
+              "grid": {"method": ["ce", "tcs"], "labels_per_class": [4]}}
+    path = tmp_path / "seg.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    res = run_recipe(path)
+    assert res["teacher"] == {} and not list((tmp_path / "out").glob("teacher-*.json"))
+    assert set(res["runs"]) == {"ce-lpc4-s0", "tcs-lpc4-s0"}
+    for r in res["runs"].values():
+        assert r["status"] == "trained" and r["val_top1"] is None and 0 <= r["val_miou"] <= 1
+    assert "test mIoU (%)" in Path(res["report"]).read_text()

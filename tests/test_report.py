@@ -146,3 +146,27 @@ def test_report_command_no_runs(tmp_path):
     r = CliRunner().invoke(report_cmd, [str(tmp_path / "empty"), str(tmp_path / "missing")])
     assert r.exit_code != 0 and isinstance(r.exception, TcskdError)
     assert "no final.json" in str(r.exception)
+
+
+def test_segment_runs_get_miou_columns_and_chart(tmp_path):
+    seg = dict(task="segment", val_top1=None, test_top1=None, knn_top1=None)
+    for s, (val, test) in enumerate(((0.40, 0.42), (0.44, 0.46))):
+        _run(tmp_path / "seg", f"tcs-{s}", "tcs", s, 0.0, lpc=8, mimic_on="dense", val_miou=val, test_miou=test,
+             test_pixel_acc=0.9 + s / 100, **seg)
+    _run(tmp_path / "seg", "ce-0", "ce", 0, 0.0, lpc=8, basis_kind=None, dim=None, mimic_on=None, val_miou=0.3,
+         test_miou=0.31, test_pixel_acc=0.85, **seg)
+    runs = load_runs(sorted((tmp_path / "seg").iterdir()))
+    table = markdown_table(runs)
+    head = table.splitlines()[0]
+    assert "val mIoU (%)" in head and "test mIoU (%)" in head and "top-1" not in head
+    assert head.startswith("| labelled images |") and "mimic on" in head
+    rows = {r[1]: r for r in _rows(table)}
+    cols = [c.strip() for c in head.strip("|").split("|")]
+    assert rows["tcs"][cols.index("test mIoU (%)")] == f"44.00 ± {np.std([42.0, 46.0], ddof=1):.2f}"
+    assert rows["ce"][cols.index("val mIoU (%)")] == "30.00" and rows["ce"][cols.index("test pixel acc (%)")] == "85.00"
+    assert "val mIoU: mean IoU on the held-out validation images" in table
+    # a mix of tasks shows both sets of columns
+    _run(tmp_path / "cls", "tcs-c", "tcs", 0, 0.9, task="classify")
+    mixed = markdown_table(load_runs([*sorted((tmp_path / "seg").iterdir()), tmp_path / "cls" / "tcs-c"]))
+    assert "test top-1 (%)" in mixed.splitlines()[0] and "test mIoU (%)" in mixed.splitlines()[0]
+    assert plot_runs(runs, tmp_path / "seg.png").stat().st_size > 0

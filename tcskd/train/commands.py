@@ -43,9 +43,14 @@ def train(ctx: click.Context, **params) -> None:
     def pct(v: float | None) -> str:
         return "n/a" if v is None else f"{100 * v:.2f}%"
 
-    click.echo(f"{res['method']} {res['student']} K={res['dim']} seed {res['seed']}: val top-1 "
-               f"{pct(res['val_top1'])}, test top-1 {pct(res['test_top1'])}, kNN top-1 {pct(res['knn_top1'])}, {res['train_seconds']:.1f} s "
-               f"({res['img_per_s'] or 0:.0f} img/s)")
+    if res.get("task") == "segment":
+        scores = (f"val mIoU {pct(res['val_miou'])}, test mIoU {pct(res['test_miou'])}, test pixel accuracy "
+                  f"{pct(res['test_pixel_acc'])}")
+    else:
+        scores = (f"val top-1 {pct(res['val_top1'])}, test top-1 {pct(res['test_top1'])}, kNN top-1 "
+                  f"{pct(res['knn_top1'])}")
+    click.echo(f"{res['method']} {res['student']} K={res['dim']} seed {res['seed']}: {scores}, "
+               f"{res['train_seconds']:.1f} s ({res['img_per_s'] or 0:.0f} img/s)")
     click.echo(res["run_dir"])
 
 

@@ -33,6 +33,11 @@ METHODS = ("tcs", "fitnet", "ce", "online")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "multistep")
 TAILOR = ("auto", "on", "off")
+#: What the student learns: image classes (``classify``) or a class per pixel (``segment``).
+TASKS = ("classify", "segment")
+#: Which teacher targets the mimic term matches: the image's embedding (global), its token grid (dense), or both;
+#: auto = global on a global cache, dense on a patch cache.
+MIMIC_ON = ("auto", "global", "dense", "both")
 #: Student augmentations with a 1-view cache (auto: crop for greyscale digits, else crop-flip).
 AUGMENTS = ("auto", "none", "flip", "crop", "crop-flip")
 #: Config fields that ``--resume`` never takes from the run's config.yaml.
@@ -51,9 +56,29 @@ class TrainConfig:
     with ``data``)."""
     basis: str = opt("pca", help="Basis name in the cache.")
     """Name of the basis in the cache (``bases/<name>``) whose coordinates are the targets."""
-    student: str = opt("cnn", help="cnn, resnet8x4, resnet20, resnet32x4, resnet56, wrn-16-2, wrn-40-2, mobilenetv2, "
-                                   "shufflenetv2, vgg8, tv:NAME or python:MODULE:FACTORY.")
-    """Student network (tcskd.train.students): cnn, resnet8x4, ..., tv:NAME, python:MODULE:FACTORY."""
+    task: str = opt("classify", choices=TASKS,
+                    help="classify (image labels) or segment (per-pixel masks: CE on the labelled masks, "
+                         "mIoU).")
+    """classify: a classifier on the pooled student feature, top-1; segment: a 1x1-conv pixel classifier on the
+    student's feature map upsampled to the input size, CE on the labelled masks (255 = ignore), mean IoU and pixel
+    accuracy (tcskd.segmetrics). The data must have masks for segment."""
+    mimic_on: str = opt("auto", choices=MIMIC_ON,
+                        help="Mimic the teacher's global embedding, its token grid (dense; needs a patch cache) "
+                             "or both; auto: global on a global cache, dense on a patch cache.")
+    """Which targets the mimic term matches. global: the image's K coordinates, predicted from the pooled student
+    feature; dense: the K coordinates of every teacher token, predicted per location by a 1x1 conv on the student's
+    feature map and resized to the teacher's grid (tcskd.train.losses.align_to_grid); both: the sum of the two
+    terms, sharing one coordinate mask. On a patch cache the global target is the mean of the view's token
+    coordinates (the projection is linear, so it equals the coordinates of the mean-pooled token embedding).
+    auto: global on a global cache, dense on a patch cache."""
+    student_stage: int | None = opt(None, metavar="N",
+                                    help="The student stage whose feature map the dense head and the pixel "
+                                         "classifier read (default: the last).")
+    """The stage of the student whose output is ``Student.feature_map`` (tcskd.train.students); None = the last."""
+    student: str = opt("cnn", help="cnn, segnet, resnet8x4, resnet20, resnet32x4, resnet56, wrn-16-2, wrn-40-2, "
+                                   "mobilenetv2, shufflenetv2, vgg8, tv:NAME or python:MODULE:FACTORY.")
+    """Student network (tcskd.train.students): cnn, segnet (an encoder-decoder for segmentation), resnet8x4, ...,
+    tv:NAME, python:MODULE:FACTORY."""
     method: str = opt("tcs", choices=METHODS)
     """tcs (basis coordinates), fitnet (identity basis / raw features), ce (no distillation), online (live teacher)."""
     dim: int | None = opt(None, help="K: first K coordinates of the basis (default: 64, or all when the basis has "
@@ -98,15 +123,20 @@ class TrainConfig:
     RepDistiller's ``--lr_decay_epochs``. Only for ``multistep``."""
     gamma: float = opt(0.1, help="Factor of each multistep milestone.")
     """Factor applied to the learning rate at each milestone of ``multistep`` (in (0, 1])."""
-    labels_per_class: int | None = opt(None, help="CE (and kNN references) on n labelled training images per class "
+    labels_per_class: int | None = opt(None, help="CE (and kNN references) on n labelled training images per class; "
+                                                  "with --task segment, n labelled images (masks) in all "
                                                   "(default: every label).")
     """CE on this many labelled images per class (seeded by ``seed``, drawn from the training rows); None =
-    every label. The mimic term uses every training image; the kNN references are the labelled rows."""
-    val_frac: float = opt(0.1, help="Share of each class of the training split held out for validation (0: none).")
+    every label. The mimic term uses every training image; the kNN references are the labelled rows. With
+    ``task segment`` it is the number of training images whose mask CE sees (the others carry an all-ignore
+    mask; the dense mimic sees every training image)."""
+    val_frac: float = opt(0.1, help="Share of each class of the training split held out for validation (0: none; "
+                                    "segment: a share of the images).")
     """Share of each class of the training split held out for validation (seeded by ``val_seed``,
-    stratified): used for ``val_top1`` only, never for CE, the mimic term or kNN references. 0 = none."""
-    val_per_class: int | None = opt(None, help="Hold out n rows per class instead of --val-frac.")
-    """Hold out this many rows of each class instead of ``val_frac``."""
+    stratified): used for ``val_top1`` only, never for CE, the mimic term or kNN references. 0 = none. For
+    segmentation data (image labels -1) it is a share of the images (tcskd.splits)."""
+    val_per_class: int | None = opt(None, help="Hold out n rows per class instead of --val-frac (segment: n images).")
+    """Hold out this many rows of each class instead of ``val_frac`` (segmentation data: this many images)."""
     val_seed: int = opt(0, help="Seed of the validation split (the same for every --seed).")
     """Seed of the validation split; the same for every run seed, so seeds are compared on the same rows."""
     tailor: str = opt("auto", choices=TAILOR,
@@ -180,6 +210,18 @@ class TrainConfig:
         for what, value, allowed in (("method", self.method, METHODS), ("mimic loss", self.mimic, MIMICS)):
             if value not in allowed:
                 raise TcskdError(f"unknown {what} '{value}' (choose {', '.join(allowed)})")
+        for name, value, allowed in (("task", self.task, TASKS), ("mimic-on", self.mimic_on, MIMIC_ON)):
+            if value not in allowed:
+                raise TcskdError(f"unknown --{name} '{value}' (choose {', '.join(allowed)})")
+        if self.student_stage is not None and self.student_stage < 1:
+            raise TcskdError(f"--student-stage must be >= 1 (got {self.student_stage})")
+        if self.method == "online" and self.mimic_on in ("dense", "both"):
+            raise TcskdError(f"--method online computes global targets only; --mimic-on {self.mimic_on} needs "
+                             f"cached tokens (--method tcs or fitnet on a patch cache)")
+        if self.elsh_bits and self.mimic_on in ("dense", "both"):
+            raise TcskdError(f"--elsh-bits hashes global targets; it does not work with --mimic-on {self.mimic_on}")
+        if self.task == "segment" and self.classify_from == "coords":
+            raise TcskdError("--task segment: the pixel classifier reads the feature map (--classify-from feature)")
         for what, value, allowed in (("optimizer", self.optimizer, OPTIMIZERS), ("schedule", self.schedule, SCHEDULES)):
             if value not in allowed:
                 raise TcskdError(f"unknown {what} '{value}' (choose {', '.join(allowed[:-1])} or {allowed[-1]})")
@@ -252,12 +294,16 @@ def default_dim(cfg: TrainConfig) -> int:
 
 
 def tailoring_preset(cfg: TrainConfig) -> dict[str, Any]:
-    """The preset ``cfg.tailor`` stands for, given the method and the label budget."""
+    """The preset ``cfg.tailor`` stands for, given the method, the task and the label budget. ``auto`` is off
+    for ``task segment`` and for an explicit dense mimic (the presets were chosen on validation for global
+    targets and classification only); with ``segment`` the classifier always reads the feature map."""
     if cfg.tailor not in TAILOR:
         raise TcskdError(f"unknown --tailor '{cfg.tailor}' (choose {', '.join(TAILOR)})")
     on = cfg.tailor == "on" or (cfg.tailor == "auto" and cfg.labels_per_class is None
-                                and cfg.method in ("tcs", "online"))
-    return TAILORED if on else FIXED
+                                and cfg.method in ("tcs", "online") and cfg.task == "classify"
+                                and cfg.mimic_on in ("auto", "global"))
+    preset = TAILORED if on else FIXED
+    return dict(preset, classify_from="feature") if cfg.task == "segment" else preset
 
 
 def resolve_config(cfg: TrainConfig) -> TrainConfig:
@@ -358,6 +404,6 @@ class EvalConfig:
             raise TcskdError(f"--out {self.out} is a directory: give a file name")
 
 
-__all__ = ["METHODS", "OPTIMIZERS", "SCHEDULES", "TAILOR", "NOT_SAVED", "RESUME_FREE", "TrainConfig",
+__all__ = ["METHODS", "OPTIMIZERS", "SCHEDULES", "TAILOR", "TASKS", "MIMIC_ON", "NOT_SAVED", "RESUME_FREE", "TrainConfig",
            "with_saved_config", "TAILORED", "FIXED",
            "default_dim", "tailoring_preset", "resolve_config", "tailoring_label", "EvalConfig"]

@@ -9,7 +9,14 @@ size, i.e. 4 px at 32 px, or ``crop-flip``), drawn from a generator seeded by
 (seed, epoch, row): independent of the target, of the batch order and of the
 number of DataLoader workers (a counter-based generator, :func:`row_uniforms`).
 
-- :class:`ViewImages`: item ``(i, view, epoch)`` -> (image, target, label, ...), whole batches at once;
+Dense targets and masks. Dense targets (N x V x T x K) travel like the global ones, the view's token grid
+of the item. A segmentation item carries its view's mask at the student's size
+(:func:`tcskd.views.apply_mask_view`, nearest neighbour) with the same augmentation as the image (padding
+255 = ignore); rows outside the labelled subset carry an all-ignore mask. Each item also carries its
+augmentation ``(dy, dx, flip)`` (:class:`Batch` ``aug``), which the dense mimic undoes on the predicted map
+(tcskd.train.losses.align_to_grid).
+
+- :class:`ViewImages`: item ``(i, view, epoch)`` -> a :class:`Batch` (image, target, label, ...), whole batches at once;
 - :class:`EpochSampler`: an epoch's order and views, a function of (seed, epoch);
 - :func:`train_loader`: the training DataLoader of a prepared run and an epoch (the loop's, and a
   benchmark's seam); :func:`eval_loader`: view 0 of a dataset in order, for evaluation.
@@ -21,7 +28,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -32,7 +39,7 @@ from tcskd import dist
 from tcskd.data import Source
 from tcskd.errors import TcskdError
 from tcskd.train.config import AUGMENTS, TrainConfig
-from tcskd.views import apply_view, center_params, to_tensor
+from tcskd.views import apply_mask_view, apply_view, center_params, to_tensor
 
 if TYPE_CHECKING:
     from tcskd.train.inputs import RunInputs
@@ -81,6 +88,40 @@ def row_uniforms(seed: int, epochs: np.ndarray, rows: np.ndarray, draws: int) ->
     return (bits >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
 
 
+def augment_draws(kind: str, seed: int, epochs: np.ndarray, rows: np.ndarray, size: int) -> torch.Tensor:
+    """B x 3 float: each row's augmentation ``(dy, dx, flip)``: the augmented image's pixel (i, j) is pixel
+    (i + dy, j + dx) of the unaugmented one (zero padding outside), then mirrored when flip is 1."""
+    out = torch.zeros(len(rows), 3)
+    if kind == "none" or len(rows) == 0:
+        return out
+    u = torch.from_numpy(row_uniforms(seed, epochs, rows, 3))
+    if kind in ("crop", "crop-flip"):
+        pad = max(1, round(size / 8))
+        out[:, :2] = (u[:, :2] * (2 * pad + 1)).long().clamp_(max=2 * pad).float() - pad
+    if kind in ("flip", "crop-flip"):
+        out[:, 2] = (u[:, 2] < 0.5).float()
+    return out
+
+
+def apply_augment(x: torch.Tensor, aug: torch.Tensor, fill: float = 0) -> torch.Tensor:
+    """Images B x C x S x S (or masks B x S x S, ``fill`` 255) augmented by :func:`augment_draws`' rows."""
+    if len(x) == 0 or not bool(aug.any()):
+        return x
+    squeeze = x.ndim == 3
+    x = x[:, None] if squeeze else x
+    b, _, s_h, s_w = x.shape
+    shift = aug[:, :2].long()
+    pad = int(shift.abs().max())
+    if pad:
+        ys = (shift[:, :1] + pad) + torch.arange(s_h)                       # B x S_h rows of the padded image
+        xs = (shift[:, 1:] + pad) + torch.arange(s_w)                       # B x S_w columns
+        padded = F.pad(x, (pad, pad, pad, pad), value=fill).permute(0, 2, 3, 1)  # B x H' x W' x C
+        x = padded[torch.arange(b)[:, None, None], ys[:, :, None], xs[:, None, :]].permute(0, 3, 1, 2)
+    flip = (aug[:, 2] >= 0.5)[:, None, None, None]
+    x = torch.where(flip, x.flip(-1), x).contiguous()
+    return x[:, 0] if squeeze else x
+
+
 def augment_batch(x: torch.Tensor, kind: str, seed: int, epochs: np.ndarray, rows: np.ndarray) -> torch.Tensor:
     """Pad-and-random-crop (pad = size / 8) and/or a horizontal coin flip of each image of B x C x S x S.
 
@@ -88,19 +129,7 @@ def augment_batch(x: torch.Tensor, kind: str, seed: int, epochs: np.ndarray, row
     """
     if kind == "none" or len(x) == 0:
         return x
-    u = torch.from_numpy(row_uniforms(seed, epochs, rows, 3))
-    if kind in ("crop", "crop-flip"):
-        b, _, s_h, s_w = x.shape
-        pad = max(1, round(min(s_h, s_w) / 8))
-        offsets = (u[:, :2] * (2 * pad + 1)).long().clamp_(max=2 * pad)
-        ys = offsets[:, :1] + torch.arange(s_h)                     # B x S_h rows of the padded image
-        xs = offsets[:, 1:] + torch.arange(s_w)                     # B x S_w columns
-        padded = F.pad(x, (pad, pad, pad, pad)).permute(0, 2, 3, 1)  # B x H' x W' x C
-        x = padded[torch.arange(b)[:, None, None], ys[:, :, None], xs[:, None, :]].permute(0, 3, 1, 2)
-    if kind in ("flip", "crop-flip"):
-        flip = (u[:, 2] < 0.5)[:, None, None, None]
-        x = torch.where(flip, x.flip(-1), x)
-    return x.contiguous()
+    return apply_augment(x, augment_draws(kind, seed, epochs, rows, min(x.shape[-2:])))
 
 
 # -- the dataset and the sampler ---------------------------------------------
@@ -114,8 +143,29 @@ def _batch_collate(batch: tuple) -> tuple:
     return batch
 
 
+class Batch(NamedTuple):
+    """A batch of :class:`ViewImages` (a tuple: the first six fields are those of global runs)."""
+
+    x: torch.Tensor
+    """Student inputs B x C x S x S float in [0, 1]."""
+    target: torch.Tensor
+    """Global targets B x K float32 (B x 0 without)."""
+    label: torch.Tensor
+    """Image labels B (-1: not for CE)."""
+    item: torch.Tensor
+    view: torch.Tensor
+    teacher_x: torch.Tensor
+    """The teacher's inputs of method online (B x 0 otherwise)."""
+    dense: torch.Tensor
+    """Dense targets B x T x K float16 (B x 0 without)."""
+    mask: torch.Tensor
+    """Segmentation masks B x S x S uint8, 255 = ignore (B x 0 without)."""
+    aug: torch.Tensor
+    """The student's augmentation B x 3 (dy, dx, flip) (:func:`augment_draws`)."""
+
+
 class ViewImages(Dataset):
-    """Item ``(i, view, epoch)`` -> (x, target, ce_label, i, view, teacher_x).
+    """Item ``(i, view, epoch)`` -> (x, target, ce_label, i, view, teacher_x, dense, mask, aug) (:class:`Batch`).
 
     ``x`` is row ``rows[i]`` of ``source`` in view ``view`` (stored ``params``,
     or the centre crop without them) at ``size`` px, plus the augmentation
@@ -124,6 +174,8 @@ class ViewImages(Dataset):
     (empty unless given, for method online). With ``defer_teacher_resize`` a
     batch of in-memory images in their centre view leaves ``teacher_x`` at the
     images' own size, for :func:`tcskd.views.center_view` on the device.
+    ``dense`` is ``dense_targets[i, view]``; with ``masks`` the item carries its
+    view's mask (all 255 where ``mask_rows`` is False).
 
     The DataLoader takes whole batches (:meth:`__getitems__`, with
     ``collate_fn=batch_collate``): images held in memory are cropped, resized
@@ -136,32 +188,41 @@ class ViewImages(Dataset):
     def __init__(self, source: Source, rows: np.ndarray, size: int, channels: int,
                  params: np.ndarray | None = None, targets: np.ndarray | None = None,
                  ce_labels: np.ndarray | None = None, augment: str = "none", seed: int = 0,
-                 teacher_size: int | None = None, defer_teacher_resize: bool = False) -> None:
+                 teacher_size: int | None = None, defer_teacher_resize: bool = False,
+                 dense_targets: np.ndarray | None = None, masks: bool = False,
+                 mask_rows: np.ndarray | None = None) -> None:
         self.source, self.rows, self.size, self.channels = source, rows, size, channels
         self.defer_teacher_resize = defer_teacher_resize
         self.params, self.targets, self.augment, self.seed = params, targets, augment, seed
         self.ce_labels = np.asarray(ce_labels if ce_labels is not None else source.labels[rows], np.int64)
         self.teacher_size = teacher_size
+        self.dense_targets, self.masks = dense_targets, masks
+        self.mask_rows = np.ones(len(rows), bool) if mask_rows is None else np.asarray(mask_rows, bool)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, key: tuple[int, int, int]):
-        x, target, label, i, view, tx = self.__getitems__([key])
-        return x[0], target[0], int(label[0]), int(i[0]), int(view[0]), tx[0]
+        """One item's (x, target, label, i, view, teacher_x); :meth:`__getitems__` gives every field."""
+        b = self.__getitems__([key])
+        return b.x[0], b.target[0], int(b.label[0]), int(b.item[0]), int(b.view[0]), b.teacher_x[0]
 
-    def __getitems__(self, keys: list[tuple[int, int, int]]):
-        """A batch: (x B x C x S x S, targets B x K, labels B, items B, views B, teacher inputs B x C x T x T)."""
+    def __getitems__(self, keys: list[tuple[int, int, int]]) -> Batch:
+        """A batch (:class:`Batch`)."""
         b = len(keys)
         idx = np.fromiter((int(k[0]) for k in keys), np.int64, b)
         views = np.fromiter((int(k[1]) for k in keys), np.int64, b)
         epochs = np.fromiter((int(k[2]) for k in keys), np.int64, b)
         x, tx = self._views(idx, views)
-        x = augment_batch(x, self.augment, self.seed, epochs, idx)
+        aug = augment_draws(self.augment, self.seed, epochs, idx, min(x.shape[-2:])) if b else torch.zeros(0, 3)
+        x = apply_augment(x, aug) if self.augment != "none" else x
         target = (torch.from_numpy(np.ascontiguousarray(self.targets[idx, views])) if self.targets is not None
                   else torch.zeros(b, 0))
+        dense = (torch.from_numpy(np.ascontiguousarray(self.dense_targets[idx, views]))
+                 if self.dense_targets is not None else torch.zeros(b, 0))
+        mask = apply_augment(self._masks(idx, views), aug, fill=255) if self.masks else torch.zeros(b, 0)
         labels = torch.from_numpy(self.ce_labels[idx])
-        return x, target, labels, torch.from_numpy(idx), torch.from_numpy(views), tx
+        return Batch(x, target, labels, torch.from_numpy(idx), torch.from_numpy(views), tx, dense, mask, aug)
 
     def _shared_box(self, idx: np.ndarray, views: np.ndarray, h: int, w: int) -> np.ndarray | None:
         """The one crop box of every image of the batch, or None when they differ."""
@@ -193,6 +254,25 @@ class ViewImages(Dataset):
             if self.teacher_size:
                 txs.append(apply_view((img * 255).round_().to(torch.uint8), p, self.teacher_size))
         return torch.stack(xs), (torch.stack(txs) if txs else torch.zeros(len(idx), 0))
+
+    def _masks(self, idx: np.ndarray, views: np.ndarray) -> torch.Tensor:
+        """The view's masks at the student's size, B x S x S uint8 (all 255 for rows not in ``mask_rows``)."""
+        out = torch.full((len(idx), self.size, self.size), 255, dtype=torch.uint8)
+        keep = np.flatnonzero(self.mask_rows[idx])
+        if not len(keep):
+            return out
+        many = self.source.masks(self.rows[idx[keep]]) if self.source.masks is not None else None
+        box = self._shared_box(idx[keep], views[keep], *many.shape[1:3]) if many is not None else None
+        if box is not None and many.ndim == 3:  # one shape, one box: the whole batch at once
+            out[torch.from_numpy(keep)] = apply_mask_view(torch.from_numpy(np.ascontiguousarray(many, np.uint8)),
+                                                          box, self.size)
+            return out
+        for j in keep:
+            i, view = int(idx[j]), int(views[j])
+            m = np.asarray(self.source.mask(int(self.rows[i])), np.uint8)
+            p = center_params(*m.shape[:2]) if self.params is None else self.params[i, view]
+            out[j] = apply_mask_view(torch.from_numpy(np.ascontiguousarray(m)), p, self.size)
+        return out
 
 
 class EpochSampler(Sampler):

@@ -18,7 +18,10 @@ Rows with a label below 0 (unlabelled) are ignored on both sides.
 
 A student during and after training (tcskd.train.loop): :func:`embed` (its
 features and logits on a dataset), :func:`top1`, and :func:`final_scores`
-(validation and test top-1, and kNN top-1 with the labelled rows as references).
+(validation and test top-1, and kNN top-1 with the labelled rows as references;
+for segmentation, :func:`segment_scores`: mean IoU and pixel accuracy of the
+pixel classifier on view 0 at the student's size, from one confusion matrix
+summed over the dataset, tcskd.segmetrics).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import torch.nn.functional as F
 from tcskd.device import autocast, resolve_device
 from tcskd.errors import StoreError, TcskdError
 from tcskd.results import EvalResult
+from tcskd.segmetrics import confusion, miou, pixel_accuracy
 from tcskd.splits import Holdout, labelled_mask
 from tcskd.store.handle import Cache, open_cache
 from tcskd.store.registry import resolve_cache
@@ -213,8 +217,14 @@ def read_view0(cache: Cache, desc: str = "features") -> tuple[np.ndarray, np.nda
     """(features of view 0 as float32 N' x D, labels N', sample_index N') of the rows with ``row_ok``.
 
     Reads the cache chunk by chunk (its ``chunk_rows``), so memory holds only
-    the result and one chunk.
+    the result and one chunk. A patch cache of raw tokens gives each view's mean
+    token (the teacher's mean-pooled embedding); a cache of token coordinates
+    (``coords_of``) is refused: its coordinates are in a basis of its own.
     """
+    if cache.manifest.coords_of:
+        raise StoreError(f"cache {cache.path} holds token coordinates in its own basis "
+                         f"('{cache.manifest.coords_of}'): the teacher's kNN needs raw features (a global cache, "
+                         f"or a patch cache built without --dim)")
     n, d = cache.n, cache.dim
     ok = cache.row_ok()
     labels = cache.labels()
@@ -229,6 +239,8 @@ def read_view0(cache: Cache, desc: str = "features") -> tuple[np.ndarray, np.nda
         if not chunk.ok.any():
             continue
         block = chunk.x.astype(np.float32)[chunk.ok]
+        if block.ndim == 3:  # rows x T x D tokens: their mean
+            block = block.mean(1)
         if not np.isfinite(block).all():
             raise StoreError(f"cache {cache.path}: features rows {chunk.start}..{chunk.stop - 1} hold NaN/Inf "
                              f"values; the cache is damaged: rebuild it")
@@ -337,6 +349,30 @@ def embed(student: Student, head: TCSHead, ds: ViewImages, device: torch.device,
     return torch.cat(feats).numpy(), torch.cat(logits).numpy()
 
 
+@torch.no_grad()
+def segment_scores(student: Student, head: TCSHead, ds: ViewImages, device: torch.device, batch_size: int,
+                   workers: int) -> tuple[float | None, float | None]:
+    """(mean IoU, pixel accuracy) of the pixel classifier on every image of ``ds`` (view 0, its masks at the
+    student's size, 255 ignored); None when no pixel is labelled."""
+    was = student.training
+    student.eval()
+    head.eval()
+    c = int(head.pixel_classifier.out_channels)
+    conf = np.zeros((c, c), np.int64)
+    for batch in eval_loader(ds, batch_size, workers, device):
+        x = batch.x.to(device, non_blocking=True)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device):
+            logits = head.segment(student.feature_map(x), tuple(x.shape[-2:]))
+        conf += confusion(logits.argmax(1), batch.mask.to(device), c)
+    student.train(was)
+    head.train(was)
+    if conf.sum() == 0:
+        return None, None
+    return miou(conf), pixel_accuracy(conf)
+
+
 def top1(logits: np.ndarray, labels: np.ndarray) -> float | None:
     """Top-1 accuracy of ``logits`` on the rows whose label is >= 0; None when there is none."""
     keep = labels >= 0
@@ -348,7 +384,16 @@ def top1(logits: np.ndarray, labels: np.ndarray) -> float | None:
 def final_scores(student: Student, head: TCSHead, prep: RunInputs, device: torch.device, batch_size: int,
                  workers: int) -> dict[str, Any]:
     """Top-1 of the classifier on the validation rows and on the test split, and of a weighted kNN on the
-    student's features whose references are the labelled training rows only (``knn_reference_rows``)."""
+    student's features whose references are the labelled training rows only (``knn_reference_rows``). A
+    segmentation run gets ``val_miou``, ``test_miou``, ``val_pixel_acc`` and ``test_pixel_acc`` instead (the
+    top-1 and kNN keys None)."""
+    if head.task == "segment":
+        seg: dict[str, Any] = {"val_top1": None, "test_top1": None, "knn_top1": None, "knn_val_top1": None,
+                               "knn_reference_rows": 0}
+        for name, ds in (("val", prep.val_set), ("test", prep.test_set)):
+            scores = (None, None) if ds is None else segment_scores(student, head, ds, device, batch_size, workers)
+            seg[f"{name}_miou"], seg[f"{name}_pixel_acc"] = scores
+        return seg
     out: dict[str, Any] = {"val_top1": None, "test_top1": None, "knn_top1": None, "knn_val_top1": None,
                            "knn_reference_rows": int((prep.knn_set.ce_labels >= 0).sum())}
     ref = None

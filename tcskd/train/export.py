@@ -5,7 +5,11 @@ student's feature ``f`` directly, the projector, the mask and the gate (which
 only shape the training signal) are dropped; when it reads the predicted
 coordinates, classifier, mask, gate and projector are linear and merge into
 one linear layer (TCSHead.inference_classifier). Either way what is left is
-``classifier(student(x))``: the student's own cost, nothing added.
+``classifier(student(x))``: the student's own cost, nothing added. A dense
+projector (``--mimic-on dense|both``) is dropped the same way. A segmentation
+run (``--task segment``) exports the student's feature map, the pixel
+classifier and the bilinear upsampling to the input size: B x C x S x S logits
+per pixel (:class:`ExportedSegmenter`).
 
 Format: a ``torch.export`` program (``.pt2``; TorchScript is deprecated) of
 the student + linear classifier in eval mode, with a dynamic batch size, at
@@ -32,6 +36,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from tcskd.errors import TcskdError
 from tcskd.train.checkpoint import CHECKPOINT, load_checkpoint
@@ -53,6 +58,21 @@ class ExportedStudent(nn.Module):
         return self.classifier(self.student(x))
 
 
+class ExportedSegmenter(nn.Module):
+    """``upsample(pixel_classifier(student.feature_map(x)))``: B x C x S x S logits per pixel."""
+
+    def __init__(self, student: Student, pixel_classifier: nn.Conv2d) -> None:
+        super().__init__()
+        self.student = student
+        self.pixel_classifier = pixel_classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.pixel_classifier(self.student.feature_map(x))
+        if logits.shape[-2:] != x.shape[-2:]:
+            logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return logits
+
+
 def load_run(run_dir: Path | str) -> tuple[Student, TCSHead, dict[str, Any]]:
     """The student and head of a run's checkpoint (eval mode, CPU) and its meta."""
     path = Path(run_dir) / CHECKPOINT
@@ -60,8 +80,14 @@ def load_run(run_dir: Path | str) -> tuple[Student, TCSHead, dict[str, Any]]:
         raise TcskdError(f"{run_dir} has no {CHECKPOINT} (not a tcskd run directory?)")
     ck = load_checkpoint(path)
     meta = ck["meta"]
-    student = make_student(meta["student"], meta["num_classes"], meta["in_channels"])
-    head = TCSHead(student.feature_dim, meta["num_classes"], meta["k"], meta.get("classify_from", "feature"))
+    student = make_student(meta["student"], meta["num_classes"], meta["in_channels"], meta.get("student_stage"))
+    if "map_channels" in meta:  # a dense or segmentation run (tcskd.train.model.build_models)
+        mimic = meta.get("mimic_on")
+        head = TCSHead(student.feature_dim, meta["num_classes"], meta["k"], meta.get("classify_from", "feature"),
+                       map_channels=meta["map_channels"], dense=mimic in ("dense", "both"),
+                       global_=mimic in ("global", "both"), task=meta.get("task", "classify"))
+    else:
+        head = TCSHead(student.feature_dim, meta["num_classes"], meta["k"], meta.get("classify_from", "feature"))
     student.load_state_dict(ck["student"])
     head.load_state_dict(ck["head"])
     student.eval()
@@ -97,7 +123,9 @@ def export_run(run_dir: Path | str, out_file: Path | str, fmt: str | None = None
     if meta["epoch"] < meta["epochs"]:
         log.warning("%s stopped after epoch %d of %d: exporting the unfinished model",
                     run_dir, meta["epoch"], meta["epochs"])
-    model = ExportedStudent(student, head.inference_classifier()).eval()
+    segment = head.task == "segment"
+    model = (ExportedSegmenter(student, head.pixel_classifier) if segment
+             else ExportedStudent(student, head.inference_classifier())).eval()
     size, ch = int(meta["image_size"]), int(meta["in_channels"])
     example = torch.rand(2, ch, size, size, generator=torch.Generator().manual_seed(0))
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
@@ -108,7 +136,7 @@ def export_run(run_dir: Path | str, out_file: Path | str, fmt: str | None = None
                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     with torch.no_grad():
         probe = torch.rand(3, ch, size, size, generator=torch.Generator().manual_seed(1))
-        ref, _ = head(student(probe))
+        ref = head.segment(student.feature_map(probe), (size, size)) if segment else head(student(probe))[0]
     _check_logits(ref, program.module()(probe), "exported")
     out_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_file.with_name(f".tmp-{out_file.name}")
@@ -124,11 +152,14 @@ def export_run(run_dir: Path | str, out_file: Path | str, fmt: str | None = None
     final = run_dir / "final.json"
     info.update({
         "input": "B x C x S x S float in [0, 1]",
-        "output": "B x num_classes logits", "student": meta["student"], "in_channels": ch, "image_size": size,
+        "output": "B x num_classes x S x S logits per pixel" if segment else "B x num_classes logits",
+        "student": meta["student"], "in_channels": ch, "image_size": size,
         "num_classes": meta["num_classes"], "feature_dim": student.feature_dim, "method": meta.get("method"),
         "dim": meta.get("k"), "classify_from": meta.get("classify_from", "feature"), "run_dir": str(run_dir),
         "final": json.loads(final.read_text()) if final.exists() else None,
     })
+    if segment:
+        info["task"] = "segment"
     Path(str(out_file) + ".json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     log.info("exported %s -> %s", run_dir, out_file)
     return out_file

@@ -8,10 +8,16 @@ chosen before anything is read for training: no target of its rows is loaded),
 term's hyperplanes) and :func:`assemble_inputs` (the datasets of training,
 validation, test and kNN references). :func:`online_teacher` loads the cache's
 teacher for ``--method online``.
+
+Dense and segmentation runs: :func:`resolve_mimic` says which targets the mimic term matches (``--mimic-on``
+against the cache's kind); on a patch cache the targets are token grids (tcskd.train.targets.load_dense_targets);
+with ``--task segment`` every dataset carries masks, CE sees the masks of ``--labels-per-class`` images
+(tcskd.splits.labelled_images) and the validation split is a seeded share of the images.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -22,16 +28,18 @@ import torch
 
 from tcskd.data import Source, has_split, open_source
 from tcskd.device import resolve_device
-from tcskd.errors import StoreError
-from tcskd.splits import Holdout, labelled_mask, rows_digest
-from tcskd.store.backends import Store
+from tcskd.errors import StoreError, TcskdError
+from tcskd.splits import Holdout, labelled_images, labelled_mask, rows_digest
+from tcskd.store.backends import Store, open_store
 from tcskd.store.bases import Basis
 from tcskd.store.handle import open_cache
 from tcskd.store.manifest import Manifest
+from tcskd.store.registry import resolve_cache
 from tcskd.train.data import ViewImages, resolve_augment
 from tcskd.train.losses import elsh_bias, elsh_planes, elsh_sample
 from tcskd.train.config import TrainConfig, default_dim
-from tcskd.train.targets import RAW, load_targets, match_rows, resolve_basis, target_scale
+from tcskd.train.targets import (RAW, load_dense_targets, load_targets, match_rows, mean_square, resolve_basis,
+                                 scale_targets, target_scale)
 from tcskd.views import resize_on_device
 
 log = logging.getLogger(__name__)
@@ -67,6 +75,57 @@ class RunInputs:
     basis_excludes_val: bool | None
     teacher_identity: dict[str, Any] | None = None
     elsh_rows: torch.Tensor | None = None
+    task: str = "classify"
+    mimic_on: str | None = None
+    """The resolved ``--mimic-on`` (global, dense or both); None without a mimic term (method ce)."""
+    grid: tuple[int, int] | None = None
+    """The teacher's token grid (Gh, Gw) of a patch cache."""
+
+    @property
+    def dense(self) -> bool:
+        """Whether the run mimics token grids."""
+        return self.mimic_on in ("dense", "both")
+
+    @property
+    def global_(self) -> bool:
+        """Whether the run mimics one global target per image."""
+        return self.mimic_on in ("global", "both")
+
+
+def mimic_for_cache(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with ``--mimic-on auto`` made ``dense`` when its cache holds patch tokens (read from the manifest
+    only), before the options are resolved: the tailoring presets (``--tailor auto``) and the saved config then
+    know the run is dense. Global caches, ce, and a cache that cannot be opened (refused later, by the
+    loading) leave ``cfg`` as it is."""
+    if cfg.mimic_on != "auto" or cfg.cache is None or cfg.method == "ce":
+        return cfg
+    try:
+        with open_store(resolve_cache(cfg.cache, cfg.cache_root)) as store:
+            dense = Manifest.read(store).dense
+    except (TcskdError, OSError):
+        return cfg
+    return dataclasses.replace(cfg, mimic_on="dense") if dense else cfg
+
+
+def resolve_mimic(cfg: TrainConfig, manifest: Manifest, cache_path: Any) -> str | None:
+    """``--mimic-on`` for this cache: auto -> global on a global cache, dense on a patch cache; None for ce (and
+    a run without a cache). TcskdError (one line) for a dense mimic on a global cache, method online on a
+    patch cache, or eLSH with dense targets."""
+    if cfg.method == "ce" or cfg.cache is None:
+        return None
+    mimic = cfg.mimic_on if cfg.mimic_on != "auto" else ("dense" if manifest.dense else "global")
+    if mimic in ("dense", "both") and not manifest.dense:
+        raise TcskdError(f"cache {cache_path} holds global features; dense mimicking needs a cache built with "
+                         f"`tcskd cache --tokens patch`")
+    if manifest.dense and cfg.method == "online":
+        raise TcskdError(f"cache {cache_path} holds token grids: --method online computes global targets only "
+                         f"(use --method tcs or fitnet)")
+    if mimic in ("dense", "both") and cfg.elsh_bits:
+        raise TcskdError(f"--elsh-bits hashes global targets; it does not work with dense targets (--mimic-on "
+                         f"{mimic} on cache {cache_path}): use --mimic-on global or --elsh-bits 0")
+    if manifest.dense and not manifest.grid:
+        raise StoreError(f"cache {cache_path} holds tokens but no grid in its manifest")
+    return mimic
 
 
 @dataclass
@@ -109,6 +168,8 @@ def open_train_rows(cfg: TrainConfig, store: Store | None, manifest: Manifest,
     if split == "test":
         log.warning("cache %s holds the test split: the student trains on test images", cache_path)
     train_source = open_source(data_spec, train_split)
+    if cfg.task == "segment" and not train_source.has_masks:
+        raise TcskdError(f"--task segment: {data_spec} has no masks")
     if store is not None:
         split_source = train_source if split == train_split else open_source(data_spec, split)
         limited = manifest.limited
@@ -133,14 +194,19 @@ class FitTargets:
     scale: float | None = None
     elsh: tuple[torch.Tensor, torch.Tensor] | None = None
     elsh_rows: torch.Tensor | None = None
+    dense: np.ndarray | None = None
+    """Dense targets (rows x V x T x K float16), scaled."""
 
 
 def load_fit_targets(cfg: TrainConfig, store: Store | None, basis: Basis | None,
-                     store_rows: np.ndarray | None) -> FitTargets:
+                     store_rows: np.ndarray | None, manifest: Manifest | None = None,
+                     mimic: str | None = None) -> FitTargets:
     """The targets of ``store_rows`` in ``basis`` divided by :func:`target_scale` (none for ``ce``; for
     ``online`` only while the eLSH bias needs them: the teacher computes them live)."""
     if basis is None:
         return FitTargets()
+    if manifest is not None and manifest.dense:
+        return _dense_fit_targets(cfg, store, basis, store_rows, manifest, mimic)
     targets = elsh = elsh_rows = None
     if cfg.method != "online" or cfg.elsh_bits:
         targets = load_targets(store, store_rows, basis)
@@ -154,6 +220,25 @@ def load_fit_targets(cfg: TrainConfig, store: Store | None, basis: Basis | None,
         if cfg.method == "online":
             targets = None  # only needed for the eLSH bias; the teacher computes them live
     return FitTargets(targets, scale, elsh, elsh_rows)
+
+
+def _dense_fit_targets(cfg: TrainConfig, store: Store, basis: Basis, store_rows: np.ndarray, manifest: Manifest,
+                       mimic: str | None) -> FitTargets:
+    """The targets of a patch cache: token grids (``dense``) and/or their means over the tokens (``targets``),
+    each divided by its own scale (the dense one from the basis, as global targets; the pooled one by the
+    root mean square of the pooled coordinates), the scale reported being the dense one when there is one."""
+    dense, pooled = load_dense_targets(store, store_rows, basis, manifest.coords_of,
+                                       dense=mimic in ("dense", "both"), pooled=mimic in ("global", "both"))
+    scale = None
+    if dense is not None:
+        scale = target_scale(basis, dense, cfg.target_norm)
+        scale_targets(dense, scale)
+    if pooled is not None:
+        ms = mean_square(pooled)
+        pooled_scale = float(np.sqrt(ms)) if cfg.target_norm == "global" and ms > 1e-12 else 1.0
+        pooled /= np.float32(pooled_scale)
+        scale = pooled_scale if scale is None else scale
+    return FitTargets(pooled, scale, dense=dense)
 
 
 def _basis_excludes_val(basis: Basis | None, val: np.ndarray, sample_index: np.ndarray) -> bool | None:
@@ -189,24 +274,28 @@ def assemble_inputs(cfg: TrainConfig, src: TrainRows, basis: Basis | None, fit: 
     channels, labels, sample_index, fit_rows = src.source.channels, src.labels, src.sample_index, ~val
     if holdout.empty:
         log.warning("no validation rows (--val-frac 0): choose settings on a held-out split, not on test")
-    labelled = labelled_mask(labels, sample_index, cfg.labels_per_class, cfg.seed, eligible=fit_rows)
+    segment = cfg.task == "segment"
+    labelled = (labelled_images(sample_index, cfg.labels_per_class, cfg.seed, eligible=fit_rows) if segment
+                else labelled_mask(labels, sample_index, cfg.labels_per_class, cfg.seed, eligible=fit_rows))
     basis_excludes_val = _basis_excludes_val(basis, val, sample_index)
     size, augment, teacher_size, defer = _student_views(cfg, src, manifest)
     view0 = src.params[:, :1] if src.params is not None else None
 
     def part(mask: np.ndarray, **kw: Any) -> ViewImages:
         p = kw.pop("params", view0)
+        kw.setdefault("masks", segment)
         return ViewImages(src.source, src.rows[mask], size, channels, p[mask] if p is not None else None, **kw)
 
     ce_labels = np.where(labelled, labels, -1).astype(np.int64)
     train_set = part(fit_rows, params=src.params, targets=fit.targets, ce_labels=ce_labels[fit_rows],
-                     augment=augment, seed=cfg.seed, teacher_size=teacher_size, defer_teacher_resize=defer)
-    knn_set = part(labelled)  # the kNN references: only the labels the run was given
+                     augment=augment, seed=cfg.seed, teacher_size=teacher_size, defer_teacher_resize=defer,
+                     dense_targets=fit.dense, mask_rows=labelled[fit_rows] if segment else None)
+    knn_set = part(labelled, masks=False)  # the kNN references: only the labels the run was given
     val_set = part(val) if val.any() else None
     test_set = None
     if src.train_split == "train" and has_split(src.data_spec, "test"):
         test_source = open_source(src.data_spec, "test")
-        test_set = ViewImages(test_source, np.arange(len(test_source)), size, channels)
+        test_set = ViewImages(test_source, np.arange(len(test_source)), size, channels, masks=segment)
     split = {"train": sample_index[fit_rows].tolist(), "val": sample_index[val].tolist(),
              "labelled": sample_index[labelled].tolist(), "holdout": holdout.as_dict(),
              "labels_per_class": cfg.labels_per_class, "seed": cfg.seed,
@@ -221,7 +310,9 @@ def assemble_inputs(cfg: TrainConfig, src: TrainRows, basis: Basis | None, fit: 
         cache_path=str(cache_path) if cache_path else None, cache_key=manifest.key,
         teacher_spec=manifest.teacher_spec, teacher_size=teacher_size, n_labelled=int(labelled.sum()),
         teacher_identity=manifest.teacher_identity, split=split,
-        basis_excludes_val=basis_excludes_val, setup_seconds=0.0)
+        basis_excludes_val=basis_excludes_val, setup_seconds=0.0, task=cfg.task,
+        mimic_on=resolve_mimic(cfg, manifest, cache_path),
+        grid=tuple(int(g) for g in manifest.grid) if manifest.dense and manifest.grid else None)
 
 
 def online_teacher(prep: RunInputs) -> Any:
@@ -248,10 +339,12 @@ def load_run_inputs(cfg: TrainConfig) -> RunInputs:
         cache = open_cache(cfg.cache, cfg.cache_root)  # refused unless complete and sound
         cache_path, store, manifest = cache.path, cache.store, cache.manifest
     try:
+        mimic = resolve_mimic(cfg, manifest, cache_path)  # a wrong combination is refused before any reading
         src = open_train_rows(cfg, store, manifest, cache_path)  # the validation rows held out
-        basis = (resolve_basis(store, cfg.method, cfg.basis, cfg.dim, default_dim(cfg)) if store is not None
-                 else None)
-        fit = load_fit_targets(cfg, store, basis, src.store_rows[~src.val] if store is not None else None)
+        basis = (resolve_basis(store, cfg.method, cfg.basis, cfg.dim, default_dim(cfg), manifest.coords_of)
+                 if store is not None else None)
+        fit = load_fit_targets(cfg, store, basis, src.store_rows[~src.val] if store is not None else None,
+                               manifest, mimic)
     finally:
         if store is not None:
             store.close()

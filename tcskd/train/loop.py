@@ -6,7 +6,12 @@ build (:func:`build_models`, :func:`build_run`: student, head, optimizer) ->
 restore (:func:`restore`, when resuming) -> for each epoch (:func:`run_epochs`):
 :func:`train_epoch`, :func:`evaluate_epoch`, :func:`select_coordinates` (tailoring),
 :func:`save_epoch` -> :func:`finish` (the final scores, ``final.json``).
-Learning-rate schedules (cosine, step, multistep) are pure functions of the step (:func:`lr_at`).
+Learning-rate schedules (cosine, step, multistep) are pure functions of the step (tcskd.train.schedule.lr_at).
+
+Every task and target kind goes through the same :func:`train_step` and :func:`train_epoch`: a dense run adds
+the dense mimic term (the predicted coordinate maps aligned to the teacher's grid, tcskd.train.losses), a
+segmentation run (``--task segment``) takes the masks as CE labels (255 = ignore) and is validated by mean IoU
+(``val_miou``, which plays the part ``val_top1`` plays for classification).
 
 The run directory and its files are described in tcskd.train.rundir, the
 checkpoint in tcskd.train.checkpoint; the datasets, sampler and DataLoaders in
@@ -24,14 +29,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -43,17 +45,19 @@ from tcskd.results import StoppedRun, TrainResult
 from tcskd.train.config import RESUME_FREE, TrainConfig, resolve_config, tailoring_label
 from tcskd.train.checkpoint import (CHECKPOINT, CHECKPOINT_FORMAT, check_resume, load_checkpoint, rng_state,
                                     save_checkpoint, set_rng_state)
-from tcskd.train.data import AUGMENT_RNG, BatchPlan, batch_plan, resolve_workers, train_loader
-from tcskd.train.evaluate import embed, final_scores, top1
+from tcskd.train.data import AUGMENT_RNG, Batch, BatchPlan, batch_plan, resolve_workers, train_loader
+from tcskd.train.evaluate import embed, final_scores, segment_scores, top1
 from tcskd.train.head import TCSHead
-from tcskd.train.inputs import RunInputs, load_run_inputs, online_teacher
+from tcskd.train.inputs import RunInputs, load_run_inputs, mimic_for_cache, online_teacher
 from tcskd.train.logger import MetricsLogger, NullLogger, open_logger
-from tcskd.train.losses import LossParts, elsh_bias, tcs_loss
+from tcskd.train.model import build_models, importance_rows, parallel_model
+from tcskd.train.losses import LossParts, align_to_grid, elsh_bias, tcs_loss
 from tcskd.train.plots import plot_curves
 from tcskd.train.rundir import (CONFIG, CURVES, FINAL, METRICS, SPLIT, append_metrics, read_metrics,
                                 shared_run_dir, write_json, write_text_atomic)
-from tcskd.train.selection import SelectionSchedule, apply_selection, step_importance
-from tcskd.train.students import Student, count_parameters, make_student
+from tcskd.train.schedule import lr_at
+from tcskd.train.selection import SelectionSchedule, apply_selection, gather_importance, step_importance
+from tcskd.train.students import Student, count_parameters
 from tcskd.train.targets import TorchProjection
 from tcskd.views import center_view
 
@@ -67,7 +71,7 @@ def train(cfg: TrainConfig) -> TrainResult | StoppedRun:
     """Stage 3: train ``cfg.student`` on ``cfg.cache``; returns the content of ``final.json``
     (:data:`tcskd.results.TrainResult`), or a :class:`~tcskd.results.StoppedRun` after ``stop_after`` epochs."""
     t_start = time.perf_counter()
-    cfg = resolve_config(cfg)
+    cfg = resolve_config(mimic_for_cache(cfg))  # auto on a patch cache: dense, before the presets apply
     device = setup_device(cfg)
     prep = load_run_inputs(cfg)                                            # prepare
     teacher = online_teacher(prep) if cfg.method == "online" else None
@@ -83,9 +87,9 @@ def train(cfg: TrainConfig) -> TrainResult | StoppedRun:
     start_run_dir(run)
     if teacher is not None:
         teacher.to(device)
-    log.info("training %s (%s, %d params) on %d images (%d labelled), method %s, K=%s, on %s",
+    log.info("training %s (%s, %d params) on %d images (%d labelled), %s, method %s, K=%s%s, on %s",
              cfg.student, prep.data_spec, count_parameters(student), len(prep.train_set), prep.n_labelled,
-             cfg.method, prep.k, device)
+             cfg.task, cfg.method, prep.k, f", mimic {prep.mimic_on}" if prep.mimic_on else "", device)
     try:
         run_epochs(run)                                                    # train, evaluate, select, save
     except BaseException:
@@ -146,28 +150,6 @@ class Run:
     logger: MetricsLogger = field(default_factory=NullLogger)  # mirrors metrics.jsonl (--log, rank 0)
 
 
-class StudentWithHead(torch.nn.Module):
-    """Student and TCS head as one module, so that DistributedDataParallel syncs both."""
-
-    def __init__(self, student: Student, head: TCSHead) -> None:
-        super().__init__()
-        self.student, self.head = student, head
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):
-        f = self.student(x)
-        logits, c_hat = self.head(f, mask)
-        return f, logits, c_hat
-
-
-def build_models(cfg: TrainConfig, prep: RunInputs) -> tuple[Student, TCSHead]:
-    """The student and its TCS head, initialised from ``cfg.seed`` (torch, numpy and python seeded first)."""
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed % (2 ** 32))
-    random.seed(cfg.seed)
-    student = make_student(cfg.student, prep.num_classes, prep.channels)
-    return student, TCSHead(student.feature_dim, prep.num_classes, prep.k, cfg.classify_from)
-
-
 def saved_checkpoint(cfg: TrainConfig, prep: RunInputs, out: Path) -> dict[str, Any] | None:
     """With ``--resume``, the checkpoint in ``out`` checked against this run's options and cache; None when
     the run starts from scratch."""
@@ -202,6 +184,9 @@ def build_run(cfg: TrainConfig, prep: RunInputs, device: torch.device, out: Path
             "cache_key": prep.cache_key, "basis": prep.basis_name, "basis_kind": prep.basis_kind,
             "method": cfg.method, "data": prep.data_spec, "augment_rng": AUGMENT_RNG,
             "classify_from": head.classify_from}
+    if head.needs_map:  # what load_run needs to rebuild a dense or segmentation head
+        meta.update({"task": cfg.task, "mimic_on": prep.mimic_on, "student_stage": cfg.student_stage,
+                     "map_channels": student.map_channels, "grid": list(prep.grid) if prep.grid else None})
     return Run(cfg, prep, device, resolve_workers(cfg.workers, device), out, student, head, optimizer, meta,
                teacher)
 
@@ -242,6 +227,8 @@ def start_run_dir(run: Run) -> None:
         "test_images": len(prep.test_set) if prep.test_set is not None else 0,
         "num_classes": prep.num_classes, "channels": prep.channels, "teacher_spec": prep.teacher_spec,
         "student_params": count_parameters(run.student), "head_params": count_parameters(run.head)}
+    if run.head.needs_map:
+        resolved["resolved"].update({"mimic_on": prep.mimic_on, "grid": list(prep.grid) if prep.grid else None})
     resolved["resolved"]["world_size"] = dist.world()
     if dist.is_main():
         write_text_atomic(out / CONFIG, yaml.safe_dump(resolved, sort_keys=False))  # --resume reads it
@@ -282,25 +269,10 @@ class EpochStats:
     first_batch_s: float | None
 
 
-def parallel_model(run: Run) -> torch.nn.Module:
-    """Student and head as one module; under torchrun, DistributedDataParallel (with SyncBatchNorm when asked)."""
-    model: torch.nn.Module = StudentWithHead(run.student, run.head)
-    if dist.world() > 1:
-        # Each rank accumulates its own importance (summed over ranks before a selection step): DDP must
-        # not overwrite it with rank 0's buffer at every forward.
-        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-            model, ["head.importance"])
-        if run.cfg.sync_bn:
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[run.device.index] if run.device.type == "cuda" else None)
-    return model
-
-
 def epoch_loop(run: Run) -> EpochLoop:
     """The :class:`EpochLoop` of ``run``, from its current epoch on."""
     cfg, prep = run.cfg, run.prep
-    model = parallel_model(run)
+    model = parallel_model(run.student, run.head, run.device, cfg.sync_bn, prep.image_size)
     plan = batch_plan(len(prep.train_set), cfg.batch_size, dist.world())
     schedule = SelectionSchedule(prep.k or 0, cfg.epochs, cfg.select_every, cfg.drop_frac, cfg.min_dim)
     project = TorchProjection(prep.basis, run.device, prep.target_scale) if run.teacher is not None else None
@@ -330,14 +302,18 @@ def run_epochs(run: Run) -> None:
     dist.barrier()
 
 
-def train_step(run: Run, loop: EpochLoop, batch: tuple, lr: float) -> LossParts:
+def train_step(run: Run, loop: EpochLoop, batch: Batch, lr: float) -> LossParts:
     """One optimizer step on ``batch`` at learning rate ``lr``; the head's importance accumulates."""
     cfg, device, head = run.cfg, run.device, run.head
-    x, c, y, _, _, tx = batch
+    x, c, y, tx = batch.x, batch.target, batch.label, batch.teacher_x
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     x = x.to(device, non_blocking=True)
-    y = y.to(device, non_blocking=True)
+    if cfg.task == "segment":  # per-pixel CE labels; 255 (ignore) becomes -1, as an unlabelled image's label
+        y = batch.mask.to(device, non_blocking=True).long()
+        y = y.masked_fill(y == 255, -1)
+    else:
+        y = y.to(device, non_blocking=True)
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     if run.teacher is not None:
@@ -346,15 +322,19 @@ def train_step(run: Run, loop: EpochLoop, batch: tuple, lr: float) -> LossParts:
             with autocast(device):
                 feats = run.teacher.features(tx)
             c = loop.project(feats)  # in float32, like the cached targets
-    elif head.k:
+    elif head.global_:
         c = c.to(device, non_blocking=True)
     # The mask enters the loss (and the classifier, reading coords) as a copy whose gradient
     # is the taylor criterion; its values are the head's.
     mask = head.mask.clone().requires_grad_(cfg.select_by == "taylor") if head.k else None
     with autocast(device):
-        f, logits, c_hat = loop.model(x, mask)
-    parts = tcs_loss(logits, y, c_hat, c if head.k else None, mask, cfg.lam, cfg.mimic, loop.elsh,
-                     cfg.elsh_weight if cfg.elsh_bits else 0.0)
+        f, logits, c_hat, d_hat = loop.model(x, mask)
+    dense: dict[str, Any] = {}
+    if d_hat is not None:  # aligned to the teacher's grid, the student's augmentation undone
+        d_al, valid = align_to_grid(d_hat.float(), run.prep.grid, batch.aug, x.shape[-1])
+        dense = {"d_hat": d_al, "d": batch.dense.to(device, non_blocking=True).float(), "valid": valid}
+    parts = tcs_loss(logits, y, c_hat, c if head.global_ else None, mask, cfg.lam, cfg.mimic, loop.elsh,
+                     cfg.elsh_weight if cfg.elsh_bits else 0.0, **dense)
     run.optimizer.zero_grad(set_to_none=True)
     parts.total.backward()
     if head.k:
@@ -362,7 +342,8 @@ def train_step(run: Run, loop: EpochLoop, batch: tuple, lr: float) -> LossParts:
             # Per rank, a share of the step's importance: summed over ranks it is one process's
             # (grad is the gradient DDP already averaged, the same on every rank).
             share = 1 if cfg.select_by == "grad" else dist.world()
-            head.importance += step_importance(cfg.select_by, head.gate.grad, mask.grad, c_hat, c) / share
+            pred, target = importance_rows(c_hat, c if head.global_ else None, dense)
+            head.importance += step_importance(cfg.select_by, head.gate.grad, mask.grad, pred, target) / share
         head.gate.grad = None
     run.optimizer.step()
     return parts
@@ -375,7 +356,7 @@ def train_epoch(run: Run, loop: EpochLoop, epoch: int) -> EpochStats:
     t_epoch = time.perf_counter()
     run.student.train()
     run.head.train()
-    sums = torch.zeros(4, device=device)
+    sums = torch.zeros(5, device=device)
     steps, lr, active = 0, cfg.lr, run.head.active
     waited, first = 0.0, None
     milestones = tuple(m * loop.plan.steps_per_epoch for m in cfg.milestones)
@@ -408,34 +389,41 @@ def train_epoch(run: Run, loop: EpochLoop, epoch: int) -> EpochStats:
     return EpochStats(means, lr, active, seconds, images, steps, waited, first)
 
 
-def evaluate_epoch(run: Run, epoch: int) -> float | None:
-    """Validation top-1 after ``epoch`` (rank 0, every ``eval_every`` epochs and after the last); the test
+def evaluate_epoch(run: Run, epoch: int) -> dict[str, float | None]:
+    """Validation scores after ``epoch`` (rank 0, every ``eval_every`` epochs and after the last): top-1
+    (``val_top1``), or for segmentation ``val_miou`` and ``val_pixel_acc`` (``val_top1`` None); the test
     split is never looked at during training."""
     cfg, prep = run.cfg, run.prep
     if not (dist.is_main() and prep.val_set is not None
             and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs)):
-        return None
+        return {"val_top1": None, **({"val_miou": None, "val_pixel_acc": None} if cfg.task == "segment" else {})}
+    if cfg.task == "segment":
+        miou, acc = segment_scores(run.student, run.head, prep.val_set, run.device, _eval_batch(cfg), run.workers)
+        return {"val_top1": None, "val_miou": miou, "val_pixel_acc": acc}
     _, logits = embed(run.student, run.head, prep.val_set, run.device, _eval_batch(cfg), run.workers)
-    return top1(logits, prep.val_set.ce_labels)
+    return {"val_top1": top1(logits, prep.val_set.ce_labels)}
 
 
 def select_coordinates(run: Run, loop: EpochLoop, epoch: int) -> None:
     """Tailoring after ``epoch``: the importance summed over ranks, the schedule's coordinates dropped, the
     eLSH bias fitted again to the coordinates still active."""
     world, rank = dist.world(), dist.rank()
-    _gather_importance(run.head, run.cfg.select_by, world, rank, everywhere=loop.schedule.selects_after(epoch))
+    gather_importance(run.head, run.cfg.select_by, world, rank, everywhere=loop.schedule.selects_after(epoch))
     if apply_selection(run.head, loop.schedule, epoch) and loop.elsh is not None:
         loop.elsh = _elsh_for_mask(run.prep, run.head, run.device)  # the hash of the coordinates still active
 
 
-def save_epoch(run: Run, stats: EpochStats, val: float | None, t_epoch: float) -> None:
+def save_epoch(run: Run, stats: EpochStats, val: dict[str, float | None], t_epoch: float) -> None:
     """The epoch's row of ``metrics.jsonl`` and the checkpoint (rank 0)."""
     cfg, state, out = run.cfg, run.state, run.out
     row = {"epoch": state.epoch, "loss": stats.means[0], "loss_ce": stats.means[1],
            "loss_mimic": stats.means[2], "loss_elsh": stats.means[3], "lr": stats.lr,
-           "active_coords": stats.active, "train_img_per_s": stats.images / stats.seconds, "val_top1": val,
+           "active_coords": stats.active, "train_img_per_s": stats.images / stats.seconds,
+           "val_top1": val["val_top1"],
            "seconds": time.perf_counter() - t_epoch, "data_wait_s": stats.data_wait_s,
            "first_batch_s": stats.first_batch_s, "steps": stats.steps}
+    if run.head.needs_map:  # dense or segmentation runs: the dense term and the segmentation scores
+        row.update({"loss_dense": stats.means[4], **{k: v for k, v in val.items() if k != "val_top1"}})
     append_metrics(out / METRICS, row)
     run.logger.log_epoch(row)
     save_checkpoint(out / CHECKPOINT, {
@@ -444,22 +432,10 @@ def save_epoch(run: Run, stats: EpochStats, val: float | None, t_epoch: float) -
         "student": run.student.state_dict(), "head": run.head.state_dict(),
         "optimizer": run.optimizer.state_dict(), "rng": rng_state(), "config": dataclasses.asdict(cfg),
         "meta": run.meta})
-    log.info("epoch %d/%d: loss %.4f (ce %.4f, mimic %.4f, elsh %.4f), active %s, val top-1 %s, %.0f img/s",
-             state.epoch, cfg.epochs, *stats.means, stats.active, "-" if val is None else f"{val:.4f}",
-             stats.images / stats.seconds)
-
-
-def _gather_importance(head: TCSHead, select_by: str, world: int, rank: int, everywhere: bool) -> None:
-    """Under torchrun, after every epoch: rank 0's importance becomes the sum over all ranks and the
-    others start again from 0, so rank 0's checkpoint holds what every rank accumulated (a run resumed
-    with any number of processes goes on from the same total); before a selection step (``everywhere``)
-    every rank keeps the sum, so all drop the same coordinates. ``grad`` needs nothing: DDP averages the
-    gate's gradient, so every rank accumulates the same values."""
-    if world == 1 or not head.k or select_by == "grad":
-        return
-    dist.all_reduce_sum(head.importance)
-    if rank != 0 and not everywhere:
-        head.importance.zero_()
+    what, score = ("mIoU", val.get("val_miou")) if cfg.task == "segment" else ("top-1", val["val_top1"])
+    log.info("epoch %d/%d: loss %.4f (ce %.4f, mimic %.4f, elsh %.4f, dense %.4f), active %s, val %s %s, "
+             "%.0f img/s", state.epoch, cfg.epochs, *stats.means, stats.active, what,
+             "-" if score is None else f"{score:.4f}", stats.images / stats.seconds)
 
 
 def _elsh_for_mask(prep: RunInputs, head: TCSHead, device: torch.device
@@ -480,6 +456,8 @@ def finish(run: Run, t_start: float) -> TrainResult:
     t_eval = time.perf_counter()
     scores = final_scores(student, head, prep, run.device, _eval_batch(cfg), run.workers)
     rows = read_metrics(out / METRICS, state.epoch)
+    if cfg.task == "segment":
+        scores["best_val_miou"] = max((r["val_miou"] for r in rows if r.get("val_miou") is not None), default=None)
     final: TrainResult = {
         **scores, "train_seconds": state.train_seconds,
         "img_per_s": state.images / state.train_seconds if state.train_seconds > 0 else None,
@@ -496,36 +474,17 @@ def finish(run: Run, t_start: float) -> TrainResult:
         "total_seconds": time.perf_counter() - t_start, "run_dir": str(out),
         "best_val_top1": max((r["val_top1"] for r in rows if r.get("val_top1") is not None), default=None),
         "val_rows": len(prep.split["val"]), "holdout": prep.split["holdout"],
-        "basis_excludes_val": prep.basis_excludes_val,
+        "basis_excludes_val": prep.basis_excludes_val, "task": cfg.task, "mimic_on": prep.mimic_on,
     }
     # final.json marks the run finished (a resume then does nothing): every other artifact comes first.
     plot_curves(rows, out / CURVES, f"{cfg.method} {cfg.student} K={prep.k} seed {cfg.seed}")
     write_json(out / FINAL, final)
     run.logger.log_final(final, state.epoch)
     run.logger.close()
-    log.info("finished: val top-1 %s, test top-1 %s, kNN top-1 %s, %.1f s of training; %s",
-             final["val_top1"], final["test_top1"], final["knn_top1"], state.train_seconds, out)
+    shown = ("val_miou", "test_miou") if cfg.task == "segment" else ("val_top1", "test_top1", "knn_top1")
+    log.info("finished: %s, %.1f s of training; %s", ", ".join(f"{k} {final.get(k)}" for k in shown),
+             state.train_seconds, out)
     return final
-
-
-# -- schedules (pure) -----------------------------------------------------------
-
-def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, schedule: str = "cosine",
-          milestones: tuple[int, ...] = (), gamma: float = 0.1) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine to 0, steps (x0.1 at
-    50% and 75% of ``total_steps``) or multistep (x ``gamma`` for each of ``milestones``, given in steps,
-    that ``step`` has reached)."""
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    if schedule == "cosine":
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    if schedule == "step":
-        passed = sum(step >= int(f * total_steps) for f in (0.5, 0.75))
-        return base_lr * 0.1 ** passed
-    if schedule == "multistep":
-        return base_lr * gamma ** sum(step >= m for m in milestones)
-    raise ValueError(f"unknown schedule '{schedule}'")
 
 
 def _eval_batch(cfg: TrainConfig) -> int:

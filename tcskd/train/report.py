@@ -1,4 +1,8 @@
-"""Compare finished runs: a Markdown table and a bar chart of test top-1.
+"""Compare finished runs: a Markdown table and a bar chart of test top-1 (test mean IoU for segmentation).
+
+Segmentation runs (``task: segment`` in final.json) get the columns val / test mean IoU and test pixel
+accuracy instead of the top-1 and kNN ones (a mix of tasks gets both sets, each ``-`` where it does not
+apply), and the chart shows test mIoU when every run segments.
 
 A run directory (written by ``tcskd train``) holds ``final.json`` (the run's
 summary), ``config.yaml`` and ``metrics.jsonl``. Runs are grouped by
@@ -27,7 +31,7 @@ log = logging.getLogger(__name__)
 GROUP_KEYS = ("method", "basis_kind", "dim", "labels_per_class")
 #: Added to the key (and shown as a column) only when they vary across runs.
 OPTIONAL_KEYS = ("student", "lambda", "tailoring", "elsh_bits", "classify_from", "basis", "epochs", "mimic",
-                 "target_norm", "holdout", "cache_key")
+                 "target_norm", "holdout", "cache_key", "task", "mimic_on")
 #: Baselines first (no KD, FitNet, online KD), in this order; other methods (tcs) follow alphabetically.
 METHOD_ORDER = ("ce", "fitnet", "online")
 MB = 1024 * 1024
@@ -212,6 +216,9 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, tuple[float | None, float
         "val_top1": mean_std(col("val_top1", 100.0)),
         "test_top1": mean_std(col("test_top1", 100.0)),
         "knn_top1": mean_std(col("knn_top1", 100.0)),
+        "val_miou": mean_std(col("val_miou", 100.0)),
+        "test_miou": mean_std(col("test_miou", 100.0)),
+        "test_pixel_acc": mean_std(col("test_pixel_acc", 100.0)),
         "img_per_s": mean_std(col("img_per_s", 1.0)),
         "peak_mem_mb": mean_std(col("peak_mem_bytes", 1.0 / MB)),
         "train_seconds": mean_std(col("train_seconds", 1.0)),
@@ -250,11 +257,26 @@ def _fmt_key(name: str, value: Any) -> str:
 HEADERS = {"method": "method", "basis_kind": "basis", "dim": "dim", "labels_per_class": "labels/class",
            "student": "student", "lambda": "lambda", "tailoring": "tailoring", "elsh_bits": "eLSH bits",
            "classify_from": "classifier on", "basis": "basis name", "epochs": "epochs", "mimic": "mimic",
-           "target_norm": "target norm", "holdout": "validation", "cache_key": "cache"}
+           "target_norm": "target norm", "holdout": "validation", "cache_key": "cache", "task": "task",
+           "mimic_on": "mimic on"}
 #: Said under every table: which column choices are made on.
 PROTOCOL = ("val top-1: the held-out validation rows of the training split, where settings are chosen; "
             "test top-1: the test split, evaluated once per run after training; kNN: test top-1 of a "
             "weighted kNN on the student's features whose references are only the labelled training rows.")
+#: Said under a table of segmentation runs.
+SEG_PROTOCOL = ("val mIoU: mean IoU on the held-out validation images, where settings are chosen; test mIoU and "
+                "pixel accuracy: the test split, evaluated once per run after training.")
+#: The score columns of each task: (header, summarised quantity).
+SCORE_COLUMNS = {"classify": [("val top-1 (%)", "val_top1"), ("test top-1 (%)", "test_top1"),
+                              ("kNN top-1 (%)", "knn_top1")],
+                 "segment": [("val mIoU (%)", "val_miou"), ("test mIoU (%)", "test_miou"),
+                             ("test pixel acc (%)", "test_pixel_acc")]}
+
+
+def _tasks(runs: list[dict[str, Any]]) -> list[str]:
+    """The tasks among ``runs``, classify first (final.json without ``task``: classify)."""
+    have = {r.get("task") or "classify" for r in runs}
+    return [t for t in ("classify", "segment") if t in have]
 
 
 def teacher_lines(evals: list[dict[str, Any]]) -> list[str]:
@@ -285,9 +307,11 @@ def markdown_table(runs: list[dict[str, Any]], teacher_eval: list[dict[str, Any]
     """A Markdown comparison table of the runs (one row per group), optionally under teacher lines."""
     names, groups = group_runs(runs)
     order = ["labels_per_class", "method", "basis_kind", "dim"] + names[4:]
-    head = [HEADERS[n] for n in order] + ["val top-1 (%)", "test top-1 (%)", "kNN top-1 (%)", "train img/s",
-                                          "peak mem (MB)", "n"]
-    align = ["---"] * len(order) + ["---:"] * 6
+    tasks = _tasks(runs)
+    scores = [c for t in tasks for c in SCORE_COLUMNS[t]]
+    headers = dict(HEADERS, labels_per_class="labelled images") if tasks == ["segment"] else HEADERS
+    head = [headers[n] for n in order] + [h for h, _ in scores] + ["train img/s", "peak mem (MB)", "n"]
+    align = ["---"] * len(order) + ["---:"] * (len(scores) + 3)
     lines = []
     if teacher_eval:
         lines += [line + "  " for line in teacher_lines(teacher_eval)] + [""]
@@ -295,11 +319,12 @@ def markdown_table(runs: list[dict[str, Any]], teacher_eval: list[dict[str, Any]
     for g in groups:
         s = g["stats"]
         cells = [_fmt_key(n, g["key"][n]) for n in order]
-        cells += [_fmt(s["val_top1"], 2), _fmt(s["test_top1"], 2), _fmt(s["knn_top1"], 2), _fmt(s["img_per_s"], 0),
-                  _fmt(s["peak_mem_mb"], 0), str(len(g["runs"]))]
+        cells += [_fmt(s[q], 2) for _, q in scores]
+        cells += [_fmt(s["img_per_s"], 0), _fmt(s["peak_mem_mb"], 0), str(len(g["runs"]))]
         lines.append("| " + " | ".join(cells) + " |")
+    protocol = " ".join({"classify": PROTOCOL, "segment": SEG_PROTOCOL}[t] for t in tasks)
     lines += ["", f"mean ± sample std (ddof=1) over n runs (seeds); {len(runs)} run(s) in {len(groups)} group(s). "
-              + PROTOCOL]
+              + protocol]
     return "\n".join(lines) + "\n"
 
 
@@ -321,7 +346,8 @@ def _group_label(key: dict[str, Any]) -> str:
 
 def plot_runs(runs: list[dict[str, Any]], png_path: str | Path,
               teacher_eval: list[dict[str, Any]] | None = None) -> Path:
-    """A bar chart of test top-1 (mean ± sample std per group) written to ``png_path``.
+    """A bar chart of test top-1 (test mIoU when every run segments; mean ± sample std per group) written to
+    ``png_path``.
 
     Uses the Agg canvas directly (no pyplot, no global backend change).
     Teacher kNN / linear-probe accuracies, when given, are drawn as lines.
@@ -333,9 +359,10 @@ def plot_runs(runs: list[dict[str, Any]], png_path: str | Path,
     every = [e for e in teacher_eval or [] if _num(e.get("labels_per_class")) is None]
     teacher_eval = every[0] if every else None
     _, groups = group_runs(runs)
+    metric, what = ("test_miou", "test mIoU") if _tasks(runs) == ["segment"] else ("test_top1", "test top-1")
     labels = [_group_label(g["key"]) for g in groups]
-    means = [g["stats"]["test_top1"][0] for g in groups]
-    stds = [g["stats"]["test_top1"][1] or 0.0 for g in groups]
+    means = [g["stats"][metric][0] for g in groups]
+    stds = [g["stats"][metric][1] or 0.0 for g in groups]
     methods = sorted({str(g["key"].get("method")) for g in groups})
     colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
 
@@ -359,11 +386,11 @@ def plot_runs(runs: list[dict[str, Any]], png_path: str | Path,
         ax.legend(loc="lower right", fontsize=7)
     ax.set_xticks(xs)
     ax.set_xticklabels(labels, fontsize=7, rotation=30 if len(groups) > 6 else 0, ha="center")
-    ax.set_ylabel("test top-1 (%)")
+    ax.set_ylabel(f"{what} (%)")
     top = max([m + s for m, s in zip(heights, stds)] + [100 * (_num((teacher_eval or {}).get(n)) or 0)
                                                           for n in ("knn_top1", "linear_top1")] + [1.0])
     ax.set_ylim(0, min(105.0, top * 1.12 + 1))
-    ax.set_title("test top-1 per group (mean ± std over seeds)")
+    ax.set_title(f"{what} per group (mean ± std over seeds)")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     out = Path(png_path)

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tcskd import dist
+
 SELECT_BY = ("grad", "taylor", "error", "worst")
 
 
@@ -119,3 +121,16 @@ def apply_selection(head: torch.nn.Module, schedule: SelectionSchedule, epoch: i
     head.mask.copy_(torch.from_numpy(new).to(head.mask))
     head.importance.zero_()
     return True
+
+
+def gather_importance(head: torch.nn.Module, select_by: str, world: int, rank: int, everywhere: bool) -> None:
+    """Under torchrun, after every epoch: rank 0's importance becomes the sum over all ranks and the
+    others start again from 0, so rank 0's checkpoint holds what every rank accumulated (a run resumed
+    with any number of processes goes on from the same total); before a selection step (``everywhere``)
+    every rank keeps the sum, so all drop the same coordinates. ``grad`` needs nothing: DDP averages the
+    gate's gradient, so every rank accumulates the same values."""
+    if world == 1 or not head.k or select_by == "grad":
+        return
+    dist.all_reduce_sum(head.importance)
+    if rank != 0 and not everywhere:
+        head.importance.zero_()

@@ -18,6 +18,15 @@ Targets (N x V x K float32, loaded once into memory, chunk by chunk):
 - ``ce``: none (no feature is read);
 - ``online``: computed live by the teacher in the loop (tcskd.train.loop).
 
+Dense targets (a ``patch`` cache, Manifest.tokens; :func:`load_dense_targets`): N x V x T x K float16 in
+memory, T = Gh * Gw tokens in row-major (y, x) order, read chunk by chunk: a raw token cache is projected
+token by token with the basis (PCA or random: ``B (x - mean)`` / whitening; fitnet's identity: the raw tokens);
+a coordinate cache (``Manifest.coords_of``: ``features`` already holds the first K coordinates in
+``bases/<coords_of>``) is read as it is, its first ``--dim`` columns (whitened when that basis is). The global
+targets of a patch cache (``--mimic-on global|both``) are the mean over the view's tokens of their coordinates:
+the projection is linear, so that is the coordinates of the mean-pooled token (the teacher's mean-pooled
+embedding); they get their own scale (the root mean square of the pooled coordinates).
+
 With ``--target-norm global`` (the default) all targets are divided by one
 number, sqrt of the mean variance of the K coordinates (:func:`target_scale`),
 so that lambda means the same for any teacher; ``none`` keeps them as stored.
@@ -56,17 +65,26 @@ def raw_basis(dim: int) -> Basis:
 
 
 def resolve_basis(store: Store, method: str, name: str, dim: int | None,
-                  default: int | None = None) -> Basis | None:
-    """The coordinate system of ``method`` (None for ``ce``), truncated to ``dim`` (not for fitnet)."""
+                  default: int | None = None, coords_of: str | None = None) -> Basis | None:
+    """The coordinate system of ``method`` (None for ``ce``), truncated to ``dim`` (not for fitnet). On a
+    coordinate cache (``coords_of``) it is that basis: ``name`` must be it (the default name ``pca`` means it)."""
     if method == "ce":
         return None
+    if coords_of is not None:
+        if method == "fitnet":
+            raise StoreError(f"cache {store.path} holds {coords_of} coordinates, not raw tokens: --method fitnet "
+                             f"needs a cache built without --dim")
+        if name not in (coords_of, "pca"):
+            raise StoreError(f"cache {store.path} holds coordinates in basis '{coords_of}': --basis must be "
+                             f"{coords_of} (raw tokens, needed for '{name}', are not stored)")
+        name = coords_of
     if method == "fitnet":
         names = store.bases()
         if name in names and store.attrs(f"bases/{name}").get("kind") == "identity":
             chosen = name
         else:
             chosen = next((n for n in names if store.attrs(f"bases/{n}").get("kind") == "identity"), None)
-        basis = load_basis(store, chosen) if chosen else raw_basis(int(store["features"].shape[2]))
+        basis = load_basis(store, chosen) if chosen else raw_basis(int(store["features"].shape[-1]))
         if chosen is None:
             log.info("fitnet: no identity basis stored; targets are the raw features")
         if dim is not None and dim != basis.k:
@@ -173,6 +191,59 @@ def load_targets(store: Store, store_rows: np.ndarray, basis: Basis, progress: b
     return out
 
 
+def load_dense_targets(store: Store, store_rows: np.ndarray, basis: Basis, coords_of: str | None = None,
+                       dense: bool = True, pooled: bool = False, progress: bool = True
+                       ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(dense targets len(rows) x V x T x K float16 or None, pooled targets len(rows) x V x K float32 or None)
+    of a patch cache, read chunk by chunk (module docstring); ``dense``/``pooled`` say which are wanted."""
+    arr = store["features"]
+    n_rows, views, tokens = int(arr.shape[0]), int(arr.shape[1]), int(arr.shape[2])
+    k = basis.k
+    if coords_of is not None and arr.shape[3] < k:
+        raise StoreError(f"cache {store.path} holds {arr.shape[3]} coordinates per token; need {k}")
+    chunk = read_chunk_rows(store)
+    out = np.empty((len(store_rows), views, tokens, k), np.float16) if dense else None
+    mean = np.empty((len(store_rows), views, k), np.float32) if pooled else None
+    order = np.argsort(store_rows, kind="stable")
+    srt = store_rows[order]
+    what = f"{coords_of} coords" if coords_of else ("raw tokens" if basis.name == RAW else "tokens")
+    divisor = torch.from_numpy(basis.scale().astype(np.float32))
+    show = None if progress and -(-n_rows // chunk) >= 8 else False
+    for c in iter_feature_chunks(store, desc=f"dense targets ({what})", chunk_ids=np.unique(store_rows // chunk),
+                                 ok=np.ones(n_rows, bool), progress=show):
+        lo, hi = np.searchsorted(srt, c.start), np.searchsorted(srt, c.stop)
+        items = order[lo:hi]
+        block = torch.from_numpy(c.x[store_rows[items] - c.start].astype(np.float32))  # rows x V x T x D
+        if coords_of is not None:
+            coords = block[..., :k] / divisor
+        elif basis.name == RAW:
+            coords = block[..., :k]
+        else:
+            coords = basis.project(block)  # every token of the chunk at once, in float32
+        if not torch.isfinite(coords).all():
+            raise StoreError(f"cache {store.path}: the dense targets contain NaN or Inf ({what})")
+        if out is not None:
+            out[items] = coords.numpy().astype(np.float16)
+        if mean is not None:
+            mean[items] = coords.mean(2).numpy()
+    log.info("dense targets: %d rows x %d views x %d tokens x %d coords from %s", len(store_rows), views,
+             tokens, k, what)
+    return out, mean
+
+
+def mean_square(targets: np.ndarray, block: int = 4096) -> float:
+    """The mean of ``targets ** 2`` (any shape, any float dtype), in float64, ``block`` rows at a time."""
+    total = sum(float(np.square(targets[i:i + block], dtype=np.float64).sum())
+                for i in range(0, len(targets), block))
+    return total / max(1, targets.size)
+
+
+def scale_targets(targets: np.ndarray, scale: float, block: int = 4096) -> None:
+    """``targets /= scale`` in place, ``block`` rows at a time (float16 targets stay float16)."""
+    for i in range(0, len(targets), block):
+        targets[i:i + block] = (targets[i:i + block].astype(np.float32) / np.float32(scale)).astype(targets.dtype)
+
+
 TARGET_NORMS = ("global", "none")
 
 
@@ -193,7 +264,8 @@ def target_scale(basis: Basis, targets: np.ndarray | None, norm: str = "global")
     if basis.name == RAW:
         if targets is None:
             return 1.0
-        var = float(np.mean(np.square(targets, dtype=np.float64)))
+        # Dense (float16, N x V x T x K) targets in blocks; global ones as always.
+        var = mean_square(targets) if targets.ndim == 4 else float(np.mean(np.square(targets, dtype=np.float64)))
     else:
         var = float(np.mean(basis.eigenvalues / basis.scale() ** 2))
     return float(np.sqrt(var)) if var > 1e-12 else 1.0
