@@ -239,8 +239,9 @@ def test_the_pooled_feature_comes_from_the_map_only_when_forward_is_its_pool():
     head = TCSHead(last.feature_dim, 4, 5, map_channels=last.map_channels, dense=True)
     x = torch.rand(3, 1, 16, 16)
     last.eval()
-    f, logits, c_hat, d_hat = StudentWithHead(last, head, pool_map=True).eval()(x)
+    f, logits, c_hat, d_hat, valid = StudentWithHead(last, head, pool_map=True).eval()(x)
     assert torch.allclose(f, last(x), atol=1e-5) and d_hat.shape == (3, 5, 4, 4) and c_hat.shape == (3, 5)
+    assert valid is None
     assert torch.allclose(logits, head(last(x))[0], atol=1e-5)
 
 
@@ -263,3 +264,27 @@ def test_auto_on_a_patch_cache_is_dense_before_the_presets_apply(data, tmp_path)
     again = train(TrainConfig(cache=str(cache), epochs=1, batch_size=8, device="cpu", out=str(tmp_path / "run"),
                               resume=True))  # resumes (finished): the saved dense equals auto made dense
     assert again["val_top1"] == res["val_top1"]
+
+
+@pytest.mark.parametrize("aug", [None, "shift-flip"])
+def test_aligning_the_map_before_projecting_equals_projecting_first(aug):
+    # The model aligns the student's map to the teacher's grid and then projects it (cheap for a wide K);
+    # on every location that counts this is the alignment of the projected map.
+    from tcskd.train.losses import align_to_grid
+    from tcskd.train.model import StudentWithHead
+    from tcskd.train.students import make_student
+
+    torch.manual_seed(0)
+    student = make_student("segnet", 4, 1).eval()
+    head = TCSHead(student.feature_dim, 4, 6, map_channels=student.map_channels, dense=True, task="segment").eval()
+    x = torch.rand(4, 1, 32, 32)
+    shifts = torch.tensor([[2.0, -3.0, 1.0], [0.0, 0.0, 0.0], [-4.0, 1.0, 0.0], [1.0, 5.0, 1.0]])
+    a = shifts if aug else None
+    with torch.no_grad():
+        _, _, _, d_hat, valid = StudentWithHead(student, head)(x, None, (7, 7), a)
+        first, valid_first = align_to_grid(head.project_map(student.feature_map(x)), (7, 7), a, 32)
+    assert d_hat.shape == first.shape == (4, 6, 7, 7)
+    keep = torch.ones(4, 7, 7, dtype=torch.bool) if valid is None else valid.bool()
+    assert valid is None or (torch.equal(valid, valid_first) and 0 < keep.sum() < keep.numel())
+    diff = (d_hat - first).abs().amax(1)[keep]
+    assert diff.max() < 1e-4 * (1 + first.abs().max())

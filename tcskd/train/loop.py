@@ -51,7 +51,7 @@ from tcskd.train.head import TCSHead
 from tcskd.train.inputs import RunInputs, load_run_inputs, mimic_for_cache, online_teacher
 from tcskd.train.logger import MetricsLogger, NullLogger, open_logger
 from tcskd.train.model import build_models, importance_rows, parallel_model
-from tcskd.train.losses import LossParts, align_to_grid, elsh_bias, tcs_loss
+from tcskd.train.losses import LossParts, elsh_bias, tcs_loss
 from tcskd.train.plots import plot_curves
 from tcskd.train.rundir import (CONFIG, CURVES, FINAL, METRICS, SPLIT, append_metrics, read_metrics,
                                 shared_run_dir, write_json, write_text_atomic)
@@ -328,11 +328,11 @@ def train_step(run: Run, loop: EpochLoop, batch: Batch, lr: float) -> LossParts:
     # is the taylor criterion; its values are the head's.
     mask = head.mask.clone().requires_grad_(cfg.select_by == "taylor") if head.k else None
     with autocast(device):
-        f, logits, c_hat, d_hat = loop.model(x, mask)
+        # dense predictions come aligned to the teacher's grid, the student's augmentation undone
+        f, logits, c_hat, d_hat, valid = loop.model(x, mask, run.prep.grid, batch.aug)
     dense: dict[str, Any] = {}
-    if d_hat is not None:  # aligned to the teacher's grid, the student's augmentation undone
-        d_al, valid = align_to_grid(d_hat.float(), run.prep.grid, batch.aug, x.shape[-1])
-        dense = {"d_hat": d_al, "d": batch.dense.to(device, non_blocking=True).float(), "valid": valid}
+    if d_hat is not None:
+        dense = {"d_hat": d_hat.float(), "d": batch.dense.to(device, non_blocking=True).float(), "valid": valid}
     parts = tcs_loss(logits, y, c_hat, c if head.global_ else None, mask, cfg.lam, cfg.mimic, loop.elsh,
                      cfg.elsh_weight if cfg.elsh_bits else 0.0, **dense)
     run.optimizer.zero_grad(set_to_none=True)
