@@ -17,7 +17,6 @@ from tcskd.data import open_source
 from tcskd.errors import TcskdError
 from tcskd.store.handle import open_cache
 from tcskd.store.layout import bytes_per_image
-from tcskd.subspace.moments import Moments
 from tcskd.teachers import load_teacher
 from tcskd.views import teacher_views
 from _stores import map_teacher

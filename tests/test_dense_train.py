@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from _train_fixtures import make_dense_cache, make_npz, make_train_cache
 from tcskd.errors import StoreError, TcskdError
 from tcskd.store.backends import open_store
-from tcskd.store.bases import load_basis
 from tcskd.train.config import TrainConfig, resolve_config
 from tcskd.train.head import TCSHead
 from tcskd.train.losses import align_to_grid, dense_mimic_loss, mimic_loss, tcs_loss
