@@ -8,10 +8,10 @@ Specs:
   CLS token (``#mean``: mean of the patch tokens).
 - ``timm:NAME[@WEIGHTS_FILE]``: a timm model with its classifier removed.
 - ``hub:LOCAL_REPO_DIR:ENTRY[@WEIGHTS_FILE]``: torch.hub with a local source.
-- ``torchscript:FILE``: a scripted module that returns B x D.
+- ``torchscript:FILE``: a scripted module that returns B x D (or a B x D x H x W map: its tokens).
 
-Token grids (``Teacher.token_map``, for ``tcskd cache --tokens patch``): B x D x Gh x Gw float32, the
-tokens of the same forward whose pooling gives the global feature:
+Token grids (``Teacher.token_map``, for ``tcskd cache --tokens patch``): B x D x Gh x Gw float32, from the
+same forward as the global feature (which is their mean for the CNNs and ``#mean``, the CLS token otherwise):
 
 - builtin: the last feature map (``extract_features``, 1280 x S/32 x S/32); its spatial mean is the feature.
 - hf: the patch tokens of ``last_hidden_state`` (CLS and ``num_register_tokens`` registers left out),

@@ -222,6 +222,10 @@ def test_dense_mimic_on_a_global_cache_is_refused_in_one_line(data, tmp_path):
     dense = make_dense_cache(root, npz, name="dense-elsh")
     with pytest.raises(TcskdError, match="--elsh-bits hashes global targets; it does not work with --mimic-on dense"):
         train(TrainConfig(cache=str(dense), out=str(tmp_path / "r2"), epochs=1, device="cpu", elsh_bits=8))
+    with pytest.raises(TcskdError, match="holds token grids \\(--mimic-on global\\): use --elsh-bits 0"):
+        train(TrainConfig(cache=str(dense), out=str(tmp_path / "r2g"), epochs=1, device="cpu", elsh_bits=8,
+                          mimic_on="global"))
+    assert not (tmp_path / "r2g").exists()
     with pytest.raises(TcskdError, match="--method online computes global targets only"):
         train(TrainConfig(cache=str(dense), out=str(tmp_path / "r3"), epochs=1, device="cpu", method="online"))
     with pytest.raises(TcskdError, match="--task segment: npz:.* has no masks"):

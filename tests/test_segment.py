@@ -116,7 +116,13 @@ def test_segmentation_errors_are_one_line(seg, tmp_path):
     r = _invoke(["train", "--task", "segment", "--method", "ce", "--data", f"npz:{tmp_path / 'bad.npz'}",
                  "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "r2")])
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
-    assert "mask" in r.output
+    assert "masks are 12x12" in r.output and "16x16" in r.output, r.output
+    assert not (tmp_path / "r2").exists()  # refused before anything was written
+    r = _invoke(["train", "--method", "ce", "--data", f"npz:{npz}", "--epochs", "1", "--device", "cpu",
+                 "--out", str(tmp_path / "r3")])  # masks and no image labels: classification makes no sense
+    assert r.exit_code == 2 and r.output.strip().endswith("has per-pixel masks and no image labels: train it with "
+                                                          "--task segment"), r.output
+    assert not (tmp_path / "r3").exists()
 
 
 def _export_check(run_dir, tmp_path, fmt):

@@ -91,7 +91,7 @@ def manifest_fields(cfg: CacheConfig, teacher: Teacher) -> dict[str, Any]:
 
 
 def describe_bytes(m: Manifest) -> str:
-    """``features`` bytes per image of a cache (uncompressed), e.g. '392.0 KB per image (1 view x 256 tokens x
+    """``features`` bytes per image of a cache (uncompressed), e.g. '384.0 KB per image (1 view(s) x 256 tokens x
     768 float16)'."""
     n = bytes_per_image(int(m.dim), m.n_tokens, str(m.dtype), int(m.views))
     what = f"{m.n_tokens} tokens x {m.dim}" if m.dense else f"{m.dim}"

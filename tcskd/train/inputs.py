@@ -120,9 +120,9 @@ def resolve_mimic(cfg: TrainConfig, manifest: Manifest, cache_path: Any) -> str 
     if manifest.dense and cfg.method == "online":
         raise TcskdError(f"cache {cache_path} holds token grids: --method online computes global targets only "
                          f"(use --method tcs or fitnet)")
-    if mimic in ("dense", "both") and cfg.elsh_bits:
-        raise TcskdError(f"--elsh-bits hashes global targets; it does not work with dense targets (--mimic-on "
-                         f"{mimic} on cache {cache_path}): use --mimic-on global or --elsh-bits 0")
+    if manifest.dense and cfg.elsh_bits:
+        raise TcskdError(f"--elsh-bits hashes the global targets of a global cache; cache {cache_path} holds token "
+                         f"grids (--mimic-on {mimic}): use --elsh-bits 0")
     if manifest.dense and not manifest.grid:
         raise StoreError(f"cache {cache_path} holds tokens but no grid in its manifest")
     return mimic
@@ -170,6 +170,8 @@ def open_train_rows(cfg: TrainConfig, store: Store | None, manifest: Manifest,
     train_source = open_source(data_spec, train_split)
     if cfg.task == "segment" and not train_source.has_masks:
         raise TcskdError(f"--task segment: {data_spec} has no masks")
+    if cfg.task == "classify" and train_source.has_masks and not (train_source.labels >= 0).any():
+        raise TcskdError(f"{data_spec} has per-pixel masks and no image labels: train it with --task segment")
     if store is not None:
         split_source = train_source if split == train_split else open_source(data_spec, split)
         limited = manifest.limited
@@ -247,7 +249,11 @@ def _basis_excludes_val(basis: Basis | None, val: np.ndarray, sample_index: np.n
     fitted = basis is not None and basis.name != RAW and basis.kind != "identity"
     excludes = (None if not fitted else
                 bool(val.any()) and basis.attrs.get("held_out_rows") == rows_digest(sample_index[val]))
-    if fitted and val.any() and not excludes:
+    if fitted and val.any() and not excludes and basis.attrs.get("fitted_on") == "sample":
+        log.warning("basis '%s' was fitted by `tcskd cache --dim` on a sample of images that may include the rows "
+                    "this run holds out for validation (for a basis without them: a raw --tokens patch cache and "
+                    "`tcskd basis --exclude-val`)", basis.name)
+    elif fitted and val.any() and not excludes:
         log.warning("basis '%s' was fitted on rows this run holds out for validation (fit it with "
                     "`tcskd basis --exclude-val` and the same --val-* options)", basis.name)
     return excludes
