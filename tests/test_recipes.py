@@ -85,6 +85,9 @@ def _tiny(name: str, s: dict[str, str], out: Path) -> list[str]:
         return tiny + (["grid.student=[resnet20]"] if "vitb14" in name else [])  # vits14 runs every student
     if name == "imagenet-dinov2.yaml":
         return tiny + [f"cache.data=imagefolder:{s['images']}", "train.image_size=32"]
+    if name == "mnist-seg.yaml":  # patch tokens of a 2 x 2 grid, 60 canvases, one budget and seed
+        return tiny + ["cache.limit=60", "basis.pca.dim=8", "basis.random.dim=8", "train.image_size=16",
+                       "train.epochs=1", "grid.seed=[0]", "grid.labels_per_class=[10]"]
     if name == "fewshot.yaml":
         return tiny + [f"cache.data=cifar100:{s['cifar']}", "train.image_size=16", "grid.seed=[0]"]
     raise AssertionError(f"no stand-in for recipes/{name}: add one here")
@@ -95,7 +98,8 @@ def _tiny(name: str, s: dict[str, str], out: Path) -> list[str]:
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_recipe_parses(name):
     plan = load_recipe(RECIPES / name, _PATHS)
-    assert plan.runs and set(plan.caches) == {"train", "test"} and plan.report
+    dense = plan.caches["train"].tokens == "patch"  # scored on the data's test masks: no test cache
+    assert plan.runs and set(plan.caches) == ({"train"} if dense else {"train", "test"}) and plan.report
     text = (RECIPES / name).read_text()
     assert "paper" in text and ("standard" in text or name == "default.yaml"), "say where the values come from"
 
@@ -130,6 +134,12 @@ def test_shipped_recipe_runs_end_to_end(name, stand_ins, tmp_path):
     for r in res["runs"].values():
         assert (Path(r["run_dir"]) / "final.json").is_file()
     assert Path(res["report"]).is_file() and Path(res["png"]).is_file()
+    if name == "mnist-seg.yaml":  # segmentation: every run scored by mIoU, no teacher kNN
+        assert not res["teacher"] and {r["run_dir"].rsplit("/", 1)[-1] for r in res["runs"].values()} == {
+            "ce-lpc10-s0", "fitnet-lpc10-s0", "tcs-pca-lpc10-s0", "tcs-random-lpc10-s0"}
+        finals = [json.loads((Path(r["run_dir"]) / "final.json").read_text()) for r in res["runs"].values()]
+        assert all(f["task"] == "segment" and f["test_miou"] > 0 for f in finals)
+        return
     assert res["teacher"] and all(Path(f).is_file() for f in res["teacher"].values())
 
 
