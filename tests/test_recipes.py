@@ -88,7 +88,7 @@ def _tiny(name: str, s: dict[str, str], out: Path) -> list[str]:
     if name == "mnist-seg.yaml":  # patch tokens of a 2 x 2 grid, 60 canvases, one budget and seed
         return common + [f"cache.teacher={s['teacher']}", "cache.image_size=28", "train.batch_size=32",
                          "cache.limit=60", "basis.pca.dim=8", "basis.random.dim=8", "train.image_size=16",
-                       "train.epochs=1", "grid.seed=[0]", "grid.labels_per_class=[10]"]
+                         "train.epochs=1", "grid.seed=[0]", "grid.labels_per_class=[10]"]
     if name == "fewshot.yaml":
         return tiny + [f"cache.data=cifar100:{s['cifar']}", "train.image_size=16", "grid.seed=[0]"]
     raise AssertionError(f"no stand-in for recipes/{name}: add one here")
