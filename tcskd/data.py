@@ -362,10 +362,7 @@ def _npz_labels(y: np.ndarray, key: str, path: Path) -> np.ndarray:
     if y.ndim != 1:
         raise DataError(f"{path}: '{key}' has shape {y.shape}; expected one integer label per image (N) or "
                         f"masks of class ids (N x H x W)")
-    integral = np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_
-    if not integral and np.issubdtype(y.dtype, np.floating):
-        integral = bool(np.isfinite(y).all() and (y == np.round(y)).all())
-    if not integral:
+    if not segdata.integral(y):
         raise DataError(f"{path}: '{key}' holds non-integer labels ({y.dtype}); expected integer class ids "
                         f"(-1 = unlabelled)")
     return y.astype(np.int64)

@@ -184,6 +184,14 @@ def compose_mnist_seg(x: np.ndarray, y: np.ndarray, rows: np.ndarray, seed: int)
 
 # -- npz masks ----------------------------------------------------------------
 
+def integral(y: np.ndarray) -> bool:
+    """Whether ``y`` holds whole numbers only: an integer or bool dtype, or finite floats without fractions
+    (npz labels and masks saved as floats)."""
+    if np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_:
+        return True
+    return bool(np.issubdtype(y.dtype, np.floating) and np.isfinite(y).all() and (y == np.round(y)).all())
+
+
 def npz_masks(y: np.ndarray, key: str, path: Path, x: np.ndarray, xkey: str) -> np.ndarray:
     """An npz ``y`` of shape N x H x W as uint8 masks, or a DataError naming the file, the array and the
     first bad row: the images' H x W must match, values must be class ids in [0, 255) or 255."""
@@ -192,10 +200,7 @@ def npz_masks(y: np.ndarray, key: str, path: Path, x: np.ndarray, xkey: str) -> 
     if y.shape[1:] != x.shape[1:3]:
         raise DataError(f"{path}: '{key}' masks are {y.shape[1]}x{y.shape[2]} px but the images of '{xkey}' "
                         f"are {x.shape[1]}x{x.shape[2]} (row 0)")
-    integral = np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_
-    if not integral and np.issubdtype(y.dtype, np.floating):
-        integral = bool(np.isfinite(y).all() and (y == np.round(y)).all())
-    if not integral:
+    if not integral(y):
         raise DataError(f"{path}: '{key}' holds non-integer mask values ({y.dtype}); expected class ids "
                         f"(255 = ignore)")
     bad = ((y < 0) | (y > IGNORE)).reshape(len(y), -1).any(1) if len(y) else np.zeros(0, bool)
