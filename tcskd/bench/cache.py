@@ -82,7 +82,7 @@ def bench_cache_inputs(data: str, image_size: int, rows: int, batch: int, worker
     return {"rows": len(source), "batch": batch, "workers": workers, "rows_per_s": stats(runs)}
 
 
-def _build(cfg: CacheConfig, device: torch.device) -> tuple[float, Any]:
+def timed_build(cfg: CacheConfig, device: torch.device) -> tuple[float, Any]:
     """(wall seconds, CacheResult) of one ``build_cache`` run that must compute all ``cfg.limit`` rows."""
     sync(device)
     t0 = time.perf_counter()
@@ -109,7 +109,7 @@ def bench_cache(teacher_spec: str, data: str, image_size: int | None, sizes: lis
 
     for w in range(warmup):  # CUDA/allocator start, page cache, imports: a few batches suffice
         root = workdir / f"warm-{w}"
-        _build(config(min(min(sizes), max(4 * batch, chunk_rows)), root), device)
+        timed_build(config(min(min(sizes), max(4 * batch, chunk_rows)), root), device)
         shutil.rmtree(root, ignore_errors=True)
     per_size = []
     kept: dict[int, str] = {}
@@ -117,7 +117,7 @@ def bench_cache(teacher_spec: str, data: str, image_size: int | None, sizes: lis
         secs, parts = [], []
         for r in range(repeats):
             root = workdir / f"cache-{rows}-{r}"
-            s, res = _build(config(rows, root), device)
+            s, res = timed_build(config(rows, root), device)
             secs.append(s)
             parts.append(res.timings)
             if keep and r == repeats - 1:

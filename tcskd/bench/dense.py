@@ -17,9 +17,10 @@ import numpy as np
 import torch
 
 from tcskd.bench.basis import read_features
-from tcskd.bench.measure import free, stats, sync
-from tcskd.cache.build import CacheConfig, build_cache
-from tcskd.errors import NoTokensError, TcskdError
+from tcskd.bench.cache import timed_build
+from tcskd.bench.measure import stats, sync
+from tcskd.cache.build import CacheConfig
+from tcskd.errors import NoTokensError
 from tcskd.store.backends import open_store
 from tcskd.store.layout import bytes_per_image
 from tcskd.store.manifest import Manifest
@@ -37,16 +38,9 @@ def _features_on_disk(path: Path) -> int | None:
 
 def _build(cfg: CacheConfig, device: torch.device) -> tuple[float, Any, Manifest, int]:
     """(wall seconds, CacheResult, manifest, bytes on disk) of one ``build_cache`` that computes every row."""
-    sync(device)
-    t0 = time.perf_counter()
-    res = build_cache(cfg)
-    sync(device)
-    secs = time.perf_counter() - t0
-    if res.hit or res.rows_computed != cfg.limit:
-        raise TcskdError(f"bench: dense cache run computed {res.rows_computed} of {cfg.limit} rows (hit={res.hit})")
+    secs, res = timed_build(cfg, device)
     with open_store(res.path) as s:
         m, size = Manifest.read(s), s.size_bytes()
-    free(device)
     return secs, res, m, size
 
 
