@@ -53,17 +53,22 @@ def ce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (per * keep).sum() / keep.sum().clamp(min=1)
 
 
-def mimic_loss(c_hat: torch.Tensor, c: torch.Tensor, mask: torch.Tensor, kind: str = "mse") -> torch.Tensor:
-    """Distance between predicted and target coordinates on the active coordinates."""
+def mimic_loss(c_hat: torch.Tensor, c: torch.Tensor, mask: torch.Tensor, kind: str = "mse",
+               weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Distance between predicted and target coordinates (rows x K) on the active coordinates, averaged over
+    the rows, or over the rows weighted by ``weight`` (rows; e.g. 0/1 for the locations that count)."""
     if kind == "cosine":
-        return (1.0 - F.cosine_similarity(c_hat * mask, c * mask, dim=1, eps=1e-8)).mean()
+        per_row = 1.0 - F.cosine_similarity(c_hat * mask, c * mask, dim=1, eps=1e-8)
+        return per_row.mean() if weight is None else (per_row * weight).sum() / weight.sum().clamp(min=1)
     if kind == "mse":
         per = (c_hat - c) ** 2
     elif kind == "smooth-l1":
         per = F.smooth_l1_loss(c_hat, c, reduction="none", beta=1.0)
     else:
         raise ValueError(f"unknown mimic loss '{kind}' (choose {', '.join(MIMICS)})")
-    return (per * mask).sum() / (c.shape[0] * mask.sum().clamp(min=1))
+    if weight is None:
+        return (per * mask).sum() / (c.shape[0] * mask.sum().clamp(min=1))
+    return ((per * mask).sum(1) * weight).sum() / (weight.sum().clamp(min=1) * mask.sum().clamp(min=1))
 
 
 def align_to_grid(d_hat: torch.Tensor, grid: tuple[int, int], aug: torch.Tensor | None = None,
@@ -114,19 +119,7 @@ def dense_mimic_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
     k = pred.shape[1]
     rows = pred.permute(0, 2, 3, 1).reshape(-1, k)
     tgt = target.reshape(-1, k).to(rows.dtype)
-    if valid is None:
-        return mimic_loss(rows, tgt, mask, kind)
-    w = valid.reshape(-1).to(rows.dtype)
-    if kind == "cosine":
-        per = 1.0 - F.cosine_similarity(rows * mask, tgt * mask, dim=1, eps=1e-8)
-        return (per * w).sum() / w.sum().clamp(min=1)
-    if kind == "mse":
-        per = (rows - tgt) ** 2
-    elif kind == "smooth-l1":
-        per = F.smooth_l1_loss(rows, tgt, reduction="none", beta=1.0)
-    else:
-        raise ValueError(f"unknown mimic loss '{kind}' (choose {', '.join(MIMICS)})")
-    return ((per * mask).sum(1) * w).sum() / (w.sum().clamp(min=1) * mask.sum().clamp(min=1))
+    return mimic_loss(rows, tgt, mask, kind, None if valid is None else valid.reshape(-1).to(rows.dtype))
 
 
 #: Target rows the eLSH medians are taken over (a seeded sample when there are more).
