@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tcskd import data
+from tcskd.data import hashing as data
 
 
 @pytest.fixture

@@ -10,7 +10,8 @@ import torch
 
 from tcskd import segdata
 from tcskd.data import (DataError, _mnist_arrays, fingerprint, mnist5k_split, mnist_seg_split, open_source,
-                        sha256_file, _mnist_file)
+                        sha256_file)
+from tcskd.data.builtin import _mnist_file
 from tcskd.views import apply_mask_view, apply_view, center_params, view_params
 
 
