@@ -41,6 +41,9 @@ class Source:
     """Segmentation sources held in memory: rows -> their masks, B x H x W uint8 class ids (255 = ignore)."""
     load_mask: Callable[[int], np.ndarray] | None = field(repr=False, default=None)
     """Segmentation sources: row -> its mask H x W uint8, decoded lazily for folders (use :meth:`mask`)."""
+    encoded: Callable[[int], bytes] | None = field(repr=False, default=None)
+    """Sources of encoded files (image folders, tar shards, HF datasets): row -> the image file's bytes, for
+    decoders that work on the encoded image (a reduced-size JPEG decode); ``load(i)`` decodes the same bytes."""
 
     @property
     def has_masks(self) -> bool:

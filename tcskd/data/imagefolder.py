@@ -67,7 +67,8 @@ def _imagefolder(spec: str, root: Path, split: str) -> Source:
         raise DataError(f"image folder {root} has no '{split}' split")
 
     return Source(spec, split, np.asarray(indices, np.int64), np.asarray(labels, np.int64),
-                  len(classes), 3, h.hexdigest(), load=lambda i: read_rgb(files[i]), describe=lambda i: str(files[i]))
+                  len(classes), 3, h.hexdigest(), load=lambda i: read_rgb(files[i]), describe=lambda i: str(files[i]),
+                  encoded=lambda i: files[i].read_bytes())
 
 
 def _mask_folder(spec: str, root: Path, split: str, names: list[str]) -> Source:
