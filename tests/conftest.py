@@ -31,9 +31,11 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session", autouse=True)
 def _hash_memo_in_tmp(tmp_path_factory):
-    """Keep the session's sha256 memo (tcskd.data.sha256_file) out of the user's ~/.cache; subprocesses inherit it."""
+    """Keep the session's sha256 memo (tcskd.data.sha256_file) and saved indexes (tcskd.data.index) out of the
+    user's ~/.cache; subprocesses inherit them."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TCSKD_HASH_MEMO", str(tmp_path_factory.mktemp("hash-memo") / "sha256-memo.json"))
+        mp.setenv("TCSKD_INDEX", str(tmp_path_factory.mktemp("indexes")))
         yield
 
 

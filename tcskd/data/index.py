@@ -1,7 +1,7 @@
 """Saved indexes of file-backed sources: built once by one process, saved as ``.npy`` arrays, memory-mapped.
 
 An index lives in its own folder under :func:`index_root` (``$TCSKD_INDEX``, else ``indexes/`` beside the
-caches when they are local, else ``~/.cache/tcskd/indexes``), named by the kind and a hash of the source's
+caches of ``$TCSKD_CACHE`` when they are local, else ``~/.cache/tcskd/indexes``), named by the kind and a hash of the source's
 location. ``meta.json`` holds a ``signature`` (something cheap to recompute that changes when the source
 does: folders' mtimes, shards' sizes), what the builder wants to keep (class names, fingerprints) and the
 build time; every other file is one array, memory-mapped read-only by every process that opens the index,
@@ -36,15 +36,15 @@ _STARTED = time.time()
 
 
 def index_root() -> Path:
-    """``$TCSKD_INDEX``; else ``<cache root>/indexes`` for a local cache root ($TCSKD_CACHE or ./caches);
-    else ``($XDG_CACHE_HOME or ~/.cache)/tcskd/indexes`` (indexes are memory-mapped, so they stay local)."""
+    """``$TCSKD_INDEX``; else ``$TCSKD_CACHE/indexes`` when the caches' root is local; else
+    ``($XDG_CACHE_HOME or ~/.cache)/tcskd/indexes`` (indexes are memory-mapped, so they stay local)."""
     if env := os.environ.get("TCSKD_INDEX"):
         return Path(env)
-    root = os.environ.get("TCSKD_CACHE") or "caches"
-    if "://" not in root or root.startswith("file://"):
+    root = os.environ.get("TCSKD_CACHE")
+    if root and ("://" not in root or root.startswith("file://")):
         return Path(root.removeprefix("file://")) / "indexes"
     xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "tcskd" / "indexes"
+    return (Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache") / "tcskd" / "indexes"
 
 
 def index_dir(kind: str, location: str) -> Path:
@@ -131,23 +131,30 @@ def build_lock(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def load_or_build(kind: str, location: str, signature: Callable[[], Any],
+def load_or_build(kind: str, location: str, signature: Callable[[], Any] | None,
                   build: Callable[[], tuple[dict[str, np.ndarray], dict[str, Any]]],
-                  rebuild: bool = False) -> SavedIndex:
+                  rebuild: bool = False, is_current: Callable[[dict[str, Any]], bool] | None = None) -> SavedIndex:
     """The saved index of ``location`` while ``signature()`` is unchanged, else ``build()`` (arrays, meta
-    fields) saved and loaded. ``rebuild`` builds anew whatever the signature says (``--reindex``); under
-    torchrun only rank 0 rebuilds, and the other ranks wait for an index built since they started."""
+    fields) saved and loaded. Without a ``signature``, ``is_current(meta)`` judges a saved index from what
+    its builder kept in ``meta`` (e.g. the mtimes of the folders it walked). ``rebuild`` builds anew
+    whatever they say (``--reindex``); under torchrun only rank 0 rebuilds, and the other ranks wait for an
+    index built since they started."""
     path = index_dir(kind, location)
     rank = int(os.environ.get("RANK", "0") or 0)
     if rebuild and rank != 0:
         rebuild = False
         _wait_for_fresh(path)
-    if not rebuild and (found := load(path, signature())) is not None:
+
+    def current() -> SavedIndex | None:
+        found = load(path, signature() if signature is not None else None)
+        return found if found is not None and (is_current is None or is_current(found.meta)) else None
+
+    if not rebuild and (found := current()) is not None:
         return found
     with build_lock(path):
-        sig = signature()
-        if not rebuild and (found := load(path, sig)) is not None:  # built by another process meanwhile
+        if not rebuild and (found := current()) is not None:  # built by another process meanwhile
             return found
+        sig = signature() if signature is not None else None
         t = time.perf_counter()
         log.info("indexing %s (once; saved in %s)", location, path)
         arrays, fields = build()

@@ -28,6 +28,8 @@ class Reader:
     """(spec, arg, split) -> the split as a Source, or a one-line DataError."""
     fingerprint: Callable[[str, str, str], str] | None = None
     """(spec, arg, split) -> the data's fingerprint without opening it (None: open it and take its own)."""
+    reindex: Callable[[str, str], None] | None = None
+    """(spec, arg) -> rebuild the source's saved index now (``tcskd cache --reindex``); None: it keeps none."""
 
 
 _READERS: dict[str, Reader] = {}
@@ -76,6 +78,13 @@ def fingerprint(spec: str, split: str = "train") -> str:
     if reader.fingerprint is not None:
         return reader.fingerprint(spec, arg, split)
     return reader.open(spec, arg, split).fingerprint
+
+
+def reindex(spec: str) -> None:
+    """Rebuild the saved index of ``spec``'s source, if its kind keeps one (``tcskd cache --reindex``)."""
+    reader, arg = _reader(spec, "train")
+    if reader.reindex is not None:
+        reader.reindex(spec, arg)
 
 
 def has_split(spec: str, split: str) -> bool:
