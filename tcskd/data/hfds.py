@@ -34,6 +34,7 @@ Needs ``datasets`` and ``pyarrow`` (``pip install 'tcskd[hfds]'``); ``s3://`` ne
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -43,7 +44,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -55,15 +56,16 @@ from tcskd.source import Source
 log = logging.getLogger(__name__)
 
 EXTRA = "pip install 'tcskd[hfds]'"
-SYNTAX = "hfds:PATH[#image=COL,label=COL]"
+SYNTAX = "hfds:PATH[#image=COL,label=COL,test=SPLIT]"
 OPTIONS = ("image", "label", "train", "test")
 GROUP_CACHE_BYTES = 128 << 20
-"""Each process keeps its most recently read parquet row groups (image column) up to this many bytes
-(and always the last one)."""
+"""Each process keeps its most recently read parquet row groups (image column) up to this many bytes, as
+Arrow counts them (``nbytes``), and always the last one."""
 OPEN_FILES = 8
 """Each process keeps at most this many parquet files open."""
 _FOOTER_READ = 64 << 10  # the first read of a parquet file's tail (most footers fit)
 _INIT_LOCK = threading.Lock()
+_LARGE_GROUP = 32 << 20  # row groups above this (uncompressed) are worth a word about random reads
 
 
 @dataclass(frozen=True)
@@ -222,7 +224,18 @@ def _fingerprint_of(loc: _Location) -> str:
 
 
 def _fingerprint(spec: str, arg: str, split: str) -> str:
-    return _fingerprint_of(_locate(parse_hfds(arg)))
+    hs = parse_hfds(arg)
+    with _io_errors(hs.path):
+        return _fingerprint_of(_locate(hs))
+
+
+@contextlib.contextmanager
+def _io_errors(path: str) -> Iterator[None]:
+    """An OSError of the filesystem (a missing permission, a lost connection) as one DataError line."""
+    try:
+        yield
+    except OSError as e:
+        raise DataError(f"hfds: cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
 
 
 # -- columns --------------------------------------------------------------------------------------
@@ -294,7 +307,7 @@ def _labels(column: Any, what: str, names: list[str] | None) -> np.ndarray:
     import pyarrow.compute as pc
 
     try:
-        y = np.array(pc.fill_null(column.cast(pa.int64()), -1), np.int64)  # owned and writable
+        y = pc.fill_null(column.cast(pa.int64()), -1).to_numpy().astype(np.int64)  # a numpy copy: writable
     except pa.ArrowInvalid as e:  # a uint64 beyond int64
         raise DataError(f"hfds: {what} holds labels that are not int64 class ids: {e}") from e
     bad = y[(y < -1) | (y >= len(names))] if names is not None else y[y < -1]
@@ -489,6 +502,11 @@ def _parquet_parts(loc: _Location) -> dict[str, _Part]:
                 raise DataError(f"hfds: {p}'s columns differ from {files[0]}'s")
         cols = _columns(loc.spec, datasets.Features.from_arrow_schema(schema), schema, what)
         counts = [[m.row_group(g).num_rows for g in range(m.num_row_groups)] for _, m in heads]
+        largest = max((m.row_group(g).total_byte_size for _, m in heads for g in range(m.num_row_groups)), default=0)
+        if largest > _LARGE_GROUP:
+            log.info("%s: row groups of up to %.0f MB; a row read out of order reads its whole row group (for "
+                     "shuffled reads, convert once: datasets.load_dataset('parquet', data_dir=PATH).save_to_disk(DIR)"
+                     ", then use hfds:DIR)", what, largest / 1e6)
         sizes = np.asarray([c for fc in counts for c in fc], np.int64)
         start = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         file_of = np.repeat(np.arange(len(files), dtype=np.int32), [len(fc) for fc in counts])
@@ -515,24 +533,26 @@ def _parquet_parts(loc: _Location) -> dict[str, _Part]:
 def _open(spec: str, arg: str, split: str) -> Source:
     """The split of ``hfds:PATH[#...]`` as a Source (test rows after train rows; ``all`` = train then test)."""
     hs = parse_hfds(arg)
-    loc = _locate(hs)
-    fp = _fingerprint_of(loc)
-    parts = _arrow_parts(loc) if loc.layout == "arrow" else _parquet_parts(loc)
-    names = ["train", "test"] if split == "all" else [split]
-    chosen = [s for s in names if s in parts]
-    if not chosen:
-        have = ", ".join(loc.split_names()) or "none"
-        raise DataError(f"hfds: {hs.path} has no '{hs.splits[names[0]]}' split (splits: {have})")
-    offsets = {"train": 0, "test": parts["train"].n if "train" in parts else 0}
-    indices = np.concatenate([np.arange(offsets[s], offsets[s] + parts[s].n, dtype=np.int64) for s in chosen])
-    labels = np.concatenate([parts[s].labels() for s in chosen]) if len(chosen) > 1 else parts[chosen[0]].labels()
-    class_names = [parts[s].columns.names for s in parts if parts[s].columns.names is not None]
-    if class_names:
-        num_classes = max(len(c) for c in class_names)
-    else:
-        num_classes = max(int(parts[s].labels().max(initial=-1)) for s in parts) + 1
-    for p in parts.values():
-        p.drop_labels()  # the Source holds its labels; no second copy
+    with _io_errors(hs.path):
+        loc = _locate(hs)
+        fp = _fingerprint_of(loc)
+        parts = _arrow_parts(loc) if loc.layout == "arrow" else _parquet_parts(loc)
+        names = ["train", "test"] if split == "all" else [split]
+        chosen = [s for s in names if s in parts]
+        if not chosen:
+            have = ", ".join(loc.split_names()) or "none"
+            raise DataError(f"hfds: {hs.path} has no '{hs.splits[names[0]]}' split (splits: {have})")
+        offsets = {"train": 0, "test": parts["train"].n if "train" in parts else 0}
+        indices = np.concatenate([np.arange(offsets[s], offsets[s] + parts[s].n, dtype=np.int64) for s in chosen])
+        labels = (np.concatenate([parts[s].labels() for s in chosen]) if len(chosen) > 1
+                  else parts[chosen[0]].labels())
+        class_names = [parts[s].columns.names for s in parts if parts[s].columns.names is not None]
+        if class_names:
+            num_classes = max(len(c) for c in class_names)
+        else:
+            num_classes = max(int(parts[s].labels().max(initial=-1)) for s in parts) + 1
+        for p in parts.values():
+            p.drop_labels()  # the Source holds its labels; no second copy
     first_n = parts[chosen[0]].n
 
     def locate(i: int) -> tuple[_Part, int]:
