@@ -179,12 +179,12 @@ def test_other_host_lease_is_not_judged_by_pid(s3_env_set):
 
 
 def test_renewal_keeps_a_long_write_alive(s3_env_set, monkeypatch):
-    """Held for 4 TTLs: the lease never expires, and a second writer is refused at the end."""
-    monkeypatch.setenv("TCSKD_LEASE_SECONDS", "1")
+    """Held for 2.5 TTLs: the lease never expires, and a second writer is refused at the end."""
+    monkeypatch.setenv("TCSKD_LEASE_SECONDS", "2")
     cache = as_location(s3_env_set.prefix("renew") + "/0123abcd")
     seen: list[float] = []
     with WriterLock(cache) as lock:
-        t_end = time.time() + 4.0
+        t_end = time.time() + 5.0
         while time.time() < t_end:
             held, _, _ = Lease(cache).read()
             assert held.writer == lock._lease.writer and held.expires > time.time()
@@ -192,7 +192,7 @@ def test_renewal_keeps_a_long_write_alive(s3_env_set, monkeypatch):
             time.sleep(0.1)
         with pytest.raises(LockedError):
             WriterLock(cache).__enter__()
-    assert seen[-1] > seen[0] + 2.5  # renewed many times (every ttl/3)
+    assert seen[-1] > seen[0] + 3.0  # renewed (every ttl/3) throughout
     assert not RemotePath(str(cache) + ".lease").exists()
 
 
@@ -204,7 +204,7 @@ def test_lost_lease_is_reported_and_left_alone(s3_env_set, monkeypatch):
     with pytest.raises(LockedError, match=r"was taken over by pid 4242 on host elsewhere.*tcskd cache verify"):
         with WriterLock(cache):
             RemotePath(str(cache) + ".lease").write_bytes(theirs)
-            time.sleep(0.6)  # > ttl/3: a renewal has found the lease changed
+            time.sleep(1.5)  # several ttl/3: a renewal has found the lease changed
     assert RemotePath(str(cache) + ".lease").read_bytes() == theirs
 
 
@@ -236,6 +236,8 @@ def test_lease_seconds_from_the_environment(monkeypatch):
 # -- an unreachable endpoint ------------------------------------------------------------------------
 
 def test_unreachable_endpoint_fails_fast_in_one_line(monkeypatch):
+    import s3fs  # noqa: F401  (time the probe, not the import)
+
     closed = f"http://127.0.0.1:{free_port()}"
     for k, v in s3_env(closed).items():
         monkeypatch.setenv(k, v)
