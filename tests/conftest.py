@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from _s3 import s3_endpoint, s3_env_set  # noqa: F401  (the S3 endpoint fixtures)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

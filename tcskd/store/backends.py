@@ -262,9 +262,7 @@ class ZarrStore(Store):
     def rename(self, src, dst):
         if is_remote(self.path):
             # An object store has no atomic rename: move, then the caller marks completion last.
-            (self.path / dst).remove()
-            fs = self.path.fs
-            fs.mv((self.path / src)._path, (self.path / dst)._path, recursive=True)
+            (self.path / src).move_tree(self.path / dst)
             self._reopen()
             return
         # A local directory store: a group is a folder, and os.rename is atomic.
