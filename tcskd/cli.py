@@ -80,17 +80,28 @@ class _Group(click.Group):
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             click.echo(f"tcskd: error: {msg}", err=True)
             ctx.exit(code)
+        except Exception as e:  # an object store's client failing mid-run (connection lost, access denied)
+            if ctx.find_root().params.get("debug") or type(e).__module__.split(".")[0] not in _REMOTE_CLIENTS:
+                raise
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            click.echo(f"tcskd: error: remote storage: {msg} (what was finished is kept: run the same command "
+                       f"again to resume)", err=True)
+            ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("tcskd: interrupted; what was finished is kept: run the same command again to resume "
                        "(for train: add --resume --out RUN_DIR)", err=True)
             ctx.exit(130)
 
 
+#: Packages whose exceptions come from remote storage (s3fs and what it runs on): reported in one line.
+_REMOTE_CLIENTS = {"botocore", "aiobotocore", "aiohttp", "s3fs", "gcsfs", "google"}
+
+
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s", force=True)
     for noisy in ("matplotlib", "PIL", "h5py", "numcodecs", "zarr", "asyncio", "urllib3", "filelock", "faiss",
-                  "faiss.loader", "fsspec"):
+                  "faiss.loader", "fsspec", "botocore", "aiobotocore", "s3fs", "datasets", "webdataset"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

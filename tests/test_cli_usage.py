@@ -85,3 +85,34 @@ def test_cache_subcommands_take_their_own_options(tmp_path):
     assert r.stdout == ""
     r = _invoke(["cache", "info", "nope", "--cache-root", str(tmp_path)])
     assert r.exit_code != 0 and "nope" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_a_remote_client_error_mid_run_is_one_line():
+    """An object store's client failing inside a stage (not through tcskd's own checks) is one line, exit 2;
+    other exceptions still show their traceback (they are bugs)."""
+    import botocore.exceptions
+    import click
+    from click.testing import CliRunner
+
+    from tcskd.cli import _Group
+
+    @click.group(cls=_Group)
+    @click.option("--debug", is_flag=True)
+    def root(debug):
+        pass
+
+    @root.command()
+    def lost():
+        raise botocore.exceptions.EndpointConnectionError(endpoint_url="http://127.0.0.1:9/bucket")
+
+    @root.command()
+    def bug():
+        raise ZeroDivisionError("a bug")
+
+    r = CliRunner().invoke(root, ["lost"])
+    assert r.exit_code == 2
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tcskd: error: remote storage: Could not connect"), r.output
+    assert "127.0.0.1:9" in lines[0]
+    r = CliRunner().invoke(root, ["bug"])
+    assert isinstance(r.exception, ZeroDivisionError)
