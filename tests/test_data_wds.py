@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
 import socket
 import tarfile
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from tcskd.cache.build import CacheConfig, build_cache
@@ -371,6 +373,78 @@ def test_memory_url_gives_the_local_cache(tmp_path, tiny_teacher, memory_root, o
     b = build_cache(_cfg(f"wds:{url}", tiny_teacher, tmp_path / "c"))
     _same_arrays(_arrays(a.path), _arrays(b.path))
     assert sorted(opens.names) == [f"train/shard-0000{k}.tar" for k in range(3)]  # the index was reused
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A real S3 HTTP endpoint (moto's server, in a thread), as s3fs's default endpoint."""
+    import fsspec
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                     "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            mp.setenv(k, v)
+        mp.setitem(fsspec.config.conf, "s3", {"endpoint_url": f"http://{host}:{port}"})
+        yield fsspec.filesystem("s3", skip_instance_cache=True)
+    server.stop()
+
+
+def test_s3_shards_read_like_local_ones(tmp_path, s3_endpoint, opens):
+    fs = s3_endpoint
+    fs.mkdir("wds-bucket")
+    wds_root, _ = make_set(tmp_path)
+    for p in sorted(wds_root.rglob("*.tar")):
+        fs.put(str(p), f"wds-bucket/set/{p.parent.name}/{p.name}")
+    local, remote = open_source(f"wds:{wds_root}", "all"), open_source("wds:s3://wds-bucket/set", "all")
+    assert remote.fingerprint == local.fingerprint and remote.labels.tolist() == local.labels.tolist()
+    rows = (20, 3, 19, 4)
+    expected = [(local.encoded(i), local.load(i)) for i in rows]
+    opens.names.clear()
+    for i, (data, pixels) in zip(rows, expected):  # random access by range requests; each shard opened once
+        assert remote.encoded(i) == data
+        np.testing.assert_array_equal(remote.load(i), pixels)
+    assert opens.names == ["test/shard-00000.tar", "train/shard-00000.tar"]
+    opens.names.clear()
+    assert open_source("wds:s3://wds-bucket/set").fingerprint == fingerprint(f"wds:{wds_root}") and opens.names == []
+    # An object replaced by one of another size (a new ETag): the index is rebuilt.
+    fs.put(str(wds_root / "train" / "shard-00000.tar"), "wds-bucket/set/train/shard-00001.tar")
+    assert len(open_source("wds:s3://wds-bucket/set")) == 18 and len(opens.names) == 4
+    fs.rm("wds-bucket", recursive=True)
+
+
+class _Encoded(torch.utils.data.Dataset):
+    """Row -> (row, the reading process's id, the shards that process opened so far, the row's bytes)."""
+
+    def __init__(self, source, opens: Opens) -> None:
+        self.source, self.opens = source, opens
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int):
+        data = self.source.encoded(i)
+        return i, os.getpid(), list(self.opens.names), data
+
+
+def test_forked_workers_open_their_own_shard_files(tmp_path, opens):
+    """DataLoader workers forked after the parent read rows (its shard files open) open the shards they read
+    themselves, once each, and read every row right."""
+    wds_root, _ = make_set(tmp_path)
+    src = open_source(f"wds:{wds_root}")
+    expected = [src.encoded(i) for i in range(len(src))]  # the parent holds every train shard open
+    opens.names.clear()
+    loader = torch.utils.data.DataLoader(_Encoded(src, opens), batch_size=3, num_workers=2, collate_fn=list,
+                                         multiprocessing_context="fork")
+    got = [item for batch in loader for item in batch]
+    assert [row for row, _, _, _ in got] == list(range(18)) and [data for *_, data in got] == expected
+    pids = {pid for _, pid, _, _ in got}
+    assert len(pids) == 2 and os.getpid() not in pids and opens.names == []
+    for pid in pids:  # each worker read rows of every shard (batches of 3 rows, shards of 6) and opened each once
+        assert max((o for _, p, o, _ in got if p == pid), key=len) == [f"train/shard-0000{k}.tar" for k in range(3)]
 
 
 # -- bad input: one line, nothing written ----------------------------------------------------------------
