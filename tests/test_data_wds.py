@@ -198,7 +198,7 @@ def test_rows_labels_and_pixels_equal_the_image_folder(tmp_path, split):
         assert w.describe(7) == "train/shard-00001.tar:000007"
 
 
-def test_keys_and_classes_are_webdatasets_own(tmp_path):
+def test_keys_and_classes_are_webdatasets_own(tmp_path, memory_root):
     """The index groups members as webdataset's own reader does: keys up to the basename's first dot (dotted
     folders, upper-case extensions, pax headers, __meta__ members), classes from ``cls``."""
     import webdataset
@@ -219,6 +219,12 @@ def test_keys_and_classes_are_webdatasets_own(tmp_path):
     assert ours[-2] == (f"train/shard-00009.tar:{long}", 2)
     assert ours[-1] == ("train/shard-00009.tar:x.y/a", 1)
     assert src.encoded(12) == png == src.encoded(13)
+    fs, path = memory_root  # the same shards streamed (a remote index reads each shard start to end)
+    for p in sorted((root / "train").glob("*.tar")):
+        fs.pipe(f"{path}/train/{p.name}", p.read_bytes())
+    remote = open_source(f"wds:memory://{path}")
+    assert [(remote.describe(i), int(remote.labels[i])) for i in range(len(remote))] == ours
+    assert [remote.encoded(i) for i in range(14)] == [src.encoded(i) for i in range(14)]
 
 
 def test_cache_equals_the_image_folder_cache(tmp_path, tiny_teacher):
@@ -285,6 +291,16 @@ def test_fingerprint_follows_labels_not_image_bytes(tmp_path):
     assert write() == changed
     samples[3]["image"] += b"x"
     assert write() != changed
+
+
+def test_classes_txt_gives_the_number_of_classes(tmp_path):
+    wds_root, _ = make_set(tmp_path)
+    (wds_root / "classes.txt").write_text("cat\ndog\nemu\nfox\n\n")
+    assert open_source(f"wds:{wds_root}").num_classes == 4  # not the largest cls + 1 (3)
+    (wds_root / "classes.txt").write_text("cat\ndog\n")
+    with pytest.raises(DataError, match=r"^train/shard-00002.tar:000012: cls 2 is outside the 2 classes of "
+                                        r"classes.txt$"):
+        open_source(f"wds:{wds_root}")
 
 
 # -- the cache stage: --limit and resume ---------------------------------------------------------------

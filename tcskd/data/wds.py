@@ -192,10 +192,13 @@ def _open_shard(root: _Root, name: str, sequential: bool = False) -> BinaryIO:
 
 def _classes_txt(root: _Root) -> int:
     """The number of class names in ``ROOT/classes.txt`` (present: the listing found it)."""
-    if root.remote:
-        text = root.fs()[0].cat_file(root.path("classes.txt")).decode()
-    else:
-        text = Path(root.location, "classes.txt").read_text()
+    try:
+        if root.remote:
+            text = root.fs()[0].cat_file(root.path("classes.txt")).decode()
+        else:
+            text = Path(root.location, "classes.txt").read_text()
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"cannot read wds:{root.location}/classes.txt: {_one_line(e)}") from None
     names = [line.strip() for line in text.splitlines() if line.strip()]
     if not names:
         raise DataError(f"wds:{root.location}/classes.txt names no classes (expected one class name per line)")
@@ -295,7 +298,9 @@ def _scan(root: _Root, name: str, size: int) -> _Shard:
             flush()
         except tarfile.TarError as e:
             raise DataError(f"{name} is not a tar file ({_one_line(e)})") from None
-        except OSError as e:
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a local or remote read failed
             raise DataError(f"cannot read shard {name}: {_one_line(e)}") from None
     n = len(keys)
     big = [j for j in range(n) if cols["nbytes"][j] >= 2**31 or cols["mask_nbytes"][j] >= 2**31]
@@ -511,19 +516,21 @@ def _source(spec: str, root: _Root, split: str) -> Source:
         s = lo + i
         return f"{files.name(int(shard[s]))}:{saved.unpack_string(idx['key_blob'], idx['key_offsets'], s)}"
 
-    def encoded(i: int) -> bytes:
+    def member(i: int, offsets: np.ndarray, sizes: np.ndarray) -> bytes:
         s = lo + i
         try:
-            return files.read(int(shard[s]), int(offset[s]), int(nbytes[s]))
+            return files.read(int(shard[s]), int(offsets[s]), int(sizes[s]))
         except DataError:
             raise
         except Exception as e:  # noqa: BLE001 - I/O of a local or remote file
             raise DataError(f"cannot read {describe(i)}: {_one_line(e)}") from e
 
+    def encoded(i: int) -> bytes:
+        return member(i, offset, nbytes)
+
     def load_mask(i: int) -> np.ndarray:
-        s = lo + i
         what = describe(i)
-        mask = _decode_mask(files.read(int(shard[s]), int(idx["mask_offset"][s]), int(idx["mask_nbytes"][s])), what)
+        mask = _decode_mask(member(i, idx["mask_offset"], idx["mask_nbytes"]), what)
         h, w = _image_size(encoded(i), what)
         if mask.shape != (h, w):
             raise DataError(f"the mask of {what} is {mask.shape[1]}x{mask.shape[0]} px but its image is {w}x{h}")
