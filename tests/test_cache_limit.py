@@ -133,3 +133,28 @@ def test_limited_source_loads_the_chosen_images(tmp_path):
         limit_source(src, 0, 0)
     with pytest.raises(TcskdError, match="--seed must be >= 0"):
         limit_source(src, 5, -1)
+
+
+def test_limited_source_maps_encoded_bytes_and_masks(tmp_path):
+    """Every per-row callable of a source follows the subset: encoded bytes (image files) and masks."""
+    from PIL import Image
+
+    from _train_fixtures import make_seg_npz
+
+    root = tmp_path / "f"
+    for c in range(3):
+        d = root / "train" / f"c{c}"
+        d.mkdir(parents=True)
+        for j in range(6):
+            Image.fromarray(np.full((4, 5, 3), 10 * c + j, np.uint8)).save(d / f"{j}.png")
+    src = open_source(f"imagefolder:{root}", "train")
+    sub = limit_source(src, 7, seed=1)
+    rows = limit_rows(src.labels, 7, 1)
+    assert [sub.encoded(i) for i in range(7)] == [src.encoded(int(r)) for r in rows]
+
+    seg = open_source(f"npz:{make_seg_npz(tmp_path / 's.npz', n_train=20, n_test=4)}", "train")
+    sub = limit_source(seg, 5, seed=2)
+    rows = limit_rows(seg.labels, 5, 2)
+    for i, r in enumerate(rows):
+        np.testing.assert_array_equal(sub.mask(i), seg.mask(int(r)))
+    np.testing.assert_array_equal(sub.masks(np.arange(5)), seg.masks(rows))

@@ -60,8 +60,11 @@ def limit_source(source: Source, limit: int | None, seed: int = 0) -> Source:
     if limit >= len(source):
         return source
     rows = limit_rows(source.labels, limit, seed)
-    load_many = source.load_many
+    load_many, masks, load_mask, encoded = source.load_many, source.masks, source.load_mask, source.encoded
     return replace(source, indices=source.indices[rows], labels=source.labels[rows],
                    load=lambda i: source.load(int(rows[i])),
                    describe=lambda i: source.describe(int(rows[i])),
-                   load_many=None if load_many is None else lambda r: load_many(rows[np.asarray(r, np.int64)]))
+                   load_many=None if load_many is None else lambda r: load_many(rows[np.asarray(r, np.int64)]),
+                   masks=None if masks is None else lambda r: masks(rows[np.asarray(r, np.int64)]),
+                   load_mask=None if load_mask is None else lambda i: load_mask(int(rows[i])),
+                   encoded=None if encoded is None else lambda i: encoded(int(rows[i])))
