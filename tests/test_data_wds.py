@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from tcskd.cache.build import CacheConfig, build_cache
 from tcskd.cli import main
-from tcskd.data import fingerprint, open_source
+from tcskd.data import fingerprint, open_source, reindex
 from tcskd.data import index as saved
 from tcskd.errors import DataError
 from tcskd.store.backends import open_store
@@ -270,6 +270,10 @@ def test_index_is_built_once_and_rebuilt_when_a_shard_changes(tmp_path, opens):
     assert len(src) == 13 and sorted(opens.names) == built
     assert src.fingerprint != fp and src.encoded(0) == samples[0]["image"]
     assert open_source(spec, "test").indices.tolist() == list(range(13, 19))
+    opens.names.clear()
+
+    reindex(spec)  # tcskd cache --reindex: every shard read again whatever the signature says
+    assert sorted(opens.names) == built and fingerprint(spec, "train") == src.fingerprint
 
 
 def test_fingerprint_follows_labels_not_image_bytes(tmp_path):

@@ -405,15 +405,17 @@ def _fingerprint(split: str, digests: list[bytes], num_classes: int, seg: bool) 
     return h.hexdigest()
 
 
-def _index(root: _Root) -> saved.SavedIndex:
-    """The saved index of ``root``'s shards, built (once, under a lock) when absent or out of date."""
+def _index(root: _Root, rebuild: bool = False) -> saved.SavedIndex:
+    """The saved index of ``root``'s shards, built (once, under a lock) when absent or out of date, or when
+    ``rebuild`` (``tcskd cache --reindex``)."""
     seen: dict[str, Any] = {}
 
     def signature() -> dict[str, Any]:
         seen["listing"] = _listing(root)
         return seen["listing"]
 
-    return saved.load_or_build(KIND, root.location, signature, lambda: _build(root, seen["listing"]))
+    return saved.load_or_build(KIND, root.location, signature, lambda: _build(root, seen["listing"]),
+                               rebuild=rebuild)
 
 
 # -- masks -------------------------------------------------------------------------------------------
@@ -563,4 +565,5 @@ def wds_fingerprint(arg: str, split: str) -> str:
 
 
 register(Reader("wds", "wds:ROOT", lambda spec, arg, split: _source(spec, _root(arg), split),
-                lambda spec, arg, split: wds_fingerprint(arg, split)))
+                lambda spec, arg, split: wds_fingerprint(arg, split),
+                reindex=lambda spec, arg: _index(_root(arg), rebuild=True) and None))
