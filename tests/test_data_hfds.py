@@ -357,44 +357,24 @@ def _read_in_child(cells, row: int):
     return list(cells._groups), list(cells._open), cell.as_py()
 
 
-@pytest.fixture
-def s3_endpoint(monkeypatch):
-    """A real S3 HTTP endpoint (moto's server on a free local port); s3fs finds it through fsspec's env config."""
-    moto_server = pytest.importorskip("moto.server")
-    pytest.importorskip("s3fs")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-                 "FSSPEC_S3_ENDPOINT_URL": f"http://{host}:{port}"}.items():
-        monkeypatch.setenv(k, v)
-    saved = {k: dict(v) for k, v in fsspec.config.conf.items()}
-    fsspec.config.set_conf_env(fsspec.config.conf)
-    yield f"http://{host}:{port}"
-    fsspec.config.conf.clear()
-    fsspec.config.conf.update(saved)
-    s3fs = sys.modules["s3fs"]
-    s3fs.S3FileSystem.clear_instance_cache()
-    server.stop()
-
-
-def test_parquet_on_s3(sets, s3_endpoint):
+def test_parquet_on_s3(sets, s3_env_set):
     """Parquet shards in a bucket behind a real S3 endpoint: the same rows, labels, bytes and fingerprint as the
     local copy; a pickled reader (a spawned worker) opens its own connection."""
     import pickle
 
-    fs = fsspec.filesystem("s3", skip_instance_cache=True)
-    fs.mkdir("hfds-bucket")
+    fs = s3_env_set.fs()
+    url = s3_env_set.prefix("hfds")
+    key = url.removeprefix("s3://")
     local = Path(sets["parquet"].partition(":")[2])
     for f in sorted((local / "data").iterdir()):
-        fs.pipe(f"hfds-bucket/pq/data/{f.name}", f.read_bytes())
-    spec = "hfds:s3://hfds-bucket/pq"
+        fs.pipe(f"{key}/data/{f.name}", f.read_bytes())
+    spec = f"hfds:{url}"
     for split in ("train", "all"):
         remote, ref = open_source(spec, split), open_source(sets["parquet"], split)
         assert remote.indices.tolist() == ref.indices.tolist() and remote.labels.tolist() == ref.labels.tolist()
         assert [remote.encoded(i) for i in range(len(ref))] == [ref.encoded(i) for i in range(len(ref))]
         assert fingerprint(spec, split) == remote.fingerprint
-    cells = hfds._parquet_parts(hfds._locate(hfds.parse_hfds("s3://hfds-bucket/pq")))["test"].cell
+    cells = hfds._parquet_parts(hfds._locate(hfds.parse_hfds(url)))["test"].cell
     again = pickle.loads(pickle.dumps(cells))
     assert again(3).as_py() == cells(3).as_py() == {"bytes": open_source(sets["parquet"], "test").encoded(3),
                                                     "path": None}

@@ -395,31 +395,15 @@ def test_memory_url_gives_the_local_cache(tmp_path, tiny_teacher, memory_root, o
     assert sorted(opens.names) == [f"train/shard-0000{k}.tar" for k in range(3)]  # the index was reused
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    """A real S3 HTTP endpoint (moto's server, in a thread), as s3fs's default endpoint."""
-    import fsspec
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                     "AWS_DEFAULT_REGION": "us-east-1"}.items():
-            mp.setenv(k, v)
-        mp.setitem(fsspec.config.conf, "s3", {"endpoint_url": f"http://{host}:{port}"})
-        yield fsspec.filesystem("s3", skip_instance_cache=True)
-    server.stop()
-
-
-def test_s3_shards_read_like_local_ones(tmp_path, s3_endpoint, opens):
-    fs = s3_endpoint
-    fs.mkdir("wds-bucket")
+def test_s3_shards_read_like_local_ones(tmp_path, s3_env_set, opens):
+    """Shards in a bucket behind a real S3 endpoint (tests/_s3.py) read like the local ones."""
+    fs = s3_env_set.fs()
+    url = s3_env_set.prefix("wds")
+    key = url.removeprefix("s3://")
     wds_root, _ = make_set(tmp_path)
     for p in sorted(wds_root.rglob("*.tar")):
-        fs.put(str(p), f"wds-bucket/set/{p.parent.name}/{p.name}")
-    local, remote = open_source(f"wds:{wds_root}", "all"), open_source("wds:s3://wds-bucket/set", "all")
+        fs.put(str(p), f"{key}/{p.parent.name}/{p.name}")
+    local, remote = open_source(f"wds:{wds_root}", "all"), open_source(f"wds:{url}", "all")
     assert remote.fingerprint == local.fingerprint and remote.labels.tolist() == local.labels.tolist()
     rows = (20, 3, 19, 4)
     expected = [(local.encoded(i), local.load(i)) for i in rows]
@@ -429,11 +413,11 @@ def test_s3_shards_read_like_local_ones(tmp_path, s3_endpoint, opens):
         np.testing.assert_array_equal(remote.load(i), pixels)
     assert opens.names == ["test/shard-00000.tar", "train/shard-00000.tar"]
     opens.names.clear()
-    assert open_source("wds:s3://wds-bucket/set").fingerprint == fingerprint(f"wds:{wds_root}") and opens.names == []
+    assert open_source(f"wds:{url}").fingerprint == fingerprint(f"wds:{wds_root}") and opens.names == []
     # An object replaced by one of another size (a new ETag): the index is rebuilt.
-    fs.put(str(wds_root / "train" / "shard-00000.tar"), "wds-bucket/set/train/shard-00001.tar")
-    assert len(open_source("wds:s3://wds-bucket/set")) == 18 and len(opens.names) == 4
-    fs.rm("wds-bucket", recursive=True)
+    fs.put(str(wds_root / "train" / "shard-00000.tar"), f"{key}/train/shard-00001.tar")
+    assert len(open_source(f"wds:{url}")) == 18 and len(opens.names) == 4
+    fs.rm(key, recursive=True)
 
 
 class _Encoded(torch.utils.data.Dataset):
