@@ -28,3 +28,8 @@ class LockedError(TcskdError):
 class DataError(TcskdError):
     """A dataset spec, folder, image or mask is wrong (``tcskd.data`` raises it; defined here so that
     ``tcskd.segdata`` can raise it too without importing ``tcskd.data``)."""
+
+
+class MissingSplitError(DataError):
+    """A dataset has no such split (e.g. no test folder): :func:`tcskd.data.has_split` answers False for it,
+    while any other DataError of that split (unreadable, a split named explicitly and absent) is raised."""

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tcskd.errors import DataError
+from tcskd.errors import DataError, MissingSplitError
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +298,7 @@ def scan_mask_folder(root: Path, names: list[str]) -> MaskFolder:
                 indices.append(offset + j)
         offset += len(pairs)
     if not any((root / n).is_dir() for n in names):
-        raise DataError(f"image folder {root} has no '{'/'.join(names)}' split")
+        raise MissingSplitError(f"image folder {root} has no '{'/'.join(names)}' split")
     declared = _classes_file(root)
     h.update(f"classes:{declared}".encode())
     fingerprint = h.hexdigest()

@@ -23,7 +23,7 @@ from click.testing import CliRunner  # noqa: E402
 
 from tcskd.cache.build import CacheConfig, build_cache  # noqa: E402
 from tcskd.cli import main  # noqa: E402
-from tcskd.data import fingerprint, open_source  # noqa: E402
+from tcskd.data import fingerprint, has_split, open_source  # noqa: E402
 from tcskd.data import hfds  # noqa: E402
 from tcskd.errors import DataError  # noqa: E402
 from tcskd.store.backends import open_store  # noqa: E402
@@ -165,6 +165,9 @@ def test_column_suffix(tmp_path, layout):
         unl = open_source(spec, "all")
         assert unl.labels.tolist() == [-1] * len(unl) and unl.num_classes == 0
     assert len(open_source(f"hfds:{path}#test=validation", "all")) == 10
+    # Whether a run has a test split: absent by default is no; a split named in the spec and absent is an error.
+    assert has_split(f"hfds:{path}#test=validation", "test") and not has_split(f"hfds:{path}", "test")
+    _one_line(lambda: has_split(f"hfds:{path}#test=valid", "test"), "no 'valid' split", "validation")
     _one_line(lambda: open_source(f"hfds:{path}#image=picture"), "no column 'picture'", "img, coarse")
     _one_line(lambda: open_source(f"hfds:{path}#label=fine"), "no column 'fine'")
     _one_line(lambda: open_source(f"hfds:{path}#image=caption"), "'caption' holds string", "not images")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tcskd.data import open_source, reindex
+from tcskd.data import has_split, open_source, reindex
 from tcskd.data import imagefolder
 from tcskd.data.index import index_dir
 from tcskd.errors import DataError
@@ -123,6 +123,9 @@ def test_bad_folders_are_one_line(tmp_path):
     shutil.rmtree(only_train / "test")
     with pytest.raises(DataError, match="has no 'test' split"):
         open_source(f"imagefolder:{only_train}", "test")
+    assert not has_split(f"imagefolder:{only_train}", "test")  # absent: the run simply has no test split
+    with pytest.raises(DataError, match="reads local folders only"):
+        open_source("imagefolder:s3://bucket/images", "train")
 
 
 def _anonymous_kb() -> int:

@@ -492,6 +492,13 @@ def _bad(tmp: Path, case: str) -> tuple[str, str]:
         write_shards(root / "train", samples, per_shard=3)
         (root / "train" / "shard-00001.tar").write_bytes(b"this is not a tar file " * 40)
         return f"wds:{root}", "train/shard-00001.tar is not a tar file"
+    if case == "cut short":  # what a killed writer leaves: whole members, no end-of-archive blocks
+        write_shards(root / "train", samples, per_shard=3)
+        shard = root / "train" / "shard-00001.tar"
+        data = shard.read_bytes()
+        last = tarfile.open(shard).getmembers()[-1]
+        shard.write_bytes(data[:last.offset_data + -(-last.size // 512) * 512])
+        return f"wds:{root}", "train/shard-00001.tar ends without the tar end-of-archive blocks"
     write_shards(root / "train", samples[:3], per_shard=3)
     members = []
     for s in samples[3:]:
@@ -512,7 +519,7 @@ def _bad(tmp: Path, case: str) -> tuple[str, str]:
     return f"wds:{root}", expected[case]
 
 
-@pytest.mark.parametrize("case", ["no root", "no train folder", "no shards", "not a tar", "no image", "no cls",
+@pytest.mark.parametrize("case", ["no root", "no train folder", "no shards", "not a tar", "cut short", "no image", "no cls",
                                   "cls not an integer", "no mask", "unreachable url", "missing extra"])
 def test_bad_input_is_one_line_and_nothing_is_written(tmp_path, tiny_teacher, case):
     if case == "unreachable url":

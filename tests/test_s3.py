@@ -393,3 +393,21 @@ def test_cache_on_s3_killed_resumed_verified_and_read_back(s3_endpoint, s3_env_s
     assert r.code == 0 and r.stdout.strip().splitlines()[-1] == path, r.stderr
     assert "cache hit (nothing recomputed)" in r.stderr
     assert not s3.fs().exists(path + ".lease")
+
+
+def test_listing_two_caches_and_a_missing_bucket(s3_env_set, tiny_npz, tiny_teacher, tmp_path):
+    """`cache ls` sorts remote caches like local ones; a cache root in a bucket that does not exist is one
+    StoreError, and no bucket is created on a typo."""
+    from tcskd.cache.build import CacheConfig, build_cache
+    from tcskd.errors import StoreError
+    from tcskd.store.registry import list_caches
+
+    root = s3_env_set.prefix("ls")
+    keys = {build_cache(CacheConfig(data=tiny_npz, teacher=tiny_teacher, split=split, image_size=16,
+                                    cache_root=root, device="cpu", workers=0)).key for split in ("train", "test")}
+    assert [row["key"] for row in list_caches(root)] == sorted(keys)
+    fs = s3_env_set.fs()
+    with pytest.raises(StoreError, match="bucket 'no-such-bucket' of s3://no-such-bucket/caches does not exist"):
+        build_cache(CacheConfig(data=tiny_npz, teacher=tiny_teacher, image_size=16,
+                                cache_root="s3://no-such-bucket/caches", device="cpu", workers=0))
+    assert not fs.exists("no-such-bucket")

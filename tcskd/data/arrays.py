@@ -17,7 +17,7 @@ import numpy as np
 from tcskd import segdata
 from tcskd.data.hashing import sha256_file
 from tcskd.data.registry import Reader, register
-from tcskd.errors import DataError
+from tcskd.errors import DataError, MissingSplitError
 from tcskd.source import Source
 
 
@@ -37,7 +37,7 @@ def _array_source(spec: str, split: str, parts: dict[str, tuple[np.ndarray, np.n
                 idx.append(np.arange(len(x)) + offset)
             offset += len(x)
     if not xs:
-        raise DataError(f"{spec} has no '{split}' split")
+        raise MissingSplitError(f"{spec} has no '{split}' split")
     x = np.concatenate(xs) if len(xs) > 1 else xs[0]
     y = np.concatenate(ys) if len(ys) > 1 else ys[0]
     indices = np.concatenate(idx).astype(np.int64)

@@ -50,7 +50,7 @@ import numpy as np
 
 from tcskd.data.decode import decode_rgb
 from tcskd.data.registry import Reader, register
-from tcskd.errors import DataError
+from tcskd.errors import DataError, MissingSplitError
 from tcskd.source import Source
 
 log = logging.getLogger(__name__)
@@ -541,7 +541,9 @@ def _open(spec: str, arg: str, split: str) -> Source:
         chosen = [s for s in names if s in parts]
         if not chosen:
             have = ", ".join(loc.split_names()) or "none"
-            raise DataError(f"hfds: {hs.path} has no '{hs.splits[names[0]]}' split (splits: {have})")
+            # A split named in the spec (test=NAME) that is not there is a mistake; a default one is just absent.
+            kind = DataError if hs.splits[names[0]] != names[0] else MissingSplitError
+            raise kind(f"hfds: {hs.path} has no '{hs.splits[names[0]]}' split (splits: {have})")
         offsets = {"train": 0, "test": parts["train"].n if "train" in parts else 0}
         indices = np.concatenate([np.arange(offsets[s], offsets[s] + parts[s].n, dtype=np.int64) for s in chosen])
         labels = (np.concatenate([parts[s].labels() for s in chosen]) if len(chosen) > 1

@@ -20,13 +20,16 @@ from tcskd import segdata
 from tcskd.data.decode import read_rgb
 from tcskd.data.index import SavedIndex, load_or_build, pack_strings, unpack_string
 from tcskd.data.registry import Reader, register
-from tcskd.errors import DataError
+from tcskd.errors import DataError, MissingSplitError
 from tcskd.source import Source
 
 IMAGE_EXTS = segdata.IMAGE_EXTS
 
 
 def _imagefolder(spec: str, root: Path, split: str) -> Source:
+    if "://" in str(spec.partition(":")[2]):
+        raise DataError(f"imagefolder: reads local folders only ({spec}); for data on an object store use "
+                        f"wds: shards or hfds: parquet")
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}")
     names = ["train", "test"] if split == "all" else [split]
@@ -38,7 +41,7 @@ def _imagefolder(spec: str, root: Path, split: str) -> Source:
     idx = folder_index(root)
     counts = idx.meta["counts"]
     if not any(counts.get(n) is not None for n in names):
-        raise DataError(f"image folder {root} has no '{split}' split")
+        raise MissingSplitError(f"image folder {root} has no '{split}' split")
     classes = idx.meta["classes"]
     n_train = counts.get("train") or 0
     start = n_train if split == "test" else 0

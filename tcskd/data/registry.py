@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from tcskd.errors import DataError
+from tcskd.errors import DataError, MissingSplitError
 from tcskd.source import Source
 
 SPLITS = ("train", "test", "all")
@@ -88,7 +88,9 @@ def reindex(spec: str) -> None:
 
 
 def has_split(spec: str, split: str) -> bool:
+    """Whether ``spec`` has a non-empty ``split``; any problem other than its absence is raised (a split named
+    in the spec and missing, an unreadable dataset), so that a run does not quietly go without a test split."""
     try:
         return len(open_source(spec, split)) > 0
-    except DataError:
+    except MissingSplitError:
         return False

@@ -273,8 +273,10 @@ def _scan(root: _Root, name: str, size: int) -> _Shard:
     with _open_shard(root, name, sequential=True) as f:
         try:
             tf = tarfile.open(fileobj=f, mode="r|" if root.remote else "r:")
+            end = 0  # where the last member's data (padded to 512-byte blocks) ends
             while (m := tf.next()) is not None:
                 tf.members = []  # one shard's TarInfos are not kept (webdataset does the same)
+                end = m.offset_data + -(-m.size // 512) * 512
                 if not m.isreg() or _META.match(m.name):
                     continue
                 if m.offset_data + m.size > size:
@@ -296,6 +298,9 @@ def _scan(root: _Root, name: str, size: int) -> _Shard:
                     if ext == MASK_EXT:
                         top = max(top, _mask_top(_decode_mask(tf.extractfile(m).read(), f"{name}:{key}")))
             flush()
+            if size - end < 1024:  # tarfile and GNU tar end every archive with two zero blocks, at least
+                raise DataError(f"{name} ends without the tar end-of-archive blocks: a shard whose writer was cut "
+                                f"short (write it again)")
         except tarfile.TarError as e:
             raise DataError(f"{name} is not a tar file ({_one_line(e)})") from None
         except DataError:

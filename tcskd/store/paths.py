@@ -154,6 +154,9 @@ class RemotePath:
     def __hash__(self) -> int:
         return hash(self.url)
 
+    def __lt__(self, other: "RemotePath") -> bool:  # sorted() of a listing, as with Paths
+        return self.url < other.url
+
     @contextlib.contextmanager
     def _io(self) -> Iterator[None]:
         check_reachable(self.url)
@@ -189,7 +192,13 @@ class RemotePath:
             return self.fs.isdir(self._path)
 
     def mkdir(self, parents: bool = False, exist_ok: bool = False) -> None:
+        """Create the folder (object stores: nothing to create) in an existing bucket; a bucket that does not
+        exist is a StoreError (s3fs would create it: on a typo, a new bucket)."""
         with self._io():
+            bucket = self._path.split("/", 1)[0]
+            if self.scheme in ("s3", "s3a", "gs", "gcs") and not self.fs.exists(bucket):
+                raise StoreError(f"bucket '{bucket}' of {self.url} does not exist (create it first, or check the "
+                                 f"name)")
             self.fs.makedirs(self._path, exist_ok=True)
 
     def iterdir(self):
