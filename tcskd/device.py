@@ -76,3 +76,34 @@ def set_threads(threads: int | None) -> None:
     if threads < 1:
         raise TcskdError(f"--threads must be >= 1 (got {threads})")
     torch.set_num_threads(threads)
+
+
+#: The most DataLoader workers ``auto`` starts (beyond this, decoding rarely keeps up with anything else).
+MAX_AUTO_WORKERS = 16
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask, which a batch scheduler or taskset narrows;
+    ``os.cpu_count()`` where the platform has no affinity)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def resolve_workers(workers: int | str | None, option: str = "--workers") -> int:
+    """DataLoader worker processes for ``--workers``: a whole number >= 0 as given, or ``auto`` (None too): one
+    less than the usable cores (the main process feeds the device), at most :data:`MAX_AUTO_WORKERS`, at
+    least 0 (1 on a 2-core machine). Under torchrun the cores are shared by the node's processes
+    (``LOCAL_WORLD_SIZE``): each gets its share. TcskdError (one line) for anything else."""
+    if workers is None or workers == "auto":
+        local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+        share = usable_cores() // max(1, int(local) if local.isdigit() else 1)
+        return max(0, min(MAX_AUTO_WORKERS, share - 1))
+    if isinstance(workers, str) and workers.strip().lstrip("+-").isdigit():
+        workers = int(workers)
+    if isinstance(workers, bool) or not isinstance(workers, int):
+        raise TcskdError(f"{option} must be auto or a whole number >= 0 (got {workers!r})")
+    if workers < 0:
+        raise TcskdError(f"{option} must be >= 0 (got {workers})")
+    return workers

@@ -19,7 +19,7 @@ options of the stage's command are generated from the fields by
 
 The option's type follows the annotation: ``str``, ``int``, ``float`` (also
 ``X | None``), ``bool`` (an on/off flag: ``--x`` when the default is False,
-``--x/--no-x`` otherwise), ``tuple[float, float]`` (two values), and a
+``--x/--no-x`` otherwise), ``int | str`` (a whole number or a word such as ``auto``), ``tuple[float, float]`` (two values), and a
 ``choices`` list becomes a ``click.Choice``; ``tuple[int, ...]`` (any length) is one comma-separated
 value (``--milestones 150,180,210``). Values are checked by the config's own ``validate()``, which the
 stage function calls, never by click callbacks.
@@ -120,12 +120,34 @@ def _decls(f: dataclasses.Field) -> list[str]:
 def _base_type(annotation: Any) -> tuple[Any, bool]:
     """(the annotation without ``| None``, whether None was allowed)."""
     args = typing.get_args(annotation)
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in args:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         rest = [a for a in args if a is not type(None)]
-        if len(rest) != 1:
-            raise TypeError(f"unsupported option type {annotation!r}")
-        return rest[0], True
+        if len(rest) == 1:
+            return rest[0], len(rest) < len(args)
+        if set(rest) == {int, str}:
+            return INT_OR_STR, len(rest) < len(args)
+        raise TypeError(f"unsupported option type {annotation!r}")
     return annotation, False
+
+
+#: ``int | str``, e.g. ``--workers auto|N``: a whole number (on the command line or in a file) becomes an int,
+#: any other text stays a string for the config's ``validate()`` to judge.
+INT_OR_STR = int | str
+
+
+def _int_or_str(value: Any) -> Any:
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return int(value)
+    return value
+
+
+class _IntOrText(click.ParamType):
+    """``int | str`` on the command line: a whole number as an int, other text as it is."""
+
+    name = "integer|text"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        return _int_or_str(value)
 
 
 class _CommaList(click.ParamType):
@@ -166,6 +188,8 @@ def _click_type(base: Any, option: Option) -> Any:
         return tuple(args)
     if base in (str, int, float):
         return base
+    if base == INT_OR_STR:
+        return _IntOrText()
     raise TypeError(f"unsupported option type {base!r}")
 
 
@@ -367,6 +391,8 @@ def _convert(value: Any, annotation: Any) -> tuple[bool, Any]:
         return ok, float(value) if ok else value
     if base is str:
         return isinstance(value, str), value
+    if base == INT_OR_STR:
+        return isinstance(value, (int, str)) and not isinstance(value, bool), _int_or_str(value)
     if typing.get_origin(base) is tuple:
         item = _variadic(base)
         if item is not None and isinstance(value, str):
@@ -391,7 +417,8 @@ def _describe(annotation: Any) -> str:
         what = (f"a list of {item.__name__}" if item is not None else
                 f"a list of {len(typing.get_args(base))} ({', '.join(t.__name__ for t in typing.get_args(base))})")
     else:
-        what = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        what = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+                INT_OR_STR: "an integer or a string"}.get(
             base, getattr(base, "__name__", str(base)))
     return what + (" or null" if optional else "")
 

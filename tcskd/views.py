@@ -96,6 +96,18 @@ def crop_box(params: np.ndarray | torch.Tensor | list[float], h: int, w: int) ->
     return min(y0, h - ch), min(x0, w - cw), ch, cw
 
 
+def draft_reduction(params: np.ndarray, h: int, w: int, size: int, reductions: tuple[int, ...] = (8, 4, 2)) -> int:
+    """The largest of ``reductions`` at which an H x W image decoded at ceil(H / r) x ceil(W / r) still has
+    every view's crop box (``params``, V x 5, normalised; the pixel box as :func:`crop_box` rounds it on the
+    reduced image) at least ``size`` px in both dimensions, so the resize to ``size`` stays a reduction; 1
+    when none does. The views are the same boxes at any decoded size (they are normalised)."""
+    for r in reductions:
+        rh, rw = -(-h // r), -(-w // r)
+        if all(min(crop_box(p, rh, rw)[2:]) >= size for p in params):
+            return r
+    return 1
+
+
 def apply_view(img: torch.Tensor, params: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
     """Crop ``img`` (C x H x W, or B x C x H x W sharing one box; float or uint8) to the normalised box,
     resize to ``size``, flip. Each image of a batch comes out exactly as it would alone."""

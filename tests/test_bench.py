@@ -15,6 +15,7 @@ from _stores import map_teacher
 from conftest import make_npz
 from tcskd.bench.cache import bench_forward
 from tcskd.bench.dense import bench_dense
+from tcskd.bench.inputs import bench_input
 from tcskd.bench.cli import bench_cmd
 from tcskd.bench.env import REPO_ROOT
 from tcskd.bench.measure import linear_fit
@@ -35,7 +36,8 @@ def _tiny_config(data: str, teacher: str, workdir, **kw) -> BenchConfig:
     base = dict(profile="cpu", device="cpu", quick=True, data=data,
                 teachers=[TeacherSpec("tiny", teacher, 16)], cache_rows=8, cache_batch=8, chunk_rows=8,
                 forward_seconds=0.01, basis_dim=4, basis_rows_large=48, basis_plot=False, student="cnn",
-                train_batch=8, train_epochs=1, isolate=False, repeats=1, warmup=1, workdir=str(workdir), dense_rows=8)
+                train_batch=8, train_epochs=1, isolate=False, repeats=1, warmup=1, workdir=str(workdir), dense_rows=8,
+                input_images=16, input_batch=8, input_px=32)
     base.update(kw)
     return BenchConfig(**base)
 
@@ -64,7 +66,7 @@ def test_bench_sections_in_process(tmp_path, tiny_teacher):
 
     saved = json.loads(out.read_text())
     assert saved["schema"] == BENCH_SCHEMA
-    for key in ("environment", "settings", "cache", "basis", "train", "dense", "dataloading", "goals"):
+    for key in ("environment", "settings", "cache", "basis", "train", "dense", "dataloading", "input", "goals"):
         assert saved[key], key
     env = saved["environment"]
     assert env["torch"] == torch.__version__ and env["device"] == "cpu" and env["date"]
@@ -101,7 +103,7 @@ def test_bench_sections_in_process(tmp_path, tiny_teacher):
 
     goals = saved["goals"]
     for name in ("cache_vs_forward", "cache_cost_linear", "basis_vs_read", "tcs_vs_ce_throughput",
-                 "online_vs_tcs_time", "tcs_vs_online_memory"):
+                 "online_vs_tcs_time", "tcs_vs_online_memory", "train_vs_cache_input_cpu"):
         g = goals[name]
         assert g["value"] > 0 and set(g) >= {"value", "goal", "met", "applies"}, name
     assert goals["online_vs_tcs_time"]["applies"] is False  # a GPU goal, measured on the CPU
@@ -111,6 +113,8 @@ def test_bench_sections_in_process(tmp_path, tiny_teacher):
 
     md = out.with_suffix(".md").read_text()
     assert "| ce |" in md and "cache_vs_forward" in md and "(tiled)" in md and "dense vs global: skipped" in md
+    assert saved["input"]["images"] == 16 and "### input: the loaders alone" in md
+    assert not (tmp_path / "work" / "input").exists()  # its JPEGs are removed
     # the caches and runs went into the given workdir (and were removed there), never into the repository
     assert "caches-tiny" in _listing(tmp_path / "work") and "tiled" in _listing(tmp_path / "work")
     assert _listing(REPO_ROOT / "caches") == repo_caches
@@ -146,6 +150,38 @@ def test_dense_section_compares_tokens_with_global_features(tmp_path):
     assert "### dense vs global: cache" in md and "| coords | 16 x 4 of 8 float16 |" in md
     assert "### dense vs global: basis" in md and "| patch | 4 | 256 |" in md
     assert profile_config("gpu", "cuda").dense_rows > 0 and profile_config("cpu", "cpu").dense_rows > 0
+
+
+def test_input_section_measures_both_loaders(tmp_path):
+    """tcskd bench's input section: the cache stage's loader (full and draft decode) and the training loader
+    alone on a folder of JPEGs, img/s and CPU per image each, and the train / cache ratio; JSON and Markdown."""
+    from tcskd.bench.report import compute_goals, render_markdown
+
+    res = bench_input(tmp_path / "w", 24, torch.device("cpu"), width=120, height=90, teacher_size=32,
+                      student_size=32, batch=8, workers=(1,))
+    assert (res["images"], res["width"], res["height"], res["batch"]) == (24, 120, 90, 8)
+    assert res["draft_reduction"] == 2  # the 90 px centre view is 45 >= 32 px at 1/2, 23 at 1/4
+    assert sorted(p.suffix for p in (tmp_path / "w" / "jpegs").rglob("*.*")) == [".jpg"] * 24
+    assert 0 < res["jpeg_kb"]["min"] <= res["jpeg_kb"]["mean"] <= res["jpeg_kb"]["max"]
+    assert [(c["loader"], c["decode"], c["workers"], c["images"]) for c in res["configs"]] == [
+        ("cache", "full", 1, 24), ("cache", "draft", 1, 24), ("train", "full", 1, 24)]
+    for c in res["configs"]:
+        rate, cpu = c["img_per_s"]["median"], c["cpu_s_per_image"]["median"]
+        assert rate > 0 and cpu > 0 and c["cores_busy"] == round(rate * cpu, 3)
+        assert c["cores_per_1000_img_per_s"] == round(1000 * cpu, 3)
+    sm = res["summary"]["1"]
+    cpu = {(c["loader"], c["decode"]): c["cpu_s_per_image"]["median"] for c in res["configs"]}
+    assert sm["train_vs_cache_cpu"] == pytest.approx(cpu["train", "full"] / cpu["cache", "full"])
+    assert sm["draft_vs_full_cpu"] == pytest.approx(cpu["cache", "draft"] / cpu["cache", "full"])
+    assert set(sm["teacher_img_per_s_fed"]) == {"full", "draft"} and sm["student_img_per_s_fed"] > 0
+    whole = {"input": res}
+    g = compute_goals(whole, torch.device("cpu"))["train_vs_cache_input_cpu"]
+    assert g["value"] == round(sm["train_vs_cache_cpu"], 4) and g["goal"] == 1.3 and g["applies"]
+    md = render_markdown({"environment": {"device_name": "cpu", "cpu_count": 2, "torch_threads": 1, "device": "cpu",
+                                          "date": "today", "torch": "x", "tcskd": "x", "python": "x"},
+                          "profile": "cpu", "quick": True, "settings": {"repeats": 1, "warmup": 1}, **whole})
+    assert "### input: the loaders alone (24 JPEGs of 120x90" in md and "| train | full | 32 | 1 |" in md
+    assert profile_config("cpu", "cpu").input_images == 2000 and profile_config("cpu", "cpu", quick=True).input_images
 
 
 def test_tiled_store_is_a_cache_of_its_own(tmp_path, tiny_teacher):

@@ -6,7 +6,7 @@ import torch
 
 from _train_fixtures import make_npz, make_train_cache
 from tcskd.store.backends import open_store
-from tcskd.views import apply_view, to_tensor
+from tcskd.views import apply_view
 from tcskd.data import open_source
 from tcskd.errors import StoreError
 from tcskd.store.bases import load_basis
@@ -69,7 +69,7 @@ def test_multi_view_replay_uses_the_stored_crop(data):
         x, target, label, item, view, _ = ds[(i, v, 4)]
         row = int(ds.rows[i])  # the training rows skip the validation rows; store row = source row here
         img = src.image(row)
-        want = apply_view(to_tensor(img), params[row, v], ds.size)
+        want = apply_view(torch.from_numpy(img).permute(2, 0, 1), params[row, v], ds.size).float() / 255  # uint8 crop
         assert torch.equal(x, want)
         assert torch.equal(target, torch.from_numpy(ds.targets[i, v]))
         assert (item, view, label) == (i, v, int(src.labels[row]))

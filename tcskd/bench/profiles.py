@@ -27,6 +27,8 @@ GOALS = {
     "tcs_vs_ce_throughput": (">=", 0.95, "any", "img/s of tcs / img/s of ce"),
     "online_vs_tcs_time": (">=", 2.0, "cuda", "time per image of online / of tcs (ViT-S-class teacher)"),
     "tcs_vs_online_memory": ("<=", 0.7, "any", "peak memory of tcs / of online"),
+    "train_vs_cache_input_cpu": ("<=", 1.3, "any", "CPU s per image of the training loader / of the cache's "
+                                                   "loader (500x375 JPEGs, 224 px, 1 worker)"),
 }
 
 
@@ -78,7 +80,7 @@ class BenchConfig:
     train_epochs: int = 3
     """Measured epochs; one warm-up epoch runs before them."""
     train_workers: int | None = None
-    """None = tcskd train's own default (0 on the CPU, min(8, cores) on CUDA)."""
+    """None = tcskd train's own default (``auto``: one less than the usable cores, at most 16)."""
     methods: tuple[str, ...] = ("ce", "tcs", "online")
     isolate: bool = True
     """Each training method in its own child process (peak RSS per method)."""
@@ -95,6 +97,13 @@ class BenchConfig:
     """Rows of the dense-vs-global comparison (tcskd.bench.dense) on the main teacher; 0 = none."""
     dense_dim: int = 64
     """K of the ``--dim K`` cache in that comparison (at most the teacher's width)."""
+    input_images: int = 0
+    """JPEGs (500 x 375, written at run time) of the input section (tcskd.bench.inputs); 0 = no section."""
+    input_repeats: int = 1
+    """Runs of each loader over them (the median is reported)."""
+    input_batch: int = 64
+    input_px: int = 224
+    """Teacher and student input size of the input section."""
 
 
 def profile_config(profile: str, device: str, quick: bool = False, **overrides: Any) -> BenchConfig:
@@ -105,7 +114,8 @@ def profile_config(profile: str, device: str, quick: bool = False, **overrides: 
             teachers=[TeacherSpec("efficientnet-lite0@64", "builtin:efficientnet-lite0", 64)],
             cache_rows=64 if quick else 256, cache_batch=32, cache_workers=0, forward_seconds=0.3 if quick else 1.0,
             basis_dim=64, basis_rows_large=0 if quick else 4096, student="cnn", train_batch=64 if quick else 128, train_epochs=1 if quick else 3,
-            repeats=2 if quick else 3, warmup=1, budget_s=60.0 if quick else 170.0, dense_rows=64 if quick else 256)
+            repeats=2 if quick else 3, warmup=1, budget_s=60.0 if quick else 170.0, dense_rows=64 if quick else 256,
+            input_images=200 if quick else 2000, input_repeats=1)
     elif profile == "gpu":
         cores = os.cpu_count() or 1
         cfg = BenchConfig(
@@ -118,7 +128,8 @@ def profile_config(profile: str, device: str, quick: bool = False, **overrides: 
             cache_workers=min(8, cores), forward_seconds=0.5 if quick else 1.0, basis_dim=64,
             basis_rows_large=65536 if quick else 262144,
             student="resnet32x4", train_batch=512, train_epochs=1 if quick else 3,
-            repeats=2 if quick else 3, warmup=1, budget_s=150.0 if quick else 290.0, dense_rows=1024 if quick else 4096)
+            repeats=2 if quick else 3, warmup=1, budget_s=150.0 if quick else 290.0, dense_rows=1024 if quick else 4096,
+            input_images=500 if quick else 2000, input_repeats=1 if quick else 3)
         if quick:
             cfg.teachers = cfg.teachers[:1]
     else:

@@ -70,6 +70,11 @@ def compute_goals(res: dict[str, Any], device: torch.device) -> dict[str, Any]:
         goals["tcs_vs_online_memory"] = goal(
             "tcs_vs_online_memory", ratio(train["tcs"]["peak_mem_bytes"], train["online"]["peak_mem_bytes"]),
             device, "CUDA max allocated" if device.type == "cuda" else "peak RSS of each training process")
+    inp = (res.get("input") or {}).get("summary") or {}
+    one = inp.get("1") or next(iter(inp.values()), None)
+    if one and one.get("train_vs_cache_cpu") is not None:
+        goals["train_vs_cache_input_cpu"] = goal("train_vs_cache_input_cpu", one["train_vs_cache_cpu"], device,
+                                                  "the training loader also augments and converts to float")
     return goals
 
 
@@ -213,7 +218,28 @@ def _train_table(res: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _input_table(res: dict[str, Any]) -> list[str]:
+    inp = res.get("input")
+    if not inp:
+        return []
+    kb = inp["jpeg_kb"]
+    lines = ["", f"### input: the loaders alone ({inp['images']:,} JPEGs of {inp['width']}x{inp['height']}, "
+                 f"{kb['min']:.0f}-{kb['max']:.0f} KB, mean {kb['mean']:.0f}; batch {inp['batch']}; "
+                 f"{inp['usable_cores']} usable cores, auto = {inp['auto_workers']} workers; draft decodes the "
+                 f"centre view at 1/{inp['draft_reduction']} at {inp['teacher_px']} px)", "",
+             "| loader | decode | px | workers | img/s (the teacher img/s it feeds) | CPU ms / image | cores busy | "
+             "cores per 1,000 img/s |", "|---|---|---|---|---|---|---|---|"]
+    for c in inp["configs"]:
+        lines.append(f"| {c['loader']} | {c['decode']} | {c['px']} | {c['workers']} | {_f(c['img_per_s']['median'])} | "
+                     f"{_f(1e3 * c['cpu_s_per_image']['median'], 2)} | {_f(c['cores_busy'], 2)} | "
+                     f"{_f(c['cores_per_1000_img_per_s'], 1)} |")
+    for w, sm in inp.get("summary", {}).items():
+        lines.append(f"\nWith {w} worker(s): CPU per image train / cache {_f(sm['train_vs_cache_cpu'], 2)} "
+                     f"(goal <= 1.3), draft / full {_f(sm['draft_vs_full_cpu'], 2)}.")
+    return lines
+
+
 def render_markdown(res: dict[str, Any]) -> str:
     """The Markdown table of a run (or of the sections it has measured so far)."""
     return "\n".join(_header(res) + _cache_table(res) + _basis_table(res) + _train_table(res)
-                     + _dense_table(res)) + "\n"
+                     + _dense_table(res) + _input_table(res)) + "\n"

@@ -19,6 +19,7 @@ from tcskd.bench.basis import bench_basis
 from tcskd.bench.cache import bench_cache, bench_cache_inputs, bench_forward
 from tcskd.bench.dense import bench_dense
 from tcskd.bench.env import environment, threads_probe
+from tcskd.bench.inputs import bench_input
 from tcskd.bench.profiles import BENCH_SCHEMA, REFERENCE, BenchConfig, TeacherSpec
 from tcskd.bench.report import compute_goals, dataloading_summary, render_markdown, write_atomic
 from tcskd.bench.synthetic import make_dinov2, make_synthetic_npz, make_tiled_store
@@ -44,7 +45,7 @@ class _Run:
             "schema": BENCH_SCHEMA, "profile": cfg.profile, "quick": cfg.quick,
             "environment": {**environment(device), "threads_probe": probe}, "settings": settings,
             "reference": REFERENCE, "cache": {"teachers": [], "skipped": []}, "basis": None, "train": None,
-            "dense": None, "dataloading": None, "goals": {}, "seconds": None}
+            "dense": None, "dataloading": None, "input": None, "goals": {}, "seconds": None}
 
     def save(self) -> None:
         self.res["goals"] = compute_goals(self.res, self.device)
@@ -130,6 +131,18 @@ class _Run:
             cfg.chunk_rows, cfg.dense_dim, self.device, cfg.repeats, self.work / f"dense-{t.label}", cfg.warmup)}
         self.save()
 
+    def input_section(self) -> None:
+        """The loaders alone on photo-sized JPEGs (tcskd.bench.inputs): the img/s and CPU per image they cost."""
+        cfg = self.cfg
+        if not cfg.input_images:
+            return
+        self.say(f"input: the cache's and the training loader on {cfg.input_images} 500x375 JPEGs")
+        self.res["input"] = bench_input(self.work / "input", cfg.input_images, self.device, batch=cfg.input_batch,
+                                        teacher_size=cfg.input_px, student_size=cfg.input_px,
+                                        repeats=cfg.input_repeats)
+        shutil.rmtree(self.work / "input", ignore_errors=True)
+        self.save()
+
     def teachers(self, data: str) -> None:
         """Every teacher in order: an optional one is skipped once the soft budget runs short, or recorded as
         failed without stopping the rest."""
@@ -173,7 +186,7 @@ def run_bench(cfg: BenchConfig, out: Path | None = None, echo: Callable[[str], N
 
     Order: the main teacher's cache figures, then the basis and train figures on its
     cache, then the optional teachers (skipped once the soft time budget runs short,
-    or recorded as failed without stopping the rest)."""
+    or recorded as failed without stopping the rest), then the input section (the loaders alone on JPEGs)."""
     t_start = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -190,6 +203,7 @@ def run_bench(cfg: BenchConfig, out: Path | None = None, echo: Callable[[str], N
             data = make_synthetic_npz(work / "data" / "synthetic.npz", cfg.synthetic_images, cfg.synthetic_size)
         run.res["settings"]["data_resolved"] = data
         run.teachers(data)
+        run.input_section()
     finally:
         if hasattr(os, "getloadavg"):
             run.res["environment"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]

@@ -12,13 +12,14 @@ finished stores are equal byte for byte on the CPU.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -30,14 +31,16 @@ from tcskd.cache.config import CacheConfig
 from tcskd.cache.create import check_identity, clean_stale_tmp, create_cache_store, has_manifest, identity_of
 from tcskd.cache.subset import limit_source
 from tcskd.data import DataError, Source, fingerprint, open_source
-from tcskd.device import autocast, resolve_device
+from tcskd.data.decode import decode_rgb_reduced
+from tcskd.device import autocast, resolve_device, resolve_workers
 from tcskd.errors import StoreError, TcskdError
 from tcskd.store.backends import Store, detect_format, iter_chunks, open_store
 from tcskd.store.handle import open_cache
 from tcskd.store.manifest import Manifest
 from tcskd.store.paths import is_remote
 from tcskd.store.registry import WriterLock, cache_key, cache_root_of
-from tcskd.views import apply_view, center_view, resize_on_device, teacher_views, view_params
+from tcskd.source import match_channels
+from tcskd.views import apply_view, center_view, draft_reduction, resize_on_device, teacher_views, view_params
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +70,14 @@ class _TeacherInputs(Dataset):
 
     With ``defer_resize`` and one view, a batch of in-memory images keeps the images' own size
     (V x C x H x W): :func:`teacher_forward` applies view 0, the centre crop, on the teacher's device.
+    With ``decode='draft'`` a JPEG of a source of encoded files is decoded at a reduced scale
+    (:func:`decode_views`).
     """
 
     def __init__(self, source: Source, views: int, size: int, seed: int, scale: tuple[float, float],
-                 defer_resize: bool = False) -> None:
+                 defer_resize: bool = False, decode: str = "full") -> None:
         self.source, self.views, self.size, self.seed, self.scale = source, views, size, seed, scale
-        self.defer_resize = defer_resize
+        self.defer_resize, self.decode = defer_resize, decode
 
     def __len__(self) -> int:
         return len(self.source)
@@ -81,9 +86,8 @@ class _TeacherInputs(Dataset):
         idx = int(self.source.indices[row])
         c = self.source.channels
         try:
-            img = self.source.image(row, c)
-            params = view_params(idx, img.shape[0], img.shape[1], self.views, self.seed, self.scale)
-            x = teacher_views(img, params, self.size)
+            x, params = decode_views(self.source, row, c, self.size, self.decode,
+                                     lambda h, w: view_params(idx, h, w, self.views, self.seed, self.scale))
             return row, x, int(self.source.labels[row]), torch.from_numpy(params), ""
         except DataError as e:
             blank = torch.zeros(self.views, c, self.size, self.size, dtype=torch.uint8)
@@ -93,6 +97,8 @@ class _TeacherInputs(Dataset):
         """A batch at once when the source holds its images in memory with one shape (each image exactly as
         :meth:`__getitem__` makes it: the uint8 resize of a batch equals that of its images); else item by item."""
         r = np.asarray(rows, np.int64)
+        if self.decode == "draft" and self.source.encoded is not None:
+            return [self[int(i)] for i in r]
         imgs = self.source.images(r, self.source.channels)
         if imgs is None:
             return [self[int(i)] for i in r]
@@ -172,16 +178,16 @@ def build_cache(cfg: CacheConfig) -> CacheResult:
     source = open_split(cfg, ident)
     path.parent.mkdir(parents=True, exist_ok=True)
     timings = {"setup": 0.0, "inputs": 0.0, "forward": 0.0, "write": 0.0}
-    with WriterLock(path, wait=cfg.wait):
+    with WriterLock(path, wait=cfg.wait) as lock:
         store = _open_for_writing(path, cfg, source, teacher, key, ident)
         try:
             t = time.perf_counter()
             project = dense.prepare_projection(store, path, cfg, teacher, device,
-                                               _row_batches(source, cfg, teacher, device), len(source))
+                                               _row_batches(source, cfg, teacher, device, lock), len(source))
             if cfg.dim is not None:
                 timings["basis"] = time.perf_counter() - t
             timings["setup"] = t - t0  # _fill adds the teacher's move and the loader's start
-            rows = _fill(store, cfg, source, teacher, device, timings=timings, project=project)
+            rows = _fill(store, cfg, source, teacher, device, timings=timings, project=project, lock=lock)
             t = time.perf_counter()
             _finish(store, source)
             timings["write"] += time.perf_counter() - t
@@ -247,9 +253,9 @@ def _build_distributed(cfg: CacheConfig, source: Source, teacher, ident: dict[st
         store = open_store(path, "a")
         try:
             project = dense.prepare_projection(store if dist.is_main() else None, path, cfg, teacher, device,
-                                               _row_batches(source, cfg, teacher, device), len(source))
+                                               _row_batches(source, cfg, teacher, device, lock), len(source))
             rows = _fill(store, cfg, source, teacher, device, chunk_ids=todo[dist.rank()::dist.world()],
-                         project=project)
+                         project=project, lock=lock)
         finally:
             store.close()
         dist.barrier()
@@ -271,18 +277,22 @@ def _batches(todo: list[tuple[int, int, int]], batch: int) -> list[list[int]]:
     return out
 
 
-def _row_batches(source: Source, cfg: CacheConfig, teacher, device: torch.device) -> dense.Batches:
+def _row_batches(source: Source, cfg: CacheConfig, teacher, device: torch.device,
+                 lock: WriterLock | None = None) -> dense.Batches:
     """Row lists -> the cache stage's input batches of those rows (the ``--dim`` basis sample's loader)."""
     ds = teacher_inputs(source, cfg, teacher.image_size, device)
-    return lambda lists: DataLoader(ds, batch_sampler=lists, num_workers=cfg.workers, collate_fn=collate_inputs,
-                                    pin_memory=device.type == "cuda")
+    workers = resolve_workers(cfg.workers)
+    return lambda lists: DataLoader(ds, batch_sampler=lists, num_workers=workers, collate_fn=collate_inputs,
+                                    pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+                                    worker_init_fn=_worker_init(lock))
 
 
 def _fill(store: Store, cfg: CacheConfig, source: Source, teacher, device: torch.device,
           chunk_ids: list[int] | None = None, timings: dict[str, float] | None = None,
-          project: dense.Projector | None = None) -> int:
+          project: dense.Projector | None = None, lock: WriterLock | None = None) -> int:
     """Compute every chunk not yet done (or only ``chunk_ids``); return rows computed. A patch cache stores
-    token grids (``project``: their coordinates, tcskd.cache.dense).
+    token grids (``project``: their coordinates, tcskd.cache.dense). The loader's workers close their copy of
+    ``lock`` (the writer lock this process holds).
 
     ``timings`` (see :class:`CacheResult`) receives the seconds of each part, added to what it holds.
     """
@@ -304,7 +314,10 @@ def _fill(store: Store, cfg: CacheConfig, source: Source, teacher, device: torch
     teacher.to(device)
     ds = teacher_inputs(source, cfg, teacher.image_size, device)
     batch = cfg.batch_size or (256 if device.type == "cuda" else 32)
-    loader = input_loader(ds, todo, batch, cfg.workers, device)
+    workers = resolve_workers(cfg.workers)
+    log.info("cache: %d DataLoader worker(s)%s, %s decode, batch %d", workers,
+             " (--workers auto)" if cfg.workers in (None, "auto") else "", cfg.decode, batch)
+    loader = input_loader(ds, todo, batch, workers, device, lock)
     bounds = {c: (start, stop) for c, start, stop in todo}
     np_dtype = np.dtype(cfg.dtype)
     pending: list[Future] = []
@@ -397,23 +410,70 @@ def _timed(it, timings: dict[str, float], name: str):
         yield item
 
 
+def decode_views(source: Source, row: int, channels: int | None, size: int, decode: str,
+                 params_of: Callable[[int, int], np.ndarray]) -> tuple[torch.Tensor, np.ndarray]:
+    """The teacher's inputs of one row: (V x C x ``size`` x ``size`` uint8, the V x 5 view params).
+
+    ``params_of(H, W)`` gives the views of an H x W image (the cache: drawn by :func:`tcskd.views.view_params`;
+    ``tcskd cache verify``: the stored ones). ``decode='full'`` decodes the image whole (``Source.image``).
+    ``decode='draft'``, for a source that gives its encoded bytes: the views are drawn from the full size read
+    from the header, and a JPEG is decoded at the largest reduction (1/2, 1/4, 1/8) at which every view's crop
+    box is still at least ``size`` px both ways (:func:`tcskd.views.draft_reduction`); the normalised boxes are
+    applied to the reduced image. Other images decode whole, exactly as ``full`` decodes them. ``channels``
+    (when given) as :meth:`tcskd.source.Source.image` makes them. A DataError naming the image when it does
+    not decode.
+    """
+    if decode != "draft" or source.encoded is None:
+        img = source.image(row, channels)
+        params = params_of(img.shape[0], img.shape[1])
+        return teacher_views(img, params, size), params
+    try:
+        data = source.encoded(row)
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"unreadable image {source.describe(row)}: {e}") from e
+    drawn: list[np.ndarray] = []
+
+    def reduction(h: int, w: int) -> int:
+        drawn.append(params_of(h, w))
+        return draft_reduction(drawn[0], h, w, size)
+
+    img = decode_rgb_reduced(data, source.describe(row), reduction).image
+    params = drawn[0] if drawn else params_of(img.shape[0], img.shape[1])
+    img = img if channels is None else match_channels(img, channels)
+    return teacher_views(img, params, size), params
+
+
 def teacher_inputs(source: Source, cfg: CacheConfig, size: int, device: torch.device | None = None) -> Dataset:
     """The dataset the cache stage feeds its teacher: row -> (row, views as uint8, label, view params, error)
-    for ``cfg``'s views, seed and crop scale at ``size`` px. With a ``device`` that resizes in-memory images
-    itself (:func:`tcskd.views.resize_on_device`), one view keeps the images' own size and
-    :func:`teacher_forward` crops and resizes them there."""
+    for ``cfg``'s views, seed, crop scale and decoder (``cfg.decode``) at ``size`` px. With a ``device`` that
+    resizes in-memory images itself (:func:`tcskd.views.resize_on_device`), one view keeps the images' own
+    size and :func:`teacher_forward` crops and resizes them there."""
     defer = device is not None and resize_on_device(device)
-    return _TeacherInputs(source, cfg.views, size, cfg.seed, tuple(cfg.crop_scale), defer)
+    return _TeacherInputs(source, cfg.views, size, cfg.seed, tuple(cfg.crop_scale), defer, cfg.decode)
 
 
-def input_loader(ds: Dataset, todo: list[tuple[int, int, int]], batch: int, workers: int,
-                 device: torch.device) -> DataLoader:
+def input_loader(ds: Dataset, todo: list[tuple[int, int, int]], batch: int, workers: int | str,
+                 device: torch.device, lock: WriterLock | None = None) -> DataLoader:
     """The cache stage's input pipeline: batches of ``batch`` rows of ``ds`` that never cross a chunk of
     ``todo`` ((chunk, start, stop), as :func:`tcskd.store.backends.iter_chunks` gives), decoded by ``workers``
-    processes, pinned for a CUDA ``device``."""
+    processes (``auto``: :func:`tcskd.device.resolve_workers`), four batches prefetched per worker, pinned for
+    a CUDA ``device``. The batches do not depend on the number of workers. The workers close their copy of
+    ``lock`` (the writer lock of the process that forks them), so a killed writer's lock goes with it."""
+    workers = resolve_workers(workers)
     return DataLoader(ds, batch_sampler=_batches(todo, batch), num_workers=workers, collate_fn=collate_inputs,
                       pin_memory=device.type == "cuda", persistent_workers=False,
-                      prefetch_factor=4 if workers else None)
+                      prefetch_factor=4 if workers else None, worker_init_fn=_worker_init(lock))
+
+
+def _worker_init(lock: WriterLock | None) -> Callable[[int], None] | None:
+    """A DataLoader ``worker_init_fn`` closing the forked worker's copy of ``lock``'s descriptor (None: none)."""
+    return None if lock is None else functools.partial(_close_lock, lock)
+
+
+def _close_lock(lock: WriterLock, worker_id: int) -> None:
+    lock.close_in_child()
 
 
 def teacher_forward(teacher, x: torch.Tensor, device: torch.device) -> torch.Tensor:

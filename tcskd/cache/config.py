@@ -12,12 +12,14 @@ from typing import Any
 from tcskd.store.backends import FORMATS
 from tcskd.views import DEFAULT_SCALE
 from tcskd.data import SPLITS
-from tcskd.device import DEVICES
+from tcskd.device import DEVICES, resolve_workers
 from tcskd.errors import TcskdError
 from tcskd.options import opt
 
 #: Storage dtypes of ``features``.
 DTYPES = ("float16", "float32")
+#: How images are decoded (``--decode``): whole, or JPEGs at a reduced scale where the crops allow it.
+DECODES = ("full", "draft")
 #: What a cache holds per view: one global embedding, or the teacher's grid of patch tokens.
 TOKENS = ("global", "patch")
 
@@ -49,8 +51,23 @@ class CacheConfig:
     """Take a seeded (``seed``), class-stratified subset of N samples of the split, in source order
     (:func:`tcskd.cache.subset.limit_rows`), so a quick experiment sees every class."""
     device: str = opt("auto", choices=DEVICES)
-    workers: int = opt(0, help="DataLoader worker processes.")
-    """DataLoader worker processes for decoding and cropping."""
+    workers: int | str = opt("auto", metavar="auto|N",
+                             help="DataLoader worker processes decoding and cropping; auto: one less than the "
+                                  "usable cores, at most 16.")
+    """DataLoader worker processes that decode and crop (tcskd.device.resolve_workers): a number, or ``auto`` =
+    one less than the cores this process may use (under torchrun: its share of the node's), at most 16 (1 on
+    2 cores). Batches are pinned and prefetched on CUDA. The features do not depend on it (each row is
+    computed alone, batches never cross chunks)."""
+    decode: str = opt("full", choices=DECODES,
+                      help="full: decode every image whole; draft: decode JPEGs at the smallest 1/2, 1/4 or 1/8 "
+                           "scale at which every view's crop still has the teacher's input size (part of the "
+                           "cache key).")
+    """``full``: every image decoded at its size. ``draft``: a JPEG of a source that gives its encoded bytes
+    (image folders, tar shards, HF datasets) is decoded by libjpeg at 1/2, 1/4 or 1/8 scale (PIL's draft
+    mode), the smallest at which every view's crop box, drawn from the full size read from the header, is
+    still at least the teacher's input size in both dimensions (tcskd.views.draft_reduction); other images
+    are decoded whole. Faster for large photos and small teacher inputs; the features differ slightly
+    (recorded in the cache's identity: a draft cache is never a hit for a full one)."""
     seed: int = opt(0, help="Seed of the random views, of --limit and of the --dim basis sample.")
     """Seed of the random views (ignored with one view), of the ``limit`` subset and of the images the
     ``dim`` basis is fitted on."""
@@ -91,8 +108,9 @@ class CacheConfig:
             raise TcskdError("--batch-size and chunk rows must be >= 1")
         if self.image_size is not None and self.image_size < 8:
             raise TcskdError(f"--image-size must be >= 8 (got {self.image_size})")
-        if self.workers < 0:
-            raise TcskdError(f"--workers must be >= 0 (got {self.workers})")
+        resolve_workers(self.workers)
+        if self.decode not in DECODES:
+            raise TcskdError(f"unknown --decode '{self.decode}' (choose {' or '.join(DECODES)})")
         if self.tokens not in TOKENS:
             raise TcskdError(f"unknown --tokens '{self.tokens}' (choose {' or '.join(TOKENS)})")
         if self.tokens != "patch" and (self.dim is not None or self.basis_from is not None):
@@ -112,4 +130,4 @@ def config_dict(cfg: CacheConfig) -> dict[str, Any]:
     return d
 
 
-__all__ = ["DTYPES", "TOKENS", "CacheConfig", "config_dict"]
+__all__ = ["DTYPES", "DECODES", "TOKENS", "CacheConfig", "config_dict"]

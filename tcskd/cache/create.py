@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 VIEW_PIPELINE = "crop+resize-uint8-bilinear-aa/1"
 
 
+#: How ``--decode`` other than ``full`` decodes images, part of the identity (tcskd.cache.build.decode_views).
+DECODE_RULES = {"draft": "jpeg-dct-scaled-1/2,1/4,1/8:largest-keeping-every-crop>=size/1"}
+
+
 def identity_of(cfg: CacheConfig, data_fingerprint: str, teacher_identity: dict[str, Any],
                 dense_identity: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything a cache's content depends on; its hash is the cache key. ``dense_identity``: the keys of a
@@ -46,10 +50,23 @@ def identity_of(cfg: CacheConfig, data_fingerprint: str, teacher_identity: dict[
     if cfg.views > 1:
         ident["view_seed"] = cfg.seed
         ident["crop_scale"] = list(cfg.crop_scale)
+    if cfg.decode != "full":  # only then: the keys of every full-decode cache stay as they were
+        ident["decode"] = DECODE_RULES[cfg.decode]
     ident.update(dense_identity or {})
     return ident
 
 
+
+
+def decode_of(identity: dict[str, Any]) -> str:
+    """The ``--decode`` a cache of this identity was built with (``full`` when it records none)."""
+    rule = identity.get("decode")
+    if rule is None:
+        return "full"
+    for name, r in DECODE_RULES.items():
+        if r == rule:
+            return name
+    raise StoreError(f"the cache was built with a decoder this version does not know ({rule})")
 
 
 def create_cache_store(path: Path, cfg: CacheConfig, source: Source, teacher, key: str,

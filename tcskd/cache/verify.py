@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 
 from tcskd.cache import dense
-from tcskd.cache.build import teacher_forward
+from tcskd.cache.build import decode_views, teacher_forward
+from tcskd.cache.create import decode_of
 from tcskd.data import open_source
 from tcskd.device import resolve_device
 from tcskd.errors import StoreError, TcskdError
@@ -21,7 +22,6 @@ from tcskd.store.layout import bytes_per_image
 from tcskd.store.integrity import check_structure, missing_data
 from tcskd.store.manifest import Manifest
 from tcskd.store.paths import as_location
-from tcskd.views import teacher_views
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +135,7 @@ def _recompute(store: Store, report: VerifyReport, k: int, device: str, seed: in
     dev = resolve_device(device)
     teacher.to(dev)
     project = dense.Projector(load_basis(store, m.coords_of), int(m.dim), dev) if m.coords_of else None
+    decode = decode_of(m.identity)  # the images decoded as the cache decoded them
     worst = 0.0
     for r in rows:
         idx = int(store["sample_index"][int(r)])
@@ -142,7 +143,7 @@ def _recompute(store: Store, report: VerifyReport, k: int, device: str, seed: in
             report.problems.append(f"row {r}: sample index {idx} is not in {m.data_spec} split {m.split}")
             continue
         params = np.asarray(store["view_params"][int(r)])
-        x = teacher_views(source.image(pos[idx]), params, teacher.image_size)[None]
+        x = decode_views(source, pos[idx], None, teacher.image_size, decode, lambda h, w: params)[0][None]
         got = (dense.tokens_forward(teacher, x, dev, project) if m.dense
                else teacher_forward(teacher, x, dev))[0].cpu().numpy()
         want = np.asarray(store["features"][int(r)], np.float32)

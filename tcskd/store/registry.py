@@ -365,6 +365,13 @@ class WriterLock:
             os.close(self._fd)
             self._fd = None
 
+    def close_in_child(self) -> None:
+        """In a forked child (a DataLoader worker): close its copy of the lock's descriptor, without unlocking,
+        so that the lock goes when its holder goes (a killed writer's workers do not keep it)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
     @staticmethod
     def is_held(cache_dir: "Path | RemotePath") -> bool:
         """Whether a writer holds the cache now (a live lease, for a cache on an object store)."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tcskd.device import DEVICES
+from tcskd.device import DEVICES, resolve_workers
 from tcskd.errors import TcskdError
 from tcskd.options import non_default, opt, read_config_file
 from tcskd.splits import Holdout
@@ -185,8 +185,14 @@ class TrainConfig:
     """auto, cpu or cuda."""
     seed: int = opt(0)
     """Seed of initialisation, order, views, augmentation, label subset, eLSH."""
-    workers: int | None = opt(None, help="DataLoader workers (default: 0 on CPU, up to 8 on CUDA).")
-    """DataLoader worker processes; None = 0 on the CPU, min(8, cores) on CUDA."""
+    workers: int | str | None = opt("auto", metavar="auto|N",
+                                    help="DataLoader worker processes; auto: one less than the usable cores, at "
+                                         "most 16.")
+    """DataLoader worker processes (tcskd.device.resolve_workers): a number, or ``auto`` = one less than the
+    cores this process may use (under torchrun: its share of the node's), at most 16 (1 on 2 cores); None
+    (older config files) = auto. Batches are
+    pinned and prefetched on CUDA. Results do not depend on it (order, views and augmentation are functions
+    of (seed, epoch, row)); the number used is recorded in config.yaml's ``resolved``."""
     cache_root: str | None = opt(None)
     """Where cache keys are looked up (default: $TCSKD_CACHE, else ./caches)."""
     eval_every: int = opt(1)
@@ -253,6 +259,7 @@ class TrainConfig:
             raise TcskdError("--resume needs --out RUN_DIR (the run to continue)")
         if self.image_size is not None and self.image_size < 8:
             raise TcskdError(f"--image-size must be >= 8 (got {self.image_size})")
+        resolve_workers(self.workers)
         check_backends(self.log)  # a known backend whose package is installed
 
     def _validate_milestones(self) -> None:

@@ -25,21 +25,20 @@ augmentation ``(dy, dx, flip)`` (:class:`Batch` ``aug``), which the dense mimic 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tcskd import dist
 from tcskd.data import Source
+from tcskd.device import resolve_workers as _resolve_workers
 from tcskd.errors import TcskdError
 from tcskd.train.config import AUGMENTS, TrainConfig
-from tcskd.views import apply_mask_view, apply_view, center_params, to_tensor
+from tcskd.views import apply_mask_view, apply_view, center_params
 
 if TYPE_CHECKING:
     from tcskd.train.inputs import RunInputs
@@ -104,22 +103,34 @@ def augment_draws(kind: str, seed: int, epochs: np.ndarray, rows: np.ndarray, si
 
 
 def apply_augment(x: torch.Tensor, aug: torch.Tensor, fill: float = 0) -> torch.Tensor:
-    """Images B x C x S x S (or masks B x S x S, ``fill`` 255) augmented by :func:`augment_draws`' rows."""
+    """Images B x C x S x S (or masks B x S x S, ``fill`` 255) augmented by :func:`augment_draws`' rows: pixel
+    (i, j) of image b is pixel (i + dy, j + dx) of the input (``fill`` outside it), then mirrored where flip
+    is 1. Pixels are only moved (any dtype; uint8 before the float conversion costs a quarter of the bytes):
+    one slice copy per image, not a gather over a padded batch.
+
+    The result's memory layout is the one this function has always given, because a 1-channel batch's strides
+    choose the student's conv kernels and so the last bits of its results: after a shift, a 1-channel batch
+    has channels-last strides (B x 1 x S x S with strides S*S, 1, S, 1); without one it keeps the input's;
+    more channels are plainly contiguous."""
     if len(x) == 0 or not bool(aug.any()):
         return x
     squeeze = x.ndim == 3
     x = x[:, None] if squeeze else x
-    b, _, s_h, s_w = x.shape
-    shift = aug[:, :2].long()
-    pad = int(shift.abs().max())
-    if pad:
-        ys = (shift[:, :1] + pad) + torch.arange(s_h)                       # B x S_h rows of the padded image
-        xs = (shift[:, 1:] + pad) + torch.arange(s_w)                       # B x S_w columns
-        padded = F.pad(x, (pad, pad, pad, pad), value=fill).permute(0, 2, 3, 1)  # B x H' x W' x C
-        x = padded[torch.arange(b)[:, None, None], ys[:, :, None], xs[:, None, :]].permute(0, 3, 1, 2)
-    flip = (aug[:, 2] >= 0.5)[:, None, None, None]
-    x = torch.where(flip, x.flip(-1), x).contiguous()
-    return x[:, 0] if squeeze else x
+    b, c, h, w = x.shape
+    shifts = aug[:, :2].long().tolist()
+    if any(dy or dx for dy, dx in shifts):
+        out = (torch.full((b, h, w, 1), fill, dtype=x.dtype).permute(0, 3, 1, 2) if c == 1
+               else torch.full((b, c, h, w), fill, dtype=x.dtype))
+        for i, (dy, dx) in enumerate(shifts):
+            y0, y1, x0, x1 = max(0, -dy), min(h, h - dy), max(0, -dx), min(w, w - dx)
+            if y0 < y1 and x0 < x1:
+                out[i, :, y0:y1, x0:x1] = x[i, :, y0 + dy:y1 + dy, x0 + dx:x1 + dx]
+    else:
+        out = x.clone().contiguous()
+    flip = torch.nonzero(aug[:, 2] >= 0.5).flatten()
+    if len(flip):
+        out[flip] = out[flip].flip(-1)
+    return out[:, 0] if squeeze else out
 
 
 def augment_batch(x: torch.Tensor, kind: str, seed: int, epochs: np.ndarray, rows: np.ndarray) -> torch.Tensor:
@@ -134,8 +145,14 @@ def augment_batch(x: torch.Tensor, kind: str, seed: int, epochs: np.ndarray, row
 
 # -- the dataset and the sampler ---------------------------------------------
 
-def _image(source: Source, row: int, channels: int) -> torch.Tensor:
-    return to_tensor(source.image(row, channels))
+def _image_u8(source: Source, row: int, channels: int) -> torch.Tensor:
+    """Row ``row`` of ``source`` as uint8 C x H x W (a view of the decoded H x W x C array)."""
+    return torch.from_numpy(np.require(source.image(row, channels), requirements=["C", "W"])).permute(2, 0, 1)
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float in [0, 1], exactly as :func:`tcskd.views.to_tensor` converts a whole image."""
+    return x.float().div_(255.0)
 
 
 def _batch_collate(batch: tuple) -> tuple:
@@ -213,9 +230,10 @@ class ViewImages(Dataset):
         idx = np.fromiter((int(k[0]) for k in keys), np.int64, b)
         views = np.fromiter((int(k[1]) for k in keys), np.int64, b)
         epochs = np.fromiter((int(k[2]) for k in keys), np.int64, b)
-        x, tx = self._views(idx, views)
-        aug = augment_draws(self.augment, self.seed, epochs, idx, min(x.shape[-2:])) if b else torch.zeros(0, 3)
-        x = apply_augment(x, aug) if self.augment != "none" else x
+        u8, tx = self._views(idx, views)
+        aug = augment_draws(self.augment, self.seed, epochs, idx, min(u8.shape[-2:])) if b else torch.zeros(0, 3)
+        # Shifts (zero padding) and flips move pixels only: done in uint8, they equal the float ones exactly.
+        x = to_float(apply_augment(u8, aug) if self.augment != "none" else u8)
         target = (torch.from_numpy(np.ascontiguousarray(self.targets[idx, views])) if self.targets is not None
                   else torch.zeros(b, 0))
         dense = (torch.from_numpy(np.ascontiguousarray(self.dense_targets[idx, views]))
@@ -232,12 +250,17 @@ class ViewImages(Dataset):
         return p[0] if (p == p[:1]).all() else None
 
     def _views(self, idx: np.ndarray, views: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(student inputs B x C x S x S float, teacher inputs B x C x T x T uint8 or B x 0)."""
+        """(student inputs B x C x S x S uint8, teacher inputs B x C x T x T uint8 or B x 0).
+
+        Cropped and resized in uint8, as the cache stage does (tcskd.views.apply_view), so that only the crop
+        at the student's size is converted to float (by the caller): where the crop is the student's size
+        already (no resize) the result equals converting the whole image first bit for bit; a resize
+        rounds to whole grey levels (within 1/255 of resizing in float)."""
         arr = self.source.images(self.rows[idx], self.channels)
         box = self._shared_box(idx, views, arr.shape[1], arr.shape[2]) if arr is not None else None
         if arr is not None and box is not None:  # one shape, one box: the whole batch at once
             u8 = torch.from_numpy(arr).permute(0, 3, 1, 2)
-            x = apply_view(u8.float().div_(255.0), box, self.size).contiguous()
+            x = apply_view(u8, box, self.size).contiguous()
             if not self.teacher_size:
                 tx = torch.zeros(len(idx), 0)
             elif self.defer_teacher_resize and np.array_equal(box, center_params(arr.shape[1], arr.shape[2])):
@@ -247,12 +270,12 @@ class ViewImages(Dataset):
             return x, tx
         xs, txs = [], []
         for i, view in zip(idx, views):
-            img = _image(self.source, int(self.rows[i]), self.channels)
+            img = _image_u8(self.source, int(self.rows[i]), self.channels)
             p = center_params(img.shape[1], img.shape[2]) if self.params is None else self.params[i, view]
             xs.append(apply_view(img, p, self.size).contiguous())
             # The teacher's input exactly as the cache stage builds it (uint8 crop and resize).
             if self.teacher_size:
-                txs.append(apply_view((img * 255).round_().to(torch.uint8), p, self.teacher_size))
+                txs.append(apply_view(img, p, self.teacher_size))
         return torch.stack(xs), (torch.stack(txs) if txs else torch.zeros(len(idx), 0))
 
     def _masks(self, idx: np.ndarray, views: np.ndarray) -> torch.Tensor:
@@ -329,11 +352,11 @@ def batch_plan(n: int, batch_size: int, world: int) -> BatchPlan:
     return BatchPlan(local_batch, drop_last, local_n // local_batch if drop_last else 1)
 
 
-def resolve_workers(workers: int | None, device: torch.device) -> int:
-    """DataLoader worker processes: ``workers``, else 0 on the CPU and min(8, cores) on CUDA."""
-    if workers is not None:
-        return workers
-    return min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+def resolve_workers(workers: int | str | None, device: torch.device | None = None) -> int:
+    """DataLoader worker processes of ``--workers`` (tcskd.device.resolve_workers): the number given, or for
+    ``auto`` (None too) one less than the usable cores, at most 16. The same on every device: the batches,
+    and so the run, do not depend on it."""
+    return _resolve_workers(workers)
 
 
 def _loader(ds: ViewImages, sampler: EpochSampler, batch_size: int, workers: int, device: torch.device,
@@ -345,16 +368,18 @@ def _loader(ds: ViewImages, sampler: EpochSampler, batch_size: int, workers: int
     g = torch.Generator().manual_seed((int(seed) * 31 + sampler.epoch) % (2 ** 63))
     # Sources hold closures (not picklable): workers are forked, whatever the platform's default.
     ctx = "fork" if workers > 0 and sys.platform.startswith("linux") else None
+    cuda = device.type == "cuda"
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      collate_fn=ViewImages.batch_collate, pin_memory=device.type == "cuda",
+                      collate_fn=ViewImages.batch_collate, pin_memory=cuda,
                       drop_last=drop_last, generator=g, multiprocessing_context=ctx,
-                      persistent_workers=persistent and workers > 0)
+                      persistent_workers=persistent and workers > 0, prefetch_factor=4 if workers and cuda else None)
 
 
-def train_loader(prep: RunInputs, cfg: TrainConfig, epoch: int, device: torch.device, workers: int | None = None,
+def train_loader(prep: RunInputs, cfg: TrainConfig, epoch: int, device: torch.device,
+                 workers: int | str | None = None,
                  persistent: bool = False) -> DataLoader:
     """The training DataLoader of a prepared run at ``epoch``: this process's share of the epoch's order and
-    views (:class:`EpochSampler`), ``cfg.batch_size / world`` images per batch, ``workers`` processes (None:
+    views (:class:`EpochSampler`), ``cfg.batch_size / world`` images per batch, ``workers`` processes (None or auto:
     :func:`resolve_workers`). With ``persistent`` the workers live on: set ``loader.sampler.epoch`` before
     each later epoch (order, views and augmentation are functions of (seed, epoch), not of the workers)."""
     ds = prep.train_set
