@@ -177,3 +177,28 @@ def test_200k_files_index_loads_fast_small_and_shared_by_forked_workers(tmp_path
     p.join(timeout=30)
     assert chars > 0
     assert grown_kb < 10 * 1024, grown_kb
+
+
+def test_cache_reindex_after_a_rewrite_in_place_makes_a_new_cache(tmp_path, tiny_teacher):
+    """`tcskd cache --reindex` (the user's way out when files were rewritten under the same names)."""
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from tcskd.cli import main
+
+    root = tmp_path / "f"
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / "train" / c).mkdir(parents=True)
+        for j in range(3):
+            Image.fromarray(rng.integers(0, 256, (9, 9, 3), dtype=np.uint8)).save(root / "train" / c / f"{j}.png")
+    args = ["-q", "cache", "--data", f"imagefolder:{root}", "--teacher", tiny_teacher, "--image-size", "16",
+            "--device", "cpu", "--workers", "0", "--cache-root", str(tmp_path / "c")]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(root / "train" / "a" / "1.png")
+    stale = CliRunner().invoke(main, args)
+    assert stale.output == first.output  # the saved index is trusted: the same cache
+    fresh = CliRunner().invoke(main, [*args, "--reindex"])
+    assert fresh.exit_code == 0, fresh.output
+    assert fresh.output.strip().splitlines()[-1] != first.output.strip().splitlines()[-1]

@@ -30,7 +30,7 @@ from tcskd.cache import dense
 from tcskd.cache.config import CacheConfig
 from tcskd.cache.create import check_identity, clean_stale_tmp, create_cache_store, has_manifest, identity_of
 from tcskd.cache.subset import limit_source
-from tcskd.data import DataError, Source, fingerprint, open_source
+from tcskd.data import DataError, Source, fingerprint, open_source, reindex
 from tcskd.data.decode import decode_rgb_reduced
 from tcskd.device import autocast, resolve_device, resolve_workers
 from tcskd.errors import StoreError, TcskdError
@@ -139,6 +139,8 @@ def plan_cache(cfg: CacheConfig) -> tuple[Any, dict[str, Any], str, Path]:
     from tcskd.teachers import load_teacher
 
     cfg.validate()
+    if cfg.reindex:
+        reindex(cfg.data)
     data_fingerprint = fingerprint(cfg.data, cfg.split)
     teacher = load_teacher(cfg.teacher, cfg.image_size)
     dense.check_teacher(cfg, teacher)

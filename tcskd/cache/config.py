@@ -68,6 +68,10 @@ class CacheConfig:
     still at least the teacher's input size in both dimensions (tcskd.views.draft_reduction); other images
     are decoded whole. Faster for large photos and small teacher inputs; the features differ slightly
     (recorded in the cache's identity: a draft cache is never a hit for a full one)."""
+    reindex: bool = opt(False, help="Rebuild the data's saved index (image folders, tar shards) before "
+                                    "fingerprinting it, e.g. after files were rewritten in place.")
+    """Rebuild the source's saved index (tcskd.data.index) before fingerprinting: an image folder's index is
+    reused while its folders' mtimes hold, which a file rewritten in place under the same name does not change."""
     seed: int = opt(0, help="Seed of the random views, of --limit and of the --dim basis sample.")
     """Seed of the random views (ignored with one view), of the ``limit`` subset and of the images the
     ``dim`` basis is fitted on."""
