@@ -87,7 +87,7 @@ def load(path: Path, signature: Any) -> SavedIndex | None:
     if meta.get("version") != INDEX_VERSION or meta.get("signature") != _plain(signature):
         return None
     try:
-        arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in meta["arrays"]}
+        arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r", allow_pickle=False) for name in meta["arrays"]}
     except (OSError, ValueError, KeyError) as e:
         log.warning("saved index %s is unreadable (%s); rebuilding it", path, e)
         return None
