@@ -99,6 +99,8 @@ def test_three_shards_one_killed_equal_one_process(fs, world, tmp_path, kind):
     for i in (0, 2):
         assert res[i].code == 0, res[i].stderr
         assert re.search(r"shard \d/3 is done; \d+ chunk\(s\) of other shards remain", res[i].stderr), res[i].stderr
+    fitters = [i for i in range(3) if "fitting the token basis" in res[i].stderr]
+    assert len(fitters) == (1 if kind == "coords" else 0)  # the creator fits it; the others wait, then load it
     path = root / ref_path.name  # --shard is not part of the key
     assert Path(res[0].stdout.strip().splitlines()[-1]) == path
     arrays, attrs, _, _ = read_store(path)
@@ -260,3 +262,12 @@ def test_slurm_scripts_tcskd_lines_parse(name, stage):
         if stage == "cache":
             assert ctx.params["shard"] is not None
             assert parse_shard(ctx.params["shard"]) == (3, 4)
+
+
+@pytest.mark.slow
+def test_shard_refuses_hdf5_in_one_line(fs, world, tmp_path):
+    res = fs.run(cache_args(world, "global", tmp_path / "caches", "--format", "hdf5", "--shard", "0/2"),
+                 tmp_path / "log")
+    assert res.code == 2
+    assert "an HDF5 store has a single writer: use --format zarr with --shard" in error_line(res.stderr)
+    assert not (tmp_path / "caches").exists() or not list((tmp_path / "caches").iterdir())
