@@ -8,12 +8,33 @@ flag is written only after its data, so a killed run resumes with exactly
 the chunks that are missing. Batches never cross chunk boundaries: a resumed
 run feeds the teacher the very same batches as an uninterrupted one, and the
 finished stores are equal byte for byte on the CPU.
+
+Shards (``--shard I/N``): N independent processes with no process group (a
+job array) fill one store; shard I computes the chunks ``c`` with
+``c % N == I`` (round robin: balanced within one chunk, whatever the number of
+chunks). Each shard takes the cache-wide writer lock (``<cache>.lock``) only
+briefly: to create the store (the first comes creates it; the others wait for
+the lock, then open it), to fit or copy a ``--dim`` basis before any chunk, to
+record N in ``<cache>.shards`` (another N is refused while the cache is
+incomplete) and to take its own lock ``<cache>.shard-I-of-N.lock`` (a second
+writer of the same shard is refused; other shards are not). It then fills its
+chunks holding only its own lock, and finally takes the cache-wide lock again:
+if every chunk is done it completes the manifest (whoever comes last does it),
+else it exits 0 saying how many chunks remain (``--wait``: polls until they are
+done, then completes). A killed shard's rerun computes only its missing chunks.
+A run without ``--shard`` holds the cache-wide lock throughout; it refuses (or
+with ``--wait`` waits for) shards that are writing, then computes whatever is
+missing and completes the cache. The result equals a one-process store.
+``--shard`` is not part of the key. Local caches only (a shared filesystem)
+and Zarr only; under torchrun the ranks split the chunks already (refused).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,13 +48,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from tcskd import dist
 from tcskd.cache import dense
-from tcskd.cache.config import CacheConfig
+from tcskd.cache.config import CacheConfig, parse_shard
 from tcskd.cache.create import check_identity, clean_stale_tmp, create_cache_store, has_manifest, identity_of
 from tcskd.cache.subset import limit_source
 from tcskd.data import DataError, Source, fingerprint, open_source, reindex
 from tcskd.data.decode import decode_rgb_reduced
 from tcskd.device import autocast, resolve_device, resolve_workers
-from tcskd.errors import StoreError, TcskdError
+from tcskd.errors import LockedError, StoreError, TcskdError
 from tcskd.store.backends import Store, detect_format, iter_chunks, open_store
 from tcskd.store.handle import open_cache
 from tcskd.store.manifest import Manifest
@@ -172,6 +193,8 @@ def build_cache(cfg: CacheConfig) -> CacheResult:
     teacher, ident, key, path = plan_cache(cfg)
     device = dist.device_for_rank(resolve_device(cfg.device))
     dist.init(device)
+    if cfg.shard is not None:
+        return _build_shard(cfg, teacher, ident, key, path, device, t0)
     if dist.world() > 1:
         return _build_distributed(cfg, open_split(cfg, ident), teacher, ident, key, path, device, t0)
     if _is_hit(path, ident):
@@ -181,6 +204,7 @@ def build_cache(cfg: CacheConfig) -> CacheResult:
     path.parent.mkdir(parents=True, exist_ok=True)
     timings = {"setup": 0.0, "inputs": 0.0, "forward": 0.0, "write": 0.0}
     with WriterLock(path, wait=cfg.wait) as lock:
+        _check_no_shard_writing(path, cfg.wait)
         store = _open_for_writing(path, cfg, source, teacher, key, ident)
         try:
             t = time.perf_counter()
@@ -192,10 +216,175 @@ def build_cache(cfg: CacheConfig) -> CacheResult:
             rows = _fill(store, cfg, source, teacher, device, timings=timings, project=project, lock=lock)
             t = time.perf_counter()
             _finish(store, source)
+            _shards_file(path).unlink(missing_ok=True)
             timings["write"] += time.perf_counter() - t
         finally:
             store.close()
     return CacheResult(path, key, False, rows, time.perf_counter() - t0, timings)
+
+
+# -- shards: independent jobs filling one cache --------------------------------
+
+#: Seconds between two looks at the other shards' chunks (``--shard I/N --wait``).
+SHARD_POLL_SECONDS = 2.0
+
+
+def shard_chunks(n_chunks: int, index: int, count: int) -> list[int]:
+    """The chunks shard ``index`` of ``count`` computes: ``c % count == index`` (round robin)."""
+    return list(range(index, n_chunks, count))
+
+
+def _shard_lock(path: Path, index: int, count: int, wait: bool = False) -> WriterLock:
+    """The writer lock of one shard: ``<cache>.shard-I-of-N.lock`` beside the cache (not the cache-wide one)."""
+    return WriterLock(Path(f"{path}.shard-{index}-of-{count}"), wait=wait)
+
+
+def _shards_file(path: Path) -> Path:
+    """``<cache>.shards``: the N of the shards filling an incomplete cache (removed when it is complete)."""
+    return Path(f"{path}.shards")
+
+
+def _recorded_shards(path: Path) -> int | None:
+    try:
+        return int(_shards_file(path).read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _record_shards(path: Path, count: int) -> None:
+    f = _shards_file(path)
+    tmp = f.with_name(f"{f.name}.{os.getpid()}.tmp")
+    tmp.write_text(f"{count}\n")
+    os.replace(tmp, f)
+
+
+def _check_no_shard_writing(path: Path, wait: bool) -> None:
+    """For a writer of the whole cache (holding the cache-wide lock): LockedError while a shard of it is writing
+    (``wait``: wait until none is). Shards take their lock under the cache-wide lock, so none starts meanwhile."""
+    count = _recorded_shards(path)
+    if count is None or detect_format(path) is None:
+        return
+    for i in range(count):
+        if WriterLock.is_held(Path(f"{path}.shard-{i}-of-{count}")):
+            if not wait:
+                raise LockedError(f"shard {i}/{count} of cache {path} is being written by another process; run "
+                                  f"this again when the shards have finished, or pass --wait")
+            log.info("waiting for shard %d/%d of %s", i, count, path)
+            with _shard_lock(path, i, count, wait=True):
+                pass
+
+
+@contextlib.contextmanager
+def _cache_wide_lock(path: Path):
+    """The cache-wide writer lock, waited for (other shards hold it only briefly; a writer of the whole cache
+    for its run, after which the cache is complete)."""
+    try:
+        lock = WriterLock(path).__enter__()
+    except LockedError:
+        log.info("waiting for the cache-wide lock of %s (another process creates, completes or writes it)", path)
+        lock = WriterLock(path, wait=True).__enter__()
+    try:
+        yield lock
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _build_shard(cfg: CacheConfig, teacher, ident: dict[str, Any], key: str, path: Path,
+                 device: torch.device, t0: float) -> CacheResult:
+    """Shard ``cfg.shard`` (I/N) of the cache: its missing chunks, then the manifest completed if every chunk is
+    done (see the module's docstring)."""
+    index, count = parse_shard(str(cfg.shard))
+    if dist.world() > 1:
+        raise TcskdError("--shard splits a cache between independent jobs; under torchrun the ranks split it "
+                         "already: drop --shard (or run one process per shard)")
+    if cfg.format == "hdf5":
+        raise TcskdError("an HDF5 store has a single writer: use --format zarr with --shard")
+    if is_remote(path):
+        raise TcskdError("--shard needs a cache root on a (shared) filesystem, not an object store")
+    if _is_hit(path, ident):
+        secs = time.perf_counter() - t0
+        return CacheResult(path, key, True, 0, secs, {"setup": secs})
+    source = open_split(cfg, ident)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    timings = {"setup": 0.0, "inputs": 0.0, "forward": 0.0, "write": 0.0}
+    while True:
+        with _cache_wide_lock(path) as wide:
+            clean_stale_tmp(path.parent, key)
+            created = detect_format(path) is None
+            if created:
+                create_cache_store(path, cfg, source, teacher, key, ident)
+                log.info("created cache %s (%d rows x %d views x %d dims)", path, len(source), cfg.views,
+                         teacher.dim)
+            with open_store(path, "a") as store:
+                check_identity(store, ident)
+                if Manifest.read(store).complete and store.chunk_done().all():
+                    secs = time.perf_counter() - t0
+                    return CacheResult(path, key, True, 0, secs, {"setup": secs})
+                recorded = None if created else _recorded_shards(path)
+                if recorded is not None and recorded != count:
+                    raise TcskdError(f"cache {path} is being built in {recorded} shards (--shard I/{recorded}), "
+                                     f"not {count}: give --shard {index}/{recorded}, or run without --shard to "
+                                     f"finish it")
+                if recorded is None:
+                    _record_shards(path, count)
+                t = time.perf_counter()
+                project = dense.prepare_projection(store, path, cfg, teacher, device,
+                                                   _row_batches(source, cfg, teacher, device, wide), len(source),
+                                                   shared=True)
+                if cfg.dim is not None:
+                    timings["basis"] = timings.get("basis", 0.0) + time.perf_counter() - t
+            try:
+                own = _shard_lock(path, index, count).__enter__()
+                break
+            except LockedError:
+                if not cfg.wait:
+                    raise LockedError(f"shard {index}/{count} of cache {path} is already being written by another "
+                                      f"process; run this again when it has finished, or pass --wait") from None
+        log.info("waiting for the other writer of shard %d/%d of %s", index, count, path)
+        with _shard_lock(path, index, count, wait=True):
+            pass
+    try:
+        timings["setup"] = time.perf_counter() - t0 - timings.get("basis", 0.0)
+        with open_store(path, "a") as store:
+            mine = shard_chunks(int(Manifest.read(store).n_chunks), index, count)
+            rows = _fill(store, cfg, source, teacher, device, chunk_ids=mine, timings=timings, project=project,
+                         lock=own)
+    finally:
+        own.__exit__(None, None, None)
+    log.info("shard %d/%d: its %d chunk(s) are done (%d rows computed now)", index, count, len(mine), rows)
+    t = time.perf_counter()
+    _complete_shards(path, source, index, count, cfg.wait)
+    timings["write"] += time.perf_counter() - t
+    return CacheResult(path, key, False, rows, time.perf_counter() - t0, timings)
+
+
+def _complete_shards(path: Path, source: Source, index: int, count: int, wait: bool) -> bool:
+    """Complete the manifest if every chunk is done (True); else say how many remain and return False, or with
+    ``wait`` look again every :data:`SHARD_POLL_SECONDS` until they are done."""
+    said = False
+    while True:
+        with _cache_wide_lock(path):
+            with open_store(path, "a") as store:
+                done = store.chunk_done()
+                if Manifest.read(store).complete and done.all():
+                    return True
+                if done.all():
+                    if store.remove_partial_files():  # a killed shard's; every chunk is written now
+                        log.info("removed temporary files of an interrupted write in %s", path)
+                    _finish(store, source)
+                    _shards_file(path).unlink(missing_ok=True)
+                    log.info("every chunk of %s is done: the cache is complete", path)
+                    return True
+        missing = int((~done).sum())
+        if not wait:
+            log.warning("shard %d/%d is done; %d chunk(s) of other shards remain in %s: the last shard to finish "
+                        "completes the cache (or run the same command with --wait, or without --shard)",
+                        index, count, missing, path)
+            return False
+        if not said:
+            log.info("waiting for %d chunk(s) of other shards of %s", missing, path)
+            said = True
+        time.sleep(SHARD_POLL_SECONDS)
 
 
 def _is_hit(path, ident: dict[str, Any]) -> bool:

@@ -79,8 +79,16 @@ class CacheConfig:
     """Rows per store chunk (the unit of resume and of parallel writers)."""
     skip_bad: bool = opt(False, help="Record unreadable images in the manifest instead of stopping.")
     """Record unreadable images in the manifest instead of stopping."""
-    wait: bool = opt(False, help="Wait for another writer of the same cache instead of exiting.")
-    """Wait for another writer of the same cache instead of exiting."""
+    wait: bool = opt(False, help="Wait for another writer of the same cache instead of exiting (with --shard: "
+                                 "also for the other shards' chunks, then complete the cache).")
+    """Wait for another writer of the same cache instead of exiting; with ``shard``, once this shard's chunks are
+    done, also wait for the other shards' chunks and complete the cache."""
+    shard: str | None = opt(None, metavar="I/N", help="Compute only chunks c with c % N == I (I in 0..N-1), as one "
+                                                      "of N independent jobs filling the same cache (e.g. "
+                                                      "$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT); not part "
+                                                      "of the cache key.")
+    """One of N independent processes (no process group: a job array) filling the same cache: this one computes
+    the chunks ``c`` with ``c % N == I`` (tcskd.cache.build, "Shards"). Not part of the cache key."""
     crop_scale: tuple[float, float] = opt(DEFAULT_SCALE, cli=False)
     """Area range of the random views' crops."""
     tokens: str = opt("global", choices=TOKENS, help="global: one embedding per view; patch: the teacher's "
@@ -123,8 +131,21 @@ class CacheConfig:
             raise TcskdError(f"--dim must be >= 1 (got {self.dim})")
         if self.basis_from is not None and self.dim is None:
             raise TcskdError("--basis-from gives the basis of --dim K coordinates: give --dim too")
+        if self.shard is not None:
+            parse_shard(self.shard)
         if self.basis_sample < 2:
             raise TcskdError(f"--basis-sample must be >= 2 (got {self.basis_sample})")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> (I, N) with 0 <= I < N; TcskdError (one line) otherwise."""
+    parts = str(text).strip().split("/")
+    if len(parts) == 2 and all(p.isdigit() for p in parts):
+        i, n = int(parts[0]), int(parts[1])
+        if 0 <= i < n:
+            return i, n
+    raise TcskdError(f"--shard must be I/N with N >= 1 and 0 <= I < N (e.g. "
+                     f"$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT for an array 0-(N-1)), not '{text}'")
 
 
 def config_dict(cfg: CacheConfig) -> dict[str, Any]:
@@ -134,4 +155,4 @@ def config_dict(cfg: CacheConfig) -> dict[str, Any]:
     return d
 
 
-__all__ = ["DTYPES", "DECODES", "TOKENS", "CacheConfig", "config_dict"]
+__all__ = ["DTYPES", "DECODES", "TOKENS", "CacheConfig", "config_dict", "parse_shard"]

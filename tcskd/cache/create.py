@@ -18,7 +18,7 @@ from tcskd.cache.config import CacheConfig
 from tcskd.cache.subset import LIMIT_RULE
 from tcskd.data import Source
 from tcskd.errors import StoreError
-from tcskd.store.backends import Store, open_store
+from tcskd.store.backends import Store, detect_format, open_store
 from tcskd.store.layout import create_store
 from tcskd.store.manifest import Manifest
 from tcskd.store.paths import is_remote
@@ -73,6 +73,8 @@ def create_cache_store(path: Path, cfg: CacheConfig, source: Source, teacher, ke
                   ident: dict[str, Any]) -> None:
     """Create every array and the manifest in a hidden folder, then rename it into place.
 
+    Two processes creating the same key at once are safe: the rename that comes second fails (the target is a
+    directory that is not empty), and that process removes its own folder and uses the store already there.
     An object store has no atomic rename: there the store is created in place
     and the manifest written last, so a store cut short has no manifest and
     is created again by the next run.
@@ -96,7 +98,15 @@ def create_cache_store(path: Path, cfg: CacheConfig, source: Source, teacher, ke
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     if not remote:
-        os.rename(tmp, path)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            # Another process published the same key first (a directory that is not empty cannot be renamed
+            # over): keep its store, which has the same layout (check_identity compares the identities).
+            shutil.rmtree(tmp, ignore_errors=True)
+            if detect_format(path) is None:
+                raise
+            log.info("cache %s was created by another process first; using its store", path)
 
 
 def has_manifest(path) -> bool:

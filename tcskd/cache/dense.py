@@ -172,16 +172,23 @@ def sample_rows(n: int, sample: int, seed: int) -> np.ndarray:
 
 
 def prepare_projection(store: Store | None, path: Any, cfg: CacheConfig, teacher: Teacher, device: torch.device,
-                       batches: Batches, n_rows: int) -> Projector | None:
+                       batches: Batches, n_rows: int, shared: bool = False) -> Projector | None:
     """The projection of a ``--dim K`` cache (None otherwise), its basis written into ``store`` first when absent.
 
     ``store`` (at ``path``) is open for writing on rank 0 (None on the other ranks, which read the basis from
     ``path`` once rank 0 wrote it); ``batches(rows)`` yields the cache stage's input batches of those row lists.
-    Collective under torchrun. A stored basis (a resumed run) is used as it is.
+    Collective under torchrun. A stored basis (a resumed run) is used as it is. ``shared``: other processes
+    (``--shard``) may be writing chunks, so only a half-written basis is removed, not the temporary files of
+    chunk writes (the caller holds the cache-wide lock, which every basis writer takes).
     """
     if cfg.dim is None:
         return None
-    if store is not None:
+    if store is not None and shared:
+        for child in store.children("bases"):
+            if child.startswith("."):
+                log.warning("removing bases/%s left by an interrupted run", child)
+                store.delete(f"bases/{child}")
+    elif store is not None:
         remove_leftovers(store)  # a basis half-written by a killed run (the caller holds the writer lock)
     have = dist.broadcast_object(store is not None and BASIS_NAME in store.bases())
     if not have:
