@@ -225,8 +225,8 @@ def _input_table(res: dict[str, Any]) -> list[str]:
     kb = inp["jpeg_kb"]
     lines = ["", f"### input: the loaders alone ({inp['images']:,} JPEGs of {inp['width']}x{inp['height']}, "
                  f"{kb['min']:.0f}-{kb['max']:.0f} KB, mean {kb['mean']:.0f}; batch {inp['batch']}; "
-                 f"{inp['usable_cores']} usable cores, auto = {inp['auto_workers']} workers; draft decodes the "
-                 f"centre view at 1/{inp['draft_reduction']} at {inp['teacher_px']} px)", "",
+                 f"{inp['usable_cores']} usable cores, auto = {inp['auto_workers']} workers; --decode draft decodes the "
+                 f"centre view at 1/{inp['draft_reduction']} of its size for {inp['teacher_px']} px)", "",
              "| loader | decode | px | workers | img/s (the teacher img/s it feeds) | CPU ms / image | cores busy | "
              "cores per 1,000 img/s |", "|---|---|---|---|---|---|---|---|"]
     for c in inp["configs"]:
