@@ -122,7 +122,7 @@ def test_every_config_field_is_in_the_readme_synopsis():
 
 
 #: Options of other programs that the README names (torchrun's, scripts/seg_figure.py's).
-FOREIGN = {"--nproc-per-node", "--nnodes", "--node-rank", "--rdzv-endpoint", "--names", "--out"}
+FOREIGN = {"--nproc-per-node", "--nnodes", "--node-rank", "--rdzv-endpoint", "--rdzv-backend", "--names", "--out"}
 
 
 def test_every_option_the_readme_names_exists():
