@@ -5,12 +5,14 @@ import json
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from _train_fixtures import make_dense_cache, make_npz, make_train_cache
 from tcskd.errors import TcskdError
 from tcskd.train.config import TrainConfig, resolve_config
 from tcskd.train.data import BlockSampler, block_window, train_loader
 from tcskd.train.inputs import load_run_inputs
+from tcskd.train.commands import train as train_cmd
 from tcskd.train.targets import StoreTargets, choose_target_mode
 
 
@@ -146,9 +148,7 @@ def test_block_sampler_visits_every_row_once_deterministically_and_in_windows():
     c = chunk_of[order]
     firsts = c[np.r_[True, c[1:] != c[:-1]]]
     assert len(firsts) > len(np.unique(c))                           # shuffled inside windows ...
-    runs = [set(c[i:i + 1].tolist()) for i in range(len(c))]
-    distinct_in_order = list(dict.fromkeys(c.tolist()))
-    assert len(distinct_in_order) == len(np.unique(c)) and len(runs) == len(c)
+    distinct_in_order = list(dict.fromkeys(c.tolist()))  # the chunks in the order first met
     win = {ch: i // 3 for i, ch in enumerate(distinct_in_order)}
     assert np.all(np.diff([win[x] for x in c.tolist()]) >= 0)        # ... never across them
     # batches of 16 span at most two windows, i.e. at most 2 * window chunks (what the LRU holds)
@@ -176,6 +176,7 @@ def test_block_window_is_half_the_chunks_the_budget_holds():
 
 # -- whole runs -------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # DataLoader worker processes
 def test_a_store_run_equals_the_ram_run_in_the_same_order(data, tmp_path):
     """Same block order: ram and store give the same losses (workers 0 and 1, the LRU per process) and the
     same final.json; the ram run in its own order (EpochSampler) is reported too."""
@@ -186,7 +187,11 @@ def test_a_store_run_equals_the_ram_run_in_the_same_order(data, tmp_path):
     cache = make_train_cache(root, npz, dim=12, k=6, chunk_rows=8, name="run")
     common = dict(cache=str(cache), epochs=3, batch_size=16, device="cpu", dim=6, target_cache_mb=1)
     ram = train(TrainConfig(out=str(tmp_path / "ram"), targets="ram", sampler="block", workers=0, **common))
-    store = train(TrainConfig(out=str(tmp_path / "store"), targets="store", workers=1, **common))
+    cli = CliRunner().invoke(train_cmd, ["--cache", str(cache), "--epochs", "3", "--batch-size", "16", "--dim", "6",
+                                         "--device", "cpu", "--targets", "store", "--target-cache-mb", "1",
+                                         "--workers", "1", "--out", str(tmp_path / "store")])
+    assert cli.exit_code == 0, cli.output
+    store = json.loads((tmp_path / "store" / "final.json").read_text())
     plain = train(TrainConfig(out=str(tmp_path / "plain"), targets="ram", workers=0, **common))
 
     def losses(name):
@@ -200,3 +205,49 @@ def test_a_store_run_equals_the_ram_run_in_the_same_order(data, tmp_path):
     assert losses("plain") != losses("ram")  # the ram default keeps its own order (EpochSampler)
     print("val/test top-1: ram+block", ram["val_top1"], ram["test_top1"], "store", store["val_top1"],
           store["test_top1"], "ram (own order)", plain["val_top1"], plain["test_top1"])
+
+
+def test_a_store_run_resumes_exactly(data, tmp_path):
+    """The block order is a function of (seed, epoch) and the budget recorded in config.yaml: a run stopped
+    after an epoch and resumed equals the uninterrupted one."""
+    from tcskd.train.loop import train
+
+    root, npz = data
+    cache = make_train_cache(root, npz, dim=12, k=6, chunk_rows=8, name="resume")
+    common = dict(cache=str(cache), epochs=2, batch_size=8, device="cpu", dim=6, workers=0, targets="store",
+                  target_cache_mb=1)
+    full = train(TrainConfig(out=str(tmp_path / "full"), **common))
+    train(TrainConfig(out=str(tmp_path / "part"), stop_after=1, **common))
+    resumed = train(TrainConfig(out=str(tmp_path / "part"), resume=True, **common))
+    timing = ("seconds", "train_img_per_s", "data_wait_s", "first_batch_s")
+
+    def rows(name):
+        return [{k: v for k, v in json.loads(x).items() if k not in timing}
+                for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    assert rows("full") == rows("part") and len(rows("full")) == 2
+    assert resumed["val_top1"] == full["val_top1"] and resumed["test_top1"] == full["test_top1"]
+
+
+@pytest.mark.slow
+def test_two_ranks_read_their_own_chunks_and_equal_the_ram_run_in_the_same_order(data, tmp_path):
+    """Under torchrun (2 gloo processes) each rank's block sampler takes its slice of the chunk order; the store
+    run's losses equal those of the ram run in the same order."""
+    import os
+    import subprocess
+    import sys
+
+    root, npz = data
+    cache = make_train_cache(root, npz, dim=12, k=6, chunk_rows=8, name="ddp")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+    def run(name, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "tcskd",
+               "train", "--cache", str(cache), "--epochs", "2", "--batch-size", "8", "--dim", "6", "--device",
+               "cpu", "--workers", "0", "--target-cache-mb", "1", "--out", str(tmp_path / name), *extra]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        assert res.returncode == 0, res.stderr[-2000:]
+        return [(r["loss"], r["val_top1"]) for r in
+                (json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines())]
+
+    assert run("store", "--targets", "store") == run("ram", "--targets", "ram", "--sampler", "block")

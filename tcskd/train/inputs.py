@@ -5,7 +5,8 @@ the dataset and calls, in order: :func:`open_train_rows` (the training split's
 rows the cache holds, checked against the data, and the validation holdout,
 chosen before anything is read for training: no target of its rows is loaded),
 :func:`load_fit_targets` (the targets of the other rows, scaled, and the eLSH
-term's hyperplanes) and :func:`assemble_inputs` (the datasets of training,
+term's hyperplanes; with ``--targets store`` none is loaded: they are read from the store while training,
+tcskd.train.targets.StoreTargets) and :func:`assemble_inputs` (the datasets of training,
 validation, test and kNN references). :func:`online_teacher` loads the cache's
 teacher for ``--method online``.
 
@@ -419,7 +420,8 @@ def online_teacher(prep: RunInputs) -> Any:
 
 
 def load_run_inputs(cfg: TrainConfig) -> RunInputs:
-    """Open the data and the cache, check they match, and load the targets into memory ."""
+    """Open the data and the cache, check they match, and load the targets into memory (or, with
+    ``--targets store``, prepare to read them from the store while training)."""
     t0 = time.perf_counter()
     manifest, store, cache_path = Manifest(), None, None
     if cfg.cache is not None:

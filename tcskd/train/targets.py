@@ -31,8 +31,17 @@ With ``--target-norm global`` (the default) all targets are divided by one
 number, sqrt of the mean variance of the K coordinates (:func:`target_scale`),
 so that lambda means the same for any teacher; ``none`` keeps them as stored.
 
+Where they live (``--targets``): ``ram`` loads them all at the start, as above; ``store`` keeps none of them:
+:class:`StoreTargets` reads the chunk of the requested rows through the store layer
+(tcskd.store.chunks.ChunkLRU) and turns its training rows into targets with the very functions of the ram path
+(:func:`chunk_targets`, :func:`chunk_dense_coords`, then the same division by the scale), so a row's targets
+are the same bits either way; each process (each DataLoader worker) keeps the last chunks it made in an LRU of
+``--target-cache-mb``. The scales that come from the data (fitnet's raw features, pooled tokens) are summed in
+one pass over the chunks (equal to the ram path's to float64 rounding; the float32 divisor the same). ``auto``
+(:func:`choose_target_mode`) takes ram when the targets take < 4 GB and < 25 % of the available memory.
+
 The datasets, sampler and augmentation that feed the images and these targets to
-the loop are in tcskd.train.data.
+the loop are in tcskd.train.data (:class:`~tcskd.train.data.BlockSampler` for targets read from the store).
 """
 
 from __future__ import annotations
@@ -165,18 +174,23 @@ def target_source(store: Store, basis: Basis) -> tuple[str, bool]:
     return (coords_name if use_coords else "features"), use_coords
 
 
+def _float32(block: np.ndarray) -> torch.Tensor:
+    """``block`` as a float32 tensor (float16 converted by torch: exact, and several times numpy's speed)."""
+    return torch.from_numpy(np.ascontiguousarray(block)).float()
+
+
 def chunk_targets(block: np.ndarray, basis: Basis, use_coords: bool) -> np.ndarray:
     """Rows x V x K float32 targets (unscaled) of ``block`` (rows of ``features`` or of stored coords); one
     function for the ram and the store paths, so both give the same bits for the same rows of a chunk."""
     if use_coords or basis.name == RAW:
         return np.asarray(block[..., :basis.k], np.float32)
-    return basis.project(torch.from_numpy(block.astype(np.float32))).numpy()
+    return basis.project(_float32(block)).numpy()
 
 
 def chunk_dense_coords(block: np.ndarray, basis: Basis, coords_of: str | None,
                        divisor: torch.Tensor) -> torch.Tensor:
     """Rows x V x T x K float32 coordinates (unscaled) of a patch cache's ``block`` (module docstring)."""
-    x = torch.from_numpy(block.astype(np.float32))  # rows x V x T x D
+    x = _float32(block)  # rows x V x T x D
     if coords_of is not None:
         return x[..., :basis.k] / divisor
     if basis.name == RAW:
@@ -400,14 +414,14 @@ class StoreTargets:
         coords = chunk_dense_coords(block, self.basis, self.coords_of, self._divisor)
         if not torch.isfinite(coords).all():
             raise StoreError(f"cache {self.lru.path}: the dense targets contain NaN or Inf (chunk {c})")
-        return coords.numpy().astype(np.float16) if self.kind == "dense" else coords.mean(2).numpy()
+        return coords.half().numpy() if self.kind == "dense" else coords.mean(2).numpy()
 
     def _process(self, c: int, x: np.ndarray) -> np.ndarray:
         t = self._unscaled(c, x)
         if self.kind != "dense" and not np.isfinite(t).all():
             raise StoreError(f"cache {self.lru.path}: the targets contain NaN or Inf (chunk {c})")
-        if self.kind == "dense":
-            return (t.astype(np.float32) / np.float32(self.scale)).astype(np.float16)
+        if self.kind == "dense":  # as scale_targets, in torch (the same IEEE roundings, faster in float16)
+            return (torch.from_numpy(t).float() / torch.tensor(self.scale, dtype=torch.float32)).half().numpy()
         t /= np.float32(self.scale)
         return t
 
