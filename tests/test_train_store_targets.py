@@ -251,3 +251,31 @@ def test_two_ranks_read_their_own_chunks_and_equal_the_ram_run_in_the_same_order
                 (json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines())]
 
     assert run("store", "--targets", "store") == run("ram", "--targets", "ram", "--sampler", "block")
+
+
+def test_store_targets_read_a_cache_on_s3(s3_env_set):
+    """A cache on a real S3 endpoint (moto's server): the chunks are read over HTTP by the LRU (opened by the
+    process that reads), the targets equal the ram path's."""
+    from _stores import write_cache
+    from tcskd.store.backends import open_store
+    from tcskd.store.bases import write_basis
+    from tcskd.store.paths import as_location
+    from tcskd.train.targets import load_targets, resolve_basis
+
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(50, 2, 8)).astype(np.float16)
+    comps = np.linalg.qr(rng.normal(size=(8, 8)))[0][:4]
+
+    def bases(s):
+        write_basis(s, "pca", {"mean": np.full(8, 0.1), "components": comps, "eigenvalues": np.arange(4, 0, -1.0),
+                               "explained_ratio": np.linspace(0.4, 1, 4)}, {"kind": "pca", "whiten": False})
+
+    path = write_cache(as_location(s3_env_set.prefix("targets") + "/0123abcd"), feats, chunk_rows=8, bases=bases)
+    rows = np.array([49, 3, 17, 0, 8, 33, 40])
+    with open_store(path) as s:
+        basis = resolve_basis(s, "tcs", "pca", 4)
+        want = load_targets(s, rows, basis, progress=False)
+        t = StoreTargets(s, rows, basis, budget_bytes=200)
+    views = np.array([1, 0, 1, 1, 0, 0, 1])
+    assert np.array_equal(t[np.arange(7), views], want[np.arange(7), views])
+    assert t.lru.reads == 6 and t.lru.held_bytes <= 200  # 6 chunks hold these rows; a 200-byte LRU keeps few

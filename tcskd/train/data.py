@@ -447,8 +447,9 @@ def train_loader(prep: RunInputs, cfg: TrainConfig, epoch: int, device: torch.de
     ds = prep.train_set
     plan = batch_plan(len(ds), cfg.batch_size, dist.world())
     sampler: Sampler
-    if prep.blocks is not None and (cfg.sampler == "block" or (cfg.sampler == "auto" and prep.store_targets)):
-        chunk_of, window = prep.blocks
+    blocks = getattr(prep, "blocks", None)  # a stand-in prep (a benchmark's) may carry no targets at all
+    if blocks is not None and (cfg.sampler == "block" or (cfg.sampler == "auto" and prep.store_targets)):
+        chunk_of, window = blocks
         sampler = BlockSampler(chunk_of, prep.views, cfg.seed, epoch, window, rank=dist.rank(), world=dist.world())
     else:
         sampler = EpochSampler(len(ds), prep.views, cfg.seed, epoch, rank=dist.rank(), world=dist.world())
