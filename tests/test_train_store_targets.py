@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from _train_fixtures import make_dense_cache, make_npz, make_train_cache
@@ -115,7 +116,7 @@ def test_store_targets_stay_within_the_lru_budget_and_read_each_chunk_once(tmp_p
     cfg = resolve_config(TrainConfig(cache=str(cache), batch_size=64, target_cache_mb=1, **{
         k: v for k, v in kw.items() if k != "batch_size"}))
     peak, seen = 0, []
-    for batch in train_loader(store, cfg, 0, __import__("torch").device("cpu"), 0):
+    for batch in train_loader(store, cfg, 0, torch.device("cpu"), 0):
         peak = max(peak, t.lru.held_bytes)
         seen.append(batch.item.numpy())
     budget = 1 << 20
