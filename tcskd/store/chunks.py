@@ -9,10 +9,12 @@ array and the rows (Store.damaged).
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -107,3 +109,63 @@ def iter_feature_chunks(store: Store, chunk_rows: int | None = None, desc: str =
                 bar.update(1)
     finally:
         bar.close()
+
+
+class ChunkLRU:
+    """Chunks of one array of a store, each turned by ``process(chunk_index, rows)`` into what a reader needs
+    (e.g. targets), kept in a least-recently-used cache of at most ``budget_bytes`` (the processed arrays'
+    bytes; at least one chunk is always kept).
+
+    Made for DataLoader workers: the store is opened on first use in each process (a forked worker opens its
+    own handle) and every process keeps its own cache, so the bound holds per process. ``held_bytes`` and
+    ``reads`` say what it holds and how many chunks it has read.
+    """
+
+    def __init__(self, path: Any, array: str, chunk_rows: int, n_rows: int,
+                 process: Callable[[int, np.ndarray], np.ndarray], budget_bytes: int) -> None:
+        self.path, self.array, self.chunk_rows, self.n_rows = path, array, int(chunk_rows), int(n_rows)
+        self.process, self.budget_bytes = process, int(budget_bytes)
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._store: Store | None = None
+        self._pid = -1
+        self.held_bytes = 0
+        self.reads = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.update(_store=None, _pid=-1, _cache=OrderedDict(), held_bytes=0)
+        return state
+
+    def _open(self) -> Store:
+        from tcskd.store.backends import open_store
+
+        if self._store is None or self._pid != os.getpid():
+            self._store, self._pid = open_store(self.path), os.getpid()
+            self._cache.clear()
+            self.held_bytes = 0
+        return self._store
+
+    def get(self, c: int) -> np.ndarray:
+        """The processed chunk ``c`` (read, and older chunks dropped past the budget, when not held)."""
+        store = self._open()
+        hit = self._cache.get(c)
+        if hit is not None:
+            self._cache.move_to_end(c)
+            return hit
+        start, stop = c * self.chunk_rows, min(self.n_rows, (c + 1) * self.chunk_rows)
+        out = self.process(c, store.read_rows(self.array, start, stop))
+        self.reads += 1
+        while self._cache and self.held_bytes + out.nbytes > self.budget_bytes:
+            _, old = self._cache.popitem(last=False)
+            self.held_bytes -= old.nbytes
+        self._cache[c] = out
+        self.held_bytes += out.nbytes
+        return out
+
+    def close(self) -> None:
+        """Drop the cache and close this process's store handle."""
+        self._cache.clear()
+        self.held_bytes = 0
+        if self._store is not None and self._pid == os.getpid():
+            self._store.close()
+        self._store = None

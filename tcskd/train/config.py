@@ -23,7 +23,7 @@ from tcskd.train.head import CLASSIFY_FROM
 from tcskd.train.logger import check_backends
 from tcskd.train.losses import MIMICS
 from tcskd.train.selection import SELECT_BY
-from tcskd.train.targets import DEFAULT_DIM, TARGET_NORMS
+from tcskd.train.targets import DEFAULT_DIM, TARGET_MODES, TARGET_NORMS, default_target_cache_mb
 
 
 log = logging.getLogger(__name__)
@@ -40,11 +40,13 @@ TASKS = ("classify", "segment")
 MIMIC_ON = ("auto", "global", "dense", "both")
 #: Student augmentations with a 1-view cache (auto: crop for greyscale digits, else crop-flip).
 AUGMENTS = ("auto", "none", "flip", "crop", "crop-flip")
+#: The training order: auto (block with --targets store, else a plain permutation), epoch or block.
+SAMPLERS = ("auto", "epoch", "block")
 #: Config fields that ``--resume`` never takes from the run's config.yaml.
 NOT_SAVED = ("resume", "out", "stop_after")
 #: Config fields that may differ when a run is resumed.
 RESUME_FREE = ("cache", "cache_root", "data", "out", "resume", "device", "workers", "eval_every", "stop_after",
-               "sync_bn", "log")
+               "sync_bn", "log", "targets", "target_cache_mb")
 
 
 @dataclass
@@ -207,6 +209,27 @@ class TrainConfig:
     """Stop (as if interrupted) after this many epochs, leaving a resumable run; for tests and time-boxed jobs."""
     sync_bn: bool = opt(False, help="Under torchrun: SyncBatchNorm over all ranks.")
     """Under torchrun: convert BatchNorm layers to SyncBatchNorm (batch statistics over all ranks)."""
+    targets: str = opt("auto", choices=TARGET_MODES,
+                       help="Where the training targets live: ram (all loaded at the start), store (read chunk by "
+                            "chunk while training, with an LRU of --target-cache-mb per process) or auto (ram "
+                            "when they take < 4 GB and < 25% of the available memory).")
+    """``ram``: every training row's targets loaded at the start (N x V x K float32, N x V x T x K float16 for
+    token grids) and the images visited in a plain permutation (:class:`tcskd.train.data.EpochSampler`);
+    ``store``: targets read by chunk from the store as the batches need them, each DataLoader process keeping
+    an LRU of decoded, projected, scaled chunks of at most ``target_cache_mb``, and the images visited chunk
+    block by chunk block (:class:`tcskd.train.data.BlockSampler`); ``auto``: ram when the targets fit
+    comfortably (< 4 GB and < 25 % of the available memory), else store (logged). Both give the same targets
+    for a row, bit for bit."""
+    target_cache_mb: int | None = opt(None, metavar="MB",
+                                      help="With --targets store: the targets cache of each DataLoader process, in "
+                                           "MB (default: min(2048, 5% of the memory)); also sizes the sampler's "
+                                           "block of chunks.")
+    """The byte budget of each process's chunk LRU (``--targets store``), in MB; None = min(2048, 5 % of the
+    machine's memory), made a number by :func:`resolve_config` so that config.yaml records it: it sets the
+    block sampler's window (how many chunks are shuffled together), so a resumed run keeps its order."""
+    sampler: str = opt("auto", choices=SAMPLERS, hidden=True)
+    """``auto``: the block sampler with store targets, the plain permutation with ram ones; ``block`` forces
+    the block sampler with ram targets too (then both paths see the same order: for comparing them)."""
 
     def validate(self) -> None:
         """TcskdError (one line) for an unknown choice, a value out of range or a missing option.
@@ -232,7 +255,12 @@ class TrainConfig:
             if value not in allowed:
                 raise TcskdError(f"unknown {what} '{value}' (choose {', '.join(allowed[:-1])} or {allowed[-1]})")
         self._validate_milestones()
+        if self.target_cache_mb is not None and self.target_cache_mb < 1:
+            raise TcskdError(f"--target-cache-mb must be >= 1 (got {self.target_cache_mb})")
+        if self.targets == "store" and self.elsh_bits:
+            raise TcskdError("--elsh-bits fits its bias on a sample of all the targets: use --targets ram or auto")
         for name, value, allowed in (("target-norm", self.target_norm, TARGET_NORMS), ("tailor", self.tailor, TAILOR),
+                                     ("targets", self.targets, TARGET_MODES), ("sampler", self.sampler, SAMPLERS),
                                      ("select-by", self.select_by, SELECT_BY),
                                      ("classify-from", self.classify_from, CLASSIFY_FROM)):
             if value is not None and value not in allowed:
@@ -327,7 +355,9 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     if late:
         log.warning("--milestones %s lie at or past the run's %d epochs: they do not change its learning rate",
                     ",".join(map(str, late)), cfg.epochs)
-    return dataclasses.replace(cfg, lr=lr, weight_decay=wd, lam=lam, milestones=tuple(cfg.milestones))
+    cache_mb = cfg.target_cache_mb if cfg.target_cache_mb is not None else default_target_cache_mb()
+    return dataclasses.replace(cfg, lr=lr, weight_decay=wd, lam=lam, milestones=tuple(cfg.milestones),
+                               target_cache_mb=cache_mb)
 
 
 def tailoring_label(cfg: TrainConfig) -> str:

@@ -18,6 +18,7 @@ augmentation ``(dy, dx, flip)`` (:class:`Batch` ``aug``), which the dense mimic 
 
 - :class:`ViewImages`: item ``(i, view, epoch)`` -> a :class:`Batch` (image, target, label, ...), whole batches at once;
 - :class:`EpochSampler`: an epoch's order and views, a function of (seed, epoch);
+- :class:`BlockSampler`: the same, visiting the store's chunks block by block (targets read from the store);
 - :func:`train_loader`: the training DataLoader of a prepared run and an epoch (the loop's, and a
   benchmark's seam); :func:`eval_loader`: view 0 of a dataset in order, for evaluation.
 """
@@ -331,6 +332,66 @@ class EpochSampler(Sampler):
             yield (i, int(view[i]), self.epoch)
 
 
+class BlockSampler(Sampler):
+    """Yields ``(i, view, epoch)`` visiting the store chunk block by chunk block, for targets read from the
+    store (``--targets store``): reads stay sequential-ish and each process's chunk LRU holds what a batch needs.
+
+    The epoch's order, a pure function of (seed, epoch) like :class:`EpochSampler`'s (exact resume):
+    the chunks (``chunk_of[i]``: the store chunk of item i) in a random permutation, their items laid out
+    chunk after chunk; under DDP rank r takes the r-th of ``world`` consecutive equal slices of that sequence
+    (the last one wrapping around to the start, as DistributedSampler pads), so a rank reads its own chunks
+    (a neighbour's at most at each end of its slice); then the rank's chunks, in their order, are grouped in
+    windows of ``window`` chunks and the items of each window shuffled. Views are drawn as EpochSampler's.
+
+    How it changes the shuffle: the order is random at the granularity of windows of ``window`` chunks, not
+    of images; a batch holds images of at most two consecutive windows (when a window holds at least a
+    batch), i.e. of at most ``2 * window`` chunks (the LRU is sized to hold that many), so batches are less
+    mixed than a plain permutation's when ``window * chunk_rows`` is not much larger than the batch.
+    """
+
+    def __init__(self, chunk_of: np.ndarray, views: int, seed: int, epoch: int, window: int,
+                 rank: int = 0, world: int = 1) -> None:
+        self.chunk_of = np.asarray(chunk_of, np.int64)
+        self.n, self.views, self.seed, self.epoch = len(self.chunk_of), views, seed, epoch
+        self.window, self.rank, self.world = max(1, int(window)), rank, world
+
+    def __len__(self) -> int:
+        return -(-self.n // self.world)
+
+    def order(self) -> tuple[np.ndarray, np.ndarray]:
+        """(this rank's items in order, the view of every item)."""
+        g = torch.Generator().manual_seed((int(self.seed) * 1_000_003 + int(self.epoch) * 7_919 + 104_729)
+                                          % (2 ** 63))
+        chunks, inverse = np.unique(self.chunk_of, return_inverse=True)
+        perm = torch.randperm(len(chunks), generator=g).numpy()
+        rank_of_chunk = np.empty(len(chunks), np.int64)
+        rank_of_chunk[perm] = np.arange(len(chunks))
+        view = (torch.randint(self.views, (self.n,), generator=g).numpy() if self.views > 1
+                else np.zeros(self.n, np.int64))
+        seq = np.argsort(rank_of_chunk[inverse], kind="stable")  # items chunk after chunk, in the chunks' order
+        size = len(self)
+        keys = torch.rand(size * self.world, generator=g).numpy()  # the same on every rank
+        if self.world > 1:
+            seq = np.concatenate([seq, seq[: size * self.world - self.n]])
+        lo = self.rank * size
+        mine, key = seq[lo:lo + size], keys[lo:lo + size]
+        c = self.chunk_of[mine]
+        new = np.r_[True, c[1:] != c[:-1]] if len(c) else np.zeros(0, bool)
+        win = (np.cumsum(new) - 1) // self.window
+        return mine[np.lexsort((key, win))], view
+
+    def __iter__(self):
+        order, view = self.order()
+        for i in order.tolist():
+            yield (i, int(view[i]), self.epoch)
+
+
+def block_window(budget_bytes: int, chunk_bytes: int) -> int:
+    """The block sampler's window (chunks shuffled together) for a per-process budget: half the chunks the
+    budget holds (a batch spans at most two windows), at least 1."""
+    return max(1, int(budget_bytes // max(1, chunk_bytes)) // 2)
+
+
 # -- loaders ----------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -359,7 +420,7 @@ def resolve_workers(workers: int | str | None, device: torch.device | None = Non
     return _resolve_workers(workers)
 
 
-def _loader(ds: ViewImages, sampler: EpochSampler, batch_size: int, workers: int, device: torch.device,
+def _loader(ds: ViewImages, sampler: Sampler, batch_size: int, workers: int, device: torch.device,
             drop_last: bool, seed: int, persistent: bool = False) -> DataLoader:
     """Batches of ``ds`` in ``sampler``'s order (the dataset builds whole batches, see ViewImages).
 
@@ -379,12 +440,19 @@ def train_loader(prep: RunInputs, cfg: TrainConfig, epoch: int, device: torch.de
                  workers: int | str | None = None,
                  persistent: bool = False) -> DataLoader:
     """The training DataLoader of a prepared run at ``epoch``: this process's share of the epoch's order and
-    views (:class:`EpochSampler`), ``cfg.batch_size / world`` images per batch, ``workers`` processes (None or auto:
+    views (:class:`EpochSampler`; :class:`BlockSampler` with targets read from the store, or ``cfg.sampler``
+    block), ``cfg.batch_size / world`` images per batch, ``workers`` processes (None or auto:
     :func:`resolve_workers`). With ``persistent`` the workers live on: set ``loader.sampler.epoch`` before
     each later epoch (order, views and augmentation are functions of (seed, epoch), not of the workers)."""
     ds = prep.train_set
     plan = batch_plan(len(ds), cfg.batch_size, dist.world())
-    sampler = EpochSampler(len(ds), prep.views, cfg.seed, epoch, rank=dist.rank(), world=dist.world())
+    sampler: Sampler
+    blocks = getattr(prep, "blocks", None)  # a stand-in prep (a benchmark's) may carry no targets at all
+    if blocks is not None and (cfg.sampler == "block" or (cfg.sampler == "auto" and prep.store_targets)):
+        chunk_of, window = blocks
+        sampler = BlockSampler(chunk_of, prep.views, cfg.seed, epoch, window, rank=dist.rank(), world=dist.world())
+    else:
+        sampler = EpochSampler(len(ds), prep.views, cfg.seed, epoch, rank=dist.rank(), world=dist.world())
     return _loader(ds, sampler, plan.local_batch, resolve_workers(workers, device), device, plan.drop_last,
                    cfg.seed, persistent=persistent)
 

@@ -5,7 +5,8 @@ the dataset and calls, in order: :func:`open_train_rows` (the training split's
 rows the cache holds, checked against the data, and the validation holdout,
 chosen before anything is read for training: no target of its rows is loaded),
 :func:`load_fit_targets` (the targets of the other rows, scaled, and the eLSH
-term's hyperplanes) and :func:`assemble_inputs` (the datasets of training,
+term's hyperplanes; with ``--targets store`` none is loaded: they are read from the store while training,
+tcskd.train.targets.StoreTargets) and :func:`assemble_inputs` (the datasets of training,
 validation, test and kNN references). :func:`online_teacher` loads the cache's
 teacher for ``--method online``.
 
@@ -33,13 +34,16 @@ from tcskd.splits import Holdout, labelled_images, labelled_mask, rows_digest
 from tcskd.store.backends import Store, open_store
 from tcskd.store.bases import Basis
 from tcskd.store.handle import open_cache
+from tcskd.store.chunks import read_chunk_rows
 from tcskd.store.manifest import Manifest
 from tcskd.store.registry import resolve_cache
 from tcskd.train.data import ViewImages, resolve_augment
 from tcskd.train.losses import elsh_bias, elsh_planes, elsh_sample
 from tcskd.train.config import TrainConfig, default_dim
-from tcskd.train.targets import (RAW, load_dense_targets, load_targets, match_rows, mean_square, resolve_basis,
-                                 scale_targets, target_scale)
+from tcskd.train.targets import default_target_cache_mb
+from tcskd.train.data import block_window
+from tcskd.train.targets import (RAW, StoreTargets, choose_target_mode, load_dense_targets, load_targets, match_rows,
+                                 mean_square, resolve_basis, scale_targets, target_scale)
 from tcskd.views import resize_on_device
 
 log = logging.getLogger(__name__)
@@ -80,6 +84,10 @@ class RunInputs:
     """The resolved ``--mimic-on`` (global, dense or both); None without a mimic term (method ce)."""
     grid: tuple[int, int] | None = None
     """The teacher's token grid (Gh, Gw) of a patch cache."""
+    store_targets: bool = False
+    """Whether the training targets are read from the store while training (``--targets store``)."""
+    blocks: tuple[np.ndarray, int] | None = None
+    """(the store chunk of every training item, the block sampler's window in chunks); None without targets."""
 
     @property
     def dense(self) -> bool:
@@ -192,12 +200,16 @@ def open_train_rows(cfg: TrainConfig, store: Store | None, manifest: Manifest,
 class FitTargets:
     """The targets of the training rows (scaled), and the eLSH term's hyperplanes and bias sample."""
 
-    targets: np.ndarray | None = None
+    targets: np.ndarray | StoreTargets | None = None
     scale: float | None = None
     elsh: tuple[torch.Tensor, torch.Tensor] | None = None
     elsh_rows: torch.Tensor | None = None
-    dense: np.ndarray | None = None
+    dense: np.ndarray | StoreTargets | None = None
     """Dense targets (rows x V x T x K float16), scaled."""
+    store: bool = False
+    """Whether ``targets``/``dense`` are :class:`~tcskd.train.targets.StoreTargets` (read while training)."""
+    blocks: tuple[np.ndarray, int] | None = None
+    """(chunk of every row, block sampler window), see :attr:`RunInputs.blocks`."""
 
 
 def load_fit_targets(cfg: TrainConfig, store: Store | None, basis: Basis | None,
@@ -207,8 +219,77 @@ def load_fit_targets(cfg: TrainConfig, store: Store | None, basis: Basis | None,
     ``online`` only while the eLSH bias needs them: the teacher computes them live)."""
     if basis is None:
         return FitTargets()
+    dense = manifest is not None and manifest.dense
+    if cfg.method == "online" and not cfg.elsh_bits:
+        mode = "ram"  # nothing is loaded: the teacher computes the targets live
+    else:
+        mode = _target_mode(cfg, store, basis, store_rows, manifest, mimic)
+    if mode == "store":
+        fit = _store_fit_targets(cfg, store, basis, store_rows, manifest, mimic)
+    elif dense:
+        fit = _dense_fit_targets(cfg, store, basis, store_rows, manifest, mimic)
+    else:
+        fit = _ram_fit_targets(cfg, store, basis, store_rows)
+    parts = [t for t in (fit.targets, fit.dense) if t is not None]
+    if parts:
+        row_bytes = sum(int(np.prod(t.shape[1:])) * t.dtype.itemsize for t in parts)
+        chunk_rows = read_chunk_rows(store)
+        budget = (cfg.target_cache_mb or default_target_cache_mb()) << 20
+        fit.blocks = (np.asarray(store_rows, np.int64) // chunk_rows, block_window(budget, chunk_rows * row_bytes))
+    return fit
+
+
+def _target_mode(cfg: TrainConfig, store: Store, basis: Basis, store_rows: np.ndarray, manifest: Manifest | None,
+                 mimic: str | None) -> str:
+    """``ram`` or ``store`` for ``cfg.targets`` (auto: from the bytes the ram path would hold)."""
+    if cfg.targets == "store" and cfg.elsh_bits:
+        raise TcskdError("--elsh-bits fits its bias on a sample of all the targets: use --targets ram or auto")
+    if cfg.targets == "auto" and cfg.elsh_bits:
+        return "ram"
+    arr = store["features"]
+    per_row = int(arr.shape[1]) * basis.k * 4
     if manifest is not None and manifest.dense:
-        return _dense_fit_targets(cfg, store, basis, store_rows, manifest, mimic)
+        dense_b = int(arr.shape[1]) * int(arr.shape[2]) * basis.k * 2
+        per_row = (dense_b if mimic in ("dense", "both") else 0) + (per_row if mimic in ("global", "both") else 0)
+    return choose_target_mode(cfg.targets, per_row * len(store_rows))
+
+
+def _store_fit_targets(cfg: TrainConfig, store: Store, basis: Basis, store_rows: np.ndarray,
+                       manifest: Manifest | None, mimic: str | None) -> FitTargets:
+    """:class:`~tcskd.train.targets.StoreTargets` of ``store_rows`` with the ram path's scales (those that come
+    from the data are read in one pass over the chunks); the LRU budget is shared in proportion to row bytes."""
+    budget = (cfg.target_cache_mb or default_target_cache_mb()) << 20
+    coords_of = manifest.coords_of if manifest is not None else None
+    if manifest is not None and manifest.dense:
+        kinds = [k for k, on in (("dense", mimic in ("dense", "both")), ("pooled", mimic in ("global", "both")))
+                 if on]
+    else:
+        kinds = ["global"]
+    made = {k: StoreTargets(store, store_rows, basis, k, coords_of) for k in kinds}
+    total = sum(t.row_bytes for t in made.values())
+    for t in made.values():
+        t.lru.budget_bytes = max(1, budget * t.row_bytes // total)
+    scale = None
+    if "global" in made:
+        t = made["global"]
+        t.scale = scale = target_scale(basis, None, cfg.target_norm,
+                                       t.mean_square() if basis.name == RAW and cfg.target_norm == "global" else None)
+    if "dense" in made:
+        t = made["dense"]
+        t.scale = scale = target_scale(basis, None, cfg.target_norm,
+                                       t.mean_square() if basis.name == RAW and cfg.target_norm == "global" else None)
+    if "pooled" in made:
+        t = made["pooled"]
+        ms = t.mean_square() if cfg.target_norm == "global" else 0.0
+        t.scale = float(np.sqrt(ms)) if cfg.target_norm == "global" and ms > 1e-12 else 1.0
+        scale = t.scale if scale is None else scale
+    log.info("targets: read from the store while training (%s; %.1f MB per process, %.1f MB in RAM otherwise)",
+             ", ".join(made), budget / 2 ** 20, sum(t.ram_bytes for t in made.values()) / 2 ** 20)
+    return FitTargets(made.get("global", made.get("pooled")), scale, dense=made.get("dense"), store=True)
+
+
+def _ram_fit_targets(cfg: TrainConfig, store: Store, basis: Basis, store_rows: np.ndarray) -> FitTargets:
+    """The global targets of ``store_rows`` loaded into memory and scaled, and the eLSH sample."""
     targets = elsh = elsh_rows = None
     if cfg.method != "online" or cfg.elsh_bits:
         targets = load_targets(store, store_rows, basis)
@@ -318,7 +399,8 @@ def assemble_inputs(cfg: TrainConfig, src: TrainRows, basis: Basis | None, fit: 
         teacher_identity=manifest.teacher_identity, split=split,
         basis_excludes_val=basis_excludes_val, setup_seconds=0.0, task=cfg.task,
         mimic_on=resolve_mimic(cfg, manifest, cache_path),
-        grid=tuple(int(g) for g in manifest.grid) if manifest.dense and manifest.grid else None)
+        grid=tuple(int(g) for g in manifest.grid) if manifest.dense and manifest.grid else None,
+        store_targets=fit.store, blocks=fit.blocks)
 
 
 def online_teacher(prep: RunInputs) -> Any:
@@ -338,7 +420,8 @@ def online_teacher(prep: RunInputs) -> Any:
 
 
 def load_run_inputs(cfg: TrainConfig) -> RunInputs:
-    """Open the data and the cache, check they match, and load the targets into memory ."""
+    """Open the data and the cache, check they match, and load the targets into memory (or, with
+    ``--targets store``, prepare to read them from the store while training)."""
     t0 = time.perf_counter()
     manifest, store, cache_path = Manifest(), None, None
     if cfg.cache is not None:

@@ -31,13 +31,23 @@ With ``--target-norm global`` (the default) all targets are divided by one
 number, sqrt of the mean variance of the K coordinates (:func:`target_scale`),
 so that lambda means the same for any teacher; ``none`` keeps them as stored.
 
+Where they live (``--targets``): ``ram`` loads them all at the start, as above; ``store`` keeps none of them:
+:class:`StoreTargets` reads the chunk of the requested rows through the store layer
+(tcskd.store.chunks.ChunkLRU) and turns its training rows into targets with the very functions of the ram path
+(:func:`chunk_targets`, :func:`chunk_dense_coords`, then the same division by the scale), so a row's targets
+are the same bits either way; each process (each DataLoader worker) keeps the last chunks it made in an LRU of
+``--target-cache-mb``. The scales that come from the data (fitnet's raw features, pooled tokens) are summed in
+one pass over the chunks (equal to the ram path's to float64 rounding; the float32 divisor the same). ``auto``
+(:func:`choose_target_mode`) takes ram when the targets take < 4 GB and < 25 % of the available memory.
+
 The datasets, sampler and augmentation that feed the images and these targets to
-the loop are in tcskd.train.data.
+the loop are in tcskd.train.data (:class:`~tcskd.train.data.BlockSampler` for targets read from the store).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 import numpy as np
 import torch
@@ -46,7 +56,7 @@ from tcskd.data import Source
 from tcskd.errors import StoreError, TcskdError
 from tcskd.store.backends import Store
 from tcskd.store.bases import Basis, load_basis
-from tcskd.store.chunks import iter_feature_chunks, read_chunk_rows
+from tcskd.store.chunks import ChunkLRU, iter_feature_chunks, read_chunk_rows
 from tcskd.store.integrity import missing_data
 
 log = logging.getLogger(__name__)
@@ -150,41 +160,66 @@ def match_rows(store: Store, split_source: Source, train_source: Source,
 
 # -- targets ----------------------------------------------------------------
 
+def target_source(store: Store, basis: Basis) -> tuple[str, bool]:
+    """(the array the global targets are read from, whether it is stored coordinates): ``bases/<name>/coords``
+    when stored (checked: enough columns, no chunk missing), else ``features``."""
+    coords_name = f"bases/{basis.name}/coords"
+    use_coords = basis.name != RAW and coords_name in store
+    if use_coords and store[coords_name].shape[2] < basis.k:
+        raise StoreError(f"{coords_name} has {store[coords_name].shape[2]} columns; need {basis.k}")
+    if use_coords:
+        lost = missing_data(store, (coords_name,))
+        if lost:
+            raise StoreError(f"cache {store.path} is damaged: {lost[0]}; fit the basis again")
+    return (coords_name if use_coords else "features"), use_coords
+
+
+def _float32(block: np.ndarray) -> torch.Tensor:
+    """``block`` as a float32 tensor (float16 converted by torch: exact, and several times numpy's speed)."""
+    return torch.from_numpy(np.ascontiguousarray(block)).float()
+
+
+def chunk_targets(block: np.ndarray, basis: Basis, use_coords: bool) -> np.ndarray:
+    """Rows x V x K float32 targets (unscaled) of ``block`` (rows of ``features`` or of stored coords); one
+    function for the ram and the store paths, so both give the same bits for the same rows of a chunk."""
+    if use_coords or basis.name == RAW:
+        return np.asarray(block[..., :basis.k], np.float32)
+    return basis.project(_float32(block)).numpy()
+
+
+def chunk_dense_coords(block: np.ndarray, basis: Basis, coords_of: str | None,
+                       divisor: torch.Tensor) -> torch.Tensor:
+    """Rows x V x T x K float32 coordinates (unscaled) of a patch cache's ``block`` (module docstring)."""
+    x = _float32(block)  # rows x V x T x D
+    if coords_of is not None:
+        return x[..., :basis.k] / divisor
+    if basis.name == RAW:
+        return x[..., :basis.k]
+    return basis.project(x)  # every token of the chunk at once, in float32
+
+
 def load_targets(store: Store, store_rows: np.ndarray, basis: Basis, progress: bool = True) -> np.ndarray:
     """The K-dim targets of ``store_rows`` for every view: len(rows) x V x K float32.
 
     Read chunk by chunk; from ``bases/<name>/coords`` when stored (first K
     columns), else projected from ``features``.
     """
-    coords_name = f"bases/{basis.name}/coords"
-    use_coords = basis.name != RAW and coords_name in store
-    arr = store[coords_name] if use_coords else store["features"]
+    source, use_coords = target_source(store, basis)
+    arr = store[source]
     n_rows, views = int(arr.shape[0]), int(arr.shape[1])
     k = basis.k
-    if use_coords and arr.shape[2] < k:
-        raise StoreError(f"{coords_name} has {arr.shape[2]} columns; need {k}")
-    if use_coords:
-        lost = missing_data(store, (coords_name,))
-        if lost:
-            raise StoreError(f"cache {store.path} is damaged: {lost[0]}; fit the basis again")
-    source = coords_name if use_coords else "features"
     chunk = read_chunk_rows(store)
     out = np.empty((len(store_rows), views, k), np.float32)
     order = np.argsort(store_rows, kind="stable")
     srt = store_rows[order]
-    raw = basis.name == RAW
-    what = "coords" if use_coords else ("raw features" if raw else "features")
+    what = "coords" if use_coords else ("raw features" if basis.name == RAW else "features")
     show = None if progress and -(-n_rows // chunk) >= 8 else False
     for c in iter_feature_chunks(store, desc=f"targets ({what})", chunk_ids=np.unique(store_rows // chunk),
                                  ok=np.ones(n_rows, bool), array=source, progress=show):
         start, stop = c.start, c.stop
         lo, hi = np.searchsorted(srt, start), np.searchsorted(srt, stop)
         items = order[lo:hi]
-        block = c.x[store_rows[items] - start]
-        if use_coords or raw:
-            out[items] = block[..., :k]
-        else:
-            out[items] = basis.project(torch.from_numpy(block.astype(np.float32))).numpy()
+        out[items] = chunk_targets(c.x[store_rows[items] - start], basis, use_coords)
     if not np.isfinite(out).all():
         raise StoreError(f"cache {store.path}: the targets contain NaN or Inf ({what})")
     log.info("targets: %d rows x %d views x %d coords from %s", len(store_rows), views, k, what)
@@ -213,13 +248,7 @@ def load_dense_targets(store: Store, store_rows: np.ndarray, basis: Basis, coord
                                  ok=np.ones(n_rows, bool), progress=show):
         lo, hi = np.searchsorted(srt, c.start), np.searchsorted(srt, c.stop)
         items = order[lo:hi]
-        block = torch.from_numpy(c.x[store_rows[items] - c.start].astype(np.float32))  # rows x V x T x D
-        if coords_of is not None:
-            coords = block[..., :k] / divisor
-        elif basis.name == RAW:
-            coords = block[..., :k]
-        else:
-            coords = basis.project(block)  # every token of the chunk at once, in float32
+        coords = chunk_dense_coords(c.x[store_rows[items] - c.start], basis, coords_of, divisor)
         if not torch.isfinite(coords).all():
             raise StoreError(f"cache {store.path}: the dense targets contain NaN or Inf ({what})")
         if out is not None:
@@ -247,7 +276,8 @@ def scale_targets(targets: np.ndarray, scale: float, block: int = 4096) -> None:
 TARGET_NORMS = ("global", "none")
 
 
-def target_scale(basis: Basis, targets: np.ndarray | None, norm: str = "global") -> float:
+def target_scale(basis: Basis, targets: np.ndarray | None, norm: str = "global",
+                 mean_sq: float | None = None) -> float:
     """One divisor for all targets: sqrt of the mean variance of the K coordinates (``global``), or 1.
 
     The variance comes from the basis (its eigenvalues, / eigenvalue when
@@ -262,6 +292,9 @@ def target_scale(basis: Basis, targets: np.ndarray | None, norm: str = "global")
     if norm != "global":
         raise TcskdError(f"unknown target normalisation '{norm}' (choose {', '.join(TARGET_NORMS)})")
     if basis.name == RAW:
+        if mean_sq is not None:  # the targets' mean square, read from the store (StoreTargets.mean_square)
+            var = mean_sq
+            return float(np.sqrt(var)) if var > 1e-12 else 1.0
         if targets is None:
             return 1.0
         # Dense (float16, N x V x T x K) targets in blocks; global ones as always.
@@ -269,6 +302,162 @@ def target_scale(basis: Basis, targets: np.ndarray | None, norm: str = "global")
     else:
         var = float(np.mean(basis.eigenvalues / basis.scale() ** 2))
     return float(np.sqrt(var)) if var > 1e-12 else 1.0
+
+
+# -- targets read from the store while training ----------------------------------------------------------
+
+TARGET_MODES = ("ram", "store", "auto")
+#: ``--targets auto`` keeps the targets in RAM below this size and below RAM_SHARE of the available memory.
+RAM_LIMIT_BYTES = 4 << 30
+RAM_SHARE = 0.25
+
+
+def available_ram() -> int:
+    """Bytes of memory available now (Linux: MemAvailable; elsewhere the free pages)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def default_target_cache_mb() -> int:
+    """``--target-cache-mb`` by default: min(2048, 5 % of the machine's memory) MB per process."""
+    total = int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return max(16, min(2048, int(0.05 * total) >> 20))
+
+
+def choose_target_mode(mode: str, ram_bytes: int, available: int | None = None) -> str:
+    """``ram`` or ``store`` for ``--targets mode``; ``auto``: ram when the targets take less than RAM_LIMIT_BYTES
+    and less than RAM_SHARE of the available memory, else store (logged)."""
+    if mode not in TARGET_MODES:
+        raise TcskdError(f"unknown --targets '{mode}' (choose {', '.join(TARGET_MODES)})")
+    if mode != "auto":
+        return mode
+    available = available_ram() if available is None else available
+    chosen = "ram" if ram_bytes < min(RAM_LIMIT_BYTES, RAM_SHARE * available) else "store"
+    log.info("--targets auto: %s (the targets take %.1f MB in RAM, %.1f MB available)", chosen,
+             ram_bytes / 2 ** 20, available / 2 ** 20)
+    return chosen
+
+
+class StoreTargets:
+    """The targets of ``store_rows`` read from the store chunk by chunk as training asks for them, indexed like
+    the array the ram path holds: ``t[idx, views]`` -> len(idx) x K (``global``, ``pooled``: float32) or
+    len(idx) x T x K (``dense``: float16), equal bit for bit to the ram path's (the same rows of a chunk go
+    through the same functions, :func:`chunk_targets` / :func:`chunk_dense_coords`, then the same division).
+
+    Each process (each DataLoader worker) keeps a :class:`~tcskd.store.chunks.ChunkLRU` of the chunks' targets
+    (only the rows trained on, scaled), at most ``budget_bytes``. ``scale`` is set by the caller once known
+    (:meth:`mean_square` reads every chunk once for the scales that come from the data).
+    """
+
+    def __init__(self, store: Store, store_rows: np.ndarray, basis: Basis, kind: str = "global",
+                 coords_of: str | None = None, budget_bytes: int = 256 << 20) -> None:
+        if kind not in ("global", "dense", "pooled"):
+            raise ValueError(f"unknown target kind {kind}")
+        self.kind, self.basis, self.coords_of = kind, basis, coords_of
+        self.store_rows = np.asarray(store_rows, np.int64)
+        if kind == "global":
+            self.array, self.use_coords = target_source(store, basis)
+        else:
+            self.array, self.use_coords = "features", False
+            if coords_of is not None and store["features"].shape[3] < basis.k:
+                raise StoreError(f"cache {store.path} holds {store['features'].shape[3]} coordinates per token; "
+                                 f"need {basis.k}")
+        arr = store[self.array]
+        n_rows, views = int(arr.shape[0]), int(arr.shape[1])
+        self.chunk_rows = read_chunk_rows(store)
+        self.shape = ((len(self.store_rows), views, int(arr.shape[2]), basis.k) if kind == "dense"
+                      else (len(self.store_rows), views, basis.k))
+        self.dtype = np.dtype(np.float16 if kind == "dense" else np.float32)
+        self.scale = 1.0
+        self._divisor = torch.from_numpy(basis.scale().astype(np.float32))
+        order = np.argsort(self.store_rows, kind="stable")
+        self._sorted = self.store_rows[order]
+        self._item_of_sorted = order
+        self.lru = ChunkLRU(store.path, self.array, self.chunk_rows, n_rows, self._process, budget_bytes)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def ram_bytes(self) -> int:
+        """What the ram path holds for these targets."""
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row's targets (every view)."""
+        return int(np.prod(self.shape[1:])) * self.dtype.itemsize
+
+    def chunk_ids(self) -> np.ndarray:
+        """The store chunk of every item (the block sampler's unit)."""
+        return self.store_rows // self.chunk_rows
+
+    def _rows_in(self, c: int) -> np.ndarray:
+        """The trained store rows in chunk ``c``, sorted (as the ram path visits them)."""
+        lo, hi = np.searchsorted(self._sorted, [c * self.chunk_rows, (c + 1) * self.chunk_rows])
+        return self._sorted[lo:hi]
+
+    def _unscaled(self, c: int, x: np.ndarray) -> np.ndarray:
+        block = x[self._rows_in(c) - c * self.chunk_rows]
+        if self.kind == "global":
+            return chunk_targets(block, self.basis, self.use_coords)
+        coords = chunk_dense_coords(block, self.basis, self.coords_of, self._divisor)
+        if not torch.isfinite(coords).all():
+            raise StoreError(f"cache {self.lru.path}: the dense targets contain NaN or Inf (chunk {c})")
+        return coords.half().numpy() if self.kind == "dense" else coords.mean(2).numpy()
+
+    def _process(self, c: int, x: np.ndarray) -> np.ndarray:
+        t = self._unscaled(c, x)
+        if self.kind != "dense" and not np.isfinite(t).all():
+            raise StoreError(f"cache {self.lru.path}: the targets contain NaN or Inf (chunk {c})")
+        if self.kind == "dense":  # as scale_targets, in torch (the same IEEE roundings, faster in float16)
+            return (torch.from_numpy(t).float() / torch.tensor(self.scale, dtype=torch.float32)).half().numpy()
+        t /= np.float32(self.scale)
+        return t
+
+    def mean_square(self, progress: bool = True) -> float:
+        """The mean of the unscaled targets' squares, in float64, every chunk read once (in order)."""
+        total, count = 0.0, 0
+        ids = np.unique(self.chunk_ids())
+        with open_store_of(self.lru.path) as store:
+            n_rows = int(store[self.array].shape[0])
+            show = None if progress and len(ids) >= 8 else False
+            for c in iter_feature_chunks(store, desc="target scale", chunk_ids=ids, ok=np.ones(n_rows, bool),
+                                         array=self.array, progress=show):
+                t = self._unscaled(c.index, c.x)
+                total += float(np.square(t, dtype=np.float64).sum())
+                count += t.size
+        return total / max(1, count)
+
+    def __getitem__(self, key: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        """``targets[idx, views]`` of the ram path's array."""
+        idx, views = (np.asarray(k, np.int64) for k in key)
+        out = np.empty((len(idx), *self.shape[2:]), self.dtype)
+        rows = self.store_rows[idx]
+        chunks = rows // self.chunk_rows
+        for c in np.unique(chunks):
+            sel = np.flatnonzero(chunks == c)
+            block = self.lru.get(int(c))
+            pos = np.searchsorted(self._rows_in(int(c)), rows[sel])
+            out[sel] = block[pos, views[sel]]
+        return out
+
+
+def open_store_of(path: object) -> Store:
+    """The store at ``path``, opened for reading."""
+    from tcskd.store.backends import open_store
+
+    return open_store(path)
 
 
 class TorchProjection:
