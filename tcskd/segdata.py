@@ -29,6 +29,7 @@ Everything is numpy with fixed seeds: the same arrays in every process and on ev
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 from dataclasses import dataclass
@@ -335,30 +336,37 @@ def check_sizes(image: Path, mask: Path) -> None:
     _SIZES_OK.add(key)
 
 
-def read_mask(mask: Path, image: Path | None = None, num_classes: int | None = None) -> np.ndarray:
-    """A mask PNG as H x W uint8 class ids, checked: one channel, values in [0, num_classes) or 255, and
-    (given its image) the image's size; else a DataError naming the file(s)."""
+def decode_mask(src: "Path | io.BytesIO", name: str) -> np.ndarray:
+    """A mask (a PNG file, or its bytes) as H x W uint8 class ids: one channel, values <= 255; else a
+    DataError naming it (``name``: how errors name the mask, e.g. ``mask FILE``)."""
     from PIL import Image
 
     try:
-        with Image.open(mask) as im:
+        with Image.open(src) as im:
             if im.mode not in MASK_MODES:
-                raise DataError(f"mask {mask} is a {im.mode} image; expected one channel of class ids "
+                raise DataError(f"{name} is a {im.mode} image; expected one channel of class ids "
                                 f"(PNG mode L or P)")
             arr = np.asarray(im)
     except DataError:
         raise
     except Exception as e:
-        raise DataError(f"unreadable mask {mask}: {e}") from e
+        raise DataError(f"unreadable {name}: {str(e).strip().splitlines()[0] if str(e).strip() else e}") from e
+    if arr.dtype != np.uint8:
+        if arr.size and (arr.min() < 0 or arr.max() > IGNORE):
+            raise DataError(f"{name} holds the value {int(arr.max() if arr.max() > IGNORE else arr.min())}, "
+                            f"neither a class id nor 255 (ignore)")
+        arr = arr.astype(np.uint8)
+    return arr
+
+
+def read_mask(mask: Path, image: Path | None = None, num_classes: int | None = None) -> np.ndarray:
+    """A mask PNG as H x W uint8 class ids, checked: one channel, values in [0, num_classes) or 255, and
+    (given its image) the image's size; else a DataError naming the file(s)."""
+    arr = decode_mask(mask, f"mask {mask}")
     if image is not None:
         (iw, ih) = _size(image)
         if arr.shape != (ih, iw):
             raise DataError(f"mask {mask} is {arr.shape[1]}x{arr.shape[0]} px but its image {image} is {iw}x{ih}")
-    if arr.dtype != np.uint8:
-        if arr.size and (arr.min() < 0 or arr.max() > IGNORE):
-            raise DataError(f"mask {mask} holds the value {int(arr.max() if arr.max() > IGNORE else arr.min())}, "
-                            f"neither a class id nor 255 (ignore)")
-        arr = arr.astype(np.uint8)
     if num_classes is not None:
         bad = (arr >= num_classes) & (arr != IGNORE)
         if bad.any():

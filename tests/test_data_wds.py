@@ -161,8 +161,9 @@ def opens():
 
 
 def _cfg(data: str, teacher: str, root: Path, **kw) -> CacheConfig:
+    # In-process reads (workers 0), so that this process's log counts every shard open.
     base = dict(data=data, teacher=teacher, cache_root=str(root), image_size=16, chunk_rows=6, batch_size=4,
-                device="cpu")
+                device="cpu", workers=0)
     base.update(kw)
     return CacheConfig(**base)
 

@@ -198,8 +198,7 @@ def build_cache(cfg: CacheConfig) -> CacheResult:
     if dist.world() > 1:
         return _build_distributed(cfg, open_split(cfg, ident), teacher, ident, key, path, device, t0)
     if _is_hit(path, ident):
-        secs = time.perf_counter() - t0
-        return CacheResult(path, key, True, 0, secs, {"setup": secs})
+        return _hit(path, key, t0)
     source = open_split(cfg, ident)
     path.parent.mkdir(parents=True, exist_ok=True)
     timings = {"setup": 0.0, "inputs": 0.0, "forward": 0.0, "write": 0.0}
@@ -302,8 +301,7 @@ def _build_shard(cfg: CacheConfig, teacher, ident: dict[str, Any], key: str, pat
     if is_remote(path):
         raise TcskdError("--shard needs a cache root on a (shared) filesystem, not an object store")
     if _is_hit(path, ident):
-        secs = time.perf_counter() - t0
-        return CacheResult(path, key, True, 0, secs, {"setup": secs})
+        return _hit(path, key, t0)
     source = open_split(cfg, ident)
     path.parent.mkdir(parents=True, exist_ok=True)
     timings = {"setup": 0.0, "inputs": 0.0, "forward": 0.0, "write": 0.0}
@@ -385,6 +383,12 @@ def _complete_shards(path: Path, source: Source, index: int, count: int, wait: b
             log.info("waiting for %d chunk(s) of other shards of %s", missing, path)
             said = True
         time.sleep(SHARD_POLL_SECONDS)
+
+
+def _hit(path, key: str, t0: float) -> CacheResult:
+    """The result of a cache hit: nothing computed, the time spent finding it counted as setup."""
+    secs = time.perf_counter() - t0
+    return CacheResult(path, key, True, 0, secs, {"setup": secs})
 
 
 def _is_hit(path, ident: dict[str, Any]) -> bool:

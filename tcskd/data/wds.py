@@ -427,24 +427,7 @@ def _index(root: _Root, rebuild: bool = False) -> saved.SavedIndex:
 
 def _decode_mask(data: bytes, what: str) -> np.ndarray:
     """An encoded mask as H x W uint8 class ids (one channel; values <= 255), or a DataError naming it."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.mode not in segdata.MASK_MODES:
-                raise DataError(f"the mask of {what} is a {im.mode} image; expected one channel of class ids "
-                                f"(PNG mode L or P)")
-            arr = np.asarray(im)
-    except DataError:
-        raise
-    except Exception as e:
-        raise DataError(f"unreadable mask of {what}: {_one_line(e)}") from e
-    if arr.dtype != np.uint8:
-        if arr.size and (int(arr.min()) < 0 or int(arr.max()) > segdata.IGNORE):
-            raise DataError(f"the mask of {what} holds the value {int(arr.max())}, neither a class id nor 255 "
-                            f"(ignore)")
-        arr = arr.astype(np.uint8)
-    return arr
+    return segdata.decode_mask(io.BytesIO(data), f"the mask of {what}")
 
 
 def _mask_top(mask: np.ndarray) -> int:
