@@ -147,21 +147,29 @@ class Store:
         for name in self.children("bases"):
             if name.startswith("."):
                 continue
-            if self.attrs(f"bases/{name}").get("complete"):
+            try:
+                attrs = self.attrs(f"bases/{name}")
+            except StoreError:
+                if f"bases/{name}" in self:  # unreadable: say so
+                    raise
+                continue  # replaced by its writer (renamed aside) since the listing
+            if attrs.get("complete"):
                 out.append(name)
         return sorted(out)
 
-    def remove_partial_files(self) -> int:
-        """Delete temporary files of writes cut short by a crash; return how many.
+    def remove_partial_files(self, under: str = "") -> int:
+        """Delete temporary files of writes cut short by a crash (only those below group ``under``, when
+        given); return how many.
 
         Zarr writes each file as ``<name>.<uuid>.partial`` and renames it into
         place, so a killed writer can leave such a file (never a torn chunk).
-        Call only while holding the cache's writer lock.
+        Call only while holding the lock of what is below: the cache's writer lock, or a basis's lock
+        for ``under="bases/<name>"``.
         """
         if is_remote(self.path) or self.format != "zarr":
             return 0
         removed = 0
-        for root, _, files in os.walk(self.path):
+        for root, _, files in os.walk(self.path / under if under else self.path):
             for f in files:
                 if f.endswith(".partial"):
                     try:
