@@ -132,6 +132,18 @@ def test_leftovers_of_a_basis_being_written_are_kept(cache):
         assert s.children("bases") == ["b", "x"]
 
 
+def test_readers_ignore_a_folder_a_writer_is_filling_or_removing(cache):
+    """A basis writer's hidden folder before its metadata lands (or while removed) is no member, and no warning."""
+    import warnings
+
+    _fit(cache, "a", dim=2)
+    (cache / "bases" / ".tmp-b-4242" / "mean").mkdir(parents=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with open_store(cache) as s:
+            assert s.bases() == ["a"] and s.children("bases") == ["a"]
+
+
 def test_verify_ignores_the_locks_beside_the_cache(cache):
     from tcskd.cache.verify import verify_cache
 
@@ -457,3 +469,23 @@ def test_three_bases_fitted_at_once_beside_a_training_run(tmp_path, forks, tiny_
     with open_store(cache) as s:
         assert s.children("bases") == ["b1", "b2", "b3", "base"]
     assert verify_cache(cache).problems == []
+
+
+def test_basis_locks_on_an_object_store():
+    """On an object store the locks are lease objects beside the cache (memory://: no conditional writes)."""
+    import uuid
+
+    from tcskd.store.paths import RemotePath, as_location
+
+    cache = as_location(f"memory://locks-{uuid.uuid4().hex[:8]}/caches/0123abcd")
+    with BasisLock(cache, "a"):
+        assert RemotePath(f"{cache}.basis-a.lease").exists() and not RemotePath(f"{cache}.lease").exists()
+        with BasisLock(cache, "b"):
+            pass
+        with pytest.raises(LockedError, match=rf"another process \(pid {os.getpid()} on host .*\) is writing basis 'a' "
+                                              f"of cache {cache}; try again"):
+            BasisLock(cache, "a").__enter__()
+    assert not RemotePath(f"{cache}.basis-a.lease").exists()
+    with WriterLock(cache):
+        with pytest.raises(LockedError, match=f"is writing cache {cache}; try again"):
+            BasisLock(cache, "a").__enter__()
