@@ -489,3 +489,16 @@ def test_basis_locks_on_an_object_store():
     with WriterLock(cache):
         with pytest.raises(LockedError, match=f"is writing cache {cache}; try again"):
             BasisLock(cache, "a").__enter__()
+
+
+def test_cache_parent_is_the_folder_every_rank_must_share(tmp_path, monkeypatch):
+    from tcskd.store.paths import RemotePath
+    from tcskd.store.registry import cache_parent
+
+    monkeypatch.delenv("TCSKD_CACHE", raising=False)
+    assert cache_parent("0123abcd") == Path("caches")
+    assert cache_parent("0123abcd", str(tmp_path)) == tmp_path
+    assert cache_parent(str(tmp_path / "c" / "0123abcd"), "elsewhere") == tmp_path / "c"
+    assert cache_parent("rel/0123abcd") == Path("rel")
+    assert str(cache_parent("s3://bucket/caches/0123abcd")) == "s3://bucket/caches"
+    assert isinstance(cache_parent("s3://bucket/caches/0123abcd"), RemotePath)

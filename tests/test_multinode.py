@@ -45,9 +45,11 @@ for root in roots:
 """
 
 
-def _two_nodes(tmp_path: Path, roots: dict[int, list[str]], timeout: float = 20.0, nodes: int = 2) -> list[dict]:
+def _two_nodes(tmp_path: Path, roots: dict[int, list[str]], timeout: float = 20.0, nodes: int = 2,
+               command: list[str] | None = None) -> list[dict]:
     """Start both nodes (node R in tmp_path/nodeR) and return, for the first ``nodes`` of them, the exit code,
-    output and seconds; the others are killed (with their workers) once those have finished."""
+    output and seconds; the others are killed (with their workers) once those have finished. ``command``: what each
+    node runs instead of the driver (e.g. ``-m tcskd basis ...``)."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     port = free_port()
@@ -60,7 +62,8 @@ def _two_nodes(tmp_path: Path, roots: dict[int, list[str]], timeout: float = 20.
         cwd.mkdir(exist_ok=True)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
                "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-               "--rdzv-id", f"tcskd-{port}", "--max-restarts", "0", str(driver), str(timeout), *roots[node]]
+               "--rdzv-id", f"tcskd-{port}", "--max-restarts", "0",
+               *(command or [str(driver), str(timeout), *roots[node]])]
         procs.append((subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                        text=True, start_new_session=True), time.monotonic()))
     out = []
@@ -117,3 +120,15 @@ def test_a_rank_that_never_arrives_is_an_error_not_a_hang(tmp_path):
     assert re.match(r"tcskd: error: rank [01] \(host [^)]+\) waited 3 s for the other ranks to check the cache root; "
                     r"not every rank arrived", r["errors"][0]), r["errors"]
     assert r["check"] and 3 <= r["check"][0] < 15, r["stdout"]
+
+
+def test_tcskd_basis_checks_its_cache_root(tmp_path):
+    """The stage itself: `torchrun -m tcskd basis` with a relative cache root fails on both nodes in one line."""
+    res = _two_nodes(tmp_path, {}, command=["-m", "tcskd", "basis", "--cache", "0123abcd", "--cache-root", "caches",
+                                            "--device", "cpu"])
+    for r in res:
+        assert r["code"] != 0
+        assert r["errors"] == ["tcskd: error: the cache root 'caches' is relative: under a multi-node torchrun every "
+                               "node must see the same folder; give an absolute path on a shared filesystem or an "
+                               "fsspec URL"], r["stderr"]
+        assert r["seconds"] < 60

@@ -51,6 +51,17 @@ def cache_key(identity: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def cache_parent(key_or_path: "str | Path | RemotePath",
+                 cache_root: "str | Path | RemotePath | None" = None) -> "Path | RemotePath":
+    """The folder that holds the cache ``key_or_path`` names, without looking: the parent of a path or URL (anything
+    with a '/'), else the cache root where a key is looked up. What every rank of a torchrun must share
+    (:func:`tcskd.dist.check_shared_root`)."""
+    text = str(key_or_path)
+    if isinstance(key_or_path, (Path, RemotePath)) or "/" in text:
+        return as_location(key_or_path).parent
+    return cache_root_of(cache_root)
+
+
 def resolve_cache(key_or_path: "str | Path | RemotePath",
                   cache_root: "str | Path | RemotePath | None" = None) -> "Path | RemotePath":
     """A cache directory from a path (or URL) or a key under ``cache_root``; StoreError if none."""

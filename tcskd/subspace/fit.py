@@ -59,7 +59,7 @@ from tcskd.store.chunks import iter_feature_chunks, read_chunk_rows, row_mask
 from tcskd.store.integrity import require
 from tcskd.store.manifest import Manifest
 from tcskd.store.paths import is_remote
-from tcskd.store.registry import BasisLock, resolve_cache
+from tcskd.store.registry import BasisLock, cache_parent, resolve_cache
 from tcskd.subspace.config import BasisConfig
 from tcskd.subspace.moments import Moments, check_finite, raise_if_not_finite, stream_moments
 
@@ -107,6 +107,7 @@ def fit_basis(cfg: BasisConfig) -> BasisResult:
     timings = {"read": 0.0, "compute": 0.0, "write": 0.0, "plot": 0.0}
     device = dist.device_for_rank(resolve_device(cfg.device))
     dist.init(device)
+    dist.check_shared_root(cache_parent(cfg.cache, cfg.cache_root))  # one folder for every rank (multi-node)
     if dist.world() > 1 and cfg.kind == "pca" and cfg.method == "svd":
         raise TcskdError("--method svd needs every sample in one process: use --method eigh under torchrun")
     cache_dir = resolve_cache(cfg.cache, cfg.cache_root)
