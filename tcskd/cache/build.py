@@ -193,6 +193,7 @@ def build_cache(cfg: CacheConfig) -> CacheResult:
     teacher, ident, key, path = plan_cache(cfg)
     device = dist.device_for_rank(resolve_device(cfg.device))
     dist.init(device)
+    dist.check_shared_root(path.parent)  # under torchrun every rank must see the cache root as one folder
     if cfg.shard is not None:
         return _build_shard(cfg, teacher, ident, key, path, device, t0)
     if dist.world() > 1:

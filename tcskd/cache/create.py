@@ -119,17 +119,13 @@ def has_manifest(path) -> bool:
 
 
 def clean_stale_tmp(root, key: str) -> None:
-    """Remove the hidden creation folders of ``key`` left under ``root`` by processes that no longer run."""
+    """Remove the hidden creation folders of ``key`` left under ``root``. Every caller holds the cache's writer
+    lock, so no other creator runs, on this host or another (a pid test would judge another host's process by
+    a local one)."""
     if is_remote(root):
         return
     for d in root.glob(f".tmp-{key}-*"):
-        try:
-            pid = int(d.name.rsplit("-", 1)[1])
-            os.kill(pid, 0)  # still alive: leave it
-        except (ValueError, ProcessLookupError):
-            shutil.rmtree(d, ignore_errors=True)
-        except PermissionError:
-            pass
+        shutil.rmtree(d, ignore_errors=True)
 
 
 

@@ -31,6 +31,7 @@ import logging
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -147,21 +148,29 @@ class Store:
         for name in self.children("bases"):
             if name.startswith("."):
                 continue
-            if self.attrs(f"bases/{name}").get("complete"):
+            try:
+                attrs = self.attrs(f"bases/{name}")
+            except StoreError:
+                if f"bases/{name}" in self:  # unreadable: say so
+                    raise
+                continue  # replaced by its writer (renamed aside) since the listing
+            if attrs.get("complete"):
                 out.append(name)
         return sorted(out)
 
-    def remove_partial_files(self) -> int:
-        """Delete temporary files of writes cut short by a crash; return how many.
+    def remove_partial_files(self, under: str = "") -> int:
+        """Delete temporary files of writes cut short by a crash (only those below group ``under``, when
+        given); return how many.
 
         Zarr writes each file as ``<name>.<uuid>.partial`` and renames it into
         place, so a killed writer can leave such a file (never a torn chunk).
-        Call only while holding the cache's writer lock.
+        Call only while holding the lock of what is below: the cache's writer lock, or a basis's lock
+        for ``under="bases/<name>"``.
         """
         if is_remote(self.path) or self.format != "zarr":
             return 0
         removed = 0
-        for root, _, files in os.walk(self.path):
+        for root, _, files in os.walk(self.path / under if under else self.path):
             for f in files:
                 if f.endswith(".partial"):
                     try:
@@ -279,7 +288,11 @@ class ZarrStore(Store):
         g = self._g if not group else (self._g[group] if group in self else None)
         if g is None:
             return []
-        return sorted(list(g.array_keys()) + list(g.group_keys()))
+        with warnings.catch_warnings():
+            # A folder without metadata is no member: one being written or removed by a writer beside this
+            # process (a basis's hidden group), which zarr would warn about.
+            warnings.filterwarnings("ignore", message="Object at .* is not recognized as a component")
+            return sorted(list(g.array_keys()) + list(g.group_keys()))
 
     def attrs(self, name=""):
         node = self._g if not name else self[name]

@@ -15,7 +15,11 @@ Targets are ``c = B (x - mu)``, divided by ``sqrt(lambda)`` when whitened.
 Atomic appearance (:func:`write_basis`): arrays are written into the hidden
 group ``bases/.tmp-<name>-<pid>``, renamed to ``bases/<name>`` (replacing an
 older basis of that name only now) and marked ``complete`` last; hidden
-leftovers of killed runs are removed by :func:`remove_leftovers`.
+leftovers of killed runs are removed by :func:`remove_leftovers`. Writers of
+different bases of one Zarr cache touch disjoint folders (``bases/<name>`` and
+their own hidden ones; Zarr writes each file by rename and creates a missing
+parent group only if absent, and tcskd consolidates no metadata), so they run
+side by side (each holding its :class:`tcskd.store.registry.BasisLock`).
 """
 
 from __future__ import annotations
@@ -123,7 +127,11 @@ def write_basis(store: Store, name: str, arrays: dict[str, np.ndarray], attrs: d
                 fill: Callable[[Store, str], None] | None = None) -> None:
     """Write ``arrays`` (:data:`BASIS_ARRAYS`, float64) as ``bases/<name>`` so that it appears whole or not
     at all; ``fill(store, group)`` adds more to the hidden group first (e.g. the coords)."""
-    store.require_group("bases")
+    try:
+        store.require_group("bases")
+    except Exception:  # created by a writer of another basis at the same moment
+        if "bases" not in store:
+            raise
     tmp = f"bases/.tmp-{name}-{os.getpid()}"
     if tmp in store:
         store.delete(tmp)
@@ -161,10 +169,27 @@ def discard_group(store: Store, tmp: str) -> None:
         log.warning("could not remove %s: %s", tmp, e)
 
 
-def remove_leftovers(store: Store) -> None:
-    """Delete hidden groups under ``bases/`` left by killed runs (the caller holds the writer lock)."""
+def leftover_owner(child: str) -> str | None:
+    """The basis name a hidden group of ``bases/`` was written for (``.tmp-<name>-<pid>``, ``.old-<name>-<pid>``),
+    None for another name."""
+    for prefix in (".tmp-", ".old-"):
+        if child.startswith(prefix) and "-" in child[len(prefix):]:
+            return child[len(prefix):].rsplit("-", 1)[0]
+    return None
+
+
+def remove_leftovers(store: Store, name: str | None = None) -> None:
+    """Delete hidden groups under ``bases/`` left by killed runs.
+
+    ``name=None``: every one, and every temporary file of the store (the caller holds the cache's writer lock,
+    nobody else writes). ``name``: only those of basis ``name`` and the temporary files under its folders (the
+    caller holds that basis's lock, :class:`tcskd.store.registry.BasisLock`; writers of other bases may be at
+    work beside it)."""
     for child in store.children("bases"):
-        if child.startswith("."):
+        if child.startswith(".") and (name is None or leftover_owner(child) == name):
             log.warning("removing bases/%s left by an interrupted run", child)
             store.delete(f"bases/{child}")
-    store.remove_partial_files()
+    if name is None:
+        store.remove_partial_files()
+    else:
+        store.remove_partial_files(f"bases/{name}")

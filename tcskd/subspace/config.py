@@ -94,6 +94,11 @@ class BasisConfig:
     plot: bool = opt(True, help="Draw the scree plot basis-NAME.png beside the cache.")
     """Draw the scree plot ``basis-<name>.png`` beside the cache (not part of the basis: not recorded in it)."""
 
+    wait: bool = opt(False, help="Wait for another writer of the same basis (or of the cache) instead of exiting.")
+    """Wait while another process writes the same basis (or the cache itself) instead of exiting with code 3.
+    Writers of different bases of one Zarr cache never wait for each other (an HDF5 cache takes one basis
+    writer at a time); not recorded in the basis."""
+
     def holdout(self) -> Holdout | None:
         """The validation rule left out of the fit, or None."""
         return Holdout(self.val_frac, self.val_per_class, self.val_seed) if self.exclude_val else None

@@ -25,8 +25,10 @@ coordinates. Covariances are unbiased (divided by n - 1).
 Atomic appearance (:func:`tcskd.store.bases.write_basis`): arrays are written into the hidden group
 ``bases/.tmp-<name>-<pid>``, renamed to ``bases/<name>`` (replacing an older
 basis of that name only now) and marked ``complete`` last; hidden leftovers
-of killed runs are removed by the next run. The whole fit holds the cache's
-writer lock.
+of killed runs are removed by the next writer of that basis (or of any basis whose lock is free). The whole
+fit holds the basis's lock (:class:`tcskd.store.registry.BasisLock`): a second writer of the same name is
+refused (``wait``: waits), writers of other bases of a Zarr cache run beside it, a writer of the cache itself
+is refused meanwhile; readers of the cache take no lock.
 """
 
 from __future__ import annotations
@@ -51,13 +53,13 @@ from tcskd.errors import StoreError, TcskdError
 from tcskd.results import BasisResult
 from tcskd.splits import Holdout, rows_digest
 from tcskd.store import bases
-from tcskd.store.backends import Store, open_store
+from tcskd.store.backends import Store, detect_format, open_store
 from tcskd.store.bases import WHITEN_EPS
 from tcskd.store.chunks import iter_feature_chunks, read_chunk_rows, row_mask
 from tcskd.store.integrity import require
 from tcskd.store.manifest import Manifest
 from tcskd.store.paths import is_remote
-from tcskd.store.registry import WriterLock, resolve_cache
+from tcskd.store.registry import BasisLock, cache_parent, resolve_cache
 from tcskd.subspace.config import BasisConfig
 from tcskd.subspace.moments import Moments, check_finite, raise_if_not_finite, stream_moments
 
@@ -65,6 +67,8 @@ log = logging.getLogger(__name__)
 
 #: The arrays a fit reads (their chunks must all be stored).
 FIT_ARRAYS = ("features", "row_ok")
+#: Options that do not change the basis, left out of its recorded config.
+NOT_RECORDED = ("plot", "wait")
 TOP_EIGENVALUES = 10
 
 
@@ -103,15 +107,19 @@ def fit_basis(cfg: BasisConfig) -> BasisResult:
     timings = {"read": 0.0, "compute": 0.0, "write": 0.0, "plot": 0.0}
     device = dist.device_for_rank(resolve_device(cfg.device))
     dist.init(device)
+    dist.check_shared_root(cache_parent(cfg.cache, cfg.cache_root))  # one folder for every rank (multi-node)
     if dist.world() > 1 and cfg.kind == "pca" and cfg.method == "svd":
         raise TcskdError("--method svd needs every sample in one process: use --method eigh under torchrun")
     cache_dir = resolve_cache(cfg.cache, cfg.cache_root)
     fit_dir = resolve_cache(cfg.fit_on, cfg.cache_root) if cfg.fit_on else cache_dir
     same = fit_dir.resolve() == cache_dir.resolve()
+    fit_key = _key_of(fit_dir)
+    name = cfg.resolved_name(None if same else fit_key)
 
     # Under torchrun only rank 0 locks and writes; every rank streams its share of the
     # chunks and the moments are all-reduced (see _moments).
-    lock = WriterLock(cache_dir) if dist.is_main() else contextlib.nullcontext()
+    lock = (BasisLock(cache_dir, name, detect_format(cache_dir) or "zarr", wait=cfg.wait) if dist.is_main()
+            else contextlib.nullcontext())
     with _rank0_first(lock):
         store = open_store(cache_dir, "a" if dist.is_main() else "r")
         try:
@@ -126,9 +134,8 @@ def fit_basis(cfg: BasisConfig) -> BasisResult:
                     if d_dst != d_src:
                         raise StoreError(f"--fit-on cache {fit_dir} has {d_src}-dimensional features but "
                                          f"cache {cache_dir} has {d_dst}: a basis must match the features")
-                fit_key = str(Manifest.read(src).key or fit_dir.name)
-                name = cfg.resolved_name(None if same else fit_key)
-                bases.remove_leftovers(store)
+                if dist.is_main():
+                    remove_leftovers(store, cache_dir, name)
                 ok = row_mask(src)
                 holdout = cfg.holdout()
                 held_out = None
@@ -155,7 +162,7 @@ def fit_basis(cfg: BasisConfig) -> BasisResult:
                 "dim_requested": cfg.dim, "energy": cfg.energy, "feature_dim": int(fitted.mean.shape[0]),
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "tool_version": tcskd.__version__,
-                "config": {**{k: v for k, v in asdict(cfg).items() if k != "plot"}, "name": name,
+                "config": {**{k: v for k, v in asdict(cfg).items() if k not in NOT_RECORDED}, "name": name,
                            "device": str(device)},
             }
             if dist.is_main():
@@ -186,6 +193,31 @@ def fit_basis(cfg: BasisConfig) -> BasisResult:
     log.info("basis '%s': K=%d of D=%d explains %.4f of the variance; top eigenvalues %s; stored at %s",
              name, fitted.k, summary["dim"], explained, ", ".join(f"{v:.4g}" for v in top[:5]), where)
     return summary
+
+
+def _key_of(cache_dir) -> str:
+    """The cache's key (its manifest's; the folder's name for a cache without one)."""
+    with open_store(cache_dir, "r") as s:
+        return str(Manifest.read(s).key or cache_dir.name)
+
+
+def remove_leftovers(store: Store, cache_dir, name: str) -> None:
+    """Remove what killed writers left in ``bases/``: of basis ``name`` (whose lock the caller holds), and of any
+    other basis whose lock is free now (taken for the moment of the removal). An HDF5 cache has one basis
+    lock: everything left there is removed."""
+    if store.format == "hdf5":
+        bases.remove_leftovers(store)
+        return
+    bases.remove_leftovers(store, name)
+    others = sorted({o for c in store.children("bases") if (o := bases.leftover_owner(c)) and o != name})
+    for other in others:
+        held = BasisLock.try_basis(cache_dir, other, store.format)
+        if held is None:  # being written now
+            continue
+        try:
+            bases.remove_leftovers(store, other)
+        finally:
+            held.__exit__(None)
 
 
 # -- checks ------------------------------------------------------------------

@@ -110,6 +110,10 @@ def setup_device(cfg: TrainConfig) -> torch.device:
     """This process's device (one per rank under torchrun), the process group started, the options checked."""
     device = dist.device_for_rank(resolve_device(cfg.device))
     dist.init(device)
+    if cfg.cache is not None:  # under torchrun every rank must see the cache as one folder
+        from tcskd.store.registry import cache_parent
+
+        dist.check_shared_root(cache_parent(cfg.cache, cfg.cache_root))
     if cfg.sync_bn and device.type != "cuda":
         raise TcskdError("--sync-bn needs CUDA devices (SyncBatchNorm runs on GPUs only)")
     if cfg.batch_size % dist.world():
