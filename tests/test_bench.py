@@ -271,3 +271,47 @@ def test_linear_fit_and_goals():
 def test_cli_help():
     r = CliRunner().invoke(bench_cmd, ["--help"])
     assert r.exit_code == 0 and "--quick" in r.output and "--device" in r.output
+
+
+def test_scale_section_reads_the_same_targets_from_ram_and_store(tmp_path):
+    """tcskd bench's scale section at tiny sizes (in process): per (kind, rows, mode) the figures, the targets'
+    RAM bytes (global: rows x K float32; dense: rows x T x K float16), every chunk read once by the store's
+    LRU, the same values read in both modes; the summary (cost growth, ImageNet-1k projection); JSON keys and
+    the Markdown table."""
+    from tcskd.bench.report import render_markdown
+    from tcskd.bench.scale import IMAGENET_ROWS, bench_scale
+
+    res = bench_scale(tmp_path / "w", {"global": [200, 800], "dense": [100, 400]}, k=8, tokens=16, budget_mb=1,
+                      isolate=False)
+    assert (res["k"], res["tokens"], res["budget_mb"], res["imagenet_rows"]) == (8, 16, 1, IMAGENET_ROWS)
+    assert list(res["kinds"]) == ["global", "dense"]
+    for kind, entry in res["kinds"].items():
+        runs = entry["runs"]
+        assert [(r["mode"]) for r in runs] == ["ram", "store"] * 2
+        for ram, store in (runs[0:2], runs[2:4]):
+            n = ram["rows"]
+            assert store["rows"] == n and n == {200: 180, 800: 720, 100: 90, 400: 360}[n * 10 // 9]  # 10 % held out
+            per_row = 8 * 4 if kind == "global" else 16 * 8 * 2
+            assert ram["targets_ram_bytes"] == store["targets_ram_bytes"] == n * per_row
+            assert store["checksum"] == pytest.approx(ram["checksum"], rel=1e-9, abs=1e-9)
+            assert ram["chunk_reads"] is None and store["lru_budget_bytes"] == 1 << 20
+            chunk = 1024 if kind == "global" else 32
+            total = ram["rows"] * 10 // 9
+            assert store["chunk_reads"] <= -(-total // chunk) and store["chunk_reads"] >= -(-n // chunk)
+            for r in (ram, store):
+                assert r["read_img_per_s"] > 0 and r["setup_s"] > 0 and r["peak_reset"] in (True, False)
+        sm = entry["summary"]
+        for mode in ("ram", "store"):
+            assert sm[mode]["rows_ratio"] == 4.0 and sm[mode]["cost_growth"] > 0
+            assert set(sm[mode]["projected"]) == {"bytes_per_row", "fixed_bytes", "rows", "bytes"}
+        assert sm["ram"]["projected_targets_bytes"] == pytest.approx(per_row * IMAGENET_ROWS)
+        assert sm["store"]["projected_targets_bytes"] == 1 << 20
+    assert not list((tmp_path / "w").iterdir())  # every store removed after its measurement
+    md = render_markdown({"environment": {"device_name": "cpu", "cpu_count": 2, "torch_threads": 1, "device": "cpu",
+                                          "date": "today", "torch": "x", "tcskd": "x", "python": "x"},
+                          "profile": "cpu", "quick": True, "settings": {"repeats": 1, "warmup": 1}, "scale": res})
+    assert "### targets at scale: --targets ram vs store (K = 8; dense: 16 tokens x K; store LRU 1 MB)" in md
+    assert "| global | store | 720 |" in md and "| dense | ram | 360 |" in md and "| dense | store | " in md
+    cpu, quick = profile_config("cpu", "cpu"), profile_config("cpu", "cpu", quick=True)
+    assert (cpu.scale_global_rows, cpu.scale_dense_rows) == ((50000, 200000), (5000, 20000))
+    assert quick.scale_global_rows and quick.scale_dense_rows

@@ -104,6 +104,14 @@ class BenchConfig:
     input_batch: int = 64
     input_px: int = 224
     """Teacher and student input size of the input section."""
+    scale_global_rows: tuple[int, ...] = ()
+    """N of the targets-at-scale section (tcskd.bench.scale), global K-coordinate targets; () = none."""
+    scale_dense_rows: tuple[int, ...] = ()
+    """N of that section's dense targets (``scale_tokens`` tokens x K coordinates); () = none."""
+    scale_k: int = 64
+    scale_tokens: int = 256
+    scale_budget_mb: int = 16
+    """``--target-cache-mb`` of its store mode."""
 
 
 def profile_config(profile: str, device: str, quick: bool = False, **overrides: Any) -> BenchConfig:
@@ -115,7 +123,10 @@ def profile_config(profile: str, device: str, quick: bool = False, **overrides: 
             cache_rows=64 if quick else 256, cache_batch=32, cache_workers=0, forward_seconds=0.3 if quick else 1.0,
             basis_dim=64, basis_rows_large=0 if quick else 4096, student="cnn", train_batch=64 if quick else 128, train_epochs=1 if quick else 3,
             repeats=2 if quick else 3, warmup=1, budget_s=60.0 if quick else 170.0, dense_rows=64 if quick else 256,
-            input_images=200 if quick else 2000, input_repeats=1)
+            input_images=200 if quick else 2000, input_repeats=1,
+            # dense: 20k rows x 256 x 64 float16 is 655 MB already (200k would be 6.5 GB to write)
+            scale_global_rows=(2000, 8000) if quick else (50000, 200000),
+            scale_dense_rows=(100, 400) if quick else (5000, 20000))
     elif profile == "gpu":
         cores = os.cpu_count() or 1
         cfg = BenchConfig(
@@ -129,7 +140,9 @@ def profile_config(profile: str, device: str, quick: bool = False, **overrides: 
             basis_rows_large=65536 if quick else 262144,
             student="resnet32x4", train_batch=512, train_epochs=1 if quick else 3,
             repeats=2 if quick else 3, warmup=1, budget_s=150.0 if quick else 290.0, dense_rows=1024 if quick else 4096,
-            input_images=500 if quick else 2000, input_repeats=1 if quick else 3)
+            input_images=500 if quick else 2000, input_repeats=1 if quick else 3,
+            scale_global_rows=(2000, 8000) if quick else (50000, 200000),
+            scale_dense_rows=(100, 400) if quick else (5000, 20000))
         if quick:
             cfg.teachers = cfg.teachers[:1]
     else:

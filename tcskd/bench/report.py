@@ -239,7 +239,37 @@ def _input_table(res: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _scale_table(res: dict[str, Any]) -> list[str]:
+    sc = res.get("scale")
+    if not sc:
+        return []
+    mb = 1 << 20
+    lines = ["", f"### targets at scale: --targets ram vs store (K = {sc['k']}; dense: {sc['tokens']} tokens x K; "
+                 f"store LRU {sc['budget_mb']} MB)", "",
+             "| targets | mode | rows | set-up s | read img/s | img/s with set-up | peak RSS MB | held MB | "
+             "targets in RAM MB | chunk reads |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for kind, entry in sc["kinds"].items():
+        for r in entry["runs"]:
+            lines.append(f"| {kind} | {r['mode']} | {r['rows']:,} | {_f(r['setup_s'], 2)} | {_f(r['read_img_per_s'])} | "
+                         f"{_f(r['img_per_s_with_setup'])} | {_f(r['peak_rss_bytes'] / mb, 1)} | "
+                         f"{_f(r['held_rss_bytes'] / mb, 1)} | {_f(r['targets_ram_bytes'] / mb, 1)} | "
+                         f"{_f(r['chunk_reads'])} |")
+    lines += ["", f"Per-row cost at 4N / at N (set-up + one epoch of reads) and the RAM per rank projected to "
+                  f"{sc['imagenet_rows']:,} rows (a line through the two peaks; `formula`: ram N x bytes per row of "
+                  f"the targets, store the LRU budget):", "",
+              "| targets | mode | cost growth | peak bytes/row | fixed MB | projected GB | formula GB |",
+              "|---|---|---|---|---|---|---|"]
+    for kind, entry in sc["kinds"].items():
+        for mode in ("ram", "store"):
+            sm = entry["summary"][mode]
+            pr = sm["projected"]
+            lines.append(f"| {kind} | {mode} | {_f(sm['cost_growth'], 2)} | {_f(pr['bytes_per_row'], 1)} | "
+                         f"{_f(pr['fixed_bytes'] / mb, 1)} | {_f(pr['bytes'] / 2**30, 2)} | "
+                         f"{_f(sm['projected_targets_bytes'] / 2**30, 3)} |")
+    return lines
+
+
 def render_markdown(res: dict[str, Any]) -> str:
     """The Markdown table of a run (or of the sections it has measured so far)."""
     return "\n".join(_header(res) + _cache_table(res) + _basis_table(res) + _train_table(res)
-                     + _dense_table(res) + _input_table(res)) + "\n"
+                     + _dense_table(res) + _input_table(res) + _scale_table(res)) + "\n"

@@ -22,6 +22,7 @@ from tcskd.bench.env import environment, threads_probe
 from tcskd.bench.inputs import bench_input
 from tcskd.bench.profiles import BENCH_SCHEMA, REFERENCE, BenchConfig, TeacherSpec
 from tcskd.bench.report import compute_goals, dataloading_summary, render_markdown, write_atomic
+from tcskd.bench.scale import bench_scale
 from tcskd.bench.synthetic import make_dinov2, make_synthetic_npz, make_tiled_store
 from tcskd.bench.train import bench_train
 from tcskd.device import resolve_device
@@ -45,7 +46,7 @@ class _Run:
             "schema": BENCH_SCHEMA, "profile": cfg.profile, "quick": cfg.quick,
             "environment": {**environment(device), "threads_probe": probe}, "settings": settings,
             "reference": REFERENCE, "cache": {"teachers": [], "skipped": []}, "basis": None, "train": None,
-            "dense": None, "dataloading": None, "input": None, "goals": {}, "seconds": None}
+            "dense": None, "dataloading": None, "input": None, "scale": None, "goals": {}, "seconds": None}
 
     def save(self) -> None:
         self.res["goals"] = compute_goals(self.res, self.device)
@@ -143,6 +144,18 @@ class _Run:
         shutil.rmtree(self.work / "input", ignore_errors=True)
         self.save()
 
+    def scale_section(self) -> None:
+        """Targets in RAM vs read from the store as the rows grow (tcskd.bench.scale): img/s and peak RSS."""
+        cfg = self.cfg
+        sizes = {k: list(v) for k, v in (("global", cfg.scale_global_rows), ("dense", cfg.scale_dense_rows)) if v}
+        if not sizes:
+            return
+        self.say(f"scale: targets ram vs store at {sizes} rows")
+        self.res["scale"] = bench_scale(self.work / "scale", sizes, k=cfg.scale_k, tokens=cfg.scale_tokens,
+                                        budget_mb=cfg.scale_budget_mb, echo=self.echo)
+        shutil.rmtree(self.work / "scale", ignore_errors=True)
+        self.save()
+
     def teachers(self, data: str) -> None:
         """Every teacher in order: an optional one is skipped once the soft budget runs short, or recorded as
         failed without stopping the rest."""
@@ -186,7 +199,7 @@ def run_bench(cfg: BenchConfig, out: Path | None = None, echo: Callable[[str], N
 
     Order: the main teacher's cache figures, then the basis and train figures on its
     cache, then the optional teachers (skipped once the soft time budget runs short,
-    or recorded as failed without stopping the rest), then the input section (the loaders alone on JPEGs)."""
+    or recorded as failed without stopping the rest), then the input section (the loaders alone on JPEGs), then the scale section (targets ram vs store)."""
     t_start = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -204,6 +217,7 @@ def run_bench(cfg: BenchConfig, out: Path | None = None, echo: Callable[[str], N
         run.res["settings"]["data_resolved"] = data
         run.teachers(data)
         run.input_section()
+        run.scale_section()
     finally:
         if hasattr(os, "getloadavg"):
             run.res["environment"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
