@@ -280,3 +280,23 @@ def test_store_targets_read_a_cache_on_s3(s3_env_set):
     views = np.array([1, 0, 1, 1, 0, 0, 1])
     assert np.array_equal(t[np.arange(7), views], want[np.arange(7), views])
     assert t.lru.reads == 6 and t.lru.held_bytes <= 200  # 6 chunks hold these rows; a 200-byte LRU keeps few
+
+
+def test_windows_of_a_class_ordered_cache_are_measured_and_warned_about(caplog):
+    """Rows in class order (an image folder's cache) and a window of few chunks: each window holds few classes,
+    which collapses accuracy; the run says so. Shuffled rows, or a window of every chunk, hold them all."""
+    from tcskd.train.inputs import warn_unmixed_windows, window_class_share
+
+    labels = np.repeat(np.arange(10), 100)              # 1,000 rows in class order
+    chunk_of = np.arange(1000) // 50                    # 20 chunks of 50 rows: each chunk holds one class
+    assert window_class_share(labels, chunk_of, 2) <= 0.2
+    assert window_class_share(labels, chunk_of, 20) == 1.0
+    shuffled = np.random.default_rng(0).permutation(labels)
+    assert window_class_share(shuffled, chunk_of, 2) == 1.0
+    with caplog.at_level("WARNING"):
+        warn_unmixed_windows(labels, chunk_of, 2, 1000 * 256)
+    assert "ordered by class" in caplog.text and "--target-cache-mb" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        warn_unmixed_windows(shuffled, chunk_of, 2, 1000 * 256)
+    assert caplog.text == ""
