@@ -25,7 +25,7 @@ CACHE_OPTS  := --data $(DATA) --teacher $(TEACHER) --image-size $(IMAGE_SIZE) --
 RECIPE      ?= recipes/default.yaml
 SET         ?=
 
-.PHONY: install demo dense recipe grid cache basis train eval report test test-fast bench clean
+.PHONY: install demo dense recipe grid cache basis train eval report test test-fast test-heavy bench clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -89,6 +89,10 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# Evidence at scale kept out of make test for its time: peak memory of --targets store/ram/ce on a 655 MB cache.
+test-heavy: install
+	$(BIN)/python -m pytest -q -m heavy
 
 bench: install
 	$(TCSKD) bench --device $(DEVICE) --out bench/out/bench.json

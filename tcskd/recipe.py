@@ -72,7 +72,7 @@ SET_BY_RECIPE = {
 #: Options of the runs that the basis fit and the teacher eval take over unless their block sets them.
 _HOLDOUT = ("val_frac", "val_per_class", "val_seed")
 #: Basis options that do not change the basis (a basis fitted with other values of these is kept).
-_BASIS_FREE = ("cache", "cache_root", "device", "chunk_rows", "plot", "name")
+_BASIS_FREE = ("cache", "cache_root", "device", "chunk_rows", "plot", "name", "wait")
 #: How a grid field appears in a run's name (the rest: field name + value); method, lpc and seed always do.
 _NAME_ORDER = ("method", "student", "basis", "dim", "lam")
 

@@ -297,30 +297,42 @@ class LocalLeaseFile:
 
     def take_over(self, data: bytes, tag: str | None) -> str:
         """Replace the stale lease of version ``tag`` by ``data``; PreconditionFailed if another process was
-        first (the lease is gone, changed, or created again meanwhile)."""
-        grave = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:12]}.stale")
+        first (the lease is gone, changed, or another rival is taking it over).
+
+        Rivals for one stale version first create a marker named by that version (exclusively: one of them
+        gets it); its holder checks that the lease is still that version and replaces it in one rename, so
+        the live file is never moved away (a rival could otherwise create a lease of its own meanwhile)."""
+        marker = self.path.with_name(f".{self.path.name}.takeover-{tag}")
         try:
-            os.rename(self.path, grave)
+            if time.time() - os.stat(marker).st_mtime > 60:  # left by a rival that died while taking over
+                marker.unlink(missing_ok=True)
         except FileNotFoundError:
-            raise PreconditionFailed(f"{self.path} is gone") from None
+            pass
         try:
-            if _tag(grave.read_bytes()) != tag:  # a rival took it over first: that lease is live, put it back
-                try:
-                    os.link(grave, self.path)
-                except FileExistsError:
-                    pass
-                except OSError as e:
-                    if e.errno not in _NO_LINK_ERRNOS:
-                        raise
-                    if not self.path.exists():
-                        os.rename(grave, self.path)
-                raise PreconditionFailed(f"{self.path} changed")
-        finally:
-            grave.unlink(missing_ok=True)
-        try:
-            return self.create_exclusive(data)
+            tmp = self._write_tmp(b"")
+            try:
+                os.link(tmp, marker)
+            except OSError as e:
+                if isinstance(e, FileExistsError):
+                    raise PreconditionFailed(f"{self.path} is being taken over by another process") from None
+                if e.errno not in _NO_LINK_ERRNOS:
+                    raise
+                _write_new(marker, b"")
+            finally:
+                tmp.unlink(missing_ok=True)
         except FileExistsError:
-            raise PreconditionFailed(f"{self.path} was created again") from None
+            raise PreconditionFailed(f"{self.path} is being taken over by another process") from None
+        try:
+            try:
+                _, now = self.read_versioned()
+            except FileNotFoundError:
+                raise PreconditionFailed(f"{self.path} is gone") from None
+            if now != tag:
+                raise PreconditionFailed(f"{self.path} changed")
+            os.replace(self._write_tmp(data), self.path)
+            return _tag(data)
+        finally:
+            marker.unlink(missing_ok=True)
 
     def delete_object(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -191,8 +191,16 @@ def build_run(cfg: TrainConfig, prep: RunInputs, device: torch.device, out: Path
     if head.needs_map:  # what load_run needs to rebuild a dense or segmentation head
         meta.update({"task": cfg.task, "mimic_on": prep.mimic_on, "student_stage": cfg.student_stage,
                      "map_channels": student.map_channels, "grid": list(prep.grid) if prep.grid else None})
-    return Run(cfg, prep, device, resolve_workers(cfg.workers, device), out, student, head, optimizer, meta,
-               teacher)
+    return Run(cfg, prep, device, _workers(cfg, prep, device), out, student, head, optimizer, meta, teacher)
+
+
+def _workers(cfg: TrainConfig, prep: RunInputs, device: torch.device) -> int:
+    """``--workers``; ``auto`` is 0 for images held in memory (arrays: the main process crops a whole batch at
+    once, workers would only copy it), else one less than the cores (:func:`resolve_workers`)."""
+    source = getattr(prep.train_set, "source", None)
+    if cfg.workers in (None, "auto") and source is not None and source.load_many is not None:
+        return 0
+    return resolve_workers(cfg.workers, device)
 
 
 def restore(run: Run, saved: dict[str, Any]) -> None:
