@@ -268,21 +268,26 @@ class LocalLeaseFile:
 
     def create_exclusive(self, data: bytes) -> str:
         """Create the lease file with ``data`` only if none exists; FileExistsError otherwise."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._create(self.path, data)
+        return _tag(data)
+
+    def _create(self, path: Path, data: bytes) -> None:
+        """Create ``path`` holding ``data`` only if it does not exist (link of a whole temporary file, else
+        O_EXCL); FileExistsError otherwise."""
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._write_tmp(data)
         try:
             try:
-                os.link(tmp, self.path)
+                os.link(tmp, path)
             except FileExistsError:
                 if os.stat(tmp).st_nlink != 2:
                     raise
             except OSError as e:
                 if e.errno not in _NO_LINK_ERRNOS:
                     raise
-                _write_new(self.path, data)
+                _write_new(path, data)
         finally:
             tmp.unlink(missing_ok=True)
-        return _tag(data)
 
     def renew(self, data: bytes, tag: str) -> str:
         """Replace one's own lease (version ``tag``) by ``data``; PreconditionFailed if it changed."""
@@ -309,28 +314,11 @@ class LocalLeaseFile:
         except FileNotFoundError:
             pass
         try:
-            tmp = self._write_tmp(b"")
-            try:
-                os.link(tmp, marker)
-            except OSError as e:
-                if isinstance(e, FileExistsError):
-                    raise PreconditionFailed(f"{self.path} is being taken over by another process") from None
-                if e.errno not in _NO_LINK_ERRNOS:
-                    raise
-                _write_new(marker, b"")
-            finally:
-                tmp.unlink(missing_ok=True)
+            self._create(marker, b"")
         except FileExistsError:
             raise PreconditionFailed(f"{self.path} is being taken over by another process") from None
         try:
-            try:
-                _, now = self.read_versioned()
-            except FileNotFoundError:
-                raise PreconditionFailed(f"{self.path} is gone") from None
-            if now != tag:
-                raise PreconditionFailed(f"{self.path} changed")
-            os.replace(self._write_tmp(data), self.path)
-            return _tag(data)
+            return self.renew(data, tag)  # still the stale version: replaced in one rename
         finally:
             marker.unlink(missing_ok=True)
 
