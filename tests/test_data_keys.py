@@ -1,9 +1,11 @@
-"""Cache keys stay what they were before the data package: existing caches of every older kind stay hits.
+"""Cache keys stay what they were: existing caches of every older kind stay hits.
 
-The expected fingerprints and keys were computed by the code before ``tcskd/data/`` (one ``tcskd/data.py``)
-on the files these helpers write (their bytes are fixed: no timestamps, no encoder versions), with the
-specs given relative to the working directory and a fixed stand-in for the teacher's identity; the demo's
-keys include the real built-in teacher.
+The expected fingerprints and keys (BEFORE) were computed by the code before ``tcskd/data/`` (one
+``tcskd/data.py``) on the files these helpers write (their bytes are fixed: no timestamps, no encoder
+versions), with the specs given relative to the working directory and a fixed stand-in for the teacher's
+identity; the demo's keys include the real built-in teacher. Those caches hold their rows in source order,
+which ``--order source`` still reproduces key for key; the default since then (``--order auto``: shuffled rows
+for these kinds) adds the order to the identity, and SHUFFLED pins those keys.
 """
 
 from __future__ import annotations
@@ -39,6 +41,24 @@ BEFORE = {
     "cifar100:cifar|all": ("db1939cb729a1e6f49ab16a02e63f72a48e6f7cb8c3e2fb486b07ed6afe1d9b6", "53c584c48cacec5c"),
 }
 DEMO_KEYS = {"train": "6935345108b48f45", "test": "f4c7ed5a47b33ddc"}  # builtin:mnist5k, builtin teacher, 112 px
+SHUFFLED = {
+    "builtin:mnist-seg|all": "c0c59c4ca21e0a91",
+    "builtin:mnist-seg|test": "792981462fd91baf",
+    "builtin:mnist-seg|train": "7835358b5e6f9ab7",
+    "builtin:mnist5k|all": "40e0717b209f7392",
+    "builtin:mnist5k|test": "9609b16ccff5be7d",
+    "builtin:mnist5k|train": "8bd00b0ce35b2426",
+    "cifar100:cifar|all": "4c561c7bf68718fe",
+    "cifar100:cifar|test": "607e1c74234dde15",
+    "cifar100:cifar|train": "9bb24410873c0e27",
+    "imagefolder:folder|all": "dda141dcd143b008",
+    "imagefolder:folder|test": "b161c73cf465cd0a",
+    "imagefolder:folder|train": "e80955cd16a596aa",
+    "npz:d.npz|all": "86ceba58a97c383e",
+    "npz:d.npz|test": "9489bc3b942beece",
+    "npz:d.npz|train": "64fcc703cb5d67f3",
+}
+DEMO_SHUFFLED_KEYS = {"train": "27d4e95306013ff3", "test": "f40473cffdc96a3f"}
 
 
 def write_npz(path):
@@ -78,12 +98,21 @@ def fixed_files(tmp_path, monkeypatch):
 def test_fingerprints_and_keys_unchanged(fixed_files, case):
     spec, split = case.split("|")
     fp = fingerprint(spec, split)
-    key = cache_key(identity_of(CacheConfig(data=spec, split=split), fp, {"spec": "fixed"}))
+    key = cache_key(identity_of(CacheConfig(data=spec, split=split, order="source"), fp, {"spec": "fixed"}))
     assert (fp, key) == BEFORE[case]
+
+
+@pytest.mark.parametrize("case", sorted(BEFORE))
+def test_shuffled_keys_are_pinned(fixed_files, case):
+    spec, split = case.split("|")
+    ident = identity_of(CacheConfig(data=spec, split=split), fingerprint(spec, split), {"spec": "fixed"})
+    assert ident["order"] == {"rule": "permutation/1", "seed": 0}
+    assert cache_key(ident) == SHUFFLED[case] != BEFORE[case][1]
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_the_demo_caches_keep_their_keys(split):
     from tcskd.cache.build import plan_cache
 
-    assert plan_cache(CacheConfig(image_size=112, split=split))[2] == DEMO_KEYS[split]
+    assert plan_cache(CacheConfig(image_size=112, split=split, order="source"))[2] == DEMO_KEYS[split]
+    assert plan_cache(CacheConfig(image_size=112, split=split))[2] == DEMO_SHUFFLED_KEYS[split]

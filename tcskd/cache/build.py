@@ -50,7 +50,7 @@ from tcskd import dist
 from tcskd.cache import dense
 from tcskd.cache.config import CacheConfig, parse_shard
 from tcskd.cache.create import check_identity, clean_stale_tmp, create_cache_store, has_manifest, identity_of
-from tcskd.cache.subset import limit_source
+from tcskd.cache.subset import class_runs, limit_source, order_source, resolve_order
 from tcskd.data import DataError, Source, fingerprint, open_source, reindex
 from tcskd.data.decode import decode_rgb_reduced
 from tcskd.device import autocast, resolve_device, resolve_workers
@@ -151,6 +151,9 @@ def collate_inputs(items):
 
 # -- the stage --------------------------------------------------------------
 
+#: A source-order cache warns when at least this share of neighbouring rows share a label.
+CLASS_ORDER_WARN = 0.5
+
 def plan_cache(cfg: CacheConfig) -> tuple[Any, dict[str, Any], str, Path]:
     """Resolve teacher, identity, key and path without computing anything.
 
@@ -172,14 +175,21 @@ def plan_cache(cfg: CacheConfig) -> tuple[Any, dict[str, Any], str, Path]:
 
 
 def open_split(cfg: CacheConfig, ident: dict[str, Any] | None = None) -> Source:
-    """The rows a cache holds: the split, cut to ``--limit``; refuses an empty one, and with ``ident`` (the
-    cache's identity) a dataset whose fingerprint changed since."""
+    """The rows a cache holds, in the order it holds them: the split, cut to ``--limit``, in ``--order``
+    (tcskd.cache.subset); refuses an empty one, and with ``ident`` (the cache's identity) a dataset whose
+    fingerprint changed since."""
     source = limit_source(open_source(cfg.data, cfg.split), cfg.limit, cfg.seed)
     if len(source) == 0:
         raise DataError(f"{cfg.data} split '{cfg.split}' has no samples")
     if ident is not None and source.fingerprint != ident["data"]["fingerprint"]:
         raise DataError(f"{cfg.data} changed while the cache was being prepared; run the command again")
-    return source
+    order = resolve_order(cfg.order, cfg.data)
+    if order == "source" and class_runs(source.labels) >= CLASS_ORDER_WARN:
+        log.warning("the rows of %s are in class order (%.1f %% of neighbouring rows share a label) and this cache "
+                    "keeps that order (--order %s): training with --targets store mixes few classes per batch "
+                    "unless --target-cache-mb holds most of the cache; --order shuffled writes them in a "
+                    "seeded random order", cfg.data, 100 * class_runs(source.labels), cfg.order)
+    return order_source(source, order, cfg.seed)
 
 
 def build_cache(cfg: CacheConfig) -> CacheResult:

@@ -15,7 +15,7 @@ from typing import Any
 
 from tcskd.cache import dense
 from tcskd.cache.config import CacheConfig
-from tcskd.cache.subset import LIMIT_RULE
+from tcskd.cache.subset import LIMIT_RULE, ORDER_RULE, resolve_order
 from tcskd.data import Source
 from tcskd.errors import StoreError
 from tcskd.store.backends import Store, detect_format, open_store
@@ -52,6 +52,8 @@ def identity_of(cfg: CacheConfig, data_fingerprint: str, teacher_identity: dict[
         ident["crop_scale"] = list(cfg.crop_scale)
     if cfg.decode != "full":  # only then: the keys of every full-decode cache stay as they were
         ident["decode"] = DECODE_RULES[cfg.decode]
+    if resolve_order(cfg.order, cfg.data) == "shuffled":  # a source-order cache keeps the key it always had
+        ident["order"] = {"rule": ORDER_RULE, "seed": cfg.seed}
     ident.update(dense_identity or {})
     return ident
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 from tcskd.data import arrays, builtin, imagefolder, wds, hfds  # noqa: F401 - each registers its kinds, in help order
 from tcskd.data.builtin import _mnist_arrays, mnist5k_split, mnist_seg_fingerprint, mnist_seg_split  # noqa: F401
 from tcskd.data.hashing import hash_memo_path, sha256_file
-from tcskd.data.registry import (SPLITS, Reader, fingerprint, has_split, open_source, parse_spec, register,
-                                 reindex, spec_help)
+from tcskd.data.registry import (SPLITS, Reader, fingerprint, has_split, open_source, parse_spec,
+                                 reads_sequentially, register, reindex, spec_help)
 from tcskd.errors import DataError
 from tcskd.source import Source, match_channels
 
@@ -28,4 +28,4 @@ IMAGE_EXTS = imagefolder.IMAGE_EXTS
 
 __all__ = ["SPLITS", "IMAGE_EXTS", "DataError", "Reader", "Source", "fingerprint", "has_split", "hash_memo_path",
            "match_channels", "mnist5k_split", "mnist_seg_fingerprint", "mnist_seg_split", "open_source",
-           "parse_spec", "register", "reindex", "sha256_file", "spec_help"]
+           "parse_spec", "reads_sequentially", "register", "reindex", "sha256_file", "spec_help"]

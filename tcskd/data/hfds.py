@@ -574,4 +574,4 @@ def _open(spec: str, arg: str, split: str) -> Source:
                   load=lambda i: decode_rgb(encoded(i), describe(i)), describe=describe, encoded=encoded)
 
 
-register(Reader("hfds", SYNTAX, _open, _fingerprint))
+register(Reader("hfds", SYNTAX, _open, _fingerprint, sequential=True))

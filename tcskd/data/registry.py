@@ -30,6 +30,9 @@ class Reader:
     """(spec, arg, split) -> the data's fingerprint without opening it (None: open it and take its own)."""
     reindex: Callable[[str, str], None] | None = None
     """(spec, arg) -> rebuild the source's saved index now (``tcskd cache --reindex``); None: it keeps none."""
+    sequential: bool = False
+    """Rows are read fastest in source order (tar streams, parquet row groups): ``tcskd cache --order auto``
+    keeps that order for this kind; False: any row costs the same (arrays in memory, one file per image)."""
 
 
 _READERS: dict[str, Reader] = {}
@@ -78,6 +81,12 @@ def fingerprint(spec: str, split: str = "train") -> str:
     if reader.fingerprint is not None:
         return reader.fingerprint(spec, arg, split)
     return reader.open(spec, arg, split).fingerprint
+
+
+def reads_sequentially(spec: str) -> bool:
+    """True when ``spec``'s kind reads rows fastest in source order (:attr:`Reader.sequential`)."""
+    reader, _ = _reader(spec, "train")
+    return reader.sequential
 
 
 def reindex(spec: str) -> None:

@@ -554,4 +554,4 @@ def wds_fingerprint(arg: str, split: str) -> str:
 
 register(Reader("wds", "wds:ROOT", lambda spec, arg, split: _source(spec, _root(arg), split),
                 lambda spec, arg, split: wds_fingerprint(arg, split),
-                reindex=lambda spec, arg: _index(_root(arg), rebuild=True) and None))
+                reindex=lambda spec, arg: _index(_root(arg), rebuild=True) and None, sequential=True))

@@ -263,13 +263,15 @@ def window_class_share(labels: np.ndarray, chunk_of: np.ndarray, window: int, dr
 
 def warn_unmixed_windows(labels: np.ndarray, chunk_of: np.ndarray, window: int, total_bytes: int) -> float:
     """Warn when ``--targets store``'s windows hold under half of the classes (rows in class order and a
-    small ``--target-cache-mb``): batches then mix few classes, and accuracy collapses (measured on the
-    built-in default with a 1 MB LRU: 33 % val instead of 98.7 %). Returns the share."""
+    small ``--target-cache-mb``; caches written with ``--order source``): batches then mix few classes, and
+    accuracy collapses (measured on the built-in default with a 1 MB LRU: 33 % val instead of 98.7 %). Returns
+    the share."""
     share = window_class_share(labels, chunk_of, window)
     if share < 0.5:
         log.warning("--targets store: the cache's rows are ordered by class and a window of %d chunk(s) holds "
-                    "%.0f%% of the classes, so batches mix few classes and accuracy suffers; raise "
-                    "--target-cache-mb towards %d (the training targets' size) or use --targets ram",
+                    "%.0f%% of the classes, so batches mix few classes and accuracy suffers; cache with "
+                    "--order shuffled (rows in a seeded random order), raise --target-cache-mb towards %d (the "
+                    "training targets' size) or use --targets ram",
                     window, 100 * share, -(-2 * total_bytes // (1 << 20)))
     return share
 
