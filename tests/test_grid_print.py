@@ -1,0 +1,67 @@
+"""`scripts/grid.sh --print` against the README's grid table: every published row is a configuration the
+grid trains, as tcskd train resolves it (tcskd.train.config.resolve_config), and every configuration is a
+published row."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tcskd.train.report import _fmt_key
+
+ROOT = Path(__file__).resolve().parents[1]
+#: The README grid table's defining columns and the printed keys they show.
+COLUMNS = {"labels/class": "labels_per_class", "method": "method", "basis": "basis", "dim": "dim",
+           "lambda": "lambda", "tailoring": "tailoring", "eLSH bits": "elsh_bits", "classifier on": "classify_from"}
+
+
+def _readme_grid_rows() -> list[tuple[str, ...]]:
+    """The defining cells of each row of the README's table that has an eLSH bits column (the grid's)."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|") and "| eLSH bits |" in line)
+    head = [c.strip() for c in lines[start].strip("|").split("|")]
+    idx = [head.index(c) for c in COLUMNS]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows.append(tuple(cells[i] for i in idx))
+    return rows
+
+
+def _printed_rows() -> dict[tuple[str, ...], str]:
+    env = dict(os.environ, TCSKD=f"{sys.executable} -m tcskd", PYTHONPATH=str(ROOT), LPCS="10 all")
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "grid.sh"), "--print"], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    rows = {}
+    for line in out.splitlines():
+        name, _, text = line.partition("\t")
+        row = json.loads(text)
+        cells = tuple(_fmt_key(key, row[key]) for key in COLUMNS.values())
+        assert cells not in rows, f"{name} and {rows[cells]} define the same row"
+        rows[cells] = name
+    return rows
+
+
+def _matches(printed: tuple[str, ...], readme: tuple[str, ...]) -> bool:
+    """Equal cells; fitnet's dim prints as ``all`` (every dimension of the cache: 1280 in the README)."""
+    dim = list(COLUMNS).index("dim")
+    fitnet_dim = printed[1] == "fitnet" and printed[dim] == "all" and readme[dim].isdigit()
+    return all(p == r or (i == dim and fitnet_dim) for i, (p, r) in enumerate(zip(printed, readme)))
+
+
+def test_grid_print_is_the_readme_grid_table():
+    printed = _printed_rows()
+    readme = _readme_grid_rows()
+    assert len(readme) == 32 and len(printed) == 32  # 16 configurations x 2 label budgets
+    unmatched_readme = [r for r in readme if not any(_matches(p, r) for p in printed)]
+    unmatched_printed = [printed[p] for p in printed if not any(_matches(p, r) for r in readme)]
+    assert unmatched_readme == [] and unmatched_printed == []
+    # The rows that used to rely on the defaults, resolved: no tailoring, the classifier on the feature.
+    by_name = {v: k for k, v in printed.items()}
+    assert by_name["tcs-k64-lpcall"] == ("all", "tcs", "pca", "64", "10", "off", "0", "feature")
+    assert by_name["tail-taylor-coords-lpcall"][5:] == ("taylor/1ep/-0.2/min64", "0", "coords")
