@@ -23,7 +23,8 @@ from tcskd.train.config import EvalConfig, TrainConfig, resolve_config, table_ro
 from tcskd.train.evaluate import evaluate_teacher
 from tcskd.train.export import FORMATS, export_run
 from tcskd.train.loop import train as run_train
-from tcskd.train.report import expand_run_dirs, load_runs, load_teacher_eval, markdown_table, plot_runs
+from tcskd.train.report import (expand_run_dirs, load_runs, load_teacher_eval, markdown_table, plot_runs,
+                                 plot_sweep)
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +153,14 @@ def _default_png(run_dirs: list[Path]) -> Path:
 @click.option("--png", type=click.Path(dir_okay=False), default=None,
               help="Chart file (default: report.png in the run dirs' common parent).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the Markdown here.")
-def report_cmd(run_dirs: tuple[str, ...], teacher_eval: tuple[str, ...], png: str | None, out: str | None) -> None:
-    """Compare finished runs: Markdown table on stdout, bar chart as PNG.
+@click.option("--sweep", default=None, metavar="KEY",
+              help="Chart test top-1 against KEY (e.g. dim, labels_per_class: a few-shot curve) instead of bars.")
+@click.option("--series", default="basis", show_default=True, metavar="KEY",
+              help="With --sweep: one line per value of KEY (e.g. basis, method).")
+def report_cmd(run_dirs: tuple[str, ...], teacher_eval: tuple[str, ...], png: str | None, out: str | None,
+               sweep: str | None, series: str) -> None:
+    """Compare finished runs: Markdown table on stdout, chart as PNG (bars per label budget, or with --sweep
+    a line per --series against KEY).
 
     RUN_DIR... are run directories (globs welcome; a directory of run
     directories also works). Directories without final.json are skipped.
@@ -172,7 +179,8 @@ def report_cmd(run_dirs: tuple[str, ...], teacher_eval: tuple[str, ...], png: st
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(table)
         click.echo(f"wrote {out}", err=True)
-    png_path = plot_runs(runs, Path(png) if png else _default_png([Path(r["run_dir"]) for r in runs]), teacher)
+    path = Path(png) if png else _default_png([Path(r["run_dir"]) for r in runs])
+    png_path = (plot_sweep(runs, path, sweep, series, teacher) if sweep else plot_runs(runs, path, teacher))
     click.echo(str(png_path), err=True)
 
 
