@@ -392,7 +392,8 @@ def _config_labels(keys: list[dict[str, Any]], skip: Iterable[str] = ("labels_pe
         for n in OPTIONAL_KEYS:
             if n not in key or n in skip or json.dumps(key[n], sort_keys=True, default=str) == modal.get(n):
                 continue
-            if (n == "basis" and key[n] in (None, key.get("basis_kind"))) or (n == "lambda" and key.get("method") == "ce"):
+            if ((n == "basis" and key[n] in (None, key.get("basis_kind")))
+                    or (n == "lambda" and key.get("method") == "ce")):
                 continue  # the basis's name says nothing its kind does not; ce has no mimic term
             parts.append(f"{SHORT.get(n, HEADERS[n] + '=')}{_fmt_key(n, key[n])}")
         labels.append(" ".join(parts))
@@ -498,7 +499,8 @@ def plot_runs(runs: list[dict[str, Any]], png_path: str | Path,
 def _sweep_key(name: str) -> str:
     key = SWEEP_ALIASES.get(name, name)
     if key not in GROUP_KEYS + OPTIONAL_KEYS:
-        raise TcskdError(f"unknown sweep key '{name}' (choose {', '.join(sorted(set(GROUP_KEYS + OPTIONAL_KEYS) | set(SWEEP_ALIASES)))})")
+        known = sorted(set(GROUP_KEYS + OPTIONAL_KEYS) | set(SWEEP_ALIASES))
+        raise TcskdError(f"unknown sweep key '{name}' (choose {', '.join(known)})")
     return key
 
 
