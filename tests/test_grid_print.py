@@ -4,8 +4,10 @@ published row."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -33,14 +35,21 @@ def _readme_grid_rows() -> list[tuple[str, ...]]:
     return rows
 
 
-def _printed_rows() -> dict[tuple[str, ...], str]:
-    env = dict(os.environ, TCSKD=f"{sys.executable} -m tcskd", PYTHONPATH=str(ROOT), LPCS="10 all")
+TCSKD = f"{sys.executable} -m tcskd"
+
+
+@functools.lru_cache(maxsize=1)
+def _print_grid() -> dict[str, dict]:
+    """NAME-lpcL -> the resolved row ``scripts/grid.sh --print`` prints for it."""
+    env = dict(os.environ, TCSKD=TCSKD, PYTHONPATH=str(ROOT), LPCS="10 all")
     out = subprocess.run(["bash", str(ROOT / "scripts" / "grid.sh"), "--print"], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=120, check=True).stdout
+    return {name: json.loads(text) for name, _, text in (line.partition("\t") for line in out.splitlines())}
+
+
+def _printed_rows() -> dict[tuple[str, ...], str]:
     rows = {}
-    for line in out.splitlines():
-        name, _, text = line.partition("\t")
-        row = json.loads(text)
+    for name, row in _print_grid().items():
         cells = tuple(_fmt_key(key, row[key]) for key in COLUMNS.values())
         assert cells not in rows, f"{name} and {rows[cells]} define the same row"
         rows[cells] = name
@@ -65,3 +74,43 @@ def test_grid_print_is_the_readme_grid_table():
     by_name = {v: k for k, v in printed.items()}
     assert by_name["tcs-k64-lpcall"] == ("all", "tcs", "pca", "64", "10", "off", "0", "feature")
     assert by_name["tail-taylor-coords-lpcall"][5:] == ("taylor/1ep/-0.2/min64", "0", "coords")
+
+
+FAKE_TCSKD = """#!/usr/bin/env bash
+[ "$1" = -q ] && shift
+case "$1" in
+  cache) echo /fake/cache ;;
+  train) shift; printf '%s\\n' "$*" >> "$TRAIN_LOG" ;;
+esac
+"""
+
+
+def test_grid_trains_what_it_prints(tmp_path):
+    """The grid's training command lines (a stand-in tcskd records them) resolve, run by run, to the rows
+    --print lists: both come from one function of scripts/grid.sh."""
+    fake = tmp_path / "tcskd"
+    fake.write_text(FAKE_TCSKD)
+    fake.chmod(0o755)
+    log = tmp_path / "train.log"
+    env = dict(os.environ, TCSKD=str(fake), TRAIN_LOG=str(log), RUNS=str(tmp_path / "runs"), SEEDS="0 1",
+               LPCS="10 all", JOBS="1")
+    subprocess.run(["bash", str(ROOT / "scripts" / "grid.sh")], env=env, cwd=tmp_path, capture_output=True,
+                   text=True, timeout=120, check=True)
+    lines = log.read_text().splitlines()
+    assert len(lines) == 16 * 2 * 2  # configurations x label budgets x seeds
+    listing = tmp_path / "runs.txt"
+    with listing.open("w") as f:
+        for line in lines:
+            words = shlex.split(line)
+            out = Path(words[words.index("--out") + 1]).name  # NAME-lpcL-sS
+            f.write(f"{out}\t{line}\n")
+    got = subprocess.run([*shlex.split(TCSKD), "train", "--print-configs", str(listing)], cwd=ROOT,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=120,
+                         check=True).stdout
+    printed = _print_grid()
+    seen = set()
+    for name, _, text in (row.partition("\t") for row in got.splitlines()):
+        config = name.rsplit("-s", 1)[0]
+        assert json.loads(text) == printed[config], name
+        seen.add(config)
+    assert seen == set(printed)
