@@ -114,3 +114,27 @@ def test_grid_trains_what_it_prints(tmp_path):
         assert json.loads(text) == printed[config], name
         seen.add(config)
     assert seen == set(printed)
+
+
+def test_print_config_resolves_like_training_without_opening_the_cache():
+    from click.testing import CliRunner
+
+    from tcskd.cli import main
+
+    def row(*args: str) -> dict:
+        r = CliRunner().invoke(main, ["train", "--cache", "no-such-cache", "--print-config", *args])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout)
+
+    # the defaults: tailored with every label, the first 64 coordinates with 10 per class
+    assert row() == {"method": "tcs", "basis": "pca", "dim": 256, "lambda": 10.0,
+                     "tailoring": "taylor/1ep/-0.2/min64", "elsh_bits": 0, "classify_from": "coords",
+                     "labels_per_class": None}
+    assert row("--labels-per-class", "10")["tailoring"] == "off" and row("--labels-per-class", "10")["dim"] == 64
+    assert row("--tailor", "off") | {"labels_per_class": None} == row("--labels-per-class", "10") | {
+        "labels_per_class": None}
+    assert row("--method", "ce", "--lambda", "3") == {"method": "ce", "basis": None, "dim": None, "lambda": 0.0,
+                                                      "tailoring": "off", "elsh_bits": 0,
+                                                      "classify_from": "feature", "labels_per_class": None}
+    r = CliRunner().invoke(main, ["train", "--cache", "x", "--print-config", "--dim", "0"])
+    assert r.exit_code == 2 and "--dim must be >= 1" in r.output  # checked as training checks it
