@@ -20,27 +20,55 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / J
 WORKERS=${WORKERS:-0}
 ONLY=${ONLY:-}          # a space-separated subset of the configuration names below
 start=$(date +%s)
-mkdir -p "$RUNS"
 
-# name | options of tcskd train (besides cache, student, epochs, seed, labels)
+# name | options of tcskd train (besides cache, student, epochs, seed, labels). Each row pins every option the
+# README's table shows (method, basis, dim, lambda, tailoring, eLSH bits, classifier on) instead of relying on
+# tcskd train's defaults, which may change; `scripts/grid.sh --print` lists them as training resolves them.
+FIXED="--tailor off --elsh-bits 0"
+TAILORED="--tailor on --select-every 1 --drop-frac 0.2 --min-dim 64 --elsh-bits 0"
 CONFIGS=(
-  "ce|--method ce"
-  "fitnet|--method fitnet"
-  "tcs-k32|--basis pca --dim 32"
-  "tcs-k64|--basis pca --dim 64"
-  "tcs-k128|--basis pca --dim 128"
-  "tcs-k64-lam3|--basis pca --dim 64 --lambda 3"
-  "tcs-k64-lam30|--basis pca --dim 64 --lambda 30"
-  "tcs-k64-random|--basis random --dim 64"
-  "tcs-k64-coords|--basis pca --dim 64 --classify-from coords"
-  "tcs-k64-elsh|--basis pca --dim 64 --elsh-bits 256"
-  "tail-grad|--basis pca --dim 256 --select-every 1 --drop-frac 0.2 --min-dim 64 --select-by grad"
-  "tail-error|--basis pca --dim 256 --select-every 1 --drop-frac 0.2 --min-dim 64 --select-by error"
-  "tail-worst|--basis pca --dim 256 --select-every 1 --drop-frac 0.2 --min-dim 64 --select-by worst"
-  "tcs-k256-coords|--basis pca --dim 256 --classify-from coords"
-  "tail-grad-coords|--basis pca --dim 256 --select-every 1 --drop-frac 0.2 --min-dim 64 --select-by grad --classify-from coords"
-  "tail-taylor-coords|--basis pca --dim 256 --select-every 1 --drop-frac 0.2 --min-dim 64 --select-by taylor --classify-from coords"
+  "ce|--method ce --lambda 0 --classify-from feature $FIXED"
+  "fitnet|--method fitnet --lambda 10 --classify-from feature $FIXED"
+  "tcs-k32|--method tcs --basis pca --dim 32 --lambda 10 --classify-from feature $FIXED"
+  "tcs-k64|--method tcs --basis pca --dim 64 --lambda 10 --classify-from feature $FIXED"
+  "tcs-k128|--method tcs --basis pca --dim 128 --lambda 10 --classify-from feature $FIXED"
+  "tcs-k64-lam3|--method tcs --basis pca --dim 64 --lambda 3 --classify-from feature $FIXED"
+  "tcs-k64-lam30|--method tcs --basis pca --dim 64 --lambda 30 --classify-from feature $FIXED"
+  "tcs-k64-random|--method tcs --basis random --dim 64 --lambda 10 --classify-from feature $FIXED"
+  "tcs-k64-coords|--method tcs --basis pca --dim 64 --lambda 10 --classify-from coords $FIXED"
+  "tcs-k64-elsh|--method tcs --basis pca --dim 64 --lambda 10 --classify-from feature --tailor off --elsh-bits 256"
+  "tail-grad|--method tcs --basis pca --dim 256 --lambda 10 --select-by grad --classify-from feature $TAILORED"
+  "tail-error|--method tcs --basis pca --dim 256 --lambda 10 --select-by error --classify-from feature $TAILORED"
+  "tail-worst|--method tcs --basis pca --dim 256 --lambda 10 --select-by worst --classify-from feature $TAILORED"
+  "tcs-k256-coords|--method tcs --basis pca --dim 256 --lambda 10 --classify-from coords $FIXED"
+  "tail-grad-coords|--method tcs --basis pca --dim 256 --lambda 10 --select-by grad --classify-from coords $TAILORED"
+  "tail-taylor-coords|--method tcs --basis pca --dim 256 --lambda 10 --select-by taylor --classify-from coords $TAILORED"
 )
+
+# The options of tcskd train for configuration ENTRY at label budget LPC (besides cache, seed and the run's
+# device, workers and directory): the same for --print and for training.
+run_options() {
+  local budget=""
+  [ "$2" != all ] && budget="--labels-per-class $2"
+  echo "--student $STUDENT --epochs $EPOCHS $budget ${1#*|}"
+}
+
+# --print: one line per configuration x label budget, NAME-lpcL<TAB>the options that define its row of the
+# report as tcskd train resolves them (JSON; no cache is built or opened, nothing is trained).
+if [ "${1:-}" = --print ]; then
+  list=$(mktemp)
+  trap 'rm -f "$list"' EXIT
+  for entry in "${CONFIGS[@]}"; do
+    name=${entry%%|*}
+    if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then continue; fi
+    for lpc in $LPCS; do
+      printf '%s\t%s\n' "$name-lpc$lpc" "--cache TRAIN_CACHE $(run_options "$entry" "$lpc")" >> "$list"
+    done
+  done
+  $TCSKD train --print-configs "$list"
+  exit 0
+fi
+mkdir -p "$RUNS"
 
 echo "== stage 1: teacher features" >&2
 build_caches
@@ -56,16 +84,13 @@ echo "== stage 3: $(( ${#CONFIGS[@]} )) configurations x labels {$LPCS} x seeds 
 jobs_file=$(mktemp)
 for entry in "${CONFIGS[@]}"; do
   name=${entry%%|*}
-  extra=${entry#*|}
   if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then continue; fi
   for lpc in $LPCS; do
     for seed in $SEEDS; do
       out="$RUNS/$name-lpc$lpc-s$seed"
       [ -f "$out/final.json" ] && continue
-      budget=""
-      [ "$lpc" != all ] && budget="--labels-per-class $lpc"
-      echo "rm -rf $out && $TCSKD -q train --cache $train_cache --student $STUDENT --epochs $EPOCHS --seed $seed \
---device $DEVICE --workers $WORKERS --out $out $budget $extra >/dev/null && echo trained $out >&2" >> "$jobs_file"
+      echo "rm -rf $out && $TCSKD -q train --cache $train_cache $(run_options "$entry" "$lpc") --seed $seed \
+--device $DEVICE --workers $WORKERS --out $out >/dev/null && echo trained $out >&2" >> "$jobs_file"
     done
   done
 done

@@ -121,8 +121,9 @@ def test_every_config_field_is_in_the_readme_synopsis():
                 assert name in synopsis[path], f"{cls.__name__}.{field} ({name}) is not in the README's synopsis"
 
 
-#: Options of other programs that the README names (torchrun's, scripts/seg_figure.py's).
-FOREIGN = {"--nproc-per-node", "--nnodes", "--node-rank", "--rdzv-endpoint", "--rdzv-backend", "--names", "--out"}
+#: Options of other programs that the README names (torchrun's, scripts/seg_figure.py's, scripts/grid.sh's).
+FOREIGN = {"--nproc-per-node", "--nnodes", "--node-rank", "--rdzv-endpoint", "--rdzv-backend", "--names", "--out",
+           "--print"}
 
 
 def test_every_option_the_readme_names_exists():

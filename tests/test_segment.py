@@ -11,6 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from _seg_check import predictions_and_masks, scores_by_hand
 from _train_fixtures import make_dense_cache, make_npz, make_seg_npz
 from tcskd.cli import main
 from tcskd.errors import TcskdError
@@ -60,14 +61,24 @@ def test_a_segment_run_reports_miou_every_epoch_and_on_test_once(seg, tmp_path):
     res = train(_cfg(cache, tmp_path / "run", labels_per_class=5))
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]
+    prep = load_run_inputs(resolve_config(_cfg(cache, tmp_path / "x", labels_per_class=5)))
+    classes = 5  # background and 4 textures
+    val_pred, val_truth = predictions_and_masks(tmp_path / "run", prep.val_set)
+    counted = int((val_truth != 255).sum())
     for r in rows:
-        assert r["val_top1"] is None and 0 < r["val_miou"] <= 1 and 0 < r["val_pixel_acc"] <= 1
+        # a share of the counted validation pixels, as a whole number of them
+        right = r["val_pixel_acc"] * counted
+        assert r["val_top1"] is None and abs(right - round(right)) < 1e-6
         assert r["loss_dense"] > 0 and r["loss_mimic"] == 0
     assert res["task"] == "segment" and res["val_top1"] is None and res["knn_top1"] is None
     assert res["val_miou"] == rows[-1]["val_miou"] and res["best_val_miou"] == max(r["val_miou"] for r in rows)
-    # the test split's scores are those of the saved model
+    # the last epoch's validation and the test split's scores are the saved model's, recomputed by hand
+    by_hand = scores_by_hand(val_pred, val_truth, classes)
+    assert (rows[-1]["val_miou"], rows[-1]["val_pixel_acc"]) == pytest.approx(by_hand, abs=1e-9)
+    test_pred, test_truth = predictions_and_masks(tmp_path / "run", prep.test_set)
+    test_by_hand = scores_by_hand(test_pred, test_truth, classes)
+    assert (res["test_miou"], res["test_pixel_acc"]) == pytest.approx(test_by_hand, abs=1e-9)
     student, head, _ = load_run(tmp_path / "run")
-    prep = load_run_inputs(resolve_config(_cfg(cache, tmp_path / "x", labels_per_class=5)))
     assert (res["test_miou"], res["test_pixel_acc"]) == segment_scores(student, head, prep.test_set,
                                                                        torch.device("cpu"), 64, 0)
     assert json.loads((tmp_path / "run" / "final.json").read_text())["test_miou"] == res["test_miou"]

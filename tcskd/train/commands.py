@@ -9,32 +9,47 @@ Problems are raised as TcskdError, which the main group prints as one line.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shlex
 from pathlib import Path
 
 import click
 
 from tcskd.errors import TcskdError
 from tcskd.options import HELP, click_options, config_from_params, given_params, read_config_file
-from tcskd.train.config import EvalConfig, TrainConfig, with_saved_config
+from tcskd.train.config import EvalConfig, TrainConfig, resolve_config, table_row, with_saved_config
 from tcskd.train.evaluate import evaluate_teacher
 from tcskd.train.export import FORMATS, export_run
 from tcskd.train.loop import train as run_train
-from tcskd.train.report import expand_run_dirs, load_runs, load_teacher_eval, markdown_table, plot_runs
+from tcskd.train.report import (expand_run_dirs, load_runs, load_teacher_eval, markdown_table, plot_runs,
+                                 plot_sweep)
 
 log = logging.getLogger(__name__)
 
 @click.command("train", context_settings=HELP)
 @click_options(TrainConfig)
+@click.option("--print-config", is_flag=True,
+              help="Print the resolved options that define the run's row of tcskd report (JSON) and stop; "
+                   "the cache is not opened.")
+@click.option("--print-configs", type=click.Path(dir_okay=False), default=None, hidden=True,
+              help="FILE of lines NAME<TAB>options of tcskd train: print NAME<TAB>--print-config's JSON for each "
+                   "line (one process for a whole grid) and stop.")
 @click.pass_context
-def train(ctx: click.Context, **params) -> None:
+def train(ctx: click.Context, print_config: bool, print_configs: str | None, **params) -> None:
     """Train a student on cached teacher coordinates; prints the run directory last."""
-    cfg = config_from_params(TrainConfig, params, ctx)
-    given = given_params(ctx)
-    if params["config"] is not None:  # the --config file's values count as given: they beat the run's own
-        given |= set(read_config_file(TrainConfig, params["config"]))
-    res = run_train(with_saved_config(cfg, given))
+    if print_configs is not None:
+        for line in Path(print_configs).read_text().splitlines():
+            if line.strip():
+                name, _, args = line.partition("\t")
+                click.echo(f"{name}\t{json.dumps(_resolved_row(shlex.split(args)))}")
+        return
+    cfg = _config(ctx, params)
+    if print_config:
+        click.echo(json.dumps(table_row(resolve_config(cfg))))
+        return
+    res = run_train(cfg)
     if "stopped_after" in res:
         click.echo(f"stopped after epoch {res['stopped_after']}; continue with --resume --out {res['run_dir']}")
         click.echo(res["run_dir"])
@@ -52,6 +67,21 @@ def train(ctx: click.Context, **params) -> None:
     click.echo(f"{res['method']} {res['student']} K={res['dim']} seed {res['seed']}: {scores}, "
                f"{res['train_seconds']:.1f} s ({res['img_per_s'] or 0:.0f} img/s)")
     click.echo(res["run_dir"])
+
+
+def _config(ctx: click.Context, params: dict) -> TrainConfig:
+    """The TrainConfig of a ``tcskd train`` command line (``--config`` and ``--resume`` applied)."""
+    cfg = config_from_params(TrainConfig, params, ctx)
+    given = given_params(ctx)
+    if params["config"] is not None:  # the --config file's values count as given: they beat the run's own
+        given |= set(read_config_file(TrainConfig, params["config"]))
+    return with_saved_config(cfg, given)
+
+
+def _resolved_row(args: list[str]) -> dict:
+    """:func:`table_row` of the resolved config that ``tcskd train ARGS`` would train."""
+    with train.make_context("train", list(args)) as sub:
+        return table_row(resolve_config(_config(sub, sub.params)))
 
 
 def _pct(v: float | None) -> str:
@@ -123,8 +153,14 @@ def _default_png(run_dirs: list[Path]) -> Path:
 @click.option("--png", type=click.Path(dir_okay=False), default=None,
               help="Chart file (default: report.png in the run dirs' common parent).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the Markdown here.")
-def report_cmd(run_dirs: tuple[str, ...], teacher_eval: tuple[str, ...], png: str | None, out: str | None) -> None:
-    """Compare finished runs: Markdown table on stdout, bar chart as PNG.
+@click.option("--sweep", default=None, metavar="KEY",
+              help="Chart test top-1 against KEY (e.g. dim, labels_per_class: a few-shot curve) instead of bars.")
+@click.option("--series", default="basis", show_default=True, metavar="KEY",
+              help="With --sweep: one line per value of KEY (e.g. basis, method).")
+def report_cmd(run_dirs: tuple[str, ...], teacher_eval: tuple[str, ...], png: str | None, out: str | None,
+               sweep: str | None, series: str) -> None:
+    """Compare finished runs: Markdown table on stdout, chart as PNG (bars per label budget, or with --sweep
+    a line per --series against KEY).
 
     RUN_DIR... are run directories (globs welcome; a directory of run
     directories also works). Directories without final.json are skipped.
@@ -143,7 +179,8 @@ def report_cmd(run_dirs: tuple[str, ...], teacher_eval: tuple[str, ...], png: st
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(table)
         click.echo(f"wrote {out}", err=True)
-    png_path = plot_runs(runs, Path(png) if png else _default_png([Path(r["run_dir"]) for r in runs]), teacher)
+    path = Path(png) if png else _default_png([Path(r["run_dir"]) for r in runs])
+    png_path = (plot_sweep(runs, path, sweep, series, teacher) if sweep else plot_runs(runs, path, teacher))
     click.echo(str(png_path), err=True)
 
 

@@ -367,6 +367,20 @@ def tailoring_label(cfg: TrainConfig) -> str:
     return f"{cfg.select_by}/{cfg.select_every}ep/-{cfg.drop_frac:g}/min{cfg.min_dim}"
 
 
+def table_row(cfg: TrainConfig) -> dict[str, Any]:
+    """The options of a resolved ``cfg`` that define a row of ``tcskd report``'s table, as ``final.json``
+    records them (``tcskd train --print-config``), without opening the cache. ``basis`` is the basis's name
+    (the report shows its kind: the same when a basis is named by its kind); ``dim`` is ``all`` for fitnet
+    (every feature dimension of the cache) and, when ``--dim`` is not given, at most the basis's K."""
+    distils = cfg.method != "ce"
+    return {"method": cfg.method, "basis": ("identity" if cfg.method == "fitnet" else cfg.basis) if distils else None,
+            "dim": ("all" if cfg.method == "fitnet" else cfg.dim or default_dim(cfg)) if distils else None,
+            "lambda": cfg.lam, "tailoring": tailoring_label(cfg), "elsh_bits": cfg.elsh_bits,
+            "classify_from": cfg.classify_from if distils and cfg.task == "classify"
+            and cfg.mimic_on != "dense" else "feature",
+            "labels_per_class": cfg.labels_per_class}
+
+
 def with_saved_config(cfg: TrainConfig, given: set[str] | None = None) -> TrainConfig:
     """With ``cfg.resume``: ``cfg`` with the options not ``given`` taken from the run's ``out/config.yaml``.
 
@@ -443,4 +457,4 @@ class EvalConfig:
 
 __all__ = ["METHODS", "OPTIMIZERS", "SCHEDULES", "TAILOR", "TASKS", "MIMIC_ON", "NOT_SAVED", "RESUME_FREE", "TrainConfig",
            "with_saved_config", "TAILORED", "FIXED",
-           "default_dim", "tailoring_preset", "resolve_config", "tailoring_label", "EvalConfig"]
+           "default_dim", "tailoring_preset", "resolve_config", "tailoring_label", "table_row", "EvalConfig"]

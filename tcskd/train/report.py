@@ -1,4 +1,5 @@
-"""Compare finished runs: a Markdown table and a bar chart of test top-1 (test mean IoU for segmentation).
+"""Compare finished runs: a Markdown table and charts of test top-1 (test mean IoU for segmentation): a bar chart
+per label budget (:func:`plot_runs`) and a sweep or few-shot curve (:func:`plot_sweep`).
 
 Segmentation runs (``task: segment`` in final.json) get the columns val / test mean IoU and test pixel
 accuracy instead of the top-1 and kNN ones (a mix of tasks gets both sets, each ``-`` where it does not
@@ -328,72 +329,264 @@ def markdown_table(runs: list[dict[str, Any]], teacher_eval: list[dict[str, Any]
     return "\n".join(lines) + "\n"
 
 
-# -- chart -------------------------------------------------------------------
+# -- charts ------------------------------------------------------------------
 
-def _group_label(key: dict[str, Any]) -> str:
-    parts = [str(key.get("method"))]
-    if key.get("basis_kind") is not None:
-        parts.append(str(key["basis_kind"]))
-    if key.get("dim") is not None:
-        parts.append(f"k={key['dim']}")
-    first = " ".join(parts)
-    second = f"{_fmt_key('labels_per_class', key.get('labels_per_class'))}/class"
+#: What each teacher line is: (key of ``tcskd eval``'s JSON, legend text, line style).
+TEACHER_LINES = (("knn_top1", "teacher kNN", "--"), ("linear_top1", "teacher linear probe", ":"))
+#: Names accepted for a sweep's x / series / panel besides the run keys (the table's column names).
+SWEEP_ALIASES = {"basis": "basis_kind", "k": "dim", "labels": "labels_per_class", "lpc": "labels_per_class",
+                 "labels_per_class": "labels_per_class"}
+#: Keys a sweep never compares (they differ between the seeds of one configuration or say nothing of it).
+_RUN_ONLY = ("cache_key",)
+
+
+def _budget(value: Any) -> float | None:
+    """A label budget as a number; None for every label."""
+    v = _num(value)
+    return None if v is None or v <= 0 else v
+
+
+def _budget_order(budgets: Iterable[Any]) -> list[float | None]:
+    """The distinct label budgets, numbers increasing, every label (None) last."""
+    seen = {_budget(b) for b in budgets}
+    return sorted((b for b in seen if b is not None)) + ([None] if None in seen else [])
+
+
+def teacher_reference(teacher_eval: list[dict[str, Any]] | None, budget: float | None) -> dict[str, float]:
+    """The teacher's test kNN and linear-probe top-1 (%) at a label budget: the mean over the ``tcskd eval``
+    results of that budget (seeds); keys of :data:`TEACHER_LINES` that some result gives."""
+    evals = [e for e in teacher_eval or [] if _budget(e.get("labels_per_class")) == budget]
+    out = {}
+    for key, _, _ in TEACHER_LINES:
+        mean, _, n = mean_std(100 * _num(e[key]) for e in evals if _num(e.get(key)) is not None)
+        if n:
+            out[key] = mean
+    return out
+
+
+def _metric(runs: list[dict[str, Any]]) -> tuple[str, str]:
+    return ("test_miou", "test mIoU") if _tasks(runs) == ["segment"] else ("test_top1", "test top-1")
+
+
+#: How a chart's legend names an option (a prefix of its value).
+SHORT = {"lambda": "λ=", "elsh_bits": "eLSH ", "classify_from": "classifier on ", "tailoring": "tailor ",
+         "student": "", "basis": "basis ", "mimic": "", "target_norm": "norm ", "task": "", "mimic_on": "mimic on "}
+
+
+def _config_labels(keys: list[dict[str, Any]], skip: Iterable[str] = ("labels_per_class",)) -> list[str]:
+    """A short name per configuration: method, basis kind, K, then each varying option whose value is not the
+    most common one among ``keys`` (e.g. ``tcs pca K=64 λ=3``); distinct keys get distinct names."""
+    skip = set(skip)
+    modal = {}
     for n in OPTIONAL_KEYS:
-        if n in key:
-            second += f" {HEADERS[n]}={_fmt_key(n, key[n])}"
-    return f"{first}\n{second}"
+        values = [json.dumps(k.get(n), sort_keys=True, default=str) for k in keys if n in k]
+        if values:
+            modal[n] = max(dict.fromkeys(values), key=values.count)
+    labels = []
+    for key in keys:
+        parts = [str(key.get("method"))]
+        if key.get("basis_kind") is not None and "basis_kind" not in skip:
+            parts.append(str(key["basis_kind"]))
+        if key.get("dim") is not None and "dim" not in skip:
+            parts.append(f"K={key['dim']}")
+        for n in OPTIONAL_KEYS:
+            if n not in key or n in skip or json.dumps(key[n], sort_keys=True, default=str) == modal.get(n):
+                continue
+            if ((n == "basis" and key[n] in (None, key.get("basis_kind")))
+                    or (n == "lambda" and key.get("method") == "ce")):
+                continue  # the basis's name says nothing its kind does not; ce has no mimic term
+            parts.append(f"{SHORT.get(n, HEADERS[n] + '=')}{_fmt_key(n, key[n])}")
+        labels.append(" ".join(parts))
+    return labels
 
 
-def plot_runs(runs: list[dict[str, Any]], png_path: str | Path,
-              teacher_eval: list[dict[str, Any]] | None = None) -> Path:
-    """A bar chart of test top-1 (test mIoU when every run segments; mean ± sample std per group) written to
-    ``png_path``.
+def _colours(n: int) -> list[Any]:
+    from matplotlib import colormaps
 
-    Uses the Agg canvas directly (no pyplot, no global backend change).
-    Teacher kNN / linear-probe accuracies, when given, are drawn as lines.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
 
-    # The lines of the all-labels reference, if there is one.
-    every = [e for e in teacher_eval or [] if _num(e.get("labels_per_class")) is None]
-    teacher_eval = every[0] if every else None
-    _, groups = group_runs(runs)
-    metric, what = ("test_miou", "test mIoU") if _tasks(runs) == ["segment"] else ("test_top1", "test top-1")
-    labels = [_group_label(g["key"]) for g in groups]
-    means = [g["stats"][metric][0] for g in groups]
-    stds = [g["stats"][metric][1] or 0.0 for g in groups]
-    methods = sorted({str(g["key"].get("method")) for g in groups})
-    colors = {m: f"C{i % 10}" for i, m in enumerate(methods)}
 
-    fig = Figure(figsize=(max(6.0, 1.1 * len(groups) + 2.0), 4.8), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    xs = np.arange(len(groups))
-    heights = [m if m is not None else 0.0 for m in means]
-    bars = ax.bar(xs, heights, yerr=stds, capsize=4,
-                  color=[colors[str(g["key"].get("method"))] for g in groups], edgecolor="black", linewidth=0.5)
-    for bar, m, s, g in zip(bars, means, stds, groups):
-        text = "n/a" if m is None else f"{m:.1f}"
-        ax.annotate(f"{text}\n(n={len(g['runs'])})", (bar.get_x() + bar.get_width() / 2, bar.get_height() + s),
-                    xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=7)
-    if teacher_eval is not None:
-        for name, style in (("knn_top1", "--"), ("linear_top1", ":")):
-            v = _num(teacher_eval.get(name))
-            if v is not None:
-                ax.axhline(100 * v, color="gray", linestyle=style, linewidth=1,
-                           label=f"teacher {'kNN' if name == 'knn_top1' else 'linear probe'} {100 * v:.1f}")
-        ax.legend(loc="lower right", fontsize=7)
-    ax.set_xticks(xs)
-    ax.set_xticklabels(labels, fontsize=7, rotation=30 if len(groups) > 6 else 0, ha="center")
-    ax.set_ylabel(f"{what} (%)")
-    top = max([m + s for m, s in zip(heights, stds)] + [100 * (_num((teacher_eval or {}).get(n)) or 0)
-                                                          for n in ("knn_top1", "linear_top1")] + [1.0])
-    ax.set_ylim(0, min(105.0, top * 1.12 + 1))
-    ax.set_title(f"{what} per group (mean ± std over seeds)")
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
+def _zoom(ax: Any, values: list[float], floor: float = 0.0, ceiling: float = 100.0) -> None:
+    """y limits around ``values`` (means ± std and teacher lines) with a margin of 10 % of their span (at least
+    one point), kept within [floor, ceiling]."""
+    if not values:
+        return
+    low, high = min(values), max(values)
+    margin = max(0.1 * (high - low), 1.0)
+    ax.set_ylim(max(floor, low - margin), min(ceiling, high + margin))
+
+
+def _teacher_hlines(ax: Any, ref: dict[str, float]) -> list[float]:
+    for key, text, style in TEACHER_LINES:
+        if key in ref:
+            ax.axhline(ref[key], color="dimgray", linestyle=style, linewidth=1.2, label=f"{text} {ref[key]:.1f}",
+                       gid=f"teacher:{key}")
+            ax.text(0.995, ref[key], f"{ref[key]:.1f}", transform=ax.get_yaxis_transform(), ha="right",
+                    va="bottom", fontsize=6, color="dimgray")
+    return list(ref.values())
+
+
+def _save(fig: Any, png_path: str | Path) -> Path:
     out = Path(png_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, format="png")
     return out
+
+
+def comparison_figure(runs: list[dict[str, Any]], teacher_eval: list[dict[str, Any]] | None = None) -> Any:
+    """The comparison chart as a matplotlib Figure: one panel per label budget, one bar per configuration
+    (colour = configuration, named in the legend; the same colour in every panel), the mean test top-1 (test
+    mIoU when every run segments) with the sample std over seeds as error bars, the teacher's kNN and linear
+    probe of that budget as horizontal lines, and y zoomed to the bars and lines."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    _, groups = group_runs(runs)
+    metric, what = _metric(runs)
+    budgets = _budget_order(g["key"].get("labels_per_class") for g in groups)
+    names = _config_labels([g["key"] for g in groups])
+    configs = list(dict.fromkeys(names))
+    number = {c: i + 1 for i, c in enumerate(configs)}
+    colour = dict(zip(configs, _colours(len(configs))))
+    per_panel = max(sum(_budget(g["key"].get("labels_per_class")) == b for g in groups) for b in budgets)
+    fig = Figure(figsize=(len(budgets) * max(3.0, 0.32 * per_panel + 1.2) + 4.3, 4.6), dpi=120)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(budgets), squeeze=False)[0]
+    for ax, budget in zip(axes, budgets):
+        mine = [(g, n) for g, n in zip(groups, names) if _budget(g["key"].get("labels_per_class")) == budget]
+        means = [g["stats"][metric][0] for g, _ in mine]
+        stds = [g["stats"][metric][1] or 0.0 for g, _ in mine]
+        xs = np.arange(len(mine))
+        heights = [m if m is not None else 0.0 for m in means]
+        ax.bar(xs, heights, color=[colour[n] for _, n in mine], edgecolor="black", linewidth=0.5)
+        ax.errorbar(xs, heights, yerr=stds, fmt="none", ecolor="black", capsize=3, linewidth=1)
+        for x, m, sd in zip(xs, means, stds):
+            ax.annotate("n/a" if m is None else f"{m:.1f}", (x, (m or 0.0) + sd), xytext=(0, 2),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=6)
+        shown = [m + sd for m, sd in zip(heights, stds)] + [m - sd for m, sd in zip(heights, stds)]
+        shown += _teacher_hlines(ax, teacher_reference(teacher_eval, budget))
+        _zoom(ax, shown)
+        ax.set_xticks(xs)  # the configuration's number in the legend
+        ax.set_xticklabels([str(number[n]) for _, n in mine], fontsize=7)
+        ax.set_title(f"{_fmt_key('labels_per_class', budget)} labels/class", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel(f"{what} (%)")
+    handles = [Patch(facecolor=colour[c], edgecolor="black", linewidth=0.5, label=f"{number[c]}: {c}")
+               for c in configs]
+    lines = {t.get_label(): t for ax in axes for t in ax.get_lines() if str(t.get_gid()).startswith("teacher:")}
+    for key, text, style in TEACHER_LINES:  # one legend entry per line style (the values are in each panel)
+        if any(k.startswith(text + " ") for k in lines):
+            from matplotlib.lines import Line2D
+
+            handles.append(Line2D([], [], color="dimgray", linestyle=style, label=text))
+    width = fig.get_figwidth()
+    right = 1 - 4.2 / width
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(right + 0.005, 0.5), fontsize=6.5,
+               frameon=False)
+    fig.suptitle(f"{what} per configuration (mean ± std over seeds)", fontsize=9)
+    fig.tight_layout(rect=(0, 0, right, 0.95))
+    return fig
+
+
+def plot_runs(runs: list[dict[str, Any]], png_path: str | Path,
+              teacher_eval: list[dict[str, Any]] | None = None) -> Path:
+    """:func:`comparison_figure` written to ``png_path`` as PNG (the Agg canvas: no pyplot, no global backend)."""
+    return _save(comparison_figure(runs, teacher_eval), png_path)
+
+
+def _sweep_key(name: str) -> str:
+    key = SWEEP_ALIASES.get(name, name)
+    if key not in GROUP_KEYS + OPTIONAL_KEYS:
+        known = sorted(set(GROUP_KEYS + OPTIONAL_KEYS) | set(SWEEP_ALIASES))
+        raise TcskdError(f"unknown sweep key '{name}' (choose {', '.join(known)})")
+    return key
+
+
+def sweep_figure(runs: list[dict[str, Any]], x: str = "dim", series: str = "basis_kind",
+                 teacher_eval: list[dict[str, Any]] | None = None) -> Any:
+    """Test top-1 (test mIoU when every run segments) against ``x``: one line per value of ``series`` with the
+    sample std over seeds as error bars. With ``x`` = labels per class (a few-shot curve) there is one panel
+    and the teacher's kNN and linear probe are lines over the budgets; otherwise one panel per label budget,
+    each with its teacher's lines. TcskdError (one line) when the runs of one line differ in anything but
+    ``x`` and the label budget (and the basis name), or when ``x`` is not a number."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    x, series = _sweep_key(x), _sweep_key(series)
+    if x == series:
+        raise TcskdError(f"the sweep's x and series are the same key ({x})")
+    free = {x, "labels_per_class", "basis", *_RUN_ONLY}
+    for name in dict.fromkeys(_fmt_key(series, r.get(series)) for r in runs):
+        line = [r for r in runs if _fmt_key(series, r.get(series)) == name]
+        other = [k for k in ("method", "basis_kind", "dim") + OPTIONAL_KEYS if k not in free
+                 and len({json.dumps(r.get(k), sort_keys=True) for r in line}) > 1]
+        if other:
+            raise TcskdError(f"a sweep of {x}: the runs of {series} {name} also differ in {', '.join(other)}; "
+                             f"give runs that differ only in {x} along each line")
+    curve = x == "labels_per_class"
+    points = [r for r in runs if not curve or _budget(r.get("labels_per_class")) is not None]
+    if curve and len(points) < len(runs):
+        log.info("the curve leaves out %d run(s) with every label (no number of labels per class)",
+                 len(runs) - len(points))
+    if not points or any(_num(r.get(x)) is None for r in points):
+        raise TcskdError(f"a sweep needs a number for {x} in every run")
+    metric, what = _metric(points)
+    budgets = [None] if curve else _budget_order(r.get("labels_per_class") for r in points)
+    names = list(dict.fromkeys(_fmt_key(series, r.get(series)) for r in points))
+    colour = dict(zip(names, _colours(len(names))))
+    fig = Figure(figsize=(max(5.0, 4.0 * len(budgets)), 4.2), dpi=120)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(budgets), squeeze=False)[0]
+    for ax, budget in zip(axes, budgets):
+        mine = points if curve else [r for r in points if _budget(r.get("labels_per_class")) == budget]
+        shown: list[float] = []
+        for name in names:
+            line = [r for r in mine if _fmt_key(series, r.get(series)) == name]
+            xs = sorted({_num(r[x]) for r in line})
+            stats = [mean_std(100 * _num(r.get(metric)) if _num(r.get(metric)) is not None else None
+                              for r in line if _num(r[x]) == v) for v in xs]
+            keep = [(v, m, sd or 0.0) for v, (m, sd, _) in zip(xs, stats) if m is not None]
+            if not keep:
+                continue
+            vx, vm, vs = map(list, zip(*keep))
+            ax.errorbar(vx, vm, yerr=vs, marker="o", capsize=3, color=colour[name],
+                        label=name if series in ("method", "basis_kind") else f"{HEADERS.get(series, series)}={name}")
+            shown += [m + sd for m, sd in zip(vm, vs)] + [m - sd for m, sd in zip(vm, vs)]
+        if curve:
+            xs = _budget_order(e.get("labels_per_class") for e in teacher_eval or [])
+            xs = [b for b in xs if b is not None]
+            for key, text, style in TEACHER_LINES:
+                ys = [teacher_reference(teacher_eval, b).get(key) for b in xs]
+                pts = [(b, y) for b, y in zip(xs, ys) if y is not None]
+                if pts:
+                    ax.plot([b for b, _ in pts], [y for _, y in pts], color="dimgray", linestyle=style,
+                            marker=".", label=text, gid=f"teacher:{key}")
+                    shown += [y for _, y in pts]
+            ax.set_title("few-shot: labels per class", fontsize=9)
+        else:
+            shown += _teacher_hlines(ax, teacher_reference(teacher_eval, budget))
+            ax.set_title(f"{_fmt_key('labels_per_class', budget)} labels/class", fontsize=9)
+        values = sorted({_num(r[x]) for r in mine})
+        if values[0] > 0 and values[-1] / values[0] >= 8:  # K or labels per class over orders of magnitude
+            ax.set_xscale("log", base=2 if x == "dim" else 10)
+        ax.set_xticks(values)
+        ax.set_xticklabels([f"{v:g}" for v in values], fontsize=7)
+        ax.minorticks_off()
+        _zoom(ax, shown)
+        ax.set_xlabel(HEADERS.get(x, x) if x != "dim" else "K (coordinates)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel(f"{what} (%)")
+    fig.suptitle(f"{what} against {'K' if x == 'dim' else HEADERS.get(x, x)} (mean ± std over seeds)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_sweep(runs: list[dict[str, Any]], png_path: str | Path, x: str = "dim", series: str = "basis_kind",
+               teacher_eval: list[dict[str, Any]] | None = None) -> Path:
+    """:func:`sweep_figure` written to ``png_path`` as PNG, e.g. ``plot_sweep(runs, "k.png", x="dim",
+    series="basis")`` (accuracy against K per basis) or ``x="labels_per_class", series="method"`` (a few-shot
+    curve)."""
+    return _save(sweep_figure(runs, x, series, teacher_eval), png_path)
