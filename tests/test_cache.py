@@ -16,6 +16,7 @@ import torch
 from click.testing import CliRunner
 
 from tcskd.cache.build import CacheConfig, build_cache
+from tcskd.cache.subset import order_rows
 from tcskd.store.registry import WriterLock, list_caches, resolve_cache
 from tcskd.store.backends import iter_chunks, open_store
 from tcskd.cache.verify import verify_cache
@@ -89,8 +90,9 @@ def test_build_writes_schema_and_hits(tiny_npz, tiny_teacher, dense_teacher, cac
     src = open_source(tiny_npz, "train")
     a = _arrays(res.path)
     assert a["features"].shape == (40, 2, *ROW[kind]) and a["features"].dtype == np.float16
-    assert a["labels"].tolist() == src.labels.tolist()
-    assert a["sample_index"].tolist() == list(range(40))
+    perm = order_rows(40)  # npz: rows in the fixed shuffled order (--order auto)
+    assert a["labels"].tolist() == src.labels[perm].tolist()
+    assert a["sample_index"].tolist() == perm.tolist()
     assert a["row_ok"].all() and a["chunk_done"].all() and len(a["chunk_done"]) == 5
     assert np.isfinite(a["features"]).all() and np.abs(a["features"]).sum() > 0
     with open_store(res.path) as s:
@@ -131,9 +133,11 @@ def test_views_replay_exactly(tiny_npz, tiny_teacher, cache_root):
     with open_store(res.path) as s:
         params = s.read("view_params")
         feats = s.read("features")
-    for row in (0, 7, 23):
-        img = src.image(row)
-        expect = view_params(row, img.shape[0], img.shape[1], 3, seed=0)
+    row_of = {int(i): r for r, i in enumerate(order_rows(40))}  # npz sample i is at this store row
+    for sample in (0, 7, 23):
+        row = row_of[sample]
+        img = src.image(sample)
+        expect = view_params(sample, img.shape[0], img.shape[1], 3, seed=0)
         np.testing.assert_array_equal(params[row], expect)
         assert (params[row, 0] == [0, 0, 1, 1, 0]).all()  # view 0: the centre crop of a square image
         x = teacher_views(img, params[row], 16).float() / 255

@@ -106,7 +106,7 @@ def test_caches_and_training_agree(formats, tiny_teacher, tmp_path):
     for kind, spec in formats.items():
         paths = {split: build_cache(CacheConfig(data=spec, teacher=tiny_teacher, split=split, image_size=16,
                                                 chunk_rows=8, batch_size=4, device="cpu", cache_root=str(root),
-                                                workers=0)).path
+                                                workers=0, order="source")).path
                  for split in ("train", "test")}
         with open_store(paths["train"]) as s:
             arrays[kind] = {name: s.read(name) for name in ("features", "labels", "sample_index", "view_params")}

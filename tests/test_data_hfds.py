@@ -116,7 +116,8 @@ def test_same_rows_as_npz_and_image_folder(sets, layout, split):
 def test_cache_equals_image_folder_cache(sets, layout, tiny_teacher, tmp_path):
     def build(spec: str, split: str) -> dict[str, bytes]:
         cfg = CacheConfig(data=spec, teacher=tiny_teacher, cache_root=str(tmp_path / spec.split(":")[0]),
-                          split=split, image_size=16, chunk_rows=4, batch_size=3, views=2, dtype="float32")
+                          split=split, image_size=16, chunk_rows=4, batch_size=3, views=2, dtype="float32",
+                          order="source")  # HF sets keep source order (--order auto): compare like with like
         with open_store(build_cache(cfg).path) as s:
             return {k: s.read(k).tobytes() for k in ("features", "labels", "sample_index", "view_params", "row_ok")}
 

@@ -189,7 +189,7 @@ def open_split(cfg: CacheConfig, ident: dict[str, Any] | None = None) -> Source:
                     "keeps that order (--order %s): training with --targets store mixes few classes per batch "
                     "unless --target-cache-mb holds most of the cache; --order shuffled writes them in a "
                     "seeded random order", cfg.data, 100 * class_runs(source.labels), cfg.order)
-    return order_source(source, order, cfg.seed)
+    return order_source(source, order)
 
 
 def build_cache(cfg: CacheConfig) -> CacheResult:

@@ -74,19 +74,18 @@ class CacheConfig:
     """Rebuild the source's saved index (tcskd.data.index) before fingerprinting: an image folder's index is
     reused while its folders' mtimes hold, which a file rewritten in place under the same name does not change."""
     order: str = opt("auto", choices=ORDERS,
-                     help="The order of the cache's rows: shuffled (seeded by --seed, so that every chunk mixes "
-                          "the classes), source, or auto: source for tar shards and parquet (read fastest in "
+                     help="The order of the cache's rows: shuffled (one fixed seeded permutation, so that every "
+                          "chunk mixes the classes), source, or auto: source for tar shards and parquet (read fastest in "
                           "their own order), else shuffled (part of the cache key when shuffled).")
-    """``shuffled``: row r holds the split's row ``order_rows(n, seed)[r]`` (tcskd.cache.subset), so every
+    """``shuffled``: row r holds the split's row ``order_rows(n)[r]`` (tcskd.cache.subset), so every
     chunk is a random sample of the split and training that reads targets from the store
     (``--targets store``), which shuffles within windows of chunks, mixes every class in a batch;
     ``source``: the split's own order (image folders and the built-in digits: one class after another);
     ``auto``: ``source`` for the kinds that read fastest in their own order (``wds``, ``hfds``), else
     ``shuffled``. A sample's features do not depend on it."""
-    seed: int = opt(0, help="Seed of the random views, of --limit, of --order shuffled and of the --dim basis "
-                            "sample.")
-    """Seed of the random views (ignored with one view), of the ``limit`` subset, of the ``shuffled`` row order
-    and of the images the ``dim`` basis is fitted on."""
+    seed: int = opt(0, help="Seed of the random views, of --limit and of the --dim basis sample.")
+    """Seed of the random views (ignored with one view), of the ``limit`` subset and of the images the
+    ``dim`` basis is fitted on."""
     chunk_rows: int = opt(1024, help="Rows per chunk (unit of resume).")
     """Rows per store chunk (the unit of resume and of parallel writers)."""
     skip_bad: bool = opt(False, help="Record unreadable images in the manifest instead of stopping.")

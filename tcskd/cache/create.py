@@ -53,7 +53,7 @@ def identity_of(cfg: CacheConfig, data_fingerprint: str, teacher_identity: dict[
     if cfg.decode != "full":  # only then: the keys of every full-decode cache stay as they were
         ident["decode"] = DECODE_RULES[cfg.decode]
     if resolve_order(cfg.order, cfg.data) == "shuffled":  # a source-order cache keeps the key it always had
-        ident["order"] = {"rule": ORDER_RULE, "seed": cfg.seed}
+        ident["order"] = ORDER_RULE
     ident.update(dense_identity or {})
     return ident
 

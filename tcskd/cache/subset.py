@@ -4,7 +4,7 @@ split, in source order) and ``--order`` (the rows written in source order or in 
 Both rules are recorded in the cache identity (:data:`LIMIT_RULE`, :data:`ORDER_RULE`), so a changed rule
 is a new cache.
 
-Why the order: training that reads its targets from the store (``tcskd train --targets store``) shuffles
+Why the order (a fixed seeded permutation of the rows, :func:`order_rows`): training that reads its targets from the store (``tcskd train --targets store``) shuffles
 within windows of the chunks its LRU holds (tcskd.train.data.BlockSampler). Sources in class order (every
 image folder, sorted by class folder; the built-in digits) then give every chunk one or two classes, and a
 window of a few chunks a batch of a few classes: with a 1 MB LRU on the built-in default, val accuracy fell
@@ -12,7 +12,8 @@ from 98.7 % to 32.8 %. Rows written in a seeded random order make every chunk a 
 so any window mixes every class. The order costs nothing where any row reads as fast as the next (arrays
 in memory, one file per image); tar shards and parquet row groups read fastest in their own order, so
 ``auto`` keeps it for them (tcskd.data.Reader.sequential) and the cache warns when those rows run in class
-order. A row's features do not depend on the order (each sample's views are seeded by its sample index);
+order. A row's features do not depend on the order but for the float rounding of the batch it was computed in
+(each sample's views are seeded by its sample index);
 training maps images to rows by ``sample_index``, so a ``ram`` run sees the same batches either way.
 """
 
@@ -30,7 +31,7 @@ LIMIT_RULE = "stratified/1"
 LIMIT_SEED_SALT = 0x6C696D  # keeps the subset's draws apart from other uses of the same --seed
 #: How ``--order shuffled`` permutes the rows (recorded in the cache identity).
 ORDER_RULE = "permutation/1"
-ORDER_SEED_SALT = 0x6F7264  # keeps the permutation apart from the subset's and the views' draws
+ORDER_SEED = 0x6F7264  # one fixed permutation per row count: --seed (views, --limit) does not change the order
 #: ``--order`` choices: auto (shuffled unless the source reads fastest in its own order), shuffled, source.
 ORDERS = ("auto", "shuffled", "source")
 
@@ -89,19 +90,20 @@ def resolve_order(order: str, spec: str) -> str:
     return "source" if reads_sequentially(spec) else "shuffled"
 
 
-def order_rows(n: int, seed: int) -> np.ndarray:
+def order_rows(n: int) -> np.ndarray:
     """The ``--order shuffled`` permutation of ``n`` rows: row r of the cache holds the split's row
-    ``order_rows(n, seed)[r]`` (a pure function of n and seed, the same in every process and shard)."""
-    return np.random.default_rng([ORDER_SEED_SALT, int(seed)]).permutation(int(n)).astype(np.int64)
+    ``order_rows(n)[r]`` (a pure function of n, the same in every process and shard; not of ``--seed``, so
+    that a seed which changes nothing else, one view and no limit, keeps the cache)."""
+    return np.random.default_rng(ORDER_SEED).permutation(int(n)).astype(np.int64)
 
 
-def order_source(source: Source, order: str, seed: int = 0) -> Source:
+def order_source(source: Source, order: str) -> Source:
     """``source`` with its rows in the resolved ``order`` (``shuffled``: :func:`order_rows`)."""
     if order == "source":
         return source
     if order != "shuffled":
         raise TcskdError(f"unresolved --order '{order}' (resolve_order first)")
-    return take_rows(source, order_rows(len(source), seed))
+    return take_rows(source, order_rows(len(source)))
 
 
 def class_runs(labels: np.ndarray) -> float:
