@@ -214,6 +214,9 @@ def test_tailoring_criterion_drops_the_right_coordinates(tailor_toy, tmp_path, s
     print(select_by, mask.tolist(), [f"{v:.3g}" for v in imp.tolist()])
     if kept is not None:
         assert mask.nonzero().flatten().tolist() == kept
+    # final.json: the ranks (identity basis: the coordinate indices) at the start and after the selection step
+    assert res["kept_ranks"] == {"epoch": [0, 2], "ranks": [list(range(8)), mask.nonzero().flatten().tolist()]}
+    assert res["final_kept_ranks"] == mask.nonzero().flatten().tolist()
     # The importance accumulated since the selection is informative, not zero nor constant.
     assert torch.isfinite(imp).all() and imp.abs().max() > 0
     assert imp.std() > 1e-3 * imp.abs().max()
