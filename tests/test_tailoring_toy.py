@@ -13,14 +13,15 @@ batches with the real step functions (tcskd.train.selection) and one selection s
 What each criterion keeps (asserted below):
 
 - classifier reading the coordinates (``--classify-from coords``, the tailored preset):
-  ``ablation`` keeps PREDICTIVE (switching one off costs the classifier its class signal; switching a noise
-  target off lowers the loss); ``taylor`` keeps a NOISE coordinate (here one predictive, one noise) and ranks both
+  ``ablation`` and ``ablation-ce`` keep PREDICTIVE (switching one off costs the classifier its class signal;
+  switching a noise target off lowers the loss); ``taylor`` keeps a NOISE coordinate (here one predictive, one noise) and ranks both
   NOISE coordinates above both USELESS ones: |dL/dm| counts a target the student cannot follow (its error
   far above the mean moves the mimic term) as important as the class signal; ``error`` keeps NOISE (by design it drops the best-matched); ``worst`` keeps USELESS (the
   best-matched, whatever the class needs: the relative error cannot see the task).
 - classifier reading the feature: CE does not see the mask, only the mimic term's mean over the active
   coordinates does, so ``ablation`` becomes "drop the largest absolute error" and keeps USELESS (it cannot
-  know the class either), and ``taylor`` (|e_j - mean e| per batch) keeps NOISE: the documented failure of a
+  know the class either), ``ablation-ce`` is 0 everywhere (its ties keep the first coordinates, which
+  happen to be PREDICTIVE here: no information), and ``taylor`` (|e_j - mean e| per batch) keeps NOISE: the documented failure of a
   magnitude criterion.
 """
 
@@ -60,16 +61,18 @@ def _kept(classify_from: str) -> dict[str, list[int]]:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    imp = {name: torch.zeros(6) for name in ("ablation", "taylor", "error", "worst")}
+    imp = {name: torch.zeros(6) for name in ("ablation", "ablation-ce", "taylor", "error", "worst")}
     for _ in range(8):
         xb, yb, cb = _data(64, g)
         mask = head.mask.clone().requires_grad_(True)
         logits, c_hat = head(xb, mask)
         tcs_loss(logits, yb, c_hat, cb, mask, LAM).total.backward()
         w = head.classifier.weight if classify_from == "coords" else None
-        deltas = ablation_deltas(logits, yb, c_hat, cb, head.mask, LAM, classifier_weight=w)
+        deltas = {"ablation": ablation_deltas(logits, yb, c_hat, cb, head.mask, LAM, classifier_weight=w),
+                  "ablation-ce": ablation_deltas(logits, yb, c_hat, None, head.mask, 0.0, classifier_weight=w)}
         for name in imp:
-            imp[name] += step_importance(name, mask_grad=mask.grad, deltas=deltas, pred=c_hat, target=cb)
+            imp[name] += step_importance(name, mask_grad=mask.grad, deltas=deltas.get(name), pred=c_hat, target=cb)
+    assert classify_from == "coords" or imp["ablation-ce"].tolist() == [0.0] * 6
     return {name: select(v, head.mask, 2).nonzero()[0].tolist() for name, v in imp.items()} | {
         "taylor_order": torch.argsort(imp["taylor"], descending=True).tolist()}
 
@@ -85,7 +88,7 @@ def _one_thread():
 
 def test_classifier_on_the_coordinates():
     kept = _kept("coords")
-    assert kept["ablation"] == PREDICTIVE
+    assert kept["ablation"] == kept["ablation-ce"] == PREDICTIVE
     assert set(kept["taylor"]) & set(NOISE)  # the documented failure: a noise target among the two kept
     order = kept["taylor_order"]
     assert max(order.index(j) for j in NOISE) < min(order.index(j) for j in USELESS)
@@ -96,6 +99,7 @@ def test_classifier_on_the_coordinates():
 def test_classifier_on_the_feature():
     kept = _kept("feature")
     assert kept["ablation"] == USELESS
+    assert kept["ablation-ce"] == [0, 1]  # every coordinate 0 (asserted in _kept): the ties keep the first ones
     assert kept["taylor"] == NOISE
     assert kept["error"] == NOISE
     assert kept["worst"] == USELESS

@@ -78,7 +78,7 @@ def test_removed_grad_criterion_says_what_replaces_it():
     from tcskd.errors import TcskdError
     from tcskd.train.config import TrainConfig, resolve_config
 
-    assert SELECT_BY == ("ablation", "taylor", "error", "worst")
+    assert SELECT_BY == ("ablation", "ablation-ce", "taylor", "error", "worst")
     with pytest.raises(TcskdError, match="^--select-by grad was removed .*use ablation"):
         resolve_config(TrainConfig(cache="c", select_by="grad"))
 
@@ -130,6 +130,25 @@ def test_ablation_is_the_loss_change_of_switching_each_coordinate_off(classify_f
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
     assert got[4] == 0.0 and got[3] < 0  # switching the far-off coordinate off lowers the loss
     assert step_importance("ablation", deltas=got).tolist() == got.float().tolist()
+
+
+def test_ablation_ce_is_the_change_of_ce_alone():
+    head, f, c, y, mask = _batch("coords", seed=3)
+    with torch.no_grad():
+        logits, c_hat = head(f, mask)
+    got = ablation_deltas(logits, y, c_hat, None, mask, 0.0, classifier_weight=head.classifier.weight)
+
+    def ce(m):
+        return float(tcs_loss(head(f, m)[0], y, None, None, None, 10.0).ce.detach())
+
+    want = [ce(mask * (torch.arange(5) != j)) - ce(mask) if mask[j] else 0.0 for j in range(5)]
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-6)
+    assert (got != 0).sum() == 4
+    # the classifier on the feature: CE does not see the mask
+    feat, f, c, y, mask = _batch("feature", seed=3)
+    with torch.no_grad():
+        logits, c_hat = feat(f, mask)
+    assert ablation_deltas(logits, y, c_hat, None, mask, 0.0).tolist() == [0.0] * 5
 
 
 def test_ablation_of_the_dense_term_on_the_valid_locations():

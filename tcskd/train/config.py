@@ -156,12 +156,13 @@ class TrainConfig:
     min_dim: int | None = opt(None, help="Tailoring stops at this many coordinates.")
     """Tailoring never goes below this many active coordinates; None = from ``tailor``."""
     select_by: str | None = opt(None, choices=SELECT_BY,
-                                help="Tailoring importance, summed over the steps after the warm-up: the exact loss "
-                                     "increase of switching a coordinate off (ablation), |dL/dmask| per batch "
-                                     "(taylor), or the per-coordinate relative error dropping the best- (error) or "
-                                     "worst-matched (worst) coordinates.")
+                                help="Tailoring importance, summed over the steps after the warm-up: the exact "
+                                     "increase of the total loss (ablation) or of CE alone (ablation-ce) when a "
+                                     "coordinate is switched off, |dL/dmask| per batch (taylor), or the per-coordinate "
+                                     "relative error dropping the best- (error) or worst-matched (worst) coordinates.")
     """Importance for tailoring (tcskd.train.selection), summed over the optimizer steps after the learning-rate
-    warm-up: ablation (the exact increase of the total loss when the coordinate alone is switched off), taylor
+    warm-up: ablation (the exact increase of the total loss when the coordinate alone is switched off),
+    ablation-ce (the same for CE alone: 0 unless the classifier reads the coordinates), taylor
     (``|dL/dm_j|`` of the mask per batch), error (drops the best-matched coordinates) or worst (drops the
     worst-matched ones); None = from ``tailor``. ``grad`` was removed (use ablation)."""
     classify_from: str | None = opt(None, choices=CLASSIFY_FROM,

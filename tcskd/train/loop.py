@@ -370,11 +370,14 @@ def add_importance(run: Run, loop: EpochLoop, logits: torch.Tensor, y: torch.Ten
     the global batch."""
     cfg, head, world = run.cfg, run.head, dist.world()
     with torch.no_grad():
-        if cfg.select_by == "ablation":
+        if cfg.select_by in ("ablation", "ablation-ce"):
             w = head.classifier.weight if head.classify_from == "coords" else None
-            deltas = ablation_deltas(logits, y, c_hat, c, mask, cfg.lam, cfg.mimic, loop.elsh,
-                                     cfg.elsh_weight if cfg.elsh_bits else 0.0, w, **dense)
-            stats = step_stats("ablation", world, deltas=deltas)
+            if cfg.select_by == "ablation":  # the total loss
+                deltas = ablation_deltas(logits, y, c_hat, c, mask, cfg.lam, cfg.mimic, loop.elsh,
+                                         cfg.elsh_weight if cfg.elsh_bits else 0.0, w, **dense)
+            else:  # CE alone
+                deltas = ablation_deltas(logits, y, c_hat, None, mask, 0.0, classifier_weight=w)
+            stats = step_stats(cfg.select_by, world, deltas=deltas)
         elif cfg.select_by == "taylor":
             stats = step_stats("taylor", world, mask_grad=mask.grad)
         else:
