@@ -60,7 +60,10 @@ class BasisResult(TypedDict):
 #: ``cache``, ``data``, ``train_images``, ``labelled_images``, ``val_rows``, ``holdout``), its cost
 #: (``train_seconds``, ``img_per_s``, ``peak_mem_bytes``, ``setup_seconds``, ``eval_seconds``,
 #: ``total_seconds``) and where it is (``run_dir``), ``task`` (classify | segment) and ``mimic_on`` (global, dense,
-#: both; None without a mimic term). Segmentation runs add ``val_miou``, ``test_miou``, ``val_pixel_acc``,
+#: both; None without a mimic term), ``kept_ranks`` (the active coordinates as ranks in the basis, 0 = leading:
+#: ``{"epoch": [e0, e1, ...], "ranks": [[...], [...], ...]}``, one entry at the start, e0 = 0, and one per selection
+#: step that changed the mask, e = the epochs done when it took effect; None without coordinates) and
+#: ``final_kept_ranks`` (the last entry's ranks). Segmentation runs add ``val_miou``, ``test_miou``, ``val_pixel_acc``,
 #: ``test_pixel_acc`` (the pixel classifier's mean IoU and pixel accuracy; their top-1 and kNN keys are None) and
 #: ``best_val_miou``. The README's stage-3 section describes final.json.
 _TrainResultKeys = TypedDict("_TrainResultKeys", {
@@ -75,6 +78,7 @@ _TrainResultKeys = TypedDict("_TrainResultKeys", {
     "basis": str | None, "basis_kind": str | None, "basis_excludes_val": bool | None,
     "cache_key": str | None, "cache": str | None, "data": str, "train_images": int, "labelled_images": int,
     "val_rows": int, "holdout": dict[str, Any], "run_dir": str, "task": str, "mimic_on": str | None,
+    "kept_ranks": dict[str, Any] | None, "final_kept_ranks": list[int] | None,
 })
 
 

@@ -13,7 +13,7 @@ from tcskd.store.backends import open_store
 from tcskd.train.config import TrainConfig, resolve_config
 from tcskd.train.head import TCSHead
 from tcskd.train.losses import align_to_grid, dense_mimic_loss, mimic_loss, tcs_loss
-from tcskd.train.selection import step_importance
+from tcskd.train.selection import ablation_deltas, step_importance
 from tcskd.train.targets import load_dense_targets, resolve_basis, target_scale
 
 
@@ -164,7 +164,7 @@ def test_loss_parts_add_the_dense_term_and_segmentation_ce_ignores_unlabelled_pi
     assert tcs_loss(logits, torch.full_like(y, -1), None, None, None, 1.0).total.item() == 0.0
 
 
-@pytest.mark.parametrize("select_by", ["grad", "taylor", "error", "worst"])
+@pytest.mark.parametrize("select_by", ["ablation", "taylor", "error", "worst"])
 def test_tailoring_criteria_work_per_coordinate_on_dense_predictions(select_by):
     # a coordinate the student predicts exactly at every location has no error and costs nothing to keep
     g = torch.Generator().manual_seed(2)
@@ -180,9 +180,12 @@ def test_tailoring_criteria_work_per_coordinate_on_dense_predictions(select_by):
                     d_hat=head.project_map(fmap), d=target)
     loss.total.backward()
     rows = head.project_map(fmap).detach().permute(0, 2, 3, 1).reshape(-1, 3)
-    imp = step_importance(select_by, head.gate.grad, mask.grad, rows, target.reshape(-1, 3))
-    worst = int(imp.argmin()) if select_by in ("taylor", "worst") else int(imp.argmax())
-    assert worst == 0  # coordinate 0 stands out by every criterion
+    deltas = ablation_deltas(torch.zeros(6, 2), torch.full((6,), -1), None, None, head.mask, 1.0,
+                             d_hat=head.project_map(fmap), d=target)
+    imp = step_importance(select_by, mask_grad=mask.grad, deltas=deltas, pred=rows, target=target.reshape(-1, 3))
+    # switching coordinate 0 off lowers the loss (ablation < 0) and moves it most (taylor); its error is the largest
+    stands_out = int(imp.argmin()) if select_by in ("ablation", "worst") else int(imp.argmax())
+    assert stands_out == 0  # coordinate 0 stands out by every criterion
 
 
 # -- options ----------------------------------------------------------------------------------------------

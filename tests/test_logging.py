@@ -35,7 +35,7 @@ def cache(tmp_path_factory):
 
 def _cfg(cache: Path, out: Path, **kw) -> TrainConfig:
     base = dict(cache=str(cache), epochs=2, batch_size=8, dim=6, out=str(out), device="cpu", workers=0,
-                select_every=1, drop_frac=0.5, min_dim=3)
+                select_every=1, drop_frac=0.5, min_dim=3, warmup_epochs=0.0)  # selects after epoch 1
     base.update(kw)
     return TrainConfig(**base)
 
@@ -76,8 +76,8 @@ def test_tensorboard_mirrors_metrics_and_final_scores(cache, tmp_path):
     out = tmp_path / "run"
     res = CliRunner().invoke(train_cmd, ["--cache", str(cache), "--epochs", "2", "--batch-size", "8", "--dim", "6",
                                          "--select-every", "1", "--drop-frac", "0.5", "--min-dim", "3",
-                                         "--out", str(out), "--device", "cpu", "--workers", "0",
-                                         "--log", "tensorboard"])
+                                         "--warmup-epochs", "0", "--out", str(out), "--device", "cpu",
+                                         "--workers", "0", "--log", "tensorboard"])
     assert res.exit_code == 0, res.output + repr(res.exception)
     assert res.output.strip().splitlines()[-1] == str(out)  # the command's output is unchanged
     _assert_mirrors(out)

@@ -294,7 +294,7 @@ BAD = [
     (TrainConfig(cache="c", schedule="linear"), "unknown schedule 'linear' (choose cosine, step or multistep)"),
     (TrainConfig(cache="c", target_norm="std"), "unknown --target-norm 'std' (choose global, none)"),
     (TrainConfig(cache="c", tailor="yes"), "unknown --tailor 'yes' (choose auto, on, off)"),
-    (TrainConfig(cache="c", select_by="random"), "unknown --select-by 'random' (choose grad, taylor, error, worst)"),
+    (TrainConfig(cache="c", select_by="random"), "unknown --select-by 'random' (choose ablation, ablation-ce, taylor, error, worst)"),
     (TrainConfig(cache="c", classify_from="x"), "unknown --classify-from 'x' (choose feature, coords)"),
     (TrainConfig(cache="c", epochs=0), "--epochs must be >= 1 (got 0)"),
     (TrainConfig(cache="c", min_dim=0), "--min-dim must be >= 1 (got 0)"),

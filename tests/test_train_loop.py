@@ -231,7 +231,8 @@ def cli_run(data, tmp_path_factory):
     res = CliRunner().invoke(train_cmd, ["--cache", str(cache), "--student", "cnn", "--epochs", "2",
                                          "--batch-size", "8", "--dim", "6", "--lambda", "2", "--out", str(out),
                                          "--device", "cpu", "--workers", "0", "--mimic", "smooth-l1",
-                                         "--select-every", "1", "--drop-frac", "0.5", "--min-dim", "3"])
+                                         "--select-every", "1", "--drop-frac", "0.5", "--min-dim", "3",
+                                         "--warmup-epochs", "0"])  # tailoring after epoch 1, not after the warm-up
     assert res.exit_code == 0, res.output + repr(res.exception)
     return out, res.output
 

@@ -6,7 +6,7 @@
 - ``targets``: which rows of the dataset the cache holds, and their targets (bases, scale).
 - ``data``: the datasets, the epoch sampler, augmentation and the DataLoaders (``train_loader``).
 - ``students``: the student networks (``--student``), each a backbone to a penultimate feature.
-- ``head``: the TCS head (classifier, projector, coordinate mask and importance gate).
+- ``head``: the TCS head (classifier, projector, coordinate mask, fixed gate and tailoring importance).
 - ``losses``: CE + lambda * mimic + mu * eLSH, as pure functions.
 - ``selection``: tailoring (iterative coordinate selection) schedule.
 - ``config``: ``TrainConfig`` / ``EvalConfig`` (every option declared once; ``validate``, the tailor presets).

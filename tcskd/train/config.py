@@ -22,7 +22,7 @@ from tcskd.splits import Holdout
 from tcskd.train.head import CLASSIFY_FROM
 from tcskd.train.logger import check_backends
 from tcskd.train.losses import MIMICS
-from tcskd.train.selection import SELECT_BY
+from tcskd.train.selection import REMOVED, SELECT_BY
 from tcskd.train.targets import DEFAULT_DIM, TARGET_MODES, TARGET_NORMS, default_target_cache_mb
 
 
@@ -156,12 +156,15 @@ class TrainConfig:
     min_dim: int | None = opt(None, help="Tailoring stops at this many coordinates.")
     """Tailoring never goes below this many active coordinates; None = from ``tailor``."""
     select_by: str | None = opt(None, choices=SELECT_BY,
-                                help="Tailoring importance: |dL/dgate|, first-order loss change (taylor), or the "
-                                     "per-coordinate relative error dropping the best- (error) or worst-matched "
-                                     "(worst) coordinates.")
-    """Importance for tailoring (tcskd.train.selection): grad (accumulated |dL/dgate|), taylor (first-order loss
-    change when a coordinate is switched off), error (drops the best-matched coordinates) or worst (drops the
-    worst-matched ones); None = from ``tailor``."""
+                                help="Tailoring importance, summed over the steps after the warm-up: the exact "
+                                     "increase of the total loss (ablation) or of CE alone (ablation-ce) when a "
+                                     "coordinate is switched off, |dL/dmask| per batch (taylor), or the per-coordinate "
+                                     "relative error dropping the best- (error) or worst-matched (worst) coordinates.")
+    """Importance for tailoring (tcskd.train.selection), summed over the optimizer steps after the learning-rate
+    warm-up: ablation (the exact increase of the total loss when the coordinate alone is switched off),
+    ablation-ce (the same for CE alone: 0 unless the classifier reads the coordinates), taylor
+    (``|dL/dm_j|`` of the mask per batch), error (drops the best-matched coordinates) or worst (drops the
+    worst-matched ones); None = from ``tailor``. ``grad`` was removed (use ablation)."""
     classify_from: str | None = opt(None, choices=CLASSIFY_FROM,
                                     help="The classifier reads the student feature, or the active predicted teacher "
                                          "coordinates.")
@@ -259,6 +262,8 @@ class TrainConfig:
             raise TcskdError(f"--target-cache-mb must be >= 1 (got {self.target_cache_mb})")
         if self.targets == "store" and self.elsh_bits:
             raise TcskdError("--elsh-bits fits its bias on a sample of all the targets: use --targets ram or auto")
+        if self.select_by in REMOVED:
+            raise TcskdError(REMOVED[self.select_by])
         for name, value, allowed in (("target-norm", self.target_norm, TARGET_NORMS), ("tailor", self.tailor, TAILOR),
                                      ("targets", self.targets, TARGET_MODES), ("sampler", self.sampler, SAMPLERS),
                                      ("select-by", self.select_by, SELECT_BY),
@@ -314,12 +319,12 @@ class TrainConfig:
 # -- the --tailor presets and the resolved config ------------------------------
 
 #: ``--tailor on``: start from (up to) 256 coordinates and drop a fifth of them after every epoch down to
-#: DEFAULT_DIM, by the taylor importance, the classifier reading the coordinates (chosen on validation).
+#: DEFAULT_DIM, by the taylor importance (|dL/dm| per batch), the classifier reading the coordinates.
 TAILORED = {"start_dim": 256, "select_every": 1, "drop_frac": 0.2, "min_dim": DEFAULT_DIM,
             "select_by": "taylor", "classify_from": "coords"}
 #: ``--tailor off``: the first DEFAULT_DIM coordinates throughout, the classifier reading the feature.
 FIXED = {"start_dim": DEFAULT_DIM, "select_every": 0, "drop_frac": 0.2, "min_dim": DEFAULT_DIM,
-         "select_by": "grad", "classify_from": "feature"}
+         "select_by": "ablation", "classify_from": "feature"}
 
 
 def default_dim(cfg: TrainConfig) -> int:

@@ -8,8 +8,10 @@ expressed in the teacher's coordinate system), where
 
 - ``mask`` (buffer, K, float 0/1) marks the active coordinates; the loss only
   sees ``mask * c_hat`` (tcskd.train.losses);
-- ``gate`` (parameter, K, all ones, never updated by the optimizer) exists so
-  that ``dL/dg`` measures each coordinate's importance;
+- ``gate`` (parameter, K, all ones, no gradient, never updated by the optimizer)
+  is a fixed per-coordinate scale kept in the state dict (checkpoints and
+  exports carry it); tailoring's importance comes from the mask
+  (tcskd.train.selection);
 - ``importance`` (buffer, K) accumulates the tailoring criterion between two
   selection steps (tcskd.train.selection).
 
@@ -59,7 +61,7 @@ class TCSHead(nn.Module):
         self.projector: nn.Linear | None = nn.Linear(feature_dim, k) if self.global_ else None
         self.dense_projector: nn.Conv2d | None = nn.Conv2d(int(map_channels), k, 1) if k and dense else None
         if k:
-            self.gate = nn.Parameter(torch.ones(k))
+            self.gate = nn.Parameter(torch.ones(k), requires_grad=False)
             self.register_buffer("mask", torch.ones(k))
             self.register_buffer("importance", torch.zeros(k))
 
@@ -110,7 +112,7 @@ class TCSHead(nn.Module):
         return self.classifier(f), c_hat
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """Everything the optimizer updates (the gate only measures importance)."""
+        """Everything the optimizer updates (not the gate: a fixed scale of ones)."""
         params = list((self.pixel_classifier if self.task == "segment" else self.classifier).parameters())
         for module in (self.projector, self.dense_projector):
             if module is not None:

@@ -56,7 +56,8 @@ from tcskd.train.plots import plot_curves
 from tcskd.train.rundir import (CONFIG, CURVES, FINAL, METRICS, SPLIT, append_metrics, read_metrics,
                                 shared_run_dir, write_json, write_text_atomic)
 from tcskd.train.schedule import lr_at
-from tcskd.train.selection import SelectionSchedule, apply_selection, gather_importance, step_importance
+from tcskd.train.selection import (SelectionSchedule, ablation_deltas, apply_selection, combine, kept_ranks,
+                                   step_stats, warmup_steps_of)
 from tcskd.train.students import Student, count_parameters
 from tcskd.train.targets import TorchProjection
 from tcskd.views import center_view
@@ -152,6 +153,9 @@ class Run:
     """The live teacher of ``--method online``."""
     state: LoopState = field(default_factory=LoopState)
     logger: MetricsLogger = field(default_factory=NullLogger)  # mirrors metrics.jsonl (--log, rank 0)
+    kept: list[tuple[int, list[int]]] = field(default_factory=list)
+    """Tailoring's record: (epochs done, the active coordinates' ranks in the basis) at the start and after
+    every selection step that changed the mask."""
 
 
 def saved_checkpoint(cfg: TrainConfig, prep: RunInputs, out: Path) -> dict[str, Any] | None:
@@ -209,8 +213,7 @@ def restore(run: Run, saved: dict[str, Any]) -> None:
     run.head.load_state_dict(saved["head"])
     run.optimizer.load_state_dict(saved["optimizer"])
     set_rng_state(saved["rng"])
-    if dist.rank() != 0 and run.cfg.select_by != "grad" and run.head.k:
-        run.head.importance.zero_()  # the checkpoint's importance is the sum over ranks: rank 0 carries it
+    run.kept = [(int(e), list(r)) for e, r in saved.get("kept_ranks", [])]  # absent from older checkpoints
     run.state = LoopState(saved["epoch"], saved["step"], saved["train_seconds"], saved["images"])
     log.info("resuming %s after epoch %d", run.out, run.state.epoch)
     was = (saved.get("meta") or {}).get("augment_rng", "numpy-per-row")
@@ -286,14 +289,15 @@ def epoch_loop(run: Run) -> EpochLoop:
     cfg, prep = run.cfg, run.prep
     model = parallel_model(run.student, run.head, run.device, cfg.sync_bn, prep.image_size)
     plan = batch_plan(len(prep.train_set), cfg.batch_size, dist.world())
-    schedule = SelectionSchedule(prep.k or 0, cfg.epochs, cfg.select_every, cfg.drop_frac, cfg.min_dim)
+    warmup = warmup_steps_of(cfg.warmup_epochs, plan.steps_per_epoch)
+    schedule = SelectionSchedule(prep.k or 0, cfg.epochs, cfg.select_every, cfg.drop_frac, cfg.min_dim, warmup,
+                                 plan.steps_per_epoch)
     project = TorchProjection(prep.basis, run.device, prep.target_scale) if run.teacher is not None else None
     elsh = _elsh_for_mask(prep, run.head, run.device)
     # One loader for the whole run: its workers stay alive, and each epoch sets the sampler's epoch
     # (order, views and augmentation are functions of (seed, epoch), not of the workers' state).
     loader = train_loader(prep, cfg, run.state.epoch, run.device, run.workers, persistent=True)
-    return EpochLoop(model, loader, plan, cfg.epochs * plan.steps_per_epoch,
-                     round(cfg.warmup_epochs * plan.steps_per_epoch), schedule, project, elsh)
+    return EpochLoop(model, loader, plan, cfg.epochs * plan.steps_per_epoch, warmup, schedule, project, elsh)
 
 
 def run_epochs(run: Run) -> None:
@@ -301,6 +305,8 @@ def run_epochs(run: Run) -> None:
     save. Checkpoints, metrics and evaluation are rank 0's."""
     cfg = run.cfg
     loop = epoch_loop(run)
+    if run.head.k and not run.kept:
+        run.kept.append((run.state.epoch, kept_ranks(run.head.mask)))
     last = cfg.epochs if cfg.stop_after is None else min(cfg.epochs, cfg.stop_after)
     for epoch in range(run.state.epoch, last):
         t_epoch = time.perf_counter()
@@ -338,7 +344,8 @@ def train_step(run: Run, loop: EpochLoop, batch: Batch, lr: float) -> LossParts:
         c = c.to(device, non_blocking=True)
     # The mask enters the loss (and the classifier, reading coords) as a copy whose gradient
     # is the taylor criterion; its values are the head's.
-    mask = head.mask.clone().requires_grad_(cfg.select_by == "taylor") if head.k else None
+    gather = bool(head.k) and loop.schedule.gathers(run.state.step)
+    mask = head.mask.clone().requires_grad_(gather and cfg.select_by == "taylor") if head.k else None
     with autocast(device):
         # dense predictions come aligned to the teacher's grid, the student's augmentation undone
         f, logits, c_hat, d_hat, valid = loop.model(x, mask, run.prep.grid, batch.aug)
@@ -349,16 +356,36 @@ def train_step(run: Run, loop: EpochLoop, batch: Batch, lr: float) -> LossParts:
                      cfg.elsh_weight if cfg.elsh_bits else 0.0, **dense)
     run.optimizer.zero_grad(set_to_none=True)
     parts.total.backward()
-    if head.k:
-        with torch.no_grad():
-            # Per rank, a share of the step's importance: summed over ranks it is one process's
-            # (grad is the gradient DDP already averaged, the same on every rank).
-            share = 1 if cfg.select_by == "grad" else dist.world()
-            pred, target = importance_rows(c_hat, c if head.global_ else None, dense)
-            head.importance += step_importance(cfg.select_by, head.gate.grad, mask.grad, pred, target) / share
-        head.gate.grad = None
+    if gather:
+        add_importance(run, loop, logits, y, c_hat, c if head.global_ else None, mask, dense)
     run.optimizer.step()
     return parts
+
+
+def add_importance(run: Run, loop: EpochLoop, logits: torch.Tensor, y: torch.Tensor,
+                   c_hat: torch.Tensor | None, c: torch.Tensor | None, mask: torch.Tensor,
+                   dense: dict[str, Any]) -> None:
+    """The step's importance added to ``run.head.importance``: each rank's share of the statistics
+    (tcskd.train.selection.step_stats), summed over the ranks, so every rank adds what one process would on
+    the global batch."""
+    cfg, head, world = run.cfg, run.head, dist.world()
+    with torch.no_grad():
+        if cfg.select_by in ("ablation", "ablation-ce"):
+            w = head.classifier.weight if head.classify_from == "coords" else None
+            if cfg.select_by == "ablation":  # the total loss
+                deltas = ablation_deltas(logits, y, c_hat, c, mask, cfg.lam, cfg.mimic, loop.elsh,
+                                         cfg.elsh_weight if cfg.elsh_bits else 0.0, w, **dense)
+            else:  # CE alone
+                deltas = ablation_deltas(logits, y, c_hat, None, mask, 0.0, classifier_weight=w)
+            stats = step_stats(cfg.select_by, world, deltas=deltas)
+        elif cfg.select_by == "taylor":
+            stats = step_stats("taylor", world, mask_grad=mask.grad)
+        else:
+            pred, target = importance_rows(c_hat, c, dense)
+            stats = step_stats(cfg.select_by, world, pred=pred, target=target)
+        if world > 1:
+            dist.all_reduce_sum(stats)
+        head.importance += combine(cfg.select_by, stats)
 
 
 def train_epoch(run: Run, loop: EpochLoop, epoch: int) -> EpochStats:
@@ -417,11 +444,14 @@ def evaluate_epoch(run: Run, epoch: int) -> dict[str, float | None]:
 
 
 def select_coordinates(run: Run, loop: EpochLoop, epoch: int) -> None:
-    """Tailoring after ``epoch``: the importance summed over ranks, the schedule's coordinates dropped, the
-    eLSH bias fitted again to the coordinates still active."""
-    world, rank = dist.world(), dist.rank()
-    gather_importance(run.head, run.cfg.select_by, world, rank, everywhere=loop.schedule.selects_after(epoch))
-    if apply_selection(run.head, loop.schedule, epoch) and loop.elsh is not None:
+    """Tailoring after ``epoch``: the schedule's coordinates dropped (every rank holds the same importance),
+    the kept ranks recorded (``run.kept``), the eLSH bias fitted again to the coordinates still active."""
+    if not apply_selection(run.head, loop.schedule, epoch):
+        return
+    ranks = kept_ranks(run.head.mask)
+    if not run.kept or run.kept[-1][1] != ranks:
+        run.kept.append((epoch + 1, ranks))
+    if loop.elsh is not None:
         loop.elsh = _elsh_for_mask(run.prep, run.head, run.device)  # the hash of the coordinates still active
 
 
@@ -443,7 +473,7 @@ def save_epoch(run: Run, stats: EpochStats, val: dict[str, float | None], t_epoc
         "train_seconds": state.train_seconds, "images": state.images,
         "student": run.student.state_dict(), "head": run.head.state_dict(),
         "optimizer": run.optimizer.state_dict(), "rng": rng_state(), "config": dataclasses.asdict(cfg),
-        "meta": run.meta})
+        "meta": run.meta, "kept_ranks": [[e, r] for e, r in run.kept]})
     what, score = ("mIoU", val.get("val_miou")) if cfg.task == "segment" else ("top-1", val["val_top1"])
     log.info("epoch %d/%d: loss %.4f (ce %.4f, mimic %.4f, elsh %.4f, dense %.4f), active %s, val %s %s, "
              "%.0f img/s", state.epoch, cfg.epochs, *stats.means, stats.active, what,
@@ -487,6 +517,9 @@ def finish(run: Run, t_start: float) -> TrainResult:
         "best_val_top1": max((r["val_top1"] for r in rows if r.get("val_top1") is not None), default=None),
         "val_rows": len(prep.split["val"]), "holdout": prep.split["holdout"],
         "basis_excludes_val": prep.basis_excludes_val, "task": cfg.task, "mimic_on": prep.mimic_on,
+        "kept_ranks": ({"epoch": [e for e, _ in run.kept], "ranks": [r for _, r in run.kept]}
+                       if prep.k else None),
+        "final_kept_ranks": kept_ranks(head.mask) if prep.k else None,
     }
     # final.json marks the run finished (a resume then does nothing): every other artifact comes first.
     plot_curves(rows, out / CURVES, f"{cfg.method} {cfg.student} K={prep.k} seed {cfg.seed}")

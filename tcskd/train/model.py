@@ -103,8 +103,8 @@ def parallel_model(student: Student, head: TCSHead, device: torch.device, sync_b
         log.info("the head reads the pooled feature and the feature map: %s", "the map's pool" if model.pool_map
                  else "the student runs twice per step")
     if dist.world() > 1:
-        # Each rank accumulates its own importance (summed over ranks before a selection step): DDP must
-        # not overwrite it with rank 0's buffer at every forward.
+        # Every rank adds the same (all-reduced) importance on every step: no need for DDP to broadcast
+        # rank 0's buffer at every forward.
         torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
             model, ["head.importance"])
         if sync_bn:
