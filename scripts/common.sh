@@ -1,10 +1,11 @@
 # Sourced by scripts/grid.sh: its steps on the built-in default (scripts/demo.sh runs recipes/default.yaml).
 # Expects TCSKD, RUNS, LPCS, SEEDS, IMAGE_SIZE and DEVICE; sets train_cache and test_cache.
 
-# Stage 1: the train and test caches (a cache hit when they exist).
+# Stage 1: the train and test caches (a cache hit when they exist); rows in tcskd cache's default --order.
+# Extra arguments go to both `tcskd cache` calls (e.g. --order source).
 build_caches() {
   local opts=(--data builtin:mnist5k --teacher builtin:efficientnet-lite0 --image-size "$IMAGE_SIZE"
-              --device "$DEVICE")
+              --device "$DEVICE" "$@")
   train_cache=$($TCSKD cache "${opts[@]}" --split train | tail -n1)
   test_cache=$($TCSKD cache "${opts[@]}" --split test | tail -n1)
 }

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The validation grid on the built-in default: which idea does what, and which settings `tcskd train
+# The validation grid on the built-in default: which idea does what (PCA against random at K = 4..64 among it),
+# and which settings `tcskd train
 # --method tcs` uses by default. Every run holds out the same seeded, stratified 10 % of the training
 # split (val); settings are read off the val column, over seeds; the test column is evaluated once per
 # run, after training, and is only read for the chosen settings.
@@ -35,13 +36,21 @@ CONFIGS=(
   "tcs-k64-lam3|--method tcs --basis pca --dim 64 --lambda 3 --classify-from feature $FIXED"
   "tcs-k64-lam30|--method tcs --basis pca --dim 64 --lambda 30 --classify-from feature $FIXED"
   "tcs-k64-random|--method tcs --basis random --dim 64 --lambda 10 --classify-from feature $FIXED"
+  "tcs-k4|--method tcs --basis pca --dim 4 --lambda 10 --classify-from feature $FIXED"
+  "tcs-k8|--method tcs --basis pca --dim 8 --lambda 10 --classify-from feature $FIXED"
+  "tcs-k16|--method tcs --basis pca --dim 16 --lambda 10 --classify-from feature $FIXED"
+  "tcs-k4-random|--method tcs --basis random --dim 4 --lambda 10 --classify-from feature $FIXED"
+  "tcs-k8-random|--method tcs --basis random --dim 8 --lambda 10 --classify-from feature $FIXED"
+  "tcs-k16-random|--method tcs --basis random --dim 16 --lambda 10 --classify-from feature $FIXED"
+  "tcs-k32-random|--method tcs --basis random --dim 32 --lambda 10 --classify-from feature $FIXED"
   "tcs-k64-coords|--method tcs --basis pca --dim 64 --lambda 10 --classify-from coords $FIXED"
   "tcs-k64-elsh|--method tcs --basis pca --dim 64 --lambda 10 --classify-from feature --tailor off --elsh-bits 256"
-  "tail-grad|--method tcs --basis pca --dim 256 --lambda 10 --select-by grad --classify-from feature $TAILORED"
+  "tail-ablation|--method tcs --basis pca --dim 256 --lambda 10 --select-by ablation --classify-from feature $TAILORED"
   "tail-error|--method tcs --basis pca --dim 256 --lambda 10 --select-by error --classify-from feature $TAILORED"
   "tail-worst|--method tcs --basis pca --dim 256 --lambda 10 --select-by worst --classify-from feature $TAILORED"
   "tcs-k256-coords|--method tcs --basis pca --dim 256 --lambda 10 --classify-from coords $FIXED"
-  "tail-grad-coords|--method tcs --basis pca --dim 256 --lambda 10 --select-by grad --classify-from coords $TAILORED"
+  "tail-ablation-coords|--method tcs --basis pca --dim 256 --lambda 10 --select-by ablation --classify-from coords $TAILORED"
+  "tail-ablation-ce-coords|--method tcs --basis pca --dim 256 --lambda 10 --select-by ablation-ce --classify-from coords $TAILORED"
   "tail-taylor-coords|--method tcs --basis pca --dim 256 --lambda 10 --select-by taylor --classify-from coords $TAILORED"
 )
 
@@ -99,4 +108,16 @@ rm -f "$jobs_file"
 
 echo "== report" >&2
 report
+# PCA against random as K shrinks: the tcs rows that differ only in K and the basis, one line per basis.
+sweep=()
+for k in 4 8 16 32 64; do
+  for b in "" -random; do
+    for d in "$RUNS/tcs-k$k$b"-lpc*/; do [ -f "$d/final.json" ] && sweep+=("$d"); done
+  done
+done
+if [ ${#sweep[@]} -gt 0 ]; then
+  $TCSKD report "${sweep[@]}" --sweep dim --series basis \
+    $(for f in "$RUNS"/teacher-lpc*.json; do echo --teacher-eval "$f"; done) --png "$RUNS/ksweep.png" \
+    > "$RUNS/ksweep.md"
+fi
 echo "grid finished in $(( $(date +%s) - start )) s; report: $RUNS/report.md" >&2

@@ -96,7 +96,7 @@ SWEEP = {("tcs", kind, dim, lpc): tuple(a + (0.01 if kind == "pca" else 0.0) + d
 
 
 def test_sweep_accuracy_against_k_per_basis(tmp_path):
-    fig = sweep_figure(_runs(tmp_path, SWEEP), x="dim", series="basis", teacher_eval=TEACHER)
+    fig = sweep_figure(_runs(tmp_path, SWEEP), x="dim", series="basis", teacher_eval=TEACHER, split="test")
     assert len(fig.axes) == 2
     for ax, lpc in zip(fig.axes, (10, None)):
         lines = {c.get_label(): c for c in _errorbars(ax)}
@@ -126,7 +126,8 @@ FEW |= {("tcs", "pca", 64, None): (0.97, 0.975)}  # every label: not a point of 
 def test_few_shot_curve_with_teacher_lines(tmp_path):
     teacher = [{"labels_per_class": n, "knn_top1": k, "linear_top1": p}
                for n, k, p in ((1, 0.4, 0.35), (5, 0.6, 0.62), (10, 0.72, 0.74), (None, 0.889, 0.941))]
-    fig = sweep_figure(_runs(tmp_path, FEW), x="labels_per_class", series="method", teacher_eval=teacher)
+    fig = sweep_figure(_runs(tmp_path, FEW), x="labels_per_class", series="method", teacher_eval=teacher,
+                       split="test")
     (ax,) = fig.axes
     lines = {c.get_label(): c for c in _errorbars(ax)}
     assert sorted(lines) == ["ce", "tcs"]
@@ -159,3 +160,23 @@ def test_config_labels_name_only_what_differs_from_the_common_value():
     keys = [base, dict(base, **{"lambda": 3.0}), dict(base, elsh_bits=256), dict(base, method="ce", basis_kind=None,
                                                                                   dim=None, **{"lambda": 0.0})]
     assert _config_labels(keys) == ["tcs pca K=64", "tcs pca K=64 λ=3", "tcs pca K=64 eLSH 256", "ce"]
+
+
+def test_sweep_on_val_reads_the_val_columns(tmp_path):
+    """Settings are read on val: the default sweep charts each run's val top-1 and the teacher's val lines."""
+    root = tmp_path / "runs"
+    for seed, (val, test) in enumerate([(0.50, 0.90), (0.60, 0.92)]):
+        d = _write(root, f"tcs-k8-s{seed}", seed, test, dim=8)
+        final = json.loads((d / "final.json").read_text())
+        final["val_top1"] = val
+        (d / "final.json").write_text(json.dumps(final))
+    teacher = [{"labels_per_class": None, "knn_top1": 0.9, "linear_top1": 0.95, "val_knn_top1": 0.55,
+                "val_linear_top1": 0.58}]
+    runs = load_runs(sorted(root.iterdir()))
+    (ax,) = sweep_figure(runs, x="dim", series="basis", teacher_eval=teacher).axes
+    (line,) = _errorbars(ax)
+    assert list(line.lines[0].get_data()[1]) == pytest.approx([55.0])
+    assert _teacher_lines(ax) == pytest.approx({"knn_top1": 55.0, "linear_top1": 58.0})
+    (ax,) = sweep_figure(runs, x="dim", series="basis", teacher_eval=teacher, split="test").axes
+    assert list(_errorbars(ax)[0].lines[0].get_data()[1]) == pytest.approx([91.0])
+    assert _teacher_lines(ax) == pytest.approx({"knn_top1": 90.0, "linear_top1": 95.0})

@@ -154,11 +154,13 @@ def _default_png(run_dirs: list[Path]) -> Path:
               help="Chart file (default: report.png in the run dirs' common parent).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the Markdown here.")
 @click.option("--sweep", default=None, metavar="KEY",
-              help="Chart test top-1 against KEY (e.g. dim, labels_per_class: a few-shot curve) instead of bars.")
+              help="Chart top-1 against KEY (e.g. dim, labels_per_class: a few-shot curve) instead of bars.")
 @click.option("--series", default="basis", show_default=True, metavar="KEY",
               help="With --sweep: one line per value of KEY (e.g. basis, method).")
+@click.option("--split", "split", type=click.Choice(["val", "test"]), default="val", show_default=True,
+              help="With --sweep: the split charted (val: the held-out rows settings are read off).")
 def report_cmd(run_dirs: tuple[str, ...], teacher_eval: tuple[str, ...], png: str | None, out: str | None,
-               sweep: str | None, series: str) -> None:
+               sweep: str | None, series: str, split: str) -> None:
     """Compare finished runs: Markdown table on stdout, chart as PNG (bars per label budget, or with --sweep
     a line per --series against KEY).
 
@@ -180,7 +182,8 @@ def report_cmd(run_dirs: tuple[str, ...], teacher_eval: tuple[str, ...], png: st
         Path(out).write_text(table)
         click.echo(f"wrote {out}", err=True)
     path = Path(png) if png else _default_png([Path(r["run_dir"]) for r in runs])
-    png_path = (plot_sweep(runs, path, sweep, series, teacher) if sweep else plot_runs(runs, path, teacher))
+    png_path = (plot_sweep(runs, path, sweep, series, teacher, split) if sweep
+                else plot_runs(runs, path, teacher))
     click.echo(str(png_path), err=True)
 
 

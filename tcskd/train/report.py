@@ -352,20 +352,26 @@ def _budget_order(budgets: Iterable[Any]) -> list[float | None]:
     return sorted((b for b in seen if b is not None)) + ([None] if None in seen else [])
 
 
-def teacher_reference(teacher_eval: list[dict[str, Any]] | None, budget: float | None) -> dict[str, float]:
-    """The teacher's test kNN and linear-probe top-1 (%) at a label budget: the mean over the ``tcskd eval``
-    results of that budget (seeds); keys of :data:`TEACHER_LINES` that some result gives."""
+def teacher_reference(teacher_eval: list[dict[str, Any]] | None, budget: float | None,
+                      split: str = "test") -> dict[str, float]:
+    """The teacher's kNN and linear-probe top-1 (%) at a label budget on ``split`` (test, or val: the held-out
+    rows): the mean over the ``tcskd eval`` results of that budget (seeds); keys of :data:`TEACHER_LINES`
+    that some result gives."""
     evals = [e for e in teacher_eval or [] if _budget(e.get("labels_per_class")) == budget]
     out = {}
     for key, _, _ in TEACHER_LINES:
-        mean, _, n = mean_std(100 * _num(e[key]) for e in evals if _num(e.get(key)) is not None)
+        src = key if split == "test" else f"val_{key}"
+        mean, _, n = mean_std(100 * _num(e[src]) for e in evals if _num(e.get(src)) is not None)
         if n:
             out[key] = mean
     return out
 
 
-def _metric(runs: list[dict[str, Any]]) -> tuple[str, str]:
-    return ("test_miou", "test mIoU") if _tasks(runs) == ["segment"] else ("test_top1", "test top-1")
+def _metric(runs: list[dict[str, Any]], split: str = "test") -> tuple[str, str]:
+    if split not in ("val", "test"):
+        raise TcskdError(f"unknown split '{split}' for a chart (choose val or test)")
+    return ((f"{split}_miou", f"{split} mIoU") if _tasks(runs) == ["segment"]
+            else (f"{split}_top1", f"{split} top-1"))
 
 
 #: How a chart's legend names an option (a prefix of its value).
@@ -505,8 +511,9 @@ def _sweep_key(name: str) -> str:
 
 
 def sweep_figure(runs: list[dict[str, Any]], x: str = "dim", series: str = "basis_kind",
-                 teacher_eval: list[dict[str, Any]] | None = None) -> Any:
-    """Test top-1 (test mIoU when every run segments) against ``x``: one line per value of ``series`` with the
+                 teacher_eval: list[dict[str, Any]] | None = None, split: str = "val") -> Any:
+    """Top-1 on ``split`` (val by default: the held-out rows settings are chosen on; test; mIoU when every run
+    segments) against ``x``: one line per value of ``series`` with the
     sample std over seeds as error bars. With ``x`` = labels per class (a few-shot curve) there is one panel
     and the teacher's kNN and linear probe are lines over the budgets; otherwise one panel per label budget,
     each with its teacher's lines. TcskdError (one line) when the runs of one line differ in anything but
@@ -532,7 +539,7 @@ def sweep_figure(runs: list[dict[str, Any]], x: str = "dim", series: str = "basi
                  len(runs) - len(points))
     if not points or any(_num(r.get(x)) is None for r in points):
         raise TcskdError(f"a sweep needs a number for {x} in every run")
-    metric, what = _metric(points)
+    metric, what = _metric(points, split)
     budgets = [None] if curve else _budget_order(r.get("labels_per_class") for r in points)
     names = list(dict.fromkeys(_fmt_key(series, r.get(series)) for r in points))
     colour = dict(zip(names, _colours(len(names))))
@@ -558,7 +565,7 @@ def sweep_figure(runs: list[dict[str, Any]], x: str = "dim", series: str = "basi
             xs = _budget_order(e.get("labels_per_class") for e in teacher_eval or [])
             xs = [b for b in xs if b is not None]
             for key, text, style in TEACHER_LINES:
-                ys = [teacher_reference(teacher_eval, b).get(key) for b in xs]
+                ys = [teacher_reference(teacher_eval, b, split).get(key) for b in xs]
                 pts = [(b, y) for b, y in zip(xs, ys) if y is not None]
                 if pts:
                     ax.plot([b for b, _ in pts], [y for _, y in pts], color="dimgray", linestyle=style,
@@ -566,7 +573,7 @@ def sweep_figure(runs: list[dict[str, Any]], x: str = "dim", series: str = "basi
                     shown += [y for _, y in pts]
             ax.set_title("few-shot: labels per class", fontsize=9)
         else:
-            shown += _teacher_hlines(ax, teacher_reference(teacher_eval, budget))
+            shown += _teacher_hlines(ax, teacher_reference(teacher_eval, budget, split))
             ax.set_title(f"{_fmt_key('labels_per_class', budget)} labels/class", fontsize=9)
         values = sorted({_num(r[x]) for r in mine})
         if values[0] > 0 and values[-1] / values[0] >= 8:  # K or labels per class over orders of magnitude
@@ -585,8 +592,8 @@ def sweep_figure(runs: list[dict[str, Any]], x: str = "dim", series: str = "basi
 
 
 def plot_sweep(runs: list[dict[str, Any]], png_path: str | Path, x: str = "dim", series: str = "basis_kind",
-               teacher_eval: list[dict[str, Any]] | None = None) -> Path:
+               teacher_eval: list[dict[str, Any]] | None = None, split: str = "val") -> Path:
     """:func:`sweep_figure` written to ``png_path`` as PNG, e.g. ``plot_sweep(runs, "k.png", x="dim",
     series="basis")`` (accuracy against K per basis) or ``x="labels_per_class", series="method"`` (a few-shot
     curve)."""
-    return _save(sweep_figure(runs, x, series, teacher_eval), png_path)
+    return _save(sweep_figure(runs, x, series, teacher_eval, split), png_path)
