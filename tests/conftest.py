@@ -53,6 +53,15 @@ class TinyTeacher(nn.Module):
         return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a module of tiny runs: faster than two, and immune to a busy second core."""
+    was = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(was)
+
+
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory) -> str:
     """A torchscript teacher spec (16-d features)."""

@@ -54,13 +54,7 @@ def tiny_mlp(num_classes: int, in_channels: int) -> TinyMLP:
     return TinyMLP(in_channels)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The runs are tiny: one intra-op thread is faster than two, and immune to a busy second core."""
-    was = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(was)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: one intra-op thread (tests/conftest.py)
 
 
 def _to_u8(img: np.ndarray) -> np.ndarray:

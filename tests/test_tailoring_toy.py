@@ -77,13 +77,7 @@ def _kept(classify_from: str) -> dict[str, list[int]]:
         "taylor_order": torch.argsort(imp["taylor"], descending=True).tolist()}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy second core."""
-    was = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(was)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: one intra-op thread (tests/conftest.py)
 
 
 def test_classifier_on_the_coordinates():

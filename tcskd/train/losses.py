@@ -53,6 +53,15 @@ def ce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (per * keep).sum() / keep.sum().clamp(min=1)
 
 
+def elementwise_distance(kind: str, pred: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """The per-element distance of the ``mse`` and ``smooth-l1`` mimic losses (rows x K, not reduced)."""
+    if kind == "mse":
+        return (pred - tgt) ** 2
+    if kind == "smooth-l1":
+        return F.smooth_l1_loss(pred, tgt, reduction="none", beta=1.0)
+    raise ValueError(f"unknown mimic loss '{kind}' (choose {', '.join(MIMICS)})")
+
+
 def mimic_loss(c_hat: torch.Tensor, c: torch.Tensor, mask: torch.Tensor, kind: str = "mse",
                weight: torch.Tensor | None = None) -> torch.Tensor:
     """Distance between predicted and target coordinates (rows x K) on the active coordinates, averaged over
@@ -60,12 +69,7 @@ def mimic_loss(c_hat: torch.Tensor, c: torch.Tensor, mask: torch.Tensor, kind: s
     if kind == "cosine":
         per_row = 1.0 - F.cosine_similarity(c_hat * mask, c * mask, dim=1, eps=1e-8)
         return per_row.mean() if weight is None else (per_row * weight).sum() / weight.sum().clamp(min=1)
-    if kind == "mse":
-        per = (c_hat - c) ** 2
-    elif kind == "smooth-l1":
-        per = F.smooth_l1_loss(c_hat, c, reduction="none", beta=1.0)
-    else:
-        raise ValueError(f"unknown mimic loss '{kind}' (choose {', '.join(MIMICS)})")
+    per = elementwise_distance(kind, c_hat, c)
     if weight is None:
         return (per * mask).sum() / (c.shape[0] * mask.sum().clamp(min=1))
     return ((per * mask).sum(1) * weight).sum() / (weight.sum().clamp(min=1) * mask.sum().clamp(min=1))

@@ -74,6 +74,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tcskd.train.losses import ce_loss, elementwise_distance
+
 SELECT_BY = ("ablation", "ablation-ce", "taylor", "error", "worst")
 #: The criteria measured by switching coordinates off (:func:`ablation_deltas`).
 ABLATIONS = ("ablation", "ablation-ce")
@@ -153,12 +155,7 @@ def _mimic_ablated(pred: torch.Tensor, tgt: torch.Tensor, m: torch.Tensor, kind:
             return base.mean(), abl.mean(0)
         wsum = weight.sum().clamp(min=1)
         return (base * weight).sum() / wsum, (abl * weight[:, None]).sum(0) / wsum
-    if kind == "mse":
-        per = (pred - tgt) ** 2
-    elif kind == "smooth-l1":
-        per = F.smooth_l1_loss(pred, tgt, reduction="none", beta=1.0)
-    else:
-        raise ValueError(f"unknown mimic loss '{kind}'")
+    per = elementwise_distance(kind, pred, tgt)
     if weight is None:
         col, rows = per.sum(0), torch.tensor(float(pred.shape[0]), device=pred.device)
     else:
@@ -213,8 +210,6 @@ def ablation_deltas(logits: torch.Tensor, labels: torch.Tensor, c_hat: torch.Ten
     m = mask.detach().float()
     delta = torch.zeros_like(m)
     if classifier_weight is not None and c_hat is not None:
-        from tcskd.train.losses import ce_loss
-
         lg = logits.detach().float()
         delta += _ce_ablated(lg, labels, c_hat.detach().float() * m, classifier_weight.detach().float()) \
             - ce_loss(lg, labels)
