@@ -3,6 +3,6 @@
 from tcskd.store.bases import Basis, load_basis
 from tcskd.subspace.config import BasisConfig
 from tcskd.subspace.fit import fit_basis
-from tcskd.subspace.moments import Moments, stream_moments
+from tcskd.store.moments import Moments, stream_moments
 
 __all__ = ["Basis", "BasisConfig", "Moments", "fit_basis", "load_basis", "stream_moments"]
