@@ -279,8 +279,8 @@ def _fit_sample_basis(store: Store | None, cfg: CacheConfig, teacher: Teacher, d
     error = None
     if dist.is_main():
         try:
-            kept = None if held_out is None else np.asarray(source.indices, np.int64)[held_out]
-            _write_sample_basis(store, cfg, mom, images, len(rows), kept)
+            held_out_index = None if held_out is None else np.asarray(source.indices, np.int64)[held_out]
+            _write_sample_basis(store, cfg, mom, images, len(rows), held_out_index)
         except TcskdError as e:
             error = str(e)
     error = dist.broadcast_object(error)
