@@ -1,4 +1,5 @@
-"""Stage 2: streaming moments of the cached features, their bases (PCA, random, identity)."""
+"""Stage 2: bases (PCA, random, identity) of the cached features, from their streamed moments
+(tcskd.store.moments, shared with the cache stage's ``--dim K`` token basis)."""
 
 from tcskd.store.bases import Basis, load_basis
 from tcskd.subspace.config import BasisConfig
