@@ -69,7 +69,8 @@ SET_BY_RECIPE = {
     "eval": {"cache": "the train cache", "test_cache": "the test cache", "out": "OUT/teacher-lpc*-s*.json",
              "labels_per_class": "the grid's label budgets", "seed": "the grid's seeds"},
 }
-#: Options of the runs that the basis fit and the teacher eval take over unless their block sets them.
+#: Options of the runs that the basis fit, a ``dim`` cache's token basis and the teacher eval take over unless
+#: their block sets them.
 _HOLDOUT = ("val_frac", "val_per_class", "val_seed")
 #: Basis options that do not change the basis (a basis fitted with other values of these is kept).
 _BASIS_FREE = ("cache", "cache_root", "device", "chunk_rows", "plot", "name", "wait")
@@ -215,8 +216,8 @@ def load_recipe(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] =
         raise TcskdError(f"{src}: key 'out' must be a folder name (got {out!r})")
     device = _block(recipe, "device", src, str, default="auto")
     try:
-        caches = _caches(recipe, src, device, check_paths)
         shared = _fields(recipe, "train", TrainConfig, src)
+        caches = _caches(recipe, src, device, shared, check_paths)
         bases = _bases(recipe, src, device, shared)
         runs = _runs(recipe, src, device, shared, Path(out), bases, _cache_basis(caches["train"]))
         evals = _evals(recipe, src, device, shared, Path(out), runs, caches)
@@ -316,12 +317,15 @@ def _checked(cfg: Any, src: str, what: str) -> Any:
     return cfg
 
 
-def _caches(recipe: dict[str, Any], src: str, device: str, check_paths: bool = True) -> dict[str, CacheConfig]:
+def _caches(recipe: dict[str, Any], src: str, device: str, shared: dict[str, Any],
+            check_paths: bool = True) -> dict[str, CacheConfig]:
     block = dict(_block(recipe, "cache", src, dict, default={}))
     splits = block.pop("splits", ["train", "test"])
     if not isinstance(splits, list) or "train" not in splits or not all(s in ("train", "test") for s in splits):
         raise TcskdError(f"{src}: key 'cache.splits' must be a list of train and test, with train (got {splits!r})")
     values = {"device": device, **_fields(recipe, "cache", CacheConfig, src, block)}
+    if values.get("dim"):  # a --dim token basis leaves out the runs' validation rows, as a fitted basis does
+        values = {**{k: shared[k] for k in _HOLDOUT if k in shared}, **values}
     # cache.limit shrinks the training data only: the students are tested on the whole test split, and so is
     # the teacher, so that both figures of the report are on the same images.
     caches = {s: _checked(CacheConfig(**dict(values, limit=values.get("limit") if s == "train" else None), split=s),
@@ -347,7 +351,7 @@ def _bases(recipe: dict[str, Any], src: str, device: str, shared: dict[str, Any]
     out = {}
     for name, block in _block(recipe, "basis", src, dict, default={}).items():
         values = _fields(recipe, f"basis.{name}", BasisConfig, src, block or {})
-        if values.get("exclude_val"):
+        if values.get("exclude_val", True):  # the default: the runs' validation rows are left out
             values = {**{k: shared[k] for k in _HOLDOUT if k in shared}, **values}
         out[name] = _checked(BasisConfig(cache="<train cache>", name=name, **{"device": device, **values}), src,
                              f"basis {name}")

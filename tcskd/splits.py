@@ -6,7 +6,8 @@ accuracy):
 - **validation**: a stratified share of the training split (``val_frac``, or
   ``val_per_class`` rows of each class) is held out. A run uses those rows for
   nothing but its validation accuracy: not for CE, not for the mimic term, not
-  as kNN references; ``tcskd basis --exclude-val`` leaves them out of the fit.
+  as kNN references; by default ``tcskd basis`` and the ``tcskd cache --dim K`` token basis leave them out
+  of their fit too (``--include-val`` fits on them).
 - **labelled rows**: with ``labels_per_class n``, ``n`` rows of each class of
   the remaining (training) rows carry a label; the rest are used for the mimic
   term only. kNN references are exactly the labelled rows.

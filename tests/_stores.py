@@ -30,13 +30,14 @@ def write_cache(path: "Path | RemotePath", features: np.ndarray, *, fmt: str = "
                 teacher_spec: str = "synthetic", num_classes: int = 0, channels: int | None = None,
                 image_size: int | None = None, grid: tuple[int, int] | None = None,
                 coords_of: str | None = None, teacher_dim: int | None = None,
-                bases: Callable[[Store], None] | None = None) -> "Path | RemotePath":
+                bases: Callable[[Store], None] | None = None, split: str = "train",
+                sample_index: np.ndarray | None = None) -> "Path | RemotePath":
     """A cache at ``path`` holding ``features`` [N, V, D] (or [N, D] for one view); returns ``path``.
 
     ``features`` [N, V, T, D] make a patch cache (``grid`` defaults to a square of T tokens; ``coords_of`` and
     ``teacher_dim`` as in a ``--dim K`` cache).
 
-    ``labels`` default to -1, ``sample_index`` is 0..N-1, ``view_params`` 0, ``row_ok`` and ``chunk_done``
+    ``labels`` default to -1, ``sample_index`` to 0..N-1, ``split`` to train, ``view_params`` 0, ``row_ok`` and ``chunk_done``
     all True; ``complete`` (the manifest's flag) defaults to whether every chunk is done. ``bases(store)``
     writes bases before the cache is marked complete.
     """
@@ -54,9 +55,9 @@ def write_cache(path: "Path | RemotePath", features: np.ndarray, *, fmt: str = "
     dtype = dtype or str(x.dtype)
     if identity is None:
         identity = {"test": path.name, "data": {"spec": data_spec}, "teacher": {"spec": teacher_spec},
-                    "split": "train", "views": v, "dtype": dtype}
+                    "split": split, "views": v, "dtype": dtype}
         identity.update({k: dense[k] for k in ("tokens", "grid") if k in dense})
-    manifest = Manifest.new(key=cache_key(identity), identity=identity, data_spec=data_spec, split="train",
+    manifest = Manifest.new(key=cache_key(identity), identity=identity, data_spec=data_spec, split=split,
                             teacher_spec=teacher_spec, n_rows=n, views=v, dim=d, dtype=dtype, chunk_rows=chunk_rows,
                             num_classes=num_classes, channels=channels, image_size=image_size, complete=False,
                             skipped=[], dense_chunks=True, **dense)
@@ -65,7 +66,7 @@ def write_cache(path: "Path | RemotePath", features: np.ndarray, *, fmt: str = "
     try:
         store["features"][...] = x.astype(dtype)
         store["labels"][...] = np.full(n, -1, np.int64) if labels is None else np.asarray(labels, np.int64)
-        store["sample_index"][...] = np.arange(n)
+        store["sample_index"][...] = np.arange(n) if sample_index is None else np.asarray(sample_index, np.int64)
         store["view_params"][...] = (np.zeros((n, v, 5), np.float32) if view_params is None
                                      else np.asarray(view_params, np.float32))
         store["row_ok"][...] = np.ones(n, bool) if row_ok is None else np.asarray(row_ok, bool)

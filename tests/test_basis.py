@@ -17,7 +17,7 @@ from tcskd.store.bases import Basis, load_basis
 from tcskd.subspace import fit as fit_mod
 from tcskd.subspace.commands import basis as basis_cmd
 from tcskd.subspace.fit import BasisConfig, fit_basis, random_rotation
-from tcskd.subspace.moments import Moments, stream_moments
+from tcskd.store.moments import Moments, stream_moments
 
 FORMATS = ("zarr", "hdf5")
 #: A global cache, and a patch cache holding the same samples as T tokens per row (tcskd cache --tokens patch):
@@ -48,7 +48,9 @@ def _reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _fit(path: Path, **kw) -> dict:
-    return fit_basis(BasisConfig(cache=str(path), device="cpu", **kw))
+    """A fit on every row (``--include-val``) unless ``kw`` says otherwise: these tests compare the fit with
+    references over every row; the holdout's own tests (below) fit with the default."""
+    return fit_basis(BasisConfig(cache=str(path), device="cpu", **{"exclude_val": False, **kw}))
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +229,8 @@ def test_fit_on_other_cache(tmp_path, feats):
     b = make_feature_cache(tmp_path / "b", other, fmt="hdf5")
     with open_store(a) as st:
         key_a = st.manifest["key"]
-    s = fit_basis(BasisConfig(cache="b", fit_on="a", dim=6, cache_root=str(tmp_path), device="cpu", coords=True))
+    s = fit_basis(BasisConfig(cache="b", fit_on="a", dim=6, cache_root=str(tmp_path), device="cpu", coords=True,
+                              exclude_val=False))
     name = f"pca-fit-{key_a[:8]}"
     assert s["name"] == name
     on_b = _load(b, name)

@@ -219,6 +219,8 @@ def test_basis_from_refuses_a_global_cache_or_another_teacher(tmp_path, dense_te
     (["--dim", "4"], "--dim and --basis-from store coordinates of patch tokens: they need --tokens patch"),
     (["--tokens", "patch", "--dim", "99"], "--dim 99 exceeds the width of teacher"),
     (["--tokens", "patch", "--basis-from", "abc"], "--basis-from gives the basis of --dim K coordinates"),
+    (["--tokens", "patch", "--dim", "2", "--val-frac", "1"], "--val-frac must be in [0, 1) (got 1.0)"),
+    (["--tokens", "patch", "--dim", "2", "--val-per-class", "-1"], "--val-per-class must be >= 0 (got -1)"),
 ])
 def test_bad_dense_options_are_one_line(tmp_path, dense_teacher, args, says):
     data = make_npz(tmp_path / "d.npz", n=8)

@@ -119,7 +119,9 @@ def test_basis_two_ranks_equals_one_process(tmp_path, tiny_teacher):
         np.testing.assert_allclose(b.mean, a.mean, rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(np.abs((a.components * b.components).sum(1)), 1.0, atol=1e-8)
         np.testing.assert_allclose(s.read("bases/two/coords"), s.read("bases/one/coords"), atol=1e-3)
-        assert a.attrs["rows_used"] == b.attrs["rows_used"] == 90
+        # by default both leave the same validation rows out (8: 2 of each class's 22-23)
+        assert a.attrs["rows_used"] == b.attrs["rows_used"] == 90 - 8 == 90 - b.attrs["held_out_count"]
+        assert a.attrs["held_out_rows"] == b.attrs["held_out_rows"] is not None
     # NaN in one rank's share: every rank fails (none waits forever in all_reduce), naming the chunk.
     with open_store(path, "a") as s:
         s["features"][20, 0, 3] = np.nan

@@ -15,7 +15,7 @@ from tcskd.bench.measure import linear_fit, stats, sync
 from tcskd.store.backends import open_store
 from tcskd.store.chunks import iter_feature_chunks
 from tcskd.subspace.fit import BasisConfig, fit_basis
-from tcskd.subspace.moments import stream_moments
+from tcskd.store.moments import stream_moments
 
 #: The JSON's names (``basis_parts_s``) of the parts ``fit_basis`` times: the streamed pass that sums the
 #: moments, the decomposition, writing the basis, the scree plot.

@@ -219,7 +219,7 @@ def build_cache(cfg: CacheConfig) -> CacheResult:
         try:
             t = time.perf_counter()
             project = dense.prepare_projection(store, path, cfg, teacher, device,
-                                               _row_batches(source, cfg, teacher, device, lock), len(source))
+                                               _row_batches(source, cfg, teacher, device, lock), source)
             if cfg.dim is not None:
                 timings["basis"] = time.perf_counter() - t
             timings["setup"] = t - t0  # _fill adds the teacher's move and the loader's start
@@ -338,7 +338,7 @@ def _build_shard(cfg: CacheConfig, teacher, ident: dict[str, Any], key: str, pat
                     _record_shards(path, count)
                 t = time.perf_counter()
                 project = dense.prepare_projection(store, path, cfg, teacher, device,
-                                                   _row_batches(source, cfg, teacher, device, wide), len(source),
+                                                   _row_batches(source, cfg, teacher, device, wide), source,
                                                    shared=True)
                 if cfg.dim is not None:
                     timings["basis"] = timings.get("basis", 0.0) + time.perf_counter() - t
@@ -459,7 +459,7 @@ def _build_distributed(cfg: CacheConfig, source: Source, teacher, ident: dict[st
         store = open_store(path, "a")
         try:
             project = dense.prepare_projection(store if dist.is_main() else None, path, cfg, teacher, device,
-                                               _row_batches(source, cfg, teacher, device, lock), len(source))
+                                               _row_batches(source, cfg, teacher, device, lock), source)
             rows = _fill(store, cfg, source, teacher, device, chunk_ids=todo[dist.rank()::dist.world()],
                          project=project, lock=lock)
         finally:

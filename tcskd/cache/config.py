@@ -16,6 +16,7 @@ from tcskd.data import SPLITS
 from tcskd.device import DEVICES, resolve_workers
 from tcskd.errors import TcskdError
 from tcskd.options import opt
+from tcskd.splits import Holdout
 
 #: Storage dtypes of ``features``.
 DTYPES = ("float16", "float32")
@@ -118,6 +119,21 @@ class CacheConfig:
                                                                 "token basis (e.g. the train split's).")
     """With ``dim``: take the token basis of another patch cache of the same teacher (its ``bases/pca``, or
     the basis its coordinates are in) instead of fitting one, e.g. the train split's basis for the test split."""
+    exclude_val: bool = opt(True, cli="--exclude-val/--include-val",
+                            help="With --dim: draw the token basis's sample from the rows training runs do not "
+                                 "hold out for validation (--val-*; default), or from every row (--include-val).")
+    """With ``dim`` (a fitted basis, not ``basis_from``) on a cache of the train split: the rows every training
+    run with the same ``val_frac`` / ``val_per_class`` / ``val_seed`` holds out for validation
+    (:class:`tcskd.splits.Holdout`) are left out of the basis's sample, as ``tcskd basis`` leaves them out by
+    default. Part of the cache key only where it changes the basis (``tcskd.cache.dense.identity_extras``)."""
+    val_frac: float = opt(0.1, help="With --dim: share of each class held out of the basis sample, as in tcskd "
+                                    "train (unless --include-val).")
+    """With ``dim`` and ``exclude_val``: the share of each class held out (as ``tcskd train --val-frac``)."""
+    val_per_class: int | None = opt(None, help="With --dim: rows per class held out instead of a share (unless "
+                                               "--include-val).")
+    """With ``dim`` and ``exclude_val``: rows per class held out (as ``tcskd train --val-per-class``)."""
+    val_seed: int = opt(0, help="With --dim: holdout seed, as in tcskd train (unless --include-val).")
+    """With ``dim`` and ``exclude_val``: the holdout's seed (as ``tcskd train --val-seed``)."""
 
     def validate(self) -> None:
         """TcskdError (one line) for an unknown choice or a value out of range."""
@@ -148,6 +164,7 @@ class CacheConfig:
             parse_shard(self.shard)
         if self.basis_sample < 2:
             raise TcskdError(f"--basis-sample must be >= 2 (got {self.basis_sample})")
+        Holdout(self.val_frac, self.val_per_class, self.val_seed)  # checks the validation options
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -6,9 +6,17 @@ raw tokens never reach the disk:
 
 1. pass 1 (:func:`prepare_projection`): the tokens of every view of a seeded
    sample of ``--basis-sample`` images stream into float64 moments
-   (tcskd.subspace.moments; O(D^2) memory); their PCA basis (eigh, K
+   (tcskd.store.moments; O(D^2) memory); their PCA basis (eigh, K
    components) is written into the new store as ``bases/pca`` before any chunk
-   (or ``--basis-from`` copies another patch cache's basis there);
+   (or ``--basis-from`` copies another patch cache's basis there). The sample
+   is drawn from the rows training runs do not hold out for validation
+   (``--exclude-val``, the default, with ``--val-frac`` / ``--val-per-class`` /
+   ``--val-seed`` as in ``tcskd train``: :class:`tcskd.splits.Holdout`, which
+   depends only on labels and sample_index values), so no validation row
+   reaches the basis; the basis records the rows left out (``held_out_rows``,
+   as ``tcskd basis`` does) and the rule is part of the cache key (only where
+   it leaves rows out: ``--include-val``, a test split or an empty rule keep
+   the key a sample of every row has);
 2. pass 2 (tcskd.cache.build): every chunk holds each token's first K
    coordinates ``B (x - mean)`` (unwhitened; ``Manifest.coords_of = "pca"``).
 
@@ -32,13 +40,15 @@ from tcskd.cache.config import CacheConfig
 from tcskd.data import DataError
 from tcskd.device import autocast
 from tcskd.errors import NoTokensError, StoreError, TcskdError
+from tcskd.source import Source
+from tcskd.splits import Holdout, rows_digest
 from tcskd.store.backends import Store, open_store
+from tcskd.store import bases
 from tcskd.store.bases import Basis, load_basis, remove_leftovers
 from tcskd.store.handle import open_cache
 from tcskd.store.layout import bytes_per_image
 from tcskd.store.manifest import Manifest
-from tcskd.subspace import fit as subspace_fit
-from tcskd.subspace.moments import Moments
+from tcskd.store.moments import Moments, pca_of_moments
 from tcskd.views import center_view
 
 if TYPE_CHECKING:  # training imports this package and must never import the teachers (tests/test_train_loop.py)
@@ -48,6 +58,9 @@ log = logging.getLogger(__name__)
 
 #: The basis a ``--dim K`` cache's coordinates are in.
 BASIS_NAME = "pca"
+#: How the ``--dim`` basis's sample leaves the validation rows out (recorded in the cache key with the rule's
+#: options): the rows of :class:`tcskd.splits.Holdout` over the cache's rows are never drawn.
+HOLDOUT_RULE = "exclude-val-1"
 #: Version of the token extraction (``Teacher.token_map``) recorded in a patch cache's identity.
 TOKEN_MAP_VERSION = 1
 #: A batch of the sample pass: (rows, views, labels, view params, errors) as the cache stage's loader gives.
@@ -76,8 +89,20 @@ def identity_extras(cfg: CacheConfig, teacher: Teacher, basis_from_key: str | No
         coords: dict[str, Any] = {"basis": BASIS_NAME, "dim": cfg.dim}
         coords.update({"from": basis_from_key} if basis_from_key else {"sample": cfg.basis_sample,
                                                                          "seed": cfg.seed})
+        holdout = None if basis_from_key else sample_holdout(cfg)
+        if holdout is not None:  # only then: a basis drawn from every row keeps the key it had
+            coords["holdout"] = {**holdout.as_dict(), "rule": HOLDOUT_RULE}
         out["coords"] = coords
     return out
+
+
+def sample_holdout(cfg: CacheConfig) -> Holdout | None:
+    """The validation rule left out of the ``--dim`` basis's sample: None with ``--include-val``, on a split
+    other than train (no training run holds rows of it out) or when the rule holds out nothing."""
+    holdout = Holdout(cfg.val_frac, cfg.val_per_class, cfg.val_seed)
+    if not cfg.exclude_val or cfg.split != "train" or holdout.empty:
+        return None
+    return holdout
 
 
 def manifest_fields(cfg: CacheConfig, teacher: Teacher) -> dict[str, Any]:
@@ -164,19 +189,36 @@ def tokens_forward(teacher: Teacher, x: torch.Tensor, device: torch.device,
 
 # -- pass 1: the token basis ----------------------------------------------------------
 
-def sample_rows(n: int, sample: int, seed: int) -> np.ndarray:
-    """The rows (sorted) whose tokens fit the basis: all when ``n <= sample``, else a seeded draw."""
-    if n <= sample:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, size=sample, replace=False))
+def sample_rows(n: int, sample: int, seed: int, held_out: np.ndarray | None = None) -> np.ndarray:
+    """The rows (sorted) whose tokens fit the basis: every row not ``held_out`` (a mask over the ``n`` rows)
+    when they are at most ``sample``, else a seeded draw of ``sample`` of them."""
+    eligible = np.arange(n) if held_out is None else np.flatnonzero(~np.asarray(held_out, bool))
+    if len(eligible) <= sample:
+        return eligible
+    return eligible[np.sort(np.random.default_rng(seed).choice(len(eligible), size=sample, replace=False))]
+
+
+def held_out_rows(cfg: CacheConfig, source: Source) -> np.ndarray | None:
+    """The rows of ``source`` (the cache's rows) left out of the basis sample: the validation rows of the
+    training runs (:func:`sample_holdout`, decided by labels and sample_index values as training decides
+    them), or None."""
+    holdout = sample_holdout(cfg)
+    if holdout is None:
+        why = ("--include-val" if not cfg.exclude_val
+               else f"split '{cfg.split}' holds no training run's validation rows" if cfg.split != "train"
+               else "the holdout is empty")
+        log.info("token basis sample: drawn from every row (%s)", why)
+        return None
+    return holdout.mask(source.labels, np.asarray(source.indices, np.int64))
 
 
 def prepare_projection(store: Store | None, path: Any, cfg: CacheConfig, teacher: Teacher, device: torch.device,
-                       batches: Batches, n_rows: int, shared: bool = False) -> Projector | None:
+                       batches: Batches, source: Source, shared: bool = False) -> Projector | None:
     """The projection of a ``--dim K`` cache (None otherwise), its basis written into ``store`` first when absent.
 
     ``store`` (at ``path``) is open for writing on rank 0 (None on the other ranks, which read the basis from
-    ``path`` once rank 0 wrote it); ``batches(rows)`` yields the cache stage's input batches of those row lists.
+    ``path`` once rank 0 wrote it); ``batches(rows)`` yields the cache stage's input batches of those row lists
+    of ``source`` (the rows the cache holds; their labels and sample indices decide the held-out rows).
     Collective under torchrun. A stored basis (a resumed run) is used as it is. ``shared``: other processes
     (``--shard``) may be writing chunks, so only a half-written basis is removed, not the temporary files of
     chunk writes (the caller holds the cache-wide lock, which every basis writer takes).
@@ -196,7 +238,7 @@ def prepare_projection(store: Store | None, path: Any, cfg: CacheConfig, teacher
             if store is not None:
                 _copy_basis(store, cfg)
         else:
-            _fit_sample_basis(store, cfg, teacher, device, batches, n_rows)
+            _fit_sample_basis(store, cfg, teacher, device, batches, source)
         dist.barrier()
     if store is not None:
         basis = load_basis(store, BASIS_NAME)
@@ -207,9 +249,13 @@ def prepare_projection(store: Store | None, path: Any, cfg: CacheConfig, teacher
 
 
 def _fit_sample_basis(store: Store | None, cfg: CacheConfig, teacher: Teacher, device: torch.device,
-                      batches: Batches, n_rows: int) -> None:
+                      batches: Batches, source: Source) -> None:
     """Pass 1: moments of the sample's tokens (each rank its share, all-reduced), PCA, written by rank 0."""
-    rows = sample_rows(n_rows, cfg.basis_sample, cfg.seed)
+    held_out = held_out_rows(cfg, source)
+    rows = sample_rows(len(source), cfg.basis_sample, cfg.seed, held_out)
+    if held_out is not None:
+        log.info("token basis sample: %d validation row(s) held out (%s)", int(held_out.sum()),
+                 sample_holdout(cfg).as_dict())
     bs = cfg.batch_size or (256 if device.type == "cuda" else 32)
     teacher.to(device)
     shift = _shift(teacher, device, batches, int(rows[0]))
@@ -233,7 +279,8 @@ def _fit_sample_basis(store: Store | None, cfg: CacheConfig, teacher: Teacher, d
     error = None
     if dist.is_main():
         try:
-            _write_sample_basis(store, cfg, mom, images, len(rows))
+            held_out_index = None if held_out is None else np.asarray(source.indices, np.int64)[held_out]
+            _write_sample_basis(store, cfg, mom, images, len(rows), held_out_index)
         except TcskdError as e:
             error = str(e)
     error = dist.broadcast_object(error)
@@ -250,23 +297,31 @@ def _shift(teacher: Teacher, device: torch.device, batches: Batches, row: int) -
     return None
 
 
-def _write_sample_basis(store: Store, cfg: CacheConfig, mom: Moments, images: int, drawn: int) -> None:
+def _write_sample_basis(store: Store, cfg: CacheConfig, mom: Moments, images: int, drawn: int,
+                        held_out: np.ndarray | None) -> None:
+    """The PCA of the sample's moments as ``bases/pca``; ``held_out``: the sample_index values of the rows
+    left out of the sample (None: none), recorded as ``tcskd basis`` records them."""
     if not mom.finite():
         raise TcskdError("the teacher gave NaN/Inf tokens on the basis sample; nothing was stored")
     if mom.n < 2:
         raise StoreError(f"the basis sample has {mom.n} usable token(s); a basis needs at least 2")
-    fitted = subspace_fit.pca_of_moments(mom, int(cfg.dim))
+    fitted = pca_of_moments(mom, int(cfg.dim))
     m = Manifest.read(store)
     attrs = {
         "kind": "pca", "k": fitted.k, "whiten": False, "view": "all", "fit_on": m.key, "fit_on_path": str(store.path),
         "rows_used": images, "samples": fitted.samples, "total_variance": fitted.total_variance, "method": "eigh",
         "seed": cfg.seed, "cache_key": m.key, "dim_requested": cfg.dim, "energy": None,
         "feature_dim": int(fitted.mean.shape[0]), "fitted_on": "sample", "sample_images": images,
-        "sample_drawn": drawn, "tokens_per_view": m.n_tokens,
+        "sample_drawn": drawn, "tokens_per_view": m.n_tokens, "exclude_val": bool(cfg.exclude_val),
+        "holdout": sample_holdout(cfg).as_dict() if held_out is not None else None,
+        "held_out_rows": rows_digest(held_out) if held_out is not None else None,
+        "held_out_count": 0 if held_out is None else int(len(held_out)),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "tool_version": tcskd.__version__,
     }
-    subspace_fit.write_basis(store, BASIS_NAME, fitted, attrs)
+    arrays = {"mean": fitted.mean, "components": fitted.components, "eigenvalues": fitted.eigenvalues,
+              "explained_ratio": fitted.explained_ratio}
+    bases.write_basis(store, BASIS_NAME, arrays, attrs)
     log.info("token basis '%s': K=%d of D=%d explains %.4f of the variance of %d tokens of %d sampled image(s)",
              BASIS_NAME, fitted.k, m.teacher_dim, float(fitted.explained_ratio[-1]), fitted.samples, images)
 
@@ -281,10 +336,10 @@ def _copy_basis(store: Store, cfg: CacheConfig) -> None:
               "explained_ratio": basis.explained_ratio}
     attrs = {**basis.attrs, "cache_key": Manifest.read(store).key, "basis_from": src_key,
              "basis_from_name": name, "complete": False}
-    subspace_fit.bases.write_basis(store, BASIS_NAME, arrays, attrs)
+    bases.write_basis(store, BASIS_NAME, arrays, attrs)
     log.info("token basis '%s' taken from cache %s (basis '%s', first %d components)", BASIS_NAME, src_key,
              name, basis.k)
 
 
-__all__ = ["BASIS_NAME", "Projector", "bytes_per_image", "check_teacher", "describe_bytes", "identity_extras",
+__all__ = ["BASIS_NAME", "HOLDOUT_RULE", "Projector", "held_out_rows", "sample_holdout", "bytes_per_image", "check_teacher", "describe_bytes", "identity_extras",
            "manifest_fields", "prepare_projection", "sample_rows", "tokens_forward"]

@@ -13,7 +13,7 @@ from tcskd.device import DEVICES
 from tcskd.errors import TcskdError
 from tcskd.options import opt
 from tcskd.splits import Holdout
-from tcskd.subspace.moments import VIEWS
+from tcskd.store.moments import VIEWS
 
 #: Kinds of basis: principal directions, seeded random orthonormal directions, the raw features.
 KINDS = ("pca", "random", "identity")
@@ -77,19 +77,26 @@ class BasisConfig:
     chunk_rows: int | None = opt(None, help="Rows per read (default: the cache's chunk size).")
     """Rows per read (default: the cache's chunk size). The result does not depend on it."""
 
-    exclude_val: bool = opt(False, help="Leave the training runs' validation rows (--val-frac / --val-per-class / "
-                                        "--val-seed) out.")
+    exclude_val: bool = opt(True, cli="--exclude-val/--include-val",
+                            help="Leave the training runs' validation rows (--val-frac / --val-per-class / "
+                                 "--val-seed) out of the fit (default), or fit on them too (--include-val). A cache "
+                                 "of another split than train has none: nothing is held out.")
     """Leave the validation rows of the training runs (the seeded, stratified holdout of
-    ``tcskd.splits``, chosen by ``val_frac`` / ``val_per_class`` / ``val_seed``) out of the fit."""
+    ``tcskd.splits``, chosen by ``val_frac`` / ``val_per_class`` / ``val_seed``) out of the fit: the
+    default, so that no validation row reaches a basis unless asked (``--include-val``). The rows are those
+    of the cache the basis is fitted on (``fit_on``, else ``cache``); a cache of the test split (or of
+    ``all``) holds no training run's validation rows, so nothing is held out there (logged and recorded)."""
 
-    val_frac: float = opt(0.1, help="With --exclude-val: share of each class held out, as in tcskd train.")
-    """With ``exclude_val``: the share of each class held out (as ``tcskd train --val-frac``)."""
+    val_frac: float = opt(0.1, help="Share of each class held out, as in tcskd train (unless --include-val).")
+    """Unless ``exclude_val`` is off: the share of each class held out (as ``tcskd train --val-frac``)."""
 
-    val_per_class: int | None = opt(None, help="With --exclude-val: rows per class held out.")
-    """With ``exclude_val``: rows per class held out instead of a share (as ``tcskd train --val-per-class``)."""
+    val_per_class: int | None = opt(None, help="Rows per class held out instead of a share (unless "
+                                               "--include-val).")
+    """Unless ``exclude_val`` is off: rows per class held out instead of a share (as
+    ``tcskd train --val-per-class``)."""
 
-    val_seed: int = opt(0, help="With --exclude-val: holdout seed.")
-    """With ``exclude_val``: the seed of the holdout (as ``tcskd train --val-seed``)."""
+    val_seed: int = opt(0, help="Holdout seed, as in tcskd train (unless --include-val).")
+    """Unless ``exclude_val`` is off: the seed of the holdout (as ``tcskd train --val-seed``)."""
 
     plot: bool = opt(True, help="Draw the scree plot basis-NAME.png beside the cache.")
     """Draw the scree plot ``basis-<name>.png`` beside the cache (not part of the basis: not recorded in it)."""

@@ -18,6 +18,13 @@ sample. A ``--dim K`` cache (``Manifest.coords_of``) holds coordinates of its ow
 refused in one line (its basis is already in it; fit on a raw patch cache instead), as is ``fit_on`` across a
 global and a patch cache.
 
+Validation rows: by default (``exclude_val``) the rows every training run of the same ``--val-*`` options
+holds out for validation (tcskd.splits) are left out of the fit, so that no validation row reaches a basis
+unless ``--include-val`` asks for it; the basis records the choice (``exclude_val``), the rule
+(``holdout``, None when nothing was held out), how many rows (``held_out_count``) and which
+(``held_out_rows``, a digest of their sample_index values that training compares with its own). A cache of
+another split than train holds no training run's validation rows: nothing is held out there.
+
 ``explained_ratio`` is cumulative: the share of ``total_variance`` (the trace
 of the covariance; for ``identity`` the summed second moments) in the first k
 coordinates. Covariances are unbiased (divided by n - 1).
@@ -39,7 +46,7 @@ import io
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -61,7 +68,8 @@ from tcskd.store.manifest import Manifest
 from tcskd.store.paths import is_remote
 from tcskd.store.registry import BasisLock, cache_parent, resolve_cache
 from tcskd.subspace.config import BasisConfig
-from tcskd.subspace.moments import Moments, check_finite, raise_if_not_finite, stream_moments
+from tcskd.store.moments import (Fitted, Moments, check_finite, fitted_basis, note_rank, pca_of_moments,
+                                 raise_if_not_finite, sign_convention, stream_moments)
 
 log = logging.getLogger(__name__)
 
@@ -70,24 +78,6 @@ FIT_ARRAYS = ("features", "row_ok")
 #: Options that do not change the basis, left out of its recorded config.
 NOT_RECORDED = ("plot", "wait")
 TOP_EIGENVALUES = 10
-
-
-@dataclass
-class Fitted:
-    """A basis before it is written: K kept coordinates plus all D spectra for the plot."""
-
-    kind: str
-    mean: np.ndarray            # [D]
-    components: np.ndarray      # [K, D]
-    eigenvalues: np.ndarray     # [K]
-    explained_ratio: np.ndarray  # [K] cumulative
-    spectrum: np.ndarray        # all available eigenvalues (the scree)
-    total_variance: float
-    samples: int
-
-    @property
-    def k(self) -> int:
-        return int(self.components.shape[0])
 
 
 # -- the stage ---------------------------------------------------------------
@@ -138,10 +128,14 @@ def fit_basis(cfg: BasisConfig) -> BasisResult:
                     remove_leftovers(store, cache_dir, name)
                 ok = row_mask(src)
                 holdout = cfg.holdout()
-                held_out = None
+                held_out, held_out_count = None, 0
                 if holdout is not None:
                     val, held_out = holdout_rows(src, ok, holdout)
+                    held_out_count = int(val.sum())
                     ok &= ~val
+                    holdout = holdout if held_out is not None else None  # another split: none held out
+                else:
+                    log.info("--include-val: the training runs' validation rows are fitted on too")
                 rows_used = int(ok.sum())
                 log.info("fitting %s basis '%s' on %d rows (view %s) of %s on %s", cfg.kind, name,
                          rows_used, cfg.view, fit_dir, device)
@@ -158,7 +152,9 @@ def fit_basis(cfg: BasisConfig) -> BasisResult:
                 "samples": fitted.samples, "total_variance": fitted.total_variance,
                 "method": cfg.method if cfg.kind == "pca" else None,
                 "seed": cfg.seed if cfg.kind == "random" else None,
+                "exclude_val": bool(cfg.exclude_val),
                 "holdout": holdout.as_dict() if holdout is not None else None, "held_out_rows": held_out,
+                "held_out_count": held_out_count,
                 "dim_requested": cfg.dim, "energy": cfg.energy, "feature_dim": int(fitted.mean.shape[0]),
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "tool_version": tcskd.__version__,
@@ -240,13 +236,15 @@ def check_fittable(store: Store, other: Store | None = None) -> None:
                          f"{kinds[Manifest.read(other).dense]}: a basis must match the features")
 
 
-def holdout_rows(store: Store, ok: np.ndarray, holdout: Holdout) -> tuple[np.ndarray, str]:
+def holdout_rows(store: Store, ok: np.ndarray, holdout: Holdout) -> tuple[np.ndarray, str | None]:
     """(mask, digest of their sample_index values) of the validation rows (``tcskd.splits``) among the
-    usable rows ``ok`` of a cache of the train split."""
+    usable rows ``ok`` of a cache of the train split. A cache of another split (test, all) holds no training
+    run's validation rows: no row (an all-False mask) and digest None, logged."""
     split = Manifest.read(store).split or "train"
     if split != "train":
-        raise TcskdError(f"--exclude-val needs a cache of the train split (the rows training runs hold out); "
-                         f"{store.path} holds split '{split}'")
+        log.info("cache %s holds split '%s', not train: no training run's validation rows to leave out; "
+                 "fitting on every usable row", store.path, split)
+        return np.zeros(len(ok), bool), None
     labels = np.asarray(store.read("labels"), np.int64)
     sample_index = np.asarray(store.read("sample_index"), np.int64)
     out = np.zeros(len(ok), bool)
@@ -315,20 +313,6 @@ def _fit_pca_eigh(mom: Moments, cfg: BasisConfig) -> Fitted:
     return pca_of_moments(mom, lambda spectrum, total: _choose_k(spectrum, total, cfg))
 
 
-def pca_of_moments(mom: Moments, k: "int | Callable[[np.ndarray, float], int]") -> Fitted:
-    """The PCA basis (eigh of the covariance, decreasing eigenvalues, sign convention) of ``mom``, keeping ``k``
-    components (or ``k(spectrum, total_variance)`` of them)."""
-    cov = mom.covariance()
-    evals, evecs = torch.linalg.eigh(cov)
-    evals, evecs = evals.flip(0), evecs.flip(1)
-    comps = sign_convention(evecs.T)
-    spectrum = evals.clamp_min(0).cpu().numpy()
-    total = float(torch.diagonal(cov).sum().item())
-    k = int(k(spectrum, total)) if callable(k) else int(k)
-    _note_rank(k, mom.n)
-    return _fitted("pca", mom.mean(), comps[:k], spectrum, total, k, mom.n)
-
-
 def _fit_pca_svd(src: Store, cfg: BasisConfig, device: torch.device, ok: np.ndarray) -> Fitted:
     d = _dim(src)
     shape = src["features"].shape  # N x V x D, or N x V x T x D: every token a sample
@@ -364,8 +348,8 @@ def _fit_pca_svd(src: Store, cfg: BasisConfig, device: torch.device, ok: np.ndar
         raise TcskdError(f"--method svd yields {avail_k} components for {n} samples; --dim {cfg.dim} needs "
                          f"--method eigh")
     k = min(_choose_k(spectrum, total, cfg), avail_k)
-    _note_rank(k, n)
-    return _fitted("pca", mean, sign_convention(vh[:k]), spectrum, total, k, n)
+    note_rank(k, n)
+    return fitted_basis("pca", mean, sign_convention(vh[:k]), spectrum, total, k, n)
 
 
 def _fit_random(mom: Moments, cfg: BasisConfig) -> Fitted:
@@ -375,7 +359,7 @@ def _fit_random(mom: Moments, cfg: BasisConfig) -> Fitted:
     variances = ((rotation @ cov) * rotation).sum(1).clamp_min(0).cpu().numpy()
     total = float(torch.diagonal(cov).sum().item())
     k = _choose_k(variances, total, cfg)
-    return _fitted("random", mom.mean(), rotation[:k], variances, total, k, mom.n)
+    return fitted_basis("random", mom.mean(), rotation[:k], variances, total, k, mom.n)
 
 
 def _fit_identity(mom: Moments) -> Fitted:
@@ -383,19 +367,7 @@ def _fit_identity(mom: Moments) -> Fitted:
     second = mom.second_moment().clamp_min(0).cpu().numpy()
     total = float(second.sum())
     eye = torch.eye(d, dtype=torch.float64)
-    return _fitted("identity", torch.zeros(d, dtype=torch.float64), eye, second, total, d, mom.n)
-
-
-def _fitted(kind: str, mean: torch.Tensor, comps: torch.Tensor, spectrum: np.ndarray, total: float,
-            k: int, samples: int) -> Fitted:
-    if not total > 0:
-        raise StoreError("the features have zero variance: no coordinate system can be fitted")
-    ratio = np.cumsum(spectrum) / total
-    return Fitted(kind=kind, mean=mean.detach().cpu().numpy().astype(np.float64),
-                  components=comps.detach().cpu().numpy().astype(np.float64),
-                  eigenvalues=spectrum[:k].astype(np.float64).copy(),
-                  explained_ratio=np.minimum(ratio[:k], 1.0), spectrum=spectrum, total_variance=total,
-                  samples=int(samples))
+    return fitted_basis("identity", torch.zeros(d, dtype=torch.float64), eye, second, total, d, mom.n)
 
 
 def random_rotation(d: int, seed: int) -> torch.Tensor:
@@ -411,13 +383,6 @@ def random_rotation(d: int, seed: int) -> torch.Tensor:
     return (q * signs).T.contiguous()
 
 
-def sign_convention(comps: torch.Tensor) -> torch.Tensor:
-    """Flip each row so that its largest-magnitude entry is positive (deterministic signs)."""
-    idx = comps.abs().argmax(dim=1, keepdim=True)
-    signs = torch.where(torch.gather(comps, 1, idx) < 0, -1.0, 1.0).to(comps.dtype)
-    return comps * signs
-
-
 def _choose_k(spectrum: np.ndarray, total: float, cfg: BasisConfig) -> int:
     d = len(spectrum)
     if cfg.dim is not None:
@@ -427,13 +392,6 @@ def _choose_k(spectrum: np.ndarray, total: float, cfg: BasisConfig) -> int:
     ratio = np.cumsum(spectrum) / total if total > 0 else np.ones(d)
     reach = np.flatnonzero(ratio >= cfg.energy - 1e-12)
     return int(reach[0]) + 1 if len(reach) else d
-
-
-def _note_rank(k: int, samples: int) -> None:
-    if k > samples - 1:
-        log.warning("K=%d exceeds the rank of the centred data (at most %d for %d samples): the last %d "
-                    "component(s) have eigenvalue ~0 and arbitrary directions", k, samples - 1, samples,
-                    k - (samples - 1))
 
 
 def _available_bytes(device: torch.device) -> int:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -40,9 +40,6 @@ from tcskd.device import resolve_workers as _resolve_workers
 from tcskd.errors import TcskdError
 from tcskd.train.config import AUGMENTS, TrainConfig
 from tcskd.views import apply_mask_view, apply_view, center_params
-
-if TYPE_CHECKING:
-    from tcskd.train.inputs import RunInputs
 
 log = logging.getLogger(__name__)
 
@@ -436,7 +433,16 @@ def _loader(ds: ViewImages, sampler: Sampler, batch_size: int, workers: int, dev
                       persistent_workers=persistent and workers > 0, prefetch_factor=4 if workers and cuda else None)
 
 
-def train_loader(prep: RunInputs, cfg: TrainConfig, epoch: int, device: torch.device,
+class LoaderInputs(Protocol):
+    """What :func:`train_loader` reads of a prepared run (a :class:`tcskd.train.inputs.RunInputs`, or a
+    benchmark's stand-in): declared here so that this module does not import the one that imports it."""
+
+    train_set: ViewImages
+    views: int
+    store_targets: bool
+
+
+def train_loader(prep: LoaderInputs, cfg: TrainConfig, epoch: int, device: torch.device,
                  workers: int | str | None = None,
                  persistent: bool = False) -> DataLoader:
     """The training DataLoader of a prepared run at ``epoch``: this process's share of the epoch's order and

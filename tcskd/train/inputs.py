@@ -369,11 +369,11 @@ def _basis_excludes_val(basis: Basis | None, val: np.ndarray, sample_index: np.n
                 bool(val.any()) and basis.attrs.get("held_out_rows") == rows_digest(sample_index[val]))
     if fitted and val.any() and not excludes and basis.attrs.get("fitted_on") == "sample":
         log.warning("basis '%s' was fitted by `tcskd cache --dim` on a sample of images that may include the rows "
-                    "this run holds out for validation (for a basis without them: a raw --tokens patch cache and "
-                    "`tcskd basis --exclude-val`)", basis.name)
+                    "this run holds out for validation (build the cache without --include-val and with this run's "
+                    "--val-* options)", basis.name)
     elif fitted and val.any() and not excludes:
-        log.warning("basis '%s' was fitted on rows this run holds out for validation (fit it with "
-                    "`tcskd basis --exclude-val` and the same --val-* options)", basis.name)
+        log.warning("basis '%s' was fitted on rows this run holds out for validation (fit it without "
+                    "`tcskd basis --include-val` and with the same --val-* options)", basis.name)
     return excludes
 
 

@@ -1,4 +1,10 @@
-"""Streaming first and second moments of cached features, in float64.
+"""Streaming first and second moments of features, in float64, and the PCA of them.
+
+Below both stages that fit a basis: stage 2 (``tcskd basis``, tcskd.subspace.fit) streams a cache's
+``features`` through :func:`stream_moments`; stage 1 (``tcskd cache --tokens patch --dim K``,
+tcskd.cache.dense) sums the teacher's tokens of a sample of images into a :class:`Moments` before any
+chunk is written. Both turn the sums into a basis with :func:`pca_of_moments` (a :class:`Fitted`, which
+tcskd.store.bases writes).
 
 One pass over ``features`` chunk by chunk, holding O(D^2 + chunk) memory (a patch cache's every token is
 a sample):
@@ -16,6 +22,7 @@ can be summed across processes (``all_reduce``) or merged pairwise
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import numpy as np
@@ -242,3 +249,65 @@ def raise_if_not_finite(mom: Moments, store: Store, chunk_rows: int | None = Non
             check_finite(store, chunk, torch.from_numpy(np.ascontiguousarray(chunk.x[chunk.ok])))
     raise StoreError(f"cache {store.path}: the feature moments are not finite (NaN/Inf in the features); "
                      f"the cache is damaged: run `tcskd cache verify`")
+
+
+# -- the PCA of moments (a basis before it is written) ------------------------------
+
+@dataclass
+class Fitted:
+    """A basis before it is written: K kept coordinates plus all D spectra for the plot."""
+
+    kind: str
+    mean: np.ndarray            # [D]
+    components: np.ndarray      # [K, D]
+    eigenvalues: np.ndarray     # [K]
+    explained_ratio: np.ndarray  # [K] cumulative
+    spectrum: np.ndarray        # all available eigenvalues (the scree)
+    total_variance: float
+    samples: int
+
+    @property
+    def k(self) -> int:
+        return int(self.components.shape[0])
+
+
+def pca_of_moments(mom: Moments, k: "int | Callable[[np.ndarray, float], int]") -> Fitted:
+    """The PCA basis (eigh of the covariance, decreasing eigenvalues, sign convention) of ``mom``, keeping ``k``
+    components (or ``k(spectrum, total_variance)`` of them)."""
+    cov = mom.covariance()
+    evals, evecs = torch.linalg.eigh(cov)
+    evals, evecs = evals.flip(0), evecs.flip(1)
+    comps = sign_convention(evecs.T)
+    spectrum = evals.clamp_min(0).cpu().numpy()
+    total = float(torch.diagonal(cov).sum().item())
+    k = int(k(spectrum, total)) if callable(k) else int(k)
+    note_rank(k, mom.n)
+    return fitted_basis("pca", mom.mean(), comps[:k], spectrum, total, k, mom.n)
+
+
+def fitted_basis(kind: str, mean: torch.Tensor, comps: torch.Tensor, spectrum: np.ndarray, total: float,
+                 k: int, samples: int) -> Fitted:
+    """A :class:`Fitted` of K = ``k`` rows of ``comps`` (StoreError when the data have no variance)."""
+    if not total > 0:
+        raise StoreError("the features have zero variance: no coordinate system can be fitted")
+    ratio = np.cumsum(spectrum) / total
+    return Fitted(kind=kind, mean=mean.detach().cpu().numpy().astype(np.float64),
+                  components=comps.detach().cpu().numpy().astype(np.float64),
+                  eigenvalues=spectrum[:k].astype(np.float64).copy(),
+                  explained_ratio=np.minimum(ratio[:k], 1.0), spectrum=spectrum, total_variance=total,
+                  samples=int(samples))
+
+
+def sign_convention(comps: torch.Tensor) -> torch.Tensor:
+    """Flip each row so that its largest-magnitude entry is positive (deterministic signs)."""
+    idx = comps.abs().argmax(dim=1, keepdim=True)
+    signs = torch.where(torch.gather(comps, 1, idx) < 0, -1.0, 1.0).to(comps.dtype)
+    return comps * signs
+
+
+def note_rank(k: int, samples: int) -> None:
+    """Warn when K exceeds the rank of ``samples`` centred samples."""
+    if k > samples - 1:
+        log.warning("K=%d exceeds the rank of the centred data (at most %d for %d samples): the last %d "
+                    "component(s) have eigenvalue ~0 and arbitrary directions", k, samples - 1, samples,
+                    k - (samples - 1))
