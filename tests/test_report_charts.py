@@ -180,3 +180,28 @@ def test_sweep_on_val_reads_the_val_columns(tmp_path):
     (ax,) = sweep_figure(runs, x="dim", series="basis", teacher_eval=teacher, split="test").axes
     assert list(_errorbars(ax)[0].lines[0].get_data()[1]) == pytest.approx([91.0])
     assert _teacher_lines(ax) == pytest.approx({"knn_top1": 90.0, "linear_top1": 95.0})
+
+
+def test_kept_ranks_chart_draws_each_selection_step(tmp_path):
+    """One panel per tailored configuration: a dot per active rank at the epoch it took effect, and the title's
+    count of finally kept coordinates among the leading 64, per seed; untailored runs are left out."""
+    from tcskd.train.report import kept_ranks_figure
+
+    root = tmp_path / "runs"
+    steps = {"epoch": [0, 2, 3], "ranks": [list(range(256)), list(range(51, 256)), list(range(100, 264))]}
+    for seed, final in enumerate([list(range(100, 164)), list(range(32, 96))]):
+        _write(root, f"tail-s{seed}", seed, 0.9, method="tcs", dim=256, tailoring="taylor/1ep/-0.2/min64",
+               epochs=15, kept_ranks=steps, final_kept_ranks=final)
+    _write(root, "fixed-s0", 0, 0.9, method="tcs", dim=64, tailoring="off", epochs=15,
+           kept_ranks={"epoch": [0], "ranks": [list(range(64))]}, final_kept_ranks=list(range(64)))
+    fig = kept_ranks_figure(load_runs(sorted(root.iterdir())))
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(visible) == 1
+    ax = visible[0]
+    dots = [c.get_offsets() for c in ax.collections]
+    assert [len(d) for d in dots] == [256, 205, 164]
+    assert [sorted(set(d[:, 0].tolist())) for d in dots] == [[0.0], [2.0], [3.0]]
+    assert dots[2][:, 1].min() == 100
+    assert "kept in the leading 64: 0/64, 32/64" in ax.get_title()
+    with pytest.raises(TcskdError, match="no run among these tailored"):
+        kept_ranks_figure(load_runs([root / "fixed-s0"]))

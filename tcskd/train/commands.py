@@ -24,7 +24,7 @@ from tcskd.train.evaluate import evaluate_teacher
 from tcskd.train.export import FORMATS, export_run
 from tcskd.train.loop import train as run_train
 from tcskd.train.report import (expand_run_dirs, load_runs, load_teacher_eval, markdown_table, plot_runs,
-                                 plot_sweep)
+                                 plot_kept_ranks, plot_sweep)
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +159,10 @@ def _default_png(run_dirs: list[Path]) -> Path:
               help="With --sweep: one line per value of KEY (e.g. basis, method).")
 @click.option("--split", "split", type=click.Choice(["val", "test"]), default="val", show_default=True,
               help="With --sweep: the split charted (val: the held-out rows settings are read off).")
+@click.option("--kept", type=click.Path(dir_okay=False), default=None,
+              help="Also chart which coordinates tailoring kept, epoch by epoch (the tailored runs among these).")
 def report_cmd(run_dirs: tuple[str, ...], teacher_eval: tuple[str, ...], png: str | None, out: str | None,
-               sweep: str | None, series: str, split: str) -> None:
+               sweep: str | None, series: str, split: str, kept: str | None) -> None:
     """Compare finished runs: Markdown table on stdout, chart as PNG (bars per label budget, or with --sweep
     a line per --series against KEY).
 
@@ -185,6 +187,8 @@ def report_cmd(run_dirs: tuple[str, ...], teacher_eval: tuple[str, ...], png: st
     png_path = (plot_sweep(runs, path, sweep, series, teacher, split) if sweep
                 else plot_runs(runs, path, teacher))
     click.echo(str(png_path), err=True)
+    if kept:
+        click.echo(str(plot_kept_ranks(runs, kept)), err=True)
 
 
 __all__ = ["train", "eval_cmd", "export", "report_cmd"]

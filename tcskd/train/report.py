@@ -591,6 +591,55 @@ def sweep_figure(runs: list[dict[str, Any]], x: str = "dim", series: str = "basi
     return fig
 
 
+def kept_ranks_figure(runs: list[dict[str, Any]], top: int = 64) -> Any:
+    """Which coordinates tailoring kept, epoch by epoch: one panel per configuration and label budget (its
+    first seed; the others in the title's count), x = epochs done, y = the coordinate's rank in the basis (0 =
+    the leading principal direction), a dot for each active coordinate (``kept_ranks`` of final.json). The
+    title gives, over the configuration's seeds, how many of the finally kept coordinates are among the
+    leading ``top``. TcskdError (one line) when no run records a schedule that changed its coordinates."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    _, groups = group_runs(runs)
+    tailored = [g for g in groups if any(len((r.get("kept_ranks") or {}).get("epoch") or []) > 1 for r in g["runs"])]
+    if not tailored:
+        raise TcskdError("no run among these tailored its coordinates (final.json's kept_ranks has one entry)")
+    names = _config_labels([g["key"] for g in tailored], skip=())
+    cols = min(3, len(tailored))
+    rows = -(-len(tailored) // cols)
+    fig = Figure(figsize=(4.2 * cols, 3.4 * rows), dpi=120)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, g, name in zip(axes, tailored, names):
+        first = sorted(g["runs"], key=lambda r: str(r.get("seed")))[0]
+        kept = first["kept_ranks"]
+        epochs = list(kept["epoch"]) + [int(first.get("epochs") or kept["epoch"][-1] + 1)]
+        for e0, ranks in zip(epochs[:-1], kept["ranks"]):
+            ax.scatter(np.full(len(ranks), e0), ranks, s=1.5, color="tab:blue", linewidths=0)
+        ax.set_xlim(-0.5, epochs[-1] + 0.5)
+        ax.axhline(top - 0.5, color="tab:red", linewidth=0.8, linestyle="--")
+        finals = [r.get("final_kept_ranks") or [] for r in g["runs"]]
+        lead = [sum(1 for k in f if k < top) for f in finals]
+        budget = _fmt_key("labels_per_class", g["key"].get("labels_per_class"))
+        ax.set_title(f"{name}, {budget} labels/class\nkept in the leading {top}: "
+                     f"{', '.join(f'{n}/{len(f)}' for n, f in zip(lead, finals))}", fontsize=7)
+        ax.set_xlabel("epochs done", fontsize=7)
+        ax.set_ylabel("rank in the basis (0 = leading)", fontsize=7)
+        ax.invert_yaxis()
+        ax.tick_params(labelsize=6)
+    for ax in axes[len(tailored):]:
+        ax.set_visible(False)
+    fig.suptitle("coordinates kept by tailoring (dots: active ranks; red: the leading "
+                 f"{top})", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_kept_ranks(runs: list[dict[str, Any]], png_path: str | Path, top: int = 64) -> Path:
+    """:func:`kept_ranks_figure` written to ``png_path`` as PNG."""
+    return _save(kept_ranks_figure(runs, top), png_path)
+
+
 def plot_sweep(runs: list[dict[str, Any]], png_path: str | Path, x: str = "dim", series: str = "basis_kind",
                teacher_eval: list[dict[str, Any]] | None = None, split: str = "val") -> Path:
     """:func:`sweep_figure` written to ``png_path`` as PNG, e.g. ``plot_sweep(runs, "k.png", x="dim",
