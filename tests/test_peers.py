@@ -229,3 +229,31 @@ def test_the_built_in_teacher_inside_torchdistill_gives_its_cached_features(tmp_
     assert _cos(live, cached).min() >= 0.999
     # the cache rounds the resized input to whole grey levels (uint8), the peer resizes floats: norms within 2 %
     assert float((live.norm(dim=1) / cached.norm(dim=1) - 1).abs().max()) < 2e-2
+
+
+def test_the_control_tcskd_online_identity_and_the_peer_fitnets_follow_one_objective(tmp_path, tiny_teacher):
+    """Without augmentation, tcskd online with the identity basis and both peers' FitNet optimise the same
+    objective from the same start on the same batches: their epoch losses agree (the cache's uint8 rounding of
+    the teacher's input is the one difference) and far closer than to CE alone."""
+    from tcskd.subspace.config import BasisConfig
+    from tcskd.subspace.fit import fit_basis
+    from tcskd.train.loop import train
+    from tcskd.train.rundir import read_metrics
+
+    npz = make_npz(tmp_path / "d.npz", n_train=40, n_test=16)
+    res = build_cache(CacheConfig(data=f"npz:{npz}", teacher=tiny_teacher, image_size=16, chunk_rows=16,
+                                  batch_size=8, device="cpu", workers=0, cache_root=str(tmp_path / "caches")))
+    fit_basis(BasisConfig(cache=str(res.path), name="identity", kind="identity", exclude_val=True, device="cpu"))
+    cfg = _cfg((tmp_path, str(res.path)), "torchdistill-fitnet", batch_size=18)
+    online = dataclasses.replace(cfg.train_config("online"), basis="identity", dim=16, out=str(tmp_path / "online"))
+    train(online)
+    ours = [r["loss"] for r in read_metrics(tmp_path / "online" / "metrics.jsonl", 2)]
+    ce = dataclasses.replace(cfg.train_config("ce"), out=str(tmp_path / "ce"))
+    train(ce)
+    ce_loss = [r["loss"] for r in read_metrics(tmp_path / "ce" / "metrics.jsonl", 2)]
+    for arm in ("torchdistill-fitnet", "timm-fitnet"):
+        run_arm(dataclasses.replace(cfg, arm=arm, out=str(tmp_path / arm)))
+        peer = [json.loads(r)["loss"] for r in (tmp_path / arm / "metrics.jsonl").read_text().splitlines()]
+        gap = max(abs(a - b) / b for a, b in zip(peer, ours))
+        assert gap < 2e-3
+        assert min(abs(a - b) / b for a, b in zip(peer, ce_loss)) > 20 * gap

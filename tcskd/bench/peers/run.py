@@ -214,8 +214,9 @@ def finish(p: Prepared, arm: Arm, out: Path, epoch_seconds: list[float], images:
         "basis_kind": "identity" if teacher_dim else None, "dim": teacher_dim, "basis": None,
         "labels_per_class": cfg.labels_per_class, "seed": cfg.seed, "student": cfg.student,
         "student_params": sum(q.numel() for q in p.student.backbone.parameters()),
-        "lambda": cfg.lam if teacher_dim else 0.0, "target_norm": cfg.target_norm if teacher_dim else None,
-        "target_scale": p.target_scale, "mimic": "mse" if teacher_dim else None, "tailoring": "off",
+        # as tcskd train records them (ce: lambda 0, the mimic options at their values, mimic_on None)
+        "lambda": cfg.lam if teacher_dim else 0.0, "target_norm": cfg.target_norm, "target_scale": p.target_scale,
+        "mimic": "mse", "mimic_on": "global" if teacher_dim else None, "tailoring": "off",
         "elsh_bits": 0, "classify_from": "feature", "epochs": cfg.epochs, "augment": prep.augment,
         "train_seconds": train_seconds, "epoch_seconds": epoch_seconds,
         "seconds_per_epoch": seconds_per_epoch(epoch_seconds),
