@@ -257,3 +257,17 @@ def test_the_control_tcskd_online_identity_and_the_peer_fitnets_follow_one_objec
         gap = max(abs(a - b) / b for a, b in zip(peer, ours))
         assert gap < 2e-3
         assert min(abs(a - b) / b for a, b in zip(peer, ce_loss)) > 20 * gap
+
+
+def test_the_command_refuses_a_missing_cache_in_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    from tcskd.bench.peers.__main__ import main
+
+    out = tmp_path / "run"
+    monkeypatch.setattr("sys.argv", ["peers", "--arm", "timm-ce", "--cache", str(tmp_path / "nope"),
+                                     "--device", "cpu", "--out", str(out)])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tcskd: error: ") and "nope" in err[0]
+    assert not out.exists()

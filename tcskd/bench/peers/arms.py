@@ -5,6 +5,8 @@ teacher (:class:`~tcskd.bench.peers.glue.PeerTeacher`, None for CE-only), the in
 projector of tcskd's fitnet head, copied into the peer's own regressor so both start from the same weights)
 and the optimiser / schedule settings; it exposes one interface to the epoch loop (tcskd.bench.peers.run):
 ``begin_epoch(epoch)``, ``step(x, y) -> loss`` (one optimizer step and one scheduler step) and ``end_epoch()``.
+The forward of a step runs under ``tcskd.device.autocast`` as tcskd's loop runs its own (bf16 on CUDA, nothing
+on the CPU); the losses are computed in float32 (torch autocasts ``mse_loss``; the CE casts its logits).
 
 - ``torchdistill-fitnet``: a ``torchdistill.core.distillation.DistillationBox`` built from a declarative
   train config: the teacher hooked at ``embedding`` (its global embedding / the target scale), frozen
@@ -35,6 +37,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from tcskd.device import autocast
 from tcskd.errors import TcskdError
 from tcskd.bench.peers.glue import LabelledCrossEntropy, PeerStudent, PeerTeacher
 
@@ -85,6 +88,7 @@ class Arm:
     teacher: PeerTeacher | None
     optimizer: torch.optim.Optimizer
     scheduler: Any
+    device: torch.device
 
     def begin_epoch(self, epoch: int) -> None:
         raise NotImplementedError
@@ -167,6 +171,7 @@ class TorchdistillFitNet(Arm):
 
         _register_torchdistill_ce()
         self.student, self.teacher = student, teacher
+        self.device = device
         config = torchdistill_fitnet_config(student.num_features, teacher.num_features, lam, opt, epochs)
         self.box = DistillationBox(teacher, student, {}, config, device, None, False, 1)
         linear = self.box.student_model.linear
@@ -180,7 +185,8 @@ class TorchdistillFitNet(Arm):
         self.box.pre_epoch_process(epoch=epoch)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        loss = self.box.forward_process(x, y)
+        with autocast(self.device):  # the forward as tcskd's (bf16 on CUDA); backward and step outside
+            loss = self.box.forward_process(x, y)
         self.box.post_forward_process(loss)
         return loss.detach()
 
@@ -198,6 +204,7 @@ class TorchdistillCE(Arm):
 
         _register_torchdistill_ce()
         self.student, self.teacher = student, None
+        self.device = device
         self.box = TrainingBox(student, {}, torchdistill_ce_config(opt, epochs), device, None, False, 1)
         self.optimizer, self.scheduler = self.box.optimizer, self.box.lr_scheduler
 
@@ -205,7 +212,8 @@ class TorchdistillCE(Arm):
         self.box.pre_epoch_process(epoch=epoch)
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        loss = self.box.forward_process(x, y)
+        with autocast(self.device):  # the forward as tcskd's (bf16 on CUDA); backward and step outside
+            loss = self.box.forward_process(x, y)
         self.box.post_forward_process(loss)
         return loss.detach()
 
@@ -230,7 +238,8 @@ class _TimmArm(Arm):
         self.task.train()
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        loss = self.task(x, y)["loss"]
+        with autocast(self.device):  # as timm's train.py runs the task under AMP, and tcskd its forward
+            loss = self.task(x, y)["loss"]
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -247,6 +256,7 @@ class TimmFitNet(_TimmArm):
         from timm.task import DistillationTeacher, FeatureDistillationTask
 
         self.student, self.teacher = student, teacher
+        self.device = device
         self.task = FeatureDistillationTask(student, DistillationTeacher(teacher, device=device),
                                             criterion=LabelledCrossEntropy(), distill_loss_weight=float(lam),
                                             task_loss_weight=1.0, device=device, verbose=False)
@@ -267,6 +277,7 @@ class TimmCE(_TimmArm):
         from timm.task import ClassificationTask
 
         self.student, self.teacher = student, None
+        self.device = device
         self.task = ClassificationTask(student, criterion=LabelledCrossEntropy(), device=device, verbose=False)
         self.task.to(device)
         self._optim(opt)

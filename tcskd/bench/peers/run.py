@@ -89,6 +89,8 @@ def prepare(cfg: PeerConfig, device: torch.device | None = None) -> Prepared:
         student, head = build_models(tcfg, prep)
     student.to(device)
     head.to(device)
+    if device.type == "cuda":  # as tcskd train's student
+        student.to(memory_format=torch.channels_last)
     return Prepared(cfg, tcfg, prep, device, PeerStudent(student, head.classifier), head, teacher, scale)
 
 
@@ -175,6 +177,8 @@ def train_one_epoch(p: Prepared, arm: Arm, loader: Any, epoch: int) -> dict[str,
     losses, steps, n, lr = [], 0, 0, arm.lr()
     for batch in loader:
         x = batch.x.to(p.device, non_blocking=True)
+        if p.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
         y = batch.label.to(p.device, non_blocking=True)
         lr = arm.lr()
         losses.append(arm.step(x, y))
