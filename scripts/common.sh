@@ -33,8 +33,8 @@ teacher_evals() {
   done
 }
 
-# The comparison report of every run in RUNS, with the teacher lines.
+# The comparison report of every run in RUNS, with the teacher lines (extra arguments go to tcskd report).
 report() {
   $TCSKD report "$RUNS"/*-lpc*/ $(for f in "$RUNS"/teacher-lpc*.json; do echo --teacher-eval "$f"; done) \
-    --png "$RUNS/report.png" | tee "$RUNS/report.md"
+    --png "$RUNS/report.png" "$@" | tee "$RUNS/report.md"
 }

@@ -107,7 +107,9 @@ xargs -a "$jobs_file" -d '\n' -P "$JOBS" -I{} bash -c '{}'
 rm -f "$jobs_file"
 
 echo "== report" >&2
-report
+kept=()
+compgen -G "$RUNS/tail-*-lpc*/final.json" >/dev/null && kept=(--kept "$RUNS/kept-ranks.png")
+report "${kept[@]}"
 # PCA against random as K shrinks: the tcs rows that differ only in K and the basis, one line per basis.
 sweep=()
 for k in 4 8 16 32 64; do
