@@ -123,7 +123,7 @@ def test_every_config_field_is_in_the_readme_synopsis():
 
 #: Options of other programs that the README names (torchrun's, scripts/seg_figure.py's, scripts/grid.sh's).
 FOREIGN = {"--nproc-per-node", "--nnodes", "--node-rank", "--rdzv-endpoint", "--rdzv-backend", "--names", "--out",
-           "--print"}
+           "--print", "--arm"}  # --arm: python -m tcskd.bench.peers
 
 
 def test_every_option_the_readme_names_exists():
