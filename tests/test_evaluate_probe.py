@@ -14,6 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from tcskd.cli import main
 from tcskd.errors import TcskdError
 from tcskd.options import check_values, click_options, config_from_params
 from tcskd.splits import Holdout, labelled_mask
@@ -24,7 +25,7 @@ from tcskd.train.report import load_teacher_eval, sweep_figure, teacher_lines, t
 
 from tests._stores import write_cache
 
-EPOCHS = 50
+EPOCHS = 30
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -235,3 +236,14 @@ def test_labelled_rows_never_overlap_the_validation_rows(per_class):
         assert not (lab & val).any()
         assert [int(lab[labels == c].sum()) for c in range(len(sizes))] == [min(per_class, n - v) for n, v in
                                                                             zip(sizes, [0, 0, 0, 1, 50])]
+
+
+def test_eval_command_says_which_decay_and_refuses_a_bad_one(tmp_path, problem):
+    _caches(tmp_path, problem, problem["vx"], problem["vy"])
+    args = ["eval", "--cache", str(tmp_path / "train"), "--test-cache", str(tmp_path / "test"), "--device", "cpu"]
+    res = CliRunner().invoke(main, [*args, "--probe-wd", "0.5"])
+    assert res.exit_code == 0, res.output
+    assert "linear probe top-1 (wd 0.5, given)" in res.output
+    res = CliRunner().invoke(main, [*args, "--probe-wd", "best", "--out", str(tmp_path / "e.json")])
+    assert res.exit_code == 2 and not (tmp_path / "e.json").exists()
+    assert res.output.strip().splitlines()[-1].endswith("--probe-wd must be auto or a finite number >= 0 (got 'best')")
