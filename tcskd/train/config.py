@@ -444,10 +444,10 @@ class EvalConfig:
     probe_epochs: int = opt(100, cli=False)
     """L-BFGS iterations of the linear probe."""
     probe_wd: float | str = opt("auto", metavar="auto|WD",
-                                help="The probe's L2 weight decay, or auto: the best of 1e-5 .. 10 on the validation "
+                                help="The probe's L2 weight decay, or auto: the best of 1e-5 .. 1000 on the validation "
                                      "rows (1e-3 when there are none).")
     """L2 penalty of the linear probe. ``auto``: each decay of ``tcskd.train.evaluate.PROBE_WD_GRID`` (1e-5,
-    1e-4, ..., 10) fits a probe on the labelled training rows, the one with the best top-1 on the held-out
+    1e-4, ..., 1000) fits a probe on the labelled training rows, the one with the best top-1 on the held-out
     validation rows is kept (ties: the larger decay) and only that one is scored on the test split; without
     labelled validation rows (``val_frac`` 0) the probe uses ``PROBE_WD_DEFAULT`` (1e-3), logged and recorded
     as such. A number: that decay, no search."""
