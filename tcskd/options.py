@@ -19,7 +19,8 @@ options of the stage's command are generated from the fields by
 
 The option's type follows the annotation: ``str``, ``int``, ``float`` (also
 ``X | None``), ``bool`` (an on/off flag: ``--x`` when the default is False,
-``--x/--no-x`` otherwise), ``int | str`` (a whole number or a word such as ``auto``), ``tuple[float, float]`` (two values), and a
+``--x/--no-x`` otherwise), ``int | str`` (a whole number or a word such as ``auto``), ``float | str`` (a number
+or a word), ``tuple[float, float]`` (two values), and a
 ``choices`` list becomes a ``click.Choice``; ``tuple[int, ...]`` (any length) is one comma-separated
 value (``--milestones 150,180,210``). Values are checked by the config's own ``validate()``, which the
 stage function calls, never by click callbacks.
@@ -126,6 +127,8 @@ def _base_type(annotation: Any) -> tuple[Any, bool]:
             return rest[0], len(rest) < len(args)
         if set(rest) == {int, str}:
             return INT_OR_STR, len(rest) < len(args)
+        if set(rest) == {float, str}:
+            return FLOAT_OR_STR, len(rest) < len(args)
         raise TypeError(f"unsupported option type {annotation!r}")
     return annotation, False
 
@@ -139,6 +142,30 @@ def _int_or_str(value: Any) -> Any:
     if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
         return int(value)
     return value
+
+
+#: ``float | str``, e.g. ``--probe-wd auto|WD``: a number (``1e-3`` too) becomes a float, other text stays a string.
+FLOAT_OR_STR = float | str
+
+
+def _float_or_str(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+class _FloatOrText(click.ParamType):
+    """``float | str`` on the command line: a number as a float, other text as it is."""
+
+    name = "number|text"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        return _float_or_str(value)
 
 
 class _IntOrText(click.ParamType):
@@ -190,6 +217,8 @@ def _click_type(base: Any, option: Option) -> Any:
         return base
     if base == INT_OR_STR:
         return _IntOrText()
+    if base == FLOAT_OR_STR:
+        return _FloatOrText()
     raise TypeError(f"unsupported option type {base!r}")
 
 
@@ -393,6 +422,8 @@ def _convert(value: Any, annotation: Any) -> tuple[bool, Any]:
         return isinstance(value, str), value
     if base == INT_OR_STR:
         return isinstance(value, (int, str)) and not isinstance(value, bool), _int_or_str(value)
+    if base == FLOAT_OR_STR:
+        return isinstance(value, (int, float, str)) and not isinstance(value, bool), _float_or_str(value)
     if typing.get_origin(base) is tuple:
         item = _variadic(base)
         if item is not None and isinstance(value, str):
@@ -418,7 +449,7 @@ def _describe(annotation: Any) -> str:
                 f"a list of {len(typing.get_args(base))} ({', '.join(t.__name__ for t in typing.get_args(base))})")
     else:
         what = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-                INT_OR_STR: "an integer or a string"}.get(
+                INT_OR_STR: "an integer or a string", FLOAT_OR_STR: "a number or a string"}.get(
             base, getattr(base, "__name__", str(base)))
     return what + (" or null" if optional else "")
 

@@ -111,7 +111,17 @@ class EvalResult(TypedDict):
     val_knn_top1: float | None
     """kNN top-1 on the held-out validation rows of the train cache (None without any)."""
     val_linear_top1: float | None
-    """Linear-probe top-1 on the validation rows (None without any, or with ``linear=False``)."""
+    """Linear-probe top-1 on the validation rows (None without any, or with ``linear=False``); with ``probe_wd``
+    auto the rows also chose the decay, so it is the best of the candidates (optimistic)."""
+    probe_wd: float | None
+    """The probe's L2 penalty (None with ``linear=False``)."""
+    probe_wd_source: str | None
+    """How it was set: val (chosen on the validation rows), given (``probe_wd`` a number) or default (auto
+    without labelled validation rows)."""
+    probe_wd_grid: list[float]
+    """The decays fitted (with val: ``tcskd.train.evaluate.PROBE_WD_GRID``)."""
+    probe_wd_val_top1: list[float | None]
+    """Each decay's validation top-1, in the order of ``probe_wd_grid`` (None without validation rows)."""
     k: int
     """Neighbours used (``k``, at most the reference rows)."""
     temperature: float

@@ -78,6 +78,8 @@ def _tiny(name: str, s: dict[str, str], out: Path) -> list[str]:
     common = [f"out={out}", "device=cpu", "train.epochs=1", "cache.batch_size=32", f"cache.cache_root={out}/caches"]
     if name == "default.yaml":
         return common + ["cache.limit=120", "cache.image_size=32"]
+    if name == "fewshot-builtin.yaml":  # two budgets, one seed
+        return common + ["cache.limit=120", "cache.image_size=32", "grid.labels_per_class=[1, 2]", "grid.seed=[0]"]
     tiny = common + [f"cache.teacher={s['teacher']}", "cache.image_size=28", "train.batch_size=32", "basis.pca.dim=16",
                      "train.epochs=2", "train.milestones=[1]"]  # multistep, its one milestone within the 2 epochs
     if name.startswith("cifar100"):

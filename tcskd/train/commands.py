@@ -84,6 +84,10 @@ def _resolved_row(args: list[str]) -> dict:
         return table_row(resolve_config(_config(sub, sub.params)))
 
 
+#: How ``tcskd eval`` says where the probe's weight decay came from.
+_WD_SOURCE = {"val": "chosen on val", "given": "given", "default": "default: no val rows"}
+
+
 def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.2f} %"
 
@@ -108,7 +112,9 @@ def eval_cmd(**params) -> None:
                  f"dim {res['dim']}"),
         (f"kNN top-1 (k={res['k']}, T={res['temperature']:g})",
          f"val {_pct(res['val_knn_top1'])}, test {_pct(res['knn_top1'])}"),
-        ("linear probe top-1", f"val {_pct(res['val_linear_top1'])}, test {_pct(res['linear_top1'])}"),
+        (f"linear probe top-1 (wd {res['probe_wd']:g}, {_WD_SOURCE[res['probe_wd_source']]})"
+         if res.get("probe_wd") is not None else "linear probe top-1",
+         f"val {_pct(res['val_linear_top1'])}, test {_pct(res['linear_top1'])}"),
     ]
     width = max(len(a) for a, _ in rows)
     for a, b in rows:

@@ -448,6 +448,14 @@ class EvalConfig:
     """Write the result as JSON to this file."""
     probe_epochs: int = opt(100, cli=False)
     """L-BFGS iterations of the linear probe."""
+    probe_wd: float | str = opt("auto", metavar="auto|WD",
+                                help="The probe's L2 weight decay, or auto: the best of 1e-5 .. 1000 on the validation "
+                                     "rows (1e-3 when there are none).")
+    """L2 penalty of the linear probe. ``auto``: each decay of ``tcskd.train.evaluate.PROBE_WD_GRID`` (1e-5,
+    1e-4, ..., 1000) fits a probe on the labelled training rows, the one with the best top-1 on the held-out
+    validation rows is kept (ties: the larger decay) and only that one is scored on the test split; without
+    labelled validation rows (``val_frac`` 0) the probe uses ``PROBE_WD_DEFAULT`` (1e-3), logged and recorded
+    as such. A number: that decay, no search."""
 
     def validate(self) -> None:
         """TcskdError (one line) for a value out of range."""
@@ -456,6 +464,12 @@ class EvalConfig:
         if self.temperature <= 0:
             raise TcskdError(f"the kNN temperature must be > 0 (got {self.temperature})")
         Holdout(self.val_frac, self.val_per_class, self.val_seed)  # checks the validation options
+        wd = self.probe_wd
+        if not (wd == "auto" if isinstance(wd, str) else isinstance(wd, (int, float)) and not isinstance(wd, bool)
+                and math.isfinite(wd) and wd >= 0):
+            raise TcskdError(f"--probe-wd must be auto or a finite number >= 0 (got {wd!r})")
+        if self.probe_epochs < 1:
+            raise TcskdError(f"probe_epochs must be >= 1 (got {self.probe_epochs})")
         if self.out and Path(self.out).is_dir():
             raise TcskdError(f"--out {self.out} is a directory: give a file name")
 

@@ -13,6 +13,9 @@ forward) and a trained student's embeddings alike.
   features (train mean / std), L2-regularised, fitted full-batch with L-BFGS
   from a seeded initialisation. The objective is strictly convex, so the
   result hardly depends on the seed, and it is deterministic on the CPU.
+  ``tcskd eval`` chooses the probe's L2 penalty on the held-out validation
+  rows (``linear_probe_eval``: a probe per decay of ``PROBE_WD_GRID``, the best
+  validation top-1 kept) and scores the test split once, with that probe only.
 
 Rows with a label below 0 (unlabelled) are ignored on both sides.
 
@@ -28,10 +31,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Sequence, cast
 
 import numpy as np
 import torch
@@ -148,67 +152,161 @@ def knn_top1(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_
 
 # -- linear probe -----------------------------------------------------------
 
-def linear_probe_top1(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
-                      epochs: int = 100, device: str | torch.device = "cpu", seed: int = 0,
-                      weight_decay: float = 1e-3) -> float:
-    """Top-1 accuracy (fraction) of a linear classifier on standardised features.
+#: The probe's candidate L2 penalties with ``probe_wd`` auto: log-spaced from 1e-5 to 1000. With 1 or 2 labels
+#: per class on the built-in default, 10 to 1000 win on validation (the probe then near a class-mean classifier
+#: on standardised features); with every label 1e-5 to 1e-3.
+PROBE_WD_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
+#: The probe's L2 penalty when there are no labelled validation rows to choose one on (the former fixed value).
+PROBE_WD_DEFAULT = 1e-3
+#: Query rows per probe forward pass.
+PROBE_QUERY_BATCH = 65536
 
-    Softmax regression with an L2 penalty ``weight_decay / 2 * ||W||^2`` on the
-    mean cross-entropy, fitted full-batch with L-BFGS (strong-Wolfe line search)
-    for at most ``epochs`` iterations (each one or a few passes over the
-    training rows). Features are standardised with the training rows' mean
-    and standard deviation. ``seed`` seeds the weight initialisation; labels
-    < 0 are ignored on both sides.
+
+@dataclass(frozen=True)
+class LinearProbe:
+    """A fitted linear probe: class = argmax of ``((x - mean) / std) @ w + b``."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    w: torch.Tensor
+    b: torch.Tensor
+    weight_decay: float
+
+    @torch.no_grad()
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """int64 class predictions for every row of ``x`` (N x D)."""
+        out = np.empty(len(x), dtype=np.int64)
+        for start in range(0, len(x), PROBE_QUERY_BATCH):
+            q = torch.as_tensor(np.asarray(x[start:start + PROBE_QUERY_BATCH]), device=self.w.device).float()
+            out[start:start + len(q)] = (((q - self.mean) / self.std) @ self.w + self.b).argmax(1).cpu().numpy()
+        return out
+
+
+def fit_linear_probes(train_x: np.ndarray, train_y: np.ndarray, weight_decays: Sequence[float],
+                      num_classes: int | None = None, epochs: int = 100, device: str | torch.device = "cpu",
+                      seed: int = 0) -> list[LinearProbe]:
+    """One probe per L2 penalty of ``weight_decays``, each fitted on the labelled rows of ``train_x``/``train_y``
+    from the same seeded initialisation (so each equals a probe fitted alone at its decay).
+
+    Softmax regression with the penalty ``weight_decay / 2 * ||W||^2`` on the mean cross-entropy, fitted
+    full-batch with L-BFGS (strong-Wolfe line search) for at most ``epochs`` iterations, on features
+    standardised with the training rows' mean and standard deviation (one standardised copy, shared by the
+    fits). ``num_classes`` defaults to the largest training label + 1.
     """
-    return linear_probe_scores(train_x, train_y, [(test_x, test_y)], epochs, device, seed, weight_decay)[0]
-
-
-def linear_probe_scores(train_x: np.ndarray, train_y: np.ndarray, queries: list[tuple[np.ndarray, np.ndarray]],
-                        epochs: int = 100, device: str | torch.device = "cpu", seed: int = 0,
-                        weight_decay: float = 1e-3) -> list[float]:
-    """:func:`linear_probe_top1` of one probe, fitted once, on each (x, y) of ``queries``."""
     if epochs < 1:
         raise TcskdError(f"linear probe epochs must be >= 1 (got {epochs})")
+    bad = [wd for wd in weight_decays if not (math.isfinite(wd) and wd >= 0)]
+    if bad:
+        raise TcskdError(f"the probe's weight decay must be a finite number >= 0 (got {bad[0]})")
     tx, ty = _labelled(train_x, train_y, "train")
-    labelled = [_labelled(qx, qy, "test") for qx, qy in queries]
-    for vx, _ in labelled:
-        if tx.shape[1] != vx.shape[1]:
-            raise TcskdError(f"train features have {tx.shape[1]} dims, test features {vx.shape[1]}")
     dev = _as_device(device)
-    c = int(max([ty.max()] + [vy.max() for _, vy in labelled])) + 1
+    c = int(num_classes if num_classes is not None else ty.max() + 1)
     d = tx.shape[1]
-
     # A copy (never a view of the caller's array): it is standardised in place below.
     x = torch.tensor(np.asarray(tx), dtype=torch.float32, device=dev)
     y = torch.as_tensor(ty, device=dev)
     mean = x.mean(0)
     std = x.std(0, unbiased=False).clamp_min(1e-6)
     x.sub_(mean).div_(std)
+    probes = []
+    for wd in weight_decays:
+        gen = torch.Generator().manual_seed(seed)
+        w = (torch.randn(d, c, generator=gen) * 0.01).to(dev).requires_grad_(True)
+        b = torch.zeros(c, device=dev, requires_grad=True)
+        opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=epochs, history_size=20,
+                                line_search_fn="strong_wolfe", tolerance_grad=1e-6, tolerance_change=1e-9)
 
-    gen = torch.Generator().manual_seed(seed)
-    w = (torch.randn(d, c, generator=gen) * 0.01).to(dev).requires_grad_(True)
-    b = torch.zeros(c, device=dev, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=epochs, history_size=20,
-                            line_search_fn="strong_wolfe", tolerance_grad=1e-6, tolerance_change=1e-9)
+        def closure(w: torch.Tensor = w, b: torch.Tensor = b, opt: torch.optim.LBFGS = opt,
+                    wd: float = float(wd)) -> torch.Tensor:
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(x @ w + b, y) + 0.5 * wd * (w * w).sum()
+            loss.backward()
+            return loss
 
-    def closure() -> torch.Tensor:
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(x @ w + b, y) + 0.5 * weight_decay * (w * w).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+        opt.step(closure)
+        probes.append(LinearProbe(mean, std, w.detach(), b.detach(), float(wd)))
     del x
-    scores = []
-    with torch.no_grad():
-        for vx, vy in labelled:
-            correct = 0
-            for start in range(0, len(vy), 65536):
-                q = torch.as_tensor(np.asarray(vx[start:start + 65536]), device=dev).float()
-                pred = (((q - mean) / std) @ w + b).argmax(1).cpu().numpy()
-                correct += int((pred == vy[start:start + 65536]).sum())
-            scores.append(correct / len(vy))
-    return scores
+    return probes
+
+
+def probe_top1(probe: LinearProbe, x: np.ndarray, y: np.ndarray, side: str = "test") -> float:
+    """Top-1 accuracy (fraction) of ``probe`` on the labelled rows of ``x``/``y``."""
+    vx, vy = _labelled(x, y, side)
+    if vx.shape[1] != probe.w.shape[0]:
+        raise TcskdError(f"train features have {probe.w.shape[0]} dims, {side} features {vx.shape[1]}")
+    return float((probe.predict(vx) == vy).mean())
+
+
+def linear_probe_top1(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+                      epochs: int = 100, device: str | torch.device = "cpu", seed: int = 0,
+                      weight_decay: float = PROBE_WD_DEFAULT) -> float:
+    """Top-1 accuracy (fraction) of a linear classifier on standardised features.
+
+    Softmax regression with an L2 penalty ``weight_decay / 2 * ||W||^2`` on the mean cross-entropy, fitted
+    full-batch with L-BFGS (strong-Wolfe line search) for at most ``epochs`` iterations (each one or a few
+    passes over the training rows). Features are standardised with the training rows' mean and standard
+    deviation. ``seed`` seeds the weight initialisation; labels < 0 are ignored on both sides.
+    """
+    return linear_probe_scores(train_x, train_y, [(test_x, test_y)], epochs, device, seed, weight_decay)[0]
+
+
+def linear_probe_scores(train_x: np.ndarray, train_y: np.ndarray, queries: list[tuple[np.ndarray, np.ndarray]],
+                        epochs: int = 100, device: str | torch.device = "cpu", seed: int = 0,
+                        weight_decay: float = PROBE_WD_DEFAULT) -> list[float]:
+    """:func:`linear_probe_top1` of one probe, fitted once, on each (x, y) of ``queries``."""
+    tx, ty = _labelled(train_x, train_y, "train")
+    labelled = [_labelled(qx, qy, "test") for qx, qy in queries]
+    for vx, _ in labelled:
+        if tx.shape[1] != vx.shape[1]:
+            raise TcskdError(f"train features have {tx.shape[1]} dims, test features {vx.shape[1]}")
+    c = int(max([ty.max()] + [vy.max() for _, vy in labelled])) + 1
+    probe = fit_linear_probes(tx, ty, [weight_decay], c, epochs, device, seed)[0]
+    return [probe_top1(probe, vx, vy) for vx, vy in labelled]
+
+
+def linear_probe_eval(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
+                      test_x: np.ndarray, test_y: np.ndarray, weight_decay: float | str = "auto",
+                      epochs: int = 100, device: str | torch.device = "cpu", seed: int = 0) -> dict[str, Any]:
+    """The linear probe of ``tcskd eval``: its decay chosen on the validation rows, then test scored once.
+
+    ``weight_decay`` ``auto``: a probe per decay of :data:`PROBE_WD_GRID`, each fitted on the labelled training
+    rows and scored on the labelled validation rows; the best validation top-1 wins (ties: the larger decay)
+    and only that probe is scored on the test rows. Without labelled validation rows, :data:`PROBE_WD_DEFAULT`
+    (logged). A number: that decay. Returns ``linear_top1`` (test), ``val_linear_top1`` (None without
+    validation rows; with ``auto`` it is the best of the candidates, so an optimistic figure), ``probe_wd`` (the
+    decay used), ``probe_wd_source`` (val | given | default), ``probe_wd_grid`` (the decays fitted) and
+    ``probe_wd_val_top1`` (each one's validation top-1, None without validation rows).
+    """
+    tx, ty = _labelled(train_x, train_y, "train")
+    val_y = np.asarray(val_y).reshape(-1)
+    has_val = bool((val_y >= 0).any())
+    vx, vy = _labelled(val_x, val_y, "validation") if has_val else (None, None)
+    ex, ey = _labelled(test_x, test_y, "test")
+    c = int(max([ty.max(), ey.max()] + ([vy.max()] if has_val else []))) + 1
+    if weight_decay == "auto" and has_val:
+        grid, source = list(PROBE_WD_GRID), "val"
+    elif weight_decay == "auto":
+        grid, source = [PROBE_WD_DEFAULT], "default"
+        log.warning("linear probe: no labelled validation rows to choose its weight decay on (--val-frac 0); "
+                    "it uses %g", PROBE_WD_DEFAULT)
+    elif isinstance(weight_decay, str):
+        raise TcskdError(f"the probe's weight decay must be auto or a number (got {weight_decay!r})")
+    else:
+        grid, source = [float(weight_decay)], "given"
+    probes = fit_linear_probes(tx, ty, grid, c, epochs, device, seed)
+    val = [probe_top1(p, vx, vy, "validation") for p in probes] if has_val else [None] * len(probes)
+    # The best validation top-1; among equals the larger decay (the simpler probe).
+    best = max(range(len(grid)), key=lambda i: (val[i] if val[i] is not None else -1.0, grid[i]))
+    test = probe_top1(probes[best], ex, ey, "test")
+    if source == "val":
+        log.info("linear probe: weight decay %g chosen on %d validation rows (val top-1 per decay: %s); "
+                 "test top-1 %.2f %%", grid[best], len(vy), ", ".join(f"{wd:g} {100 * v:.2f} %"
+                                                                       for wd, v in zip(grid, val)), 100 * test)
+        if best in (0, len(grid) - 1) and val.count(val[best]) == 1:
+            log.info("linear probe: the chosen weight decay %g is at the %s end of the candidates", grid[best],
+                     "small" if best == 0 else "large")
+    return {"linear_top1": test, "val_linear_top1": val[best], "probe_wd": grid[best], "probe_wd_source": source,
+            "probe_wd_grid": grid, "probe_wd_val_top1": val}
 
 
 # -- the teacher's reference accuracy ----------------------------------------
@@ -255,8 +353,10 @@ def evaluate_teacher(cfg: EvalConfig) -> EvalResult:
     Refuses (StoreError) incomplete caches and caches of different teachers or
     dims. Rows whose ``row_ok`` is False are excluded, and so are unlabelled
     rows. Returns {'knn_top1', 'linear_top1' (None when cfg.linear is False),
-    'k', 'train_rows', 'test_rows', 'teacher', 'data', ...} with accuracies as
-    fractions (:class:`tcskd.results.EvalResult`); writes it as JSON to ``cfg.out`` when given.
+    'probe_wd' (the probe's decay, chosen on the validation rows with ``probe_wd``
+    auto: :func:`linear_probe_eval`), 'k', 'train_rows', 'test_rows', 'teacher',
+    'data', ...} with accuracies as fractions (:class:`tcskd.results.EvalResult`);
+    writes it as JSON to ``cfg.out`` when given.
     """
     cfg.validate()
     t0 = time.perf_counter()
@@ -299,16 +399,19 @@ def evaluate_teacher(cfg: EvalConfig) -> EvalResult:
         raise StoreError(f"test cache {test_path} has no labelled rows to evaluate on")
     log.info("evaluating teacher %s: %d train / %d test rows, dim %d", mtr.teacher_spec,
              n_train, n_test, dtr)
-    # One probe, fitted once, scored on the validation rows (when there are labelled ones) and on test.
+    # kNN on the validation rows (when there are labelled ones) and on test; the probe's decay chosen on val.
     queries = {"val_": (val_x, val_y), "": (test_x, test_y)}
     queries = {p: q for p, q in queries.items() if (q[1] >= 0).any()}
-    result: dict[str, Any] = {"val_knn_top1": None, "val_linear_top1": None}
+    result: dict[str, Any] = {"val_knn_top1": None}
     for prefix, (qx, qy) in queries.items():
         result[f"{prefix}knn_top1"] = knn_top1(train_x, train_y, qx, qy, k=cfg.k, temperature=cfg.temperature,
                                                device=dev)
-    probe = (linear_probe_scores(train_x, train_y, list(queries.values()), epochs=cfg.probe_epochs, device=dev,
-                                 seed=cfg.seed) if cfg.linear else [None] * len(queries))
-    result.update({f"{prefix}linear_top1": v for prefix, v in zip(queries, probe)})
+    if cfg.linear:
+        result.update(linear_probe_eval(train_x, train_y, val_x, val_y, test_x, test_y, cfg.probe_wd,
+                                        epochs=cfg.probe_epochs, device=dev, seed=cfg.seed))
+    else:
+        result.update({"linear_top1": None, "val_linear_top1": None, "probe_wd": None, "probe_wd_source": None,
+                       "probe_wd_grid": [], "probe_wd_val_top1": []})
     result.update({
         "k": min(cfg.k, n_train), "train_rows": n_train, "val_rows": int(val.sum()),
         "labels_per_class": cfg.labels_per_class, "seed": cfg.seed, "holdout": holdout.as_dict(),
