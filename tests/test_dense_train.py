@@ -204,12 +204,13 @@ def test_bad_dense_options_are_one_line_errors(kw, match):
     assert "\n" not in str(e.value)
 
 
-def test_segment_and_dense_options_turn_auto_tailoring_off():
-    assert resolve_config(TrainConfig(cache="c")).select_every == 1  # unchanged for global classification
+def test_segment_and_dense_options_tailor_only_when_asked():
+    assert resolve_config(TrainConfig(cache="c")).select_every == 0  # auto: off
     seg = resolve_config(TrainConfig(cache="c", task="segment"))
     assert seg.select_every == 0 and seg.classify_from == "feature"
     assert resolve_config(TrainConfig(cache="c", mimic_on="dense")).select_every == 0
-    assert resolve_config(TrainConfig(cache="c", task="segment", tailor="on")).classify_from == "feature"
+    on = resolve_config(TrainConfig(cache="c", task="segment", tailor="on"))
+    assert on.select_every == 1 and on.classify_from == "feature"
 
 
 def test_dense_mimic_on_a_global_cache_is_refused_in_one_line(data, tmp_path):

@@ -246,19 +246,23 @@ def test_step_stats_names_what_is_missing():
 def test_tailor_presets_follow_the_label_budget_and_explicit_options_win():
     from tcskd.train.config import FIXED, TAILORED, TrainConfig, default_dim, resolve_config
 
-    every = resolve_config(TrainConfig(cache="c", tailor="auto"))
-    few = resolve_config(TrainConfig(cache="c", tailor="auto", labels_per_class=10))
+    every = resolve_config(TrainConfig(cache="c", tailor="on"))
+    few = resolve_config(TrainConfig(cache="c", tailor="off", labels_per_class=10))
     for cfg, preset in ((every, TAILORED), (few, FIXED)):
         assert {k: getattr(cfg, k) for k in ("select_every", "drop_frac", "min_dim", "select_by", "classify_from")
                 } == {k: v for k, v in preset.items() if k != "start_dim"}
         assert default_dim(cfg) == preset["start_dim"]
     assert every.select_every == 1 and every.classify_from == "coords" and every.select_by == "taylor"
     assert few.select_every == 0
+    # auto is off at every label budget (what the built-in default's validation grid chose)
+    for lpc in (None, 10):
+        auto = resolve_config(TrainConfig(cache="c", tailor="auto", labels_per_class=lpc))
+        assert (auto.select_every, auto.classify_from, default_dim(auto)) == (0, "feature", 64)
+    assert TrainConfig().tailor == "auto"
     assert resolve_config(TrainConfig(cache="c", tailor="on", labels_per_class=10)).select_every == 1
-    assert resolve_config(TrainConfig(cache="c", tailor="off")).select_every == 0
-    assert resolve_config(TrainConfig(cache="c", method="fitnet", tailor="auto")).select_every == 0
+    assert resolve_config(TrainConfig(cache="c", method="fitnet", tailor="on")).select_every == 1
     # an explicit option overrides its part of the preset, and nothing else
-    mixed = resolve_config(TrainConfig(cache="c", tailor="auto", select_by="ablation", min_dim=32))
+    mixed = resolve_config(TrainConfig(cache="c", tailor="on", select_by="ablation", min_dim=32))
     assert (mixed.select_by, mixed.min_dim, mixed.select_every, mixed.classify_from) == ("ablation", 32, 1, "coords")
-    off = resolve_config(TrainConfig(cache="c", tailor="auto", select_every=0))
+    off = resolve_config(TrainConfig(cache="c", tailor="on", select_every=0))
     assert off.select_every == 0 and default_dim(off) == FIXED["start_dim"]
