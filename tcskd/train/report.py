@@ -604,14 +604,15 @@ def kept_ranks_figure(runs: list[dict[str, Any]], top: int = 64) -> Any:
     tailored = [g for g in groups if any(len((r.get("kept_ranks") or {}).get("epoch") or []) > 1 for r in g["runs"])]
     if not tailored:
         raise TcskdError("no run among these tailored its coordinates (final.json's kept_ranks has one entry)")
-    names = _config_labels([g["key"] for g in tailored], skip=())
+    firsts = [sorted(g["runs"], key=lambda r: str(r.get("seed")))[0] for g in tailored]
+    names = [f"{r.get('method')} {r.get('basis_kind') or ''} {r.get('tailoring')}, classifier on "
+             f"{r.get('classify_from')}" for r in firsts]
     cols = min(3, len(tailored))
     rows = -(-len(tailored) // cols)
     fig = Figure(figsize=(4.2 * cols, 3.4 * rows), dpi=120)
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax, g, name in zip(axes, tailored, names):
-        first = sorted(g["runs"], key=lambda r: str(r.get("seed")))[0]
+    for ax, g, name, first in zip(axes, tailored, names, firsts):
         kept = first["kept_ranks"]
         epochs = list(kept["epoch"]) + [int(first.get("epochs") or kept["epoch"][-1] + 1)]
         for e0, ranks in zip(epochs[:-1], kept["ranks"]):
