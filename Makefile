@@ -85,7 +85,7 @@ report:
 	  --png $(RUNS)/demo/report.png
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
