@@ -21,18 +21,28 @@ COLUMNS = {"labels/class": "labels_per_class", "method": "method", "basis": "bas
            "lambda": "lambda", "tailoring": "tailoring", "eLSH bits": "elsh_bits", "classifier on": "classify_from"}
 
 
+#: The heading of the README section whose first table with a "method" column is the grid's.
+GRID_HEADING = "### Results on the built-in default: which idea does what"
+
+
+#: The value of a defining column that ``tcskd report`` leaves out because no run of the table varies it.
+OMITTED = {"eLSH bits": "0", "tailoring": "off", "classifier on": "feature"}
+
+
 def _readme_grid_rows() -> list[tuple[str, ...]]:
-    """The defining cells of each row of the README's table that has an eLSH bits column (the grid's)."""
+    """The defining cells of each row of the grid's table in the README (``tcskd report``'s output: a column
+    that no run varies is left out, and stands for its value in :data:`OMITTED`)."""
     lines = (ROOT / "README.md").read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("|") and "| eLSH bits |" in line)
+    section = lines.index(GRID_HEADING)
+    start = next(i for i in range(section, len(lines)) if lines[i].startswith("| labels/class | method |"))
     head = [c.strip() for c in lines[start].strip("|").split("|")]
-    idx = [head.index(c) for c in COLUMNS]
+    idx = [head.index(c) if c in head else None for c in COLUMNS]
     rows = []
     for line in lines[start + 2:]:
         if not line.startswith("|"):
             break
         cells = [c.strip() for c in line.strip("|").split("|")]
-        rows.append(tuple(cells[i] for i in idx))
+        rows.append(tuple(OMITTED[c] if i is None else cells[i] for c, i in zip(COLUMNS, idx)))
     return rows
 
 

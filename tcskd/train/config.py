@@ -325,7 +325,7 @@ TAILORED = {"start_dim": 256, "select_every": 1, "drop_frac": 0.2, "min_dim": DE
             "select_by": "taylor", "classify_from": "coords"}
 #: ``--tailor off``: the first DEFAULT_DIM coordinates throughout, the classifier reading the feature.
 FIXED = {"start_dim": DEFAULT_DIM, "select_every": 0, "drop_frac": 0.2, "min_dim": DEFAULT_DIM,
-         "select_by": "ablation", "classify_from": "feature"}
+         "select_by": "taylor", "classify_from": "feature"}
 
 
 def default_dim(cfg: TrainConfig) -> int:
