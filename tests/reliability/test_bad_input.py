@@ -201,7 +201,8 @@ def test_teacher_nan_midway_keeps_earlier_chunks_only(world, files, tmp_path):
     from tcskd.store.registry import list_caches
 
     refused(["cache", "--data", f"npz:{files}/late.npz", "--teacher", f"torchscript:{files}/latenan.pt",
-             "--image-size", "12", "--chunk-rows", "8", "--batch-size", "4", "--cache-root", tmp_path, "--device", "cpu"],
+             "--image-size", "12", "--chunk-rows", "8", "--batch-size", "4", "--cache-root", tmp_path, "--device", "cpu",
+             "--order", "source"],  # the bad samples 20.. are rows 20.. (the third chunk) in source order
             r"NaN/Inf features for rows 20\.\.23; nothing of this chunk was stored")
     (row,) = list_caches(tmp_path)
     assert row["chunks_done"] == "2/3" and row["complete"] is False
