@@ -196,7 +196,7 @@ def test_eval_json_records_the_choice_and_report_reads_it(tmp_path, problem):
     assert f"linear probe val {100 * e['val_linear_top1']:.2f}" in teacher_lines([e])[0]
     runs = [{"method": m, "labels_per_class": n, "test_top1": 0.5 + 0.01 * n, "seed": 0}
             for m in ("ce", "tcs") for n in (1, 5)]
-    fig = sweep_figure(runs, x="labels_per_class", series="method", teacher_eval=[e])
+    fig = sweep_figure(runs, x="labels_per_class", series="method", teacher_eval=[e], split="test")
     probe_line = [ln for ln in fig.axes[0].get_lines() if ln.get_gid() == "teacher:linear_top1"]
     assert [list(probe_line[0].get_xdata()), list(probe_line[0].get_ydata())] == [[5.0], [100 * e["linear_top1"]]]
 
