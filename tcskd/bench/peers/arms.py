@@ -164,22 +164,11 @@ def torchdistill_ce_config(opt: OptimSettings, epochs: int) -> dict[str, Any]:
             "criterion": {"key": "WeightedSumLoss", "kwargs": {"sub_terms": {"ce": _td_ce_term()}}}}
 
 
-class TorchdistillFitNet(Arm):
-    def __init__(self, student: PeerStudent, teacher: PeerTeacher, regressor: nn.Linear, lam: float,
-                 opt: OptimSettings, epochs: int, device: torch.device) -> None:
-        from torchdistill.core.distillation import DistillationBox
+class _TorchdistillArm(Arm):
+    """An arm run by a torchdistill training or distillation box (``self.box``): its epoch hooks, forward
+    process (under tcskd's autocast) and post-forward process (backward, optimiser and per-step scheduler)."""
 
-        _register_torchdistill_ce()
-        self.student, self.teacher = student, teacher
-        self.device = device
-        config = torchdistill_fitnet_config(student.num_features, teacher.num_features, lam, opt, epochs)
-        self.box = DistillationBox(teacher, student, {}, config, device, None, False, 1)
-        linear = self.box.student_model.linear
-        with torch.no_grad():  # the same initial regressor as tcskd's fitnet head (the optimizer holds these)
-            linear.weight.copy_(regressor.weight)
-            linear.bias.copy_(regressor.bias)
-        self.optimizer, self.scheduler = self.box.optimizer, self.box.lr_scheduler
-        self.regressor = linear
+    box: Any
 
     def begin_epoch(self, epoch: int) -> None:
         self.box.pre_epoch_process(epoch=epoch)
@@ -198,7 +187,25 @@ class TorchdistillFitNet(Arm):
         self.box.post_epoch_process()
 
 
-class TorchdistillCE(Arm):
+class TorchdistillFitNet(_TorchdistillArm):
+    def __init__(self, student: PeerStudent, teacher: PeerTeacher, regressor: nn.Linear, lam: float,
+                 opt: OptimSettings, epochs: int, device: torch.device) -> None:
+        from torchdistill.core.distillation import DistillationBox
+
+        _register_torchdistill_ce()
+        self.student, self.teacher = student, teacher
+        self.device = device
+        config = torchdistill_fitnet_config(student.num_features, teacher.num_features, lam, opt, epochs)
+        self.box = DistillationBox(teacher, student, {}, config, device, None, False, 1)
+        linear = self.box.student_model.linear
+        with torch.no_grad():  # the same initial regressor as tcskd's fitnet head (the optimizer holds these)
+            linear.weight.copy_(regressor.weight)
+            linear.bias.copy_(regressor.bias)
+        self.optimizer, self.scheduler = self.box.optimizer, self.box.lr_scheduler
+        self.regressor = linear
+
+
+class TorchdistillCE(_TorchdistillArm):
     def __init__(self, student: PeerStudent, opt: OptimSettings, epochs: int, device: torch.device) -> None:
         from torchdistill.core.training import TrainingBox
 
@@ -207,21 +214,6 @@ class TorchdistillCE(Arm):
         self.device = device
         self.box = TrainingBox(student, {}, torchdistill_ce_config(opt, epochs), device, None, False, 1)
         self.optimizer, self.scheduler = self.box.optimizer, self.box.lr_scheduler
-
-    def begin_epoch(self, epoch: int) -> None:
-        self.box.pre_epoch_process(epoch=epoch)
-
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with autocast(self.device):  # the forward as tcskd's (bf16 on CUDA); backward and step outside
-            loss = self.box.forward_process(x, y)
-        self.box.post_forward_process(loss)
-        return loss.detach()
-
-    def first_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.box.forward_process(x, y)
-
-    def end_epoch(self) -> None:
-        self.box.post_epoch_process()
 
 
 # -- timm -----------------------------------------------------------------------------------------------
