@@ -532,18 +532,23 @@ class _Lock:
                 break
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
-            if not self.wait:
-                raise LockedError(f"another process ({foreign.describe()}) is writing {self.what}; "
-                                  f"try again when it has finished")
-            if not said:
-                log.info("waiting for the writer of %s (%s)", self.what, foreign.describe())
-                said = True
+            said = self._wait_for(foreign, said)
             time.sleep(max(0.05, min(2.0, foreign.expires - time.time() + 0.05)))
         if not self.shared:
             os.ftruncate(fd, 0)
             os.write(fd, str(os.getpid()).encode())
         self._fd = fd
         return self
+
+    def _wait_for(self, holder: LeaseInfo, said: bool) -> bool:
+        """Before sleeping on a live lease ``holder``: LockedError (one line) without ``wait``, else the
+        "waiting" line once; returns whether it has been said."""
+        if not self.wait:
+            raise LockedError(f"another process ({holder.describe()}) is writing {self.what}; "
+                              f"try again when it has finished")
+        if not said:
+            log.info("waiting for the writer of %s (%s)", self.what, holder.describe())
+        return True
 
     def _flock_holder(self) -> str:
         try:
@@ -560,12 +565,7 @@ class _Lock:
             return
         said = False
         while (holder := lease.live()) is not None:
-            if not self.wait:
-                raise LockedError(f"another process ({holder.describe()}) is writing {self.what}; "
-                                  f"try again when it has finished")
-            if not said:
-                log.info("waiting for the writer of %s (%s)", self.what, holder.describe())
-                said = True
+            said = self._wait_for(holder, said)
             time.sleep(max(0.05, min(lease.ttl / 6, 2.0, holder.expires - time.time() + 0.05)))
 
     def __exit__(self, exc_type: object = None, *exc: object) -> None:
