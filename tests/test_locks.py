@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from _stores import low_rank_features, make_feature_cache
+from _leases import assert_one_of_eight_wins
 from tcskd.errors import LockedError, StoreError
 from tcskd.store import bases as store_bases
 from tcskd.store import registry
@@ -303,23 +304,7 @@ def test_no_flock_rivals_exactly_one_wins(tmp_path, no_flock):
         if stage == "expired":
             path.path.write_bytes(_foreign(expires_in=-1))
         leases = [Lease(cache, ttl=30, path=path) for _ in range(8)]
-        results: list = [None] * 8
-        go = threading.Barrier(8)
-
-        def take(i: int) -> None:
-            go.wait()
-            results[i] = leases[i].try_acquire()
-
-        threads = [threading.Thread(target=take, args=(i,)) for i in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        winners = [i for i, r in enumerate(results) if r is None]
-        assert len(winners) == 1, (stage, results)
-        assert all(r.writer == leases[winners[0]].writer for r in results if r is not None)
-        leases[winners[0]].release()
-        assert not WriterLock.is_held(cache)
+        assert_one_of_eight_wins(cache, leases)
     assert [p.name for p in tmp_path.iterdir()] == []  # no temporary or stale copies left
 
 

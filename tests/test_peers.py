@@ -35,13 +35,7 @@ from tcskd.train.model import build_models  # noqa: E402
 from tcskd.train.schedule import lr_at  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: these steps are tiny, and two threads on shared cores cost more than they give."""
-    was = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(was)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny steps: one torch thread (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +62,14 @@ def _first_batch(loader):
     return next(iter(loader))
 
 
+def _arm_and_first_batch(job, arm: str):
+    """(config, prepared job, the arm, its loader's first batch of epoch 0) of ``arm`` on the test job."""
+    cfg = _cfg(job, arm)
+    p = prepare(cfg)
+    a, loader = make_arm(p)
+    return cfg, p, a, _first_batch(loader)
+
+
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=1)
 
@@ -82,10 +84,7 @@ def _tcskd_fitnet(cfg: PeerConfig):
 
 @pytest.mark.parametrize("arm", ["torchdistill-fitnet", "timm-fitnet"])
 def test_the_peer_teacher_gives_the_cached_features_of_the_same_rows(job, arm):
-    cfg = _cfg(job, arm)
-    p = prepare(cfg)
-    a, loader = make_arm(p)
-    batch = _first_batch(loader)
+    cfg, p, a, batch = _arm_and_first_batch(job, arm)
     if arm == "torchdistill-fitnet":  # the output torchdistill's forward hook on `embedding` records
         _, io = a.box.get_teacher_output(batch.x, batch.label, None)
         live = io["embedding"]["output"]
@@ -110,10 +109,7 @@ def test_the_peer_teacher_gives_the_cached_features_of_the_same_rows(job, arm):
 
 @pytest.mark.parametrize("arm", ["torchdistill-fitnet", "timm-fitnet"])
 def test_the_first_fitnet_loss_equals_tcskd_fitnet(job, arm):
-    cfg = _cfg(job, arm)
-    p = prepare(cfg)
-    a, loader = make_arm(p)
-    batch = _first_batch(loader)
+    cfg, p, a, batch = _arm_and_first_batch(job, arm)
     assert int((batch.label >= 0).sum()) > 0  # the batch has labels: both terms count
     fcfg, fprep, student, head = _tcskd_fitnet(cfg)
     # the same initialisation: the peer starts from tcskd fitnet's student, classifier and projector

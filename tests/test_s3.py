@@ -11,13 +11,13 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from _leases import assert_one_of_eight_wins
 from _s3 import free_port, s3_env
 from conftest import make_npz, run_cli
 from tcskd.errors import DataError, LockedError, StoreError, TcskdError
@@ -117,23 +117,7 @@ def test_concurrent_writers_exactly_one_wins(s3_env_set):
         if stage == "expired":
             RemotePath(str(cache) + ".lease").write_bytes(_foreign(expires_in=-1))
         leases = [Lease(cache, ttl=30) for _ in range(8)]
-        results: list = [None] * 8
-        go = threading.Barrier(8)
-
-        def take(i: int) -> None:
-            go.wait()
-            results[i] = leases[i].try_acquire()
-
-        threads = [threading.Thread(target=take, args=(i,)) for i in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        winners = [i for i, r in enumerate(results) if r is None]
-        assert len(winners) == 1, (stage, results)
-        assert all(r.writer == leases[winners[0]].writer for r in results if r is not None)
-        leases[winners[0]].release()
-        assert not WriterLock.is_held(cache)
+        assert_one_of_eight_wins(cache, leases)
 
 
 def test_expired_lease_is_taken_over(s3_endpoint, s3_env_set, caplog):
