@@ -12,6 +12,7 @@ imports nothing of tcskd (and no torch), so ``from tcskd.results import TrainRes
 
 from __future__ import annotations
 
+import statistics
 from typing import Any, TypedDict
 
 
@@ -58,8 +59,11 @@ class BasisResult(TypedDict):
 #: ``mimic``, ``target_norm``, ``target_scale``, ``elsh_bits``, ``labels_per_class``, ``seed``, ``epochs``,
 #: ``image_size``, ``device``), its data (``basis``, ``basis_kind``, ``basis_excludes_val``, ``cache_key``,
 #: ``cache``, ``data``, ``train_images``, ``labelled_images``, ``val_rows``, ``holdout``), its cost
-#: (``train_seconds``, ``img_per_s``, ``peak_mem_bytes``, ``setup_seconds``, ``eval_seconds``,
-#: ``total_seconds``) and where it is (``run_dir``), ``task`` (classify | segment) and ``mimic_on`` (global, dense,
+#: (``train_seconds``, ``img_per_s``, ``peak_mem_bytes``, on the CPU ``rss_after_imports_bytes`` and
+#: ``peak_mem_over_imports_bytes`` (the peak less the RSS when training started), ``seconds_per_epoch`` (the
+#: median training seconds of the epochs after the first, validation excluded; None after a resume that lost
+#: them), ``setup_seconds``,
+#: ``eval_seconds``, ``total_seconds``) and where it is (``run_dir``), ``task`` (classify | segment) and ``mimic_on`` (global, dense,
 #: both; None without a mimic term), ``kept_ranks`` (the active coordinates as ranks in the basis, 0 = leading:
 #: ``{"epoch": [e0, e1, ...], "ranks": [[...], [...], ...]}``, one entry at the start, e0 = 0, and one per selection
 #: step that changed the mask, e = the epochs done when it took effect; None without coordinates) and
@@ -70,11 +74,13 @@ _TrainResultKeys = TypedDict("_TrainResultKeys", {
     "val_top1": float | None, "test_top1": float | None, "knn_top1": float | None,
     "knn_val_top1": float | None, "knn_reference_rows": int, "best_val_top1": float | None,
     "train_seconds": float, "img_per_s": float | None, "peak_mem_bytes": int | None,
+    "rss_after_imports_bytes": int | None, "peak_mem_over_imports_bytes": int | None,
+    "seconds_per_epoch": float | None,
     "setup_seconds": float, "eval_seconds": float, "total_seconds": float,
     "method": str, "student": str, "student_params": int, "dim": int | None, "active_coords": int | None,
     "tailoring": str, "classify_from": str, "select_by": str | None, "lambda": float, "mimic": str,
     "target_norm": str, "target_scale": float | None, "elsh_bits": int, "labels_per_class": int | None,
-    "seed": int, "epochs": int, "image_size": int, "device": str,
+    "seed": int, "epochs": int, "augment": str, "image_size": int, "device": str,
     "basis": str | None, "basis_kind": str | None, "basis_excludes_val": bool | None,
     "cache_key": str | None, "cache": str | None, "data": str, "train_images": int, "labelled_images": int,
     "val_rows": int, "holdout": dict[str, Any], "run_dir": str, "task": str, "mimic_on": str | None,
@@ -157,3 +163,11 @@ class EvalResult(TypedDict):
 
 
 __all__ = ["BasisResult", "TrainResult", "StoppedRun", "EvalResult"]
+
+
+def seconds_per_epoch(epoch_seconds: list[float]) -> float | None:
+    """The median of the epochs' training seconds after the first (the warm-up), or the only epoch's; None
+    without any."""
+    if not epoch_seconds:
+        return None
+    return float(statistics.median(epoch_seconds[1:] if len(epoch_seconds) > 1 else epoch_seconds))

@@ -39,9 +39,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from tcskd import dist
-from tcskd.device import autocast, peak_memory_bytes, resolve_device
+from tcskd.device import autocast, peak_memory_bytes, proc_status_bytes, resolve_device
 from tcskd.errors import TcskdError
-from tcskd.results import StoppedRun, TrainResult
+from tcskd.results import StoppedRun, TrainResult, seconds_per_epoch
 from tcskd.train.config import RESUME_FREE, TrainConfig, resolve_config, tailoring_label
 from tcskd.train.checkpoint import (CHECKPOINT, CHECKPOINT_FORMAT, check_resume, load_checkpoint, rng_state,
                                     save_checkpoint, set_rng_state)
@@ -72,6 +72,7 @@ def train(cfg: TrainConfig) -> TrainResult | StoppedRun:
     """Stage 3: train ``cfg.student`` on ``cfg.cache``; returns the content of ``final.json``
     (:data:`tcskd.results.TrainResult`), or a :class:`~tcskd.results.StoppedRun` after ``stop_after`` epochs."""
     t_start = time.perf_counter()
+    rss_start = proc_status_bytes("VmRSS")
     cfg = resolve_config(mimic_for_cache(cfg))  # auto on a patch cache: dense, before the presets apply
     device = setup_device(cfg)
     prep = load_run_inputs(cfg)                                            # prepare
@@ -83,6 +84,7 @@ def train(cfg: TrainConfig) -> TrainResult | StoppedRun:
         log.info("%s is finished; nothing to do", out)
         return json.loads((out / FINAL).read_text())
     run = build_run(cfg, prep, device, out, student, head, teacher)
+    run.rss_start = rss_start
     if saved is not None:
         restore(run, saved)                                                # restore
     start_run_dir(run)
@@ -156,6 +158,9 @@ class Run:
     kept: list[tuple[int, list[int]]] = field(default_factory=list)
     """Tailoring's record: (epochs done, the active coordinates' ranks in the basis) at the start and after
     every selection step that changed the mask."""
+    rss_start: int | None = None
+    """The process's RSS when ``train`` started (its imports done; None off Linux): the base of
+    ``peak_mem_over_imports_bytes`` on the CPU."""
 
 
 def saved_checkpoint(cfg: TrainConfig, prep: RunInputs, out: Path) -> dict[str, Any] | None:
@@ -462,7 +467,7 @@ def save_epoch(run: Run, stats: EpochStats, val: dict[str, float | None], t_epoc
            "loss_mimic": stats.means[2], "loss_elsh": stats.means[3], "lr": stats.lr,
            "active_coords": stats.active, "train_img_per_s": stats.images / stats.seconds,
            "val_top1": val["val_top1"],
-           "seconds": time.perf_counter() - t_epoch, "data_wait_s": stats.data_wait_s,
+           "seconds": time.perf_counter() - t_epoch, "train_seconds": stats.seconds, "data_wait_s": stats.data_wait_s,
            "first_batch_s": stats.first_batch_s, "steps": stats.steps}
     if run.head.needs_map:  # dense or segmentation runs: the dense term and the segmentation scores
         row.update({"loss_dense": stats.means[4], **{k: v for k, v in val.items() if k != "val_top1"}})
@@ -498,19 +503,24 @@ def finish(run: Run, t_start: float) -> TrainResult:
     t_eval = time.perf_counter()
     scores = final_scores(student, head, prep, run.device, _eval_batch(cfg), run.workers)
     rows = read_metrics(out / METRICS, state.epoch)
+    peak = peak_memory_bytes(run.device)
+    epoch_seconds = [r["train_seconds"] for r in rows if r.get("train_seconds") is not None]
+    over_imports = peak - run.rss_start if run.device.type != "cuda" and run.rss_start else None
     if cfg.task == "segment":
         scores["best_val_miou"] = max((r["val_miou"] for r in rows if r.get("val_miou") is not None), default=None)
     final: TrainResult = {
         **scores, "train_seconds": state.train_seconds,
         "img_per_s": state.images / state.train_seconds if state.train_seconds > 0 else None,
-        "peak_mem_bytes": peak_memory_bytes(run.device), "method": cfg.method, "dim": prep.k,
+        "seconds_per_epoch": seconds_per_epoch(epoch_seconds) if len(epoch_seconds) == state.epoch else None,
+        "peak_mem_bytes": peak, "rss_after_imports_bytes": run.rss_start if run.device.type != "cuda" else None,
+        "peak_mem_over_imports_bytes": over_imports, "method": cfg.method, "dim": prep.k,
         "active_coords": head.active if prep.k else None, "labels_per_class": cfg.labels_per_class,
         "seed": cfg.seed, "student": cfg.student, "student_params": count_parameters(student),
         "basis": prep.basis_name, "basis_kind": prep.basis_kind, "cache_key": prep.cache_key,
         "cache": prep.cache_path, "data": prep.data_spec, "lambda": cfg.lam, "mimic": cfg.mimic,
         "target_norm": cfg.target_norm, "target_scale": prep.target_scale,
         "elsh_bits": cfg.elsh_bits, "tailoring": tailoring_label(cfg), "classify_from": head.classify_from,
-        "select_by": cfg.select_by, "epochs": cfg.epochs, "train_images": len(prep.train_set),
+        "select_by": cfg.select_by, "epochs": cfg.epochs, "augment": prep.augment, "train_images": len(prep.train_set),
         "labelled_images": prep.n_labelled, "image_size": prep.image_size, "device": str(run.device),
         "setup_seconds": prep.setup_seconds, "eval_seconds": time.perf_counter() - t_eval,
         "total_seconds": time.perf_counter() - t_start, "run_dir": str(out),

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from tcskd.bench.peers.glue import (PeerStudent, PeerTeacher, fitnet_target_scal
                                     step_lr_lambda)
 from tcskd.device import peak_memory_bytes, proc_status_bytes, resolve_device
 from tcskd.errors import TcskdError
+from tcskd.results import seconds_per_epoch
 from tcskd.train.config import TrainConfig, resolve_config
 from tcskd.train.data import batch_plan, resolve_workers, train_loader
 from tcskd.train.evaluate import embed, final_scores, top1
@@ -193,13 +193,6 @@ def train_one_epoch(p: Prepared, arm: Arm, loader: Any, epoch: int) -> dict[str,
         raise TcskdError(f"{p.cfg.arm}: the loss of epoch {epoch + 1} is not finite ({loss})")
     return {"epoch": epoch + 1, "loss": loss, "lr": lr, "seconds": seconds, "images": n, "steps": steps,
             "train_img_per_s": n / seconds if seconds > 0 else None}
-
-
-def seconds_per_epoch(epoch_seconds: list[float]) -> float | None:
-    """The median of the epochs after the first (the warm-up), or the only epoch's time."""
-    if not epoch_seconds:
-        return None
-    return float(statistics.median(epoch_seconds[1:] if len(epoch_seconds) > 1 else epoch_seconds))
 
 
 def finish(p: Prepared, arm: Arm, out: Path, epoch_seconds: list[float], images: int, rss_imports: int | None,
