@@ -167,8 +167,10 @@ def _default_png(run_dirs: list[Path]) -> Path:
               help="With --sweep: the split charted (val: the held-out rows settings are read off).")
 @click.option("--kept", type=click.Path(dir_okay=False), default=None,
               help="Also chart which coordinates tailoring kept, epoch by epoch (the tailored runs among these).")
+@click.option("--cost", is_flag=True,
+              help="Add the cost columns: training s/epoch, the run's wall time, peak memory over its imports.")
 def report_cmd(run_dirs: tuple[str, ...], teacher_eval: tuple[str, ...], png: str | None, out: str | None,
-               sweep: str | None, series: str, split: str, kept: str | None) -> None:
+               sweep: str | None, series: str, split: str, kept: str | None, cost: bool) -> None:
     """Compare finished runs: Markdown table on stdout, chart as PNG (bars per label budget, or with --sweep
     a line per --series against KEY).
 
@@ -183,7 +185,7 @@ def report_cmd(run_dirs: tuple[str, ...], teacher_eval: tuple[str, ...], png: st
         raise TcskdError(f"none of the {len(run_dirs)} path(s) given is a finished run (no final.json)")
     teacher = [load_teacher_eval(p) for p in teacher_eval] or None
     runs = load_runs(found)
-    table = markdown_table(runs, teacher)
+    table = markdown_table(runs, teacher, cost=cost)
     click.echo(table, nl=False)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 GROUP_KEYS = ("method", "basis_kind", "dim", "labels_per_class")
 #: Added to the key (and shown as a column) only when they vary across runs.
 OPTIONAL_KEYS = ("student", "lambda", "tailoring", "elsh_bits", "classify_from", "basis", "epochs", "mimic",
-                 "target_norm", "holdout", "cache_key", "task", "mimic_on")
+                 "target_norm", "holdout", "cache_key", "task", "mimic_on", "augment")
+#: Keys that runs written before they were recorded lack: such a run does not make them vary.
+RECENT_KEYS = ("augment",)
 #: Baselines first (no KD, FitNet, online KD), in this order; other methods (tcs) follow alphabetically.
 METHOD_ORDER = ("ce", "fitnet", "online")
 MB = 1024 * 1024
@@ -155,7 +157,10 @@ def load_teacher_eval(path: str | Path) -> dict[str, Any]:
 # -- grouping and statistics --------------------------------------------------
 
 def _varying_keys(runs: list[dict[str, Any]]) -> list[str]:
-    return [k for k in OPTIONAL_KEYS if len({json.dumps(r.get(k), sort_keys=True) for r in runs}) > 1]
+    def values(k: str) -> set[str]:
+        return {json.dumps(r.get(k), sort_keys=True) for r in runs if k not in RECENT_KEYS or k in r}
+
+    return [k for k in OPTIONAL_KEYS if len(values(k)) > 1]
 
 
 def _num(v: Any) -> float | None:
@@ -223,6 +228,9 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, tuple[float | None, float
         "img_per_s": mean_std(col("img_per_s", 1.0)),
         "peak_mem_mb": mean_std(col("peak_mem_bytes", 1.0 / MB)),
         "train_seconds": mean_std(col("train_seconds", 1.0)),
+        "seconds_per_epoch": mean_std(col("seconds_per_epoch", 1.0)),
+        "total_seconds": mean_std(col("total_seconds", 1.0)),
+        "peak_over_imports_mb": mean_std(col("peak_mem_over_imports_bytes", 1.0 / MB)),
     }
 
 
@@ -259,7 +267,7 @@ HEADERS = {"method": "method", "basis_kind": "basis", "dim": "dim", "labels_per_
            "student": "student", "lambda": "lambda", "tailoring": "tailoring", "elsh_bits": "eLSH bits",
            "classify_from": "classifier on", "basis": "basis name", "epochs": "epochs", "mimic": "mimic",
            "target_norm": "target norm", "holdout": "validation", "cache_key": "cache", "task": "task",
-           "mimic_on": "mimic on"}
+           "mimic_on": "mimic on", "augment": "augment"}
 #: Said under every table: which column choices are made on.
 PROTOCOL = ("val top-1: the held-out validation rows of the training split, where settings are chosen; "
             "test top-1: the test split, evaluated once per run after training; kNN: test top-1 of a "
@@ -304,15 +312,28 @@ def teacher_lines(evals: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def markdown_table(runs: list[dict[str, Any]], teacher_eval: list[dict[str, Any]] | None = None) -> str:
-    """A Markdown comparison table of the runs (one row per group), optionally under teacher lines."""
+#: The columns ``cost=True`` adds: (header, summarised quantity, digits).
+COST_COLUMNS = (("train s/epoch", "seconds_per_epoch", 2), ("run wall (s)", "total_seconds", 0),
+                ("peak over imports (MB)", "peak_over_imports_mb", 0))
+#: Said under a table with the cost columns.
+COST_PROTOCOL = ("train s/epoch: the median training seconds of the epochs after the first (validation "
+                 "excluded); run wall: the run's process from its start to final.json; peak over imports: the "
+                 "process's peak RSS less its RSS when training started (CPU; '-' on a GPU or off Linux).")
+
+
+def markdown_table(runs: list[dict[str, Any]], teacher_eval: list[dict[str, Any]] | None = None,
+                   cost: bool = False) -> str:
+    """A Markdown comparison table of the runs (one row per group), optionally under teacher lines
+    (``cost``: with :data:`COST_COLUMNS`)."""
     names, groups = group_runs(runs)
     order = ["labels_per_class", "method", "basis_kind", "dim"] + names[4:]
     tasks = _tasks(runs)
     scores = [c for t in tasks for c in SCORE_COLUMNS[t]]
     headers = dict(HEADERS, labels_per_class="labelled images") if tasks == ["segment"] else HEADERS
-    head = [headers[n] for n in order] + [h for h, _ in scores] + ["train img/s", "peak mem (MB)", "n"]
-    align = ["---"] * len(order) + ["---:"] * (len(scores) + 3)
+    costs = COST_COLUMNS if cost else ()
+    head = ([headers[n] for n in order] + [h for h, _ in scores] + ["train img/s", "peak mem (MB)"]
+            + [h for h, _, _ in costs] + ["n"])
+    align = ["---"] * len(order) + ["---:"] * (len(scores) + 3 + len(costs))
     lines = []
     if teacher_eval:
         lines += [line + "  " for line in teacher_lines(teacher_eval)] + [""]
@@ -321,9 +342,11 @@ def markdown_table(runs: list[dict[str, Any]], teacher_eval: list[dict[str, Any]
         s = g["stats"]
         cells = [_fmt_key(n, g["key"][n]) for n in order]
         cells += [_fmt(s[q], 2) for _, q in scores]
-        cells += [_fmt(s["img_per_s"], 0), _fmt(s["peak_mem_mb"], 0), str(len(g["runs"]))]
+        cells += [_fmt(s["img_per_s"], 0), _fmt(s["peak_mem_mb"], 0)]
+        cells += [_fmt(s[q], digits) for _, q, digits in costs] + [str(len(g["runs"]))]
         lines.append("| " + " | ".join(cells) + " |")
-    protocol = " ".join({"classify": PROTOCOL, "segment": SEG_PROTOCOL}[t] for t in tasks)
+    protocol = " ".join([{"classify": PROTOCOL, "segment": SEG_PROTOCOL}[t] for t in tasks]
+                        + ([COST_PROTOCOL] if cost else []))
     lines += ["", f"mean ± sample std (ddof=1) over n runs (seeds); {len(runs)} run(s) in {len(groups)} group(s). "
               + protocol]
     return "\n".join(lines) + "\n"
@@ -376,7 +399,8 @@ def _metric(runs: list[dict[str, Any]], split: str = "test") -> tuple[str, str]:
 
 #: How a chart's legend names an option (a prefix of its value).
 SHORT = {"lambda": "λ=", "elsh_bits": "eLSH ", "classify_from": "classifier on ", "tailoring": "tailor ",
-         "student": "", "basis": "basis ", "mimic": "", "target_norm": "norm ", "task": "", "mimic_on": "mimic on "}
+         "student": "", "basis": "basis ", "mimic": "", "target_norm": "norm ", "task": "", "mimic_on": "mimic on ",
+         "augment": "augment "}
 
 
 def _config_labels(keys: list[dict[str, Any]], skip: Iterable[str] = ("labels_per_class",)) -> list[str]:
@@ -528,7 +552,8 @@ def sweep_figure(runs: list[dict[str, Any]], x: str = "dim", series: str = "basi
     for name in dict.fromkeys(_fmt_key(series, r.get(series)) for r in runs):
         line = [r for r in runs if _fmt_key(series, r.get(series)) == name]
         other = [k for k in ("method", "basis_kind", "dim") + OPTIONAL_KEYS if k not in free
-                 and len({json.dumps(r.get(k), sort_keys=True) for r in line}) > 1]
+                 and len({json.dumps(r.get(k), sort_keys=True) for r in line
+                          if k not in RECENT_KEYS or k in r}) > 1]
         if other:
             raise TcskdError(f"a sweep of {x}: the runs of {series} {name} also differ in {', '.join(other)}; "
                              f"give runs that differ only in {x} along each line")
