@@ -25,7 +25,7 @@ CACHE_OPTS  := --data $(DATA) --teacher $(TEACHER) --image-size $(IMAGE_SIZE) --
 RECIPE      ?= recipes/default.yaml
 SET         ?=
 
-.PHONY: install demo dense recipe grid cache basis train eval report test test-fast test-heavy bench clean
+.PHONY: install demo dense dense-ksweep peers recipe grid cache basis train eval report test test-fast test-heavy bench clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -74,6 +74,17 @@ demo: install
 # 3 seeds, and the mIoU report in runs/mnist-seg (about an hour on 2 CPU cores; resumable).
 dense: install
 	$(TCSKD) run recipes/mnist-seg.yaml $(foreach s,$(SET),--set '$(s)')
+
+# Dense PCA against random at K = 4, 16, 64 with 50 labelled masks (recipes/mnist-seg-ksweep.yaml, 18 runs).
+dense-ksweep: install
+	$(TCSKD) run recipes/mnist-seg-ksweep.yaml $(foreach s,$(SET),--set '$(s)')
+
+# The built-in job side by side with torchdistill and timm (scripts/peers.sh): tcskd's ce / fitnet / tcs, the
+# peers' online FitNet and CE-only, the no-augmentation control, 3 seeds; the report with cost columns and
+# the claims table in runs/peers (resumable; many hours on 2 CPU cores: the peers run the teacher every step).
+peers: install
+	SEEDS="$(GRID_SEEDS)" EPOCHS=$(EPOCHS) IMAGE_SIZE=$(IMAGE_SIZE) DEVICE=$(DEVICE) RUNS=$(RUNS)/peers \
+	  STUDENT=$(STUDENT) TCSKD=$(TCSKD) bash scripts/peers.sh
 
 # Any recipe, e.g. make recipe RECIPE=recipes/fewshot.yaml SET="cache.data=cifar100:/data train.epochs=1"
 # (SET: space-separated KEY=VALUE overrides; write YAML lists without spaces: grid.seed=[0,1,2]).
