@@ -20,7 +20,7 @@ from tcskd.bench.cli import bench_cmd
 from tcskd.bench.env import REPO_ROOT
 from tcskd.bench.measure import linear_fit
 from tcskd.bench.profiles import BENCH_SCHEMA, BenchConfig, TeacherSpec, profile_config
-from tcskd.bench.report import goal
+from tcskd.bench.report import _peers_table, goal
 from tcskd.bench.run import run_bench
 from tcskd.bench.synthetic import make_dinov2, make_synthetic_npz, make_tiled_store
 from tcskd.bench.train import bench_train, data_wait, epochs_from_metrics
@@ -37,7 +37,7 @@ def _tiny_config(data: str, teacher: str, workdir, **kw) -> BenchConfig:
                 teachers=[TeacherSpec("tiny", teacher, 16)], cache_rows=8, cache_batch=8, chunk_rows=8,
                 forward_seconds=0.01, basis_dim=4, basis_rows_large=48, basis_plot=False, student="cnn",
                 train_batch=8, train_epochs=1, isolate=False, repeats=1, warmup=1, workdir=str(workdir), dense_rows=8,
-                input_images=16, input_batch=8, input_px=32)
+                input_images=16, input_batch=8, input_px=32, peer_arms=())
     base.update(kw)
     return BenchConfig(**base)
 
@@ -315,3 +315,37 @@ def test_scale_section_reads_the_same_targets_from_ram_and_store(tmp_path):
     cpu, quick = profile_config("cpu", "cpu"), profile_config("cpu", "cpu", quick=True)
     assert (cpu.scale_global_rows, cpu.scale_dense_rows) == ((50000, 200000), (5000, 20000))
     assert quick.scale_global_rows and quick.scale_dense_rows
+
+
+@pytest.mark.slow
+def test_bench_peers_section_times_each_arm_beside_tcskds_train(tmp_path, tiny_teacher):
+    """The peers section runs each arm in its own process on the bench's cache; its seconds per epoch are the
+    median of the timed epochs, and its ratio is over the train section's tcs."""
+    from tcskd.bench.peerbench import bench_peers
+
+    res = build_cache(_tiny_cache(tmp_path, tiny_teacher, n=24))
+    train = {"tcs": {"epoch_seconds": {"median": 0.5}}, "ce": {"epoch_seconds": {"median": 0.25}}}
+    out = bench_peers(str(res.path), ("torchdistill-ce", "timm-fitnet", "no-such-arm"), "cnn", 8, 2,
+                      torch.device("cpu"), tmp_path / "work", workers=0, threads=1, train=train)
+    assert set(out["arms"]) == {"torchdistill-ce", "timm-fitnet"} and list(out["errors"]) == ["no-such-arm"]
+    for arm, r in out["arms"].items():
+        assert len(r["epoch_seconds"]) == 3  # one warm-up + 2 timed
+        assert r["seconds_per_epoch"] == pytest.approx(float(np.median(r["epoch_seconds"][1:])))
+        assert r["per_epoch_vs_tcs"] == pytest.approx(r["seconds_per_epoch"] / 0.5)
+        assert r["per_epoch_vs_ce"] == pytest.approx(r["seconds_per_epoch"] / 0.25)
+        assert r["framework"] == arm.split("-")[0]
+    assert out["versions"]["torchdistill"] and out["versions"]["timm"]
+    md = "\n".join(_peers_table({"peers": out}))
+    assert "| timm-fitnet |" in md and "| no-such-arm | failed:" in md
+    assert not (tmp_path / "work" / "peer-timm-fitnet").exists()  # run folders are removed
+
+
+def test_bench_peers_section_is_one_line_without_the_extra(monkeypatch, tmp_path):
+    import tcskd.bench.peerbench as pb
+
+    monkeypatch.setattr(pb, "missing_frameworks", lambda: ["timm"])
+    out = pb.bench_peers("unused", ("timm-ce",), "cnn", 8, 1, torch.device("cpu"), tmp_path)
+    assert out == {"skipped": "timm not installed: pip install 'tcskd[peers]'"}
+    md = "\n".join(_peers_table({"peers": out}))
+    assert [ln for ln in md.splitlines() if "peers" in ln] == ["### peers: skipped (timm not installed: pip install "
+                                                                "'tcskd[peers]')"]

@@ -112,6 +112,9 @@ class BenchConfig:
     scale_tokens: int = 256
     scale_budget_mb: int = 16
     """``--target-cache-mb`` of its store mode."""
+    peer_arms: tuple[str, ...] = ("torchdistill-ce", "timm-ce", "torchdistill-fitnet", "timm-fitnet")
+    """The peers section (tcskd.bench.peerbench): these arms of tcskd.bench.peers on the main cache, timed as
+    the train section (``train_epochs`` after one warm-up, its student, batch and workers); () = none."""
 
 
 def profile_config(profile: str, device: str, quick: bool = False, **overrides: Any) -> BenchConfig:

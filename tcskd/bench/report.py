@@ -218,6 +218,27 @@ def _train_table(res: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _peers_table(res: dict[str, Any]) -> list[str]:
+    peers = res.get("peers")
+    if not peers:
+        return []
+    if "skipped" in peers:
+        return ["", f"### peers: skipped ({peers['skipped']})"]
+    v = peers.get("versions") or {}
+    lines = ["", f"### peers (the same job in torchdistill {v.get('torchdistill')} and timm {v.get('timm')}; "
+             f"{peers.get('epochs_measured')} timed epochs after 1 warm-up, one seed)", "",
+             "| arm | s/epoch | img/s | peak memory | / tcs s/epoch | / ce s/epoch |", "|---|---|---|---|---|---|"]
+    for arm, err in (peers.get("errors") or {}).items():
+        lines.append(f"| {arm} | failed: {err} | | | | |")
+    for arm, r in (peers.get("arms") or {}).items():
+        mem = f"{r['peak_mem_bytes'] / 2**20:,.0f} MiB"
+        if r.get("peak_mem_over_imports_bytes") is not None:
+            mem += f" (+{r['peak_mem_over_imports_bytes'] / 2**20:,.0f} over imports)"
+        lines.append(f"| {arm} | {_f(r['seconds_per_epoch'], 2)} | {_f(r['img_per_s'])} | {mem} | "
+                     f"{_f(r['per_epoch_vs_tcs'], 2)} | {_f(r['per_epoch_vs_ce'], 2)} |")
+    return lines
+
+
 def _input_table(res: dict[str, Any]) -> list[str]:
     inp = res.get("input")
     if not inp:
@@ -272,4 +293,4 @@ def _scale_table(res: dict[str, Any]) -> list[str]:
 def render_markdown(res: dict[str, Any]) -> str:
     """The Markdown table of a run (or of the sections it has measured so far)."""
     return "\n".join(_header(res) + _cache_table(res) + _basis_table(res) + _train_table(res)
-                     + _dense_table(res) + _input_table(res) + _scale_table(res)) + "\n"
+                     + _peers_table(res) + _dense_table(res) + _input_table(res) + _scale_table(res)) + "\n"

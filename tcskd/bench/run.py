@@ -20,6 +20,7 @@ from tcskd.bench.cache import bench_cache, bench_cache_inputs, bench_forward
 from tcskd.bench.dense import bench_dense
 from tcskd.bench.env import environment, threads_probe
 from tcskd.bench.inputs import bench_input
+from tcskd.bench.peerbench import bench_peers
 from tcskd.bench.profiles import BENCH_SCHEMA, REFERENCE, BenchConfig, TeacherSpec
 from tcskd.bench.report import compute_goals, dataloading_summary, render_markdown, write_atomic
 from tcskd.bench.scale import bench_scale
@@ -46,7 +47,7 @@ class _Run:
             "schema": BENCH_SCHEMA, "profile": cfg.profile, "quick": cfg.quick,
             "environment": {**environment(device), "threads_probe": probe}, "settings": settings,
             "reference": REFERENCE, "cache": {"teachers": [], "skipped": []}, "basis": None, "train": None,
-            "dense": None, "dataloading": None, "input": None, "scale": None, "goals": {}, "seconds": None}
+            "dense": None, "peers": None, "dataloading": None, "input": None, "scale": None, "goals": {}, "seconds": None}
 
     def save(self) -> None:
         self.res["goals"] = compute_goals(self.res, self.device)
@@ -120,6 +121,14 @@ class _Run:
         self.res["train"]["_cache"] = {"rows": max(main_paths), "teacher": label}
         self.res["dataloading"] = dataloading_summary(self.res)
         self.save()
+        if cfg.peer_arms:
+            self.say(f"peers: {', '.join(cfg.peer_arms)}, {cfg.train_epochs} timed epochs each")
+            self.res["peers"] = bench_peers(main_paths[max(main_paths)], cfg.peer_arms, cfg.student, cfg.train_batch,
+                                            cfg.train_epochs, self.device, work, cfg.train_workers, cfg.threads,
+                                            cfg.child_timeout_s, self.res["train"])
+            if "skipped" in self.res["peers"]:
+                self.say(f"peers skipped: {self.res['peers']['skipped']}")
+            self.save()
 
     def dense_section(self, t: TeacherSpec, data: str) -> None:
         """Dense caches against global ones on the main teacher (tcskd.bench.dense): cache and basis stages."""
