@@ -130,6 +130,25 @@ def test_report_command(runs_dir, tmp_path):
     assert "missing: no such directory" in warnings[1]
 
 
+def test_report_teacher_eval_globs_and_costs(runs_dir, tmp_path):
+    """A quoted --teacher-eval glob stands for every file it matches (once each); one that matches nothing is
+    a one-line error. --cost adds the cost columns."""
+    for lpc, knn in ((10, 0.5), (20, 0.7)):
+        (tmp_path / f"teacher-lpc{lpc}.json").write_text(json.dumps({"knn_top1": knn, "labels_per_class": lpc}))
+    dirs = [str(p) for p in sorted(runs_dir.iterdir())]
+    pattern = str(tmp_path / "teacher-*.json")
+    r = CliRunner().invoke(report_cmd, dirs + ["--teacher-eval", pattern, "--teacher-eval",
+                                               str(tmp_path / "teacher-lpc10.json"), "--cost"])
+    assert r.exit_code == 0, r.output
+    teacher = [line for line in r.stdout.splitlines() if line.startswith("**teacher")]
+    assert [t.split(" (")[0] for t in teacher] == ["**teacher, 10 labels/class**", "**teacher, 20 labels/class**"]
+    assert "n=1" in teacher[0]  # the file named twice counts once
+    head = next(line for line in r.stdout.splitlines() if line.startswith("| labels/class"))
+    assert head.endswith("| train s/epoch | run wall (s) | peak over imports (MB) | n |")
+    r = CliRunner().invoke(report_cmd, dirs + ["--teacher-eval", str(tmp_path / "nothing-*.json")])
+    assert isinstance(r.exception, TcskdError) and "matches no file" in str(r.exception)
+
+
 def test_report_command_glob_and_png(runs_dir, tmp_path):
     png = tmp_path / "c.png"
     r = CliRunner().invoke(report_cmd, [str(runs_dir / "tcs-s*"), "--png", str(png)])

@@ -23,8 +23,8 @@ from tcskd.train.config import EvalConfig, TrainConfig, resolve_config, table_ro
 from tcskd.train.evaluate import evaluate_teacher
 from tcskd.train.export import FORMATS, export_run
 from tcskd.train.loop import train as run_train
-from tcskd.train.report import (expand_run_dirs, load_runs, load_teacher_eval, markdown_table, plot_runs,
-                                 plot_kept_ranks, plot_sweep)
+from tcskd.train.report import (expand_run_dirs, load_runs, load_teacher_eval, markdown_table, plot_kept_ranks,
+                                 plot_runs, plot_sweep, teacher_eval_files)
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,8 @@ def _default_png(run_dirs: list[Path]) -> Path:
 @click.command("report", context_settings=HELP)
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
 @click.option("--teacher-eval", type=click.Path(dir_okay=False), multiple=True,
-              help="JSON from `tcskd eval --out`, shown above the table (repeatable: label budgets, seeds).")
+              help="JSON from `tcskd eval --out`, shown above the table (repeatable: label budgets, seeds; a "
+                   "quoted glob such as 'runs/x/teacher-*.json' stands for every file it matches).")
 @click.option("--png", type=click.Path(dir_okay=False), default=None,
               help="Chart file (default: report.png in the run dirs' common parent).")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the Markdown here.")
@@ -183,7 +184,7 @@ def report_cmd(run_dirs: tuple[str, ...], teacher_eval: tuple[str, ...], png: st
         click.echo(f"tcskd: warning: skipping {p}: {why}", err=True)
     if not found:
         raise TcskdError(f"none of the {len(run_dirs)} path(s) given is a finished run (no final.json)")
-    teacher = [load_teacher_eval(p) for p in teacher_eval] or None
+    teacher = [load_teacher_eval(p) for p in teacher_eval_files(teacher_eval)] or None
     runs = load_runs(found)
     table = markdown_table(runs, teacher, cost=cost)
     click.echo(table, nl=False)

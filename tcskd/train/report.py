@@ -140,6 +140,21 @@ def load_runs(run_dirs: Iterable[str | Path]) -> list[dict[str, Any]]:
     return runs
 
 
+def teacher_eval_files(paths: Iterable[str]) -> list[str]:
+    """``paths`` with each glob pattern replaced by the files it matches (sorted); TcskdError for a pattern that
+    matches nothing."""
+    out: list[str] = []
+    for raw in paths:
+        if glob.has_magic(raw):
+            matches = sorted(glob.glob(raw))
+            if not matches:
+                raise TcskdError(f"--teacher-eval {raw} matches no file")
+            out += [m for m in matches if m not in out]
+        elif raw not in out:
+            out.append(raw)
+    return out
+
+
 def load_teacher_eval(path: str | Path) -> dict[str, Any]:
     """The JSON written by ``tcskd eval --out``; TcskdError when it is not one."""
     p = Path(path)
