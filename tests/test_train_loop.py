@@ -256,6 +256,13 @@ def test_cli_train_writes_all_outputs(cli_run):
 
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["lam"] == 2.0 and cfg["resolved"]["dim"] == 6 and cfg["resolved"]["augment"] == "crop"
+    # the cost figures tcskd report --cost and the peer comparison read: the second epoch's training seconds
+    # (the first is the warm-up), the training part of each epoch's wall time, the peak above the start's RSS
+    assert final["augment"] == "crop"
+    assert final["seconds_per_epoch"] == rows[1]["train_seconds"]
+    assert all(0 < r["train_seconds"] <= r["seconds"] for r in rows)
+    assert final["train_seconds"] == pytest.approx(sum(r["train_seconds"] for r in rows))
+    assert final["peak_mem_over_imports_bytes"] == final["peak_mem_bytes"] - final["rss_after_imports_bytes"] > 0
 
 
 
