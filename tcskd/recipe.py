@@ -74,6 +74,9 @@ SET_BY_RECIPE = {
 _HOLDOUT = ("val_frac", "val_per_class", "val_seed")
 #: Basis options that do not change the basis (a basis fitted with other values of these is kept).
 _BASIS_FREE = ("cache", "cache_root", "device", "chunk_rows", "plot", "name", "wait")
+#: Train options that do nothing in a run without tailoring (``select_every`` 0): a finished untailored run
+#: is reused whatever they say (their defaults may change).
+UNTAILORED_INERT = ("select_by", "drop_frac", "min_dim")
 #: How a grid field appears in a run's name (the rest: field name + value); method, lpc and seed always do.
 _NAME_ORDER = ("method", "student", "basis", "dim", "lam")
 
@@ -153,8 +156,10 @@ def _refuse_if_changed(cfg: TrainConfig, out: Path) -> None:
     a TcskdError names what differs (the finished run is kept: remove it, or give the recipe another out)."""
     saved = load_yaml(out / CONFIG) or {}
     now = dataclasses.asdict(resolve_config(mimic_for_cache(cfg)))
+    # without tailoring (select_every 0 in both) its criterion, step and floor change nothing
+    inert = UNTAILORED_INERT if saved.get("select_every") == 0 == now["select_every"] else ()
     diff = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in now
-            if k not in RESUME_FREE and k in saved and _plain(saved[k]) != _plain(now[k])]
+            if k not in RESUME_FREE + inert and k in saved and _plain(saved[k]) != _plain(now[k])]
     key = (saved.get("resolved") or {}).get("cache_key")
     if key is not None and key != Path(cfg.cache).name:
         diff.insert(0, f"cache {key} -> {Path(cfg.cache).name}")

@@ -24,7 +24,7 @@ SHIPPED = sorted(p.name for p in RECIPES.glob("*.yaml"))
 #: Stand-ins for the recipes' placeholder paths, for the tests that only parse.
 _PATHS = {"cache.data": "builtin:mnist5k", "cache.teacher": "builtin:efficientnet-lite0"}
 #: final.json keys that depend on the clock, the memory or the folder.
-_VOLATILE = ("run_dir", "img_per_s", "timings", "created")
+_VOLATILE = ("run_dir", "img_per_s", "timings", "created", "seconds_per_epoch")
 
 
 # -- tiny stand-ins ------------------------------------------------------------------
@@ -187,6 +187,10 @@ def test_a_recipe_resumes(tmp_path, tiny_teacher):
     with pytest.raises(TcskdError, match=r"finished with other options than the recipe's \(epochs 2 -> 3\)"):
         run_recipe(recipe, ["train.epochs=3"])
     assert {r["status"] for r in run_recipe(recipe)["runs"].values()} == {"done"}
+    # Untailored runs: the tailoring criterion changes nothing, so a finished run stands; tailoring does not
+    assert {r["status"] for r in run_recipe(recipe, ["train.select_by=ablation"])["runs"].values()} == {"done"}
+    with pytest.raises(TcskdError, match=r"finished with other options than the recipe's \(.*select_every 0 -> 1"):
+        run_recipe(recipe, ["train.tailor=\"on\""])
     # A teacher eval made with other options is made again.
     evals = run_recipe(recipe, ["eval.k=3"])["teacher"]
     assert {json.loads(Path(f).read_text())["k"] for f in evals.values()} == {3}
