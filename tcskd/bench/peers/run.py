@@ -222,8 +222,9 @@ def seconds_per_epoch(epoch_seconds: list[float]) -> float | None:
 
 
 def traditional_record(p: Prepared, train_seconds: float, peak: int) -> dict[str, Any]:
-    """final.json's keys of a traditional arm: its distillation term and the fine-tuning's cost (module
-    docstring)."""
+    """final.json's keys of a traditional arm: ``mimic`` (kd, crd, rkd), ``lambda`` (the distillation term's
+    weight in the WeightedSumLoss: (1 - alpha) T^2 for KD), the method's settings, and the fine-tuning's cost
+    and scores (module docstring)."""
     from tcskd.bench.peers.arms import CRD_WEIGHT
 
     cfg, ft = p.cfg, p.finetune or {}
