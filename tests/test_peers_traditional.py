@@ -9,7 +9,6 @@ teacher leaves distillation as it came; a missing or foreign checkpoint is refus
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -25,7 +24,8 @@ from tcskd.cache.build import build_cache  # noqa: E402
 from tcskd.cache.config import CacheConfig  # noqa: E402
 from tcskd.bench.peers import finetune as ft  # noqa: E402
 from tcskd.bench.peers import prepare  # noqa: E402
-from tcskd.bench.peers.arms import CRD_DIM, CRD_MOMENTUM, CRD_TEMPERATURE, CRD_WEIGHT, RKD_ANGLE, RKD_DISTANCE  # noqa: E402
+from tcskd.bench.peers.arms import (CRD_DIM, CRD_MOMENTUM, CRD_TEMPERATURE, CRD_WEIGHT, RKD_ANGLE,  # noqa: E402
+                                    RKD_DISTANCE)
 from tcskd.bench.peers.glue import state_digest  # noqa: E402
 from tcskd.bench.peers.run import make_arm, run_arm  # noqa: E402
 from tcskd.errors import TcskdError  # noqa: E402
@@ -306,9 +306,15 @@ def test_the_command_refuses_an_arm_without_checkpoint_in_one_line(job, tmp_path
     assert not out.exists()
 
 
-def test_finetune_options_are_checked_in_one_line(job):
+def test_finetune_options_are_checked_in_one_line(job, tmp_path, monkeypatch, capsys):
     for kw, msg in ((dict(steps=0), "--steps must be at least 1"), (dict(lr=0.0), "--lr must be positive"),
                     (dict(warmup_steps=50), "--warmup-steps must be within")):
         with pytest.raises(TcskdError, match=msg):
             _ft_cfg(job, **kw).validate()
-    assert dataclasses.fields(ft.FinetuneConfig)[0].name == "cache"
+    out = tmp_path / "ft"
+    monkeypatch.setattr("sys.argv", ["finetune", "--cache", job[1], "--steps", "0", "--out", str(out)])
+    with pytest.raises(SystemExit) as e:
+        ft.main()
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["tcskd: error: --steps must be at least 1, got 0"] and not out.exists()

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from tcskd.bench.peers.glue import PeerTeacher, state_digest, step_lr_lambda
+from tcskd.bench.peers.glue import PeerTeacher, peer_versions, state_digest, step_lr_lambda
 from tcskd.device import DEVICES, autocast, peak_memory_bytes, proc_status_bytes, resolve_device
 from tcskd.errors import TcskdError
 from tcskd.options import HELP, click_options, config_from_params, opt
@@ -53,6 +53,7 @@ from tcskd.train.data import Batch, ViewImages, eval_loader
 from tcskd.train.evaluate import top1
 from tcskd.train.inputs import RunInputs, load_run_inputs, online_teacher
 from tcskd.train.losses import ce_loss
+from tcskd.data.hashing import sha256_file
 from tcskd.train.rundir import write_json
 
 log = logging.getLogger(__name__)
@@ -291,9 +292,6 @@ def finetune(cfg: FinetuneConfig) -> dict[str, Any]:
                 "teacher_state": {k: v.cpu() for k, v in model.features.backbone.state_dict().items()},
                 "head_state": {k: v.cpu() for k, v in model.head.state_dict().items()}}, tmp)
     os.replace(tmp, ckpt)
-    from tcskd.bench.peers.glue import peer_versions
-    from tcskd.teachers import sha256_file
-
     seconds_per_epoch = float(np.median(epoch_seconds[1:] if len(epoch_seconds) > 1 else epoch_seconds))
     record = {**scores, "identity": identity, "checkpoint": CKPT_NAME, "checkpoint_sha256": sha256_file(str(ckpt)),
               "teacher": prep.teacher_spec, "teacher_size": teacher_size, "num_classes": int(prep.num_classes),
