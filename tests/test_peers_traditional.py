@@ -318,3 +318,16 @@ def test_finetune_options_are_checked_in_one_line(job, tmp_path, monkeypatch, ca
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["tcskd: error: --steps must be at least 1, got 0"] and not out.exists()
+
+
+def test_a_traditional_arm_starts_from_tcskd_ces_student_and_classifier(job, tuned):
+    """Loading the fine-tuned teacher first does not move the student's initialisation off tcskd ce's."""
+    from tcskd.train.model import build_models
+
+    cfg = _cfg(job, "torchdistill-kd", teacher_ckpt=str(tuned[2]))
+    p = prepare(cfg)
+    tcfg = _tcfg(job)
+    student, head = build_models(tcfg, load_run_inputs(tcfg))
+    for mine, theirs in ((student, p.student.backbone), (head.classifier, p.student.classifier)):
+        for (k, u), v in zip(mine.state_dict().items(), theirs.state_dict().values()):
+            assert torch.equal(u, v), k
