@@ -26,6 +26,38 @@ on the CPU); the losses are computed in float32 (torch autocasts ``mse_loss``; t
   loop as a library (``train.py`` is a script), so the loop is the usual one: ``task(x, y)['loss']``, backward,
   ``torch.optim.SGD`` step, ``LambdaLR`` step.
 - ``timm-ce``: ``timm.task.ClassificationTask`` with the labelled CE.
+
+The traditional arms (:data:`TRADITIONAL`) distil a teacher fine-tuned for the task first
+(tcskd.bench.peers.finetune: :class:`~tcskd.bench.peers.finetune.FineTunedTeacher`, its classifier's logits the
+output ``.``, its global embedding hooked at ``features.embedding``), frozen and in eval mode, run on the
+student's augmented input every step, all in a ``DistillationBox`` from a declarative config with
+torchdistill's registered losses:
+
+- ``torchdistill-kd``: Hinton KD. torchdistill's ``KDLoss`` (``temperature`` T, ``reduction: batchmean``) on
+  the logits of every row of the batch, labelled or not (the teacher labels every image), with its ``alpha`` 0
+  so that it returns its KL term alone (its own hard CE is ``nn.CrossEntropyLoss``, which fails on the label
+  -1): the term is weighted (1 - alpha) T^2 in the ``WeightedSumLoss``, and the hard term is the labelled CE
+  (mean over the labelled rows of the batch, 0 without one) weighted alpha; so the loss is KDLoss's own
+  ``alpha * CE + (1 - alpha) * T^2 * KL`` with the CE over the rows that have a label. Defaults T 4, alpha
+  0.1: the KD setting of the CRD benchmark (Tian et al., ICLR 2020, RepDistiller: ``-r 0.1 -a 0.9``, T 4).
+- ``torchdistill-crd``: CRD as its paper's main setting (RepDistiller ``-r 1 -a 0 -b 0.8``): the labelled CE
+  plus 0.8 x torchdistill's ``CRDLoss`` (feature 128, NCE temperature 0.07, memory momentum 0.5), the student
+  and the teacher each in torchdistill's ``Linear4CRD`` wrapper (the teacher's ``model`` frozen, its
+  embedding's projection trained, as torchdistill's sample config); the memory holds one row per training
+  image (N = the training rows). ``CRDLoss`` needs each row's dataset index and its negatives in the batch's
+  supplementary dict (``pos_idx``, ``contrast_idx``, read through the student wrapper's ``empty`` module):
+  the index is the batch's ``item``; the negatives are drawn uniformly over the N rows (the loss's own noise
+  distribution: its ``unigrams`` are all ones) by a generator of the run's seed, because torchdistill 1.1.5's
+  own draw fails (``CRDLoss.draw`` reads ``self.prob``, which does not exist) and its ``CRDDatasetWrapper``
+  draws class-conditional negatives from every row's label, which the unlabelled rows do not have.
+  Negatives per row: ``--crd-negatives`` (4096; RepDistiller's 16384 is a third of CIFAR's 50 000 rows and
+  costs 4x the memory and time here).
+- ``torchdistill-rkd``: RKD: the labelled CE plus torchdistill's ``RKDLoss`` between the student's pooled
+  feature (hooked ``backbone``) and the teacher's global embedding (``features.embedding``), distance weight
+  25 and angle weight 50 (the RKD paper's classification setting, as RepDistiller). Chosen among the
+  relational losses torchdistill ships (PKT, SPKD, RKD) because it compares global embeddings of any two
+  widths with no projector (so the student's trainable parameters are tcskd's CE arm's), distance and angle
+  both, and is the most used of them; SPKD is meant for feature maps.
 """
 
 from __future__ import annotations
@@ -43,8 +75,15 @@ from tcskd.bench.peers.glue import LabelledCrossEntropy, PeerStudent, PeerTeache
 
 log = logging.getLogger(__name__)
 
+#: The traditional arms: distillation from a teacher fine-tuned for the task (``--teacher-ckpt``).
+TRADITIONAL = ("torchdistill-kd", "torchdistill-crd", "torchdistill-rkd")
 #: The arms: framework-method.
-ARMS = ("torchdistill-fitnet", "timm-fitnet", "torchdistill-ce", "timm-ce")
+ARMS = ("torchdistill-fitnet", "timm-fitnet", "torchdistill-ce", "timm-ce") + TRADITIONAL
+#: CRD's settings (Tian et al., ICLR 2020; RepDistiller's defaults): the loss's weight, the feature width, the
+#: NCE temperature and the memory's momentum.
+CRD_WEIGHT, CRD_DIM, CRD_TEMPERATURE, CRD_MOMENTUM = 0.8, 128, 0.07, 0.5
+#: RKD's distance and angle weights (Park et al., CVPR 2019, classification; RepDistiller's defaults).
+RKD_DISTANCE, RKD_ANGLE = 25.0, 50.0
 #: The name under which the labelled CE is registered in torchdistill's low-level loss registry.
 TD_CE = "TcskdLabelledCrossEntropy"
 
@@ -55,8 +94,13 @@ def framework_of(arm: str) -> str:
 
 
 def distils(arm: str) -> bool:
-    """Whether the arm has a teacher (FitNet) or is CE-only."""
+    """Whether the arm is a FitNet (the cache's teacher, the regressor of tcskd's fitnet head)."""
     return arm.endswith("-fitnet")
+
+
+def traditional(arm: str) -> bool:
+    """Whether the arm distils a fine-tuned teacher (``--teacher-ckpt``: KD, CRD, RKD)."""
+    return arm in TRADITIONAL
 
 
 def require_framework(arm: str) -> None:
@@ -81,6 +125,20 @@ class OptimSettings:
     """``LambdaLR``'s factor of optimizer step ``step`` (tcskd.bench.peers.glue.step_lr_lambda)."""
 
 
+@dataclass
+class TraditionalSettings:
+    """The settings of the traditional arms (module docstring)."""
+
+    kd_temperature: float = 4.0
+    kd_alpha: float = 0.1
+    """The hard (labelled) CE's weight; the soft term's is (1 - alpha) T^2 (torchdistill's KDLoss)."""
+    crd_negatives: int = 4096
+    num_samples: int = 0
+    """Rows of CRD's memory: the training rows (the batches' ``item`` indexes them)."""
+    seed: int = 0
+    """Seed of CRD's negatives."""
+
+
 class Arm:
     """The interface the epoch loop drives."""
 
@@ -93,7 +151,8 @@ class Arm:
     def begin_epoch(self, epoch: int) -> None:
         raise NotImplementedError
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def step(self, x: torch.Tensor, y: torch.Tensor, item: torch.Tensor | None = None) -> torch.Tensor:
+        """One optimizer step on the batch ``x``, labels ``y`` (-1: none) and training-set indices ``item``."""
         raise NotImplementedError
 
     def end_epoch(self) -> None:
@@ -173,15 +232,20 @@ class _TorchdistillArm(Arm):
     def begin_epoch(self, epoch: int) -> None:
         self.box.pre_epoch_process(epoch=epoch)
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def supp_dict(self, item: torch.Tensor | None) -> dict[str, Any] | None:
+        """The batch's supplementary dict (torchdistill's ``supp_dict``): none but for CRD."""
+        return None
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, item: torch.Tensor | None = None) -> torch.Tensor:
+        supp = self.supp_dict(item)
         with autocast(self.device):  # the forward as tcskd's (bf16 on CUDA); backward and step outside
-            loss = self.box.forward_process(x, y)
+            loss = self.box.forward_process(x, y, supp)
         self.box.post_forward_process(loss)
         return loss.detach()
 
-    def first_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def first_loss(self, x: torch.Tensor, y: torch.Tensor, item: torch.Tensor | None = None) -> torch.Tensor:
         """The loss of a batch without a step (for the parity check)."""
-        return self.box.forward_process(x, y)
+        return self.box.forward_process(x, y, self.supp_dict(item))
 
     def end_epoch(self) -> None:
         self.box.post_epoch_process()
@@ -216,6 +280,101 @@ class TorchdistillCE(_TorchdistillArm):
         self.optimizer, self.scheduler = self.box.optimizer, self.box.lr_scheduler
 
 
+def _td_teacher_student(teacher: dict[str, Any] | None = None, student: dict[str, Any] | None = None) -> dict:
+    """The frozen teacher and the trained student of a traditional arm's box, run by ``forward_batch_only``."""
+    return {"teacher": {"forward_proc": "forward_batch_only", "requires_grad": False, **(teacher or {})},
+            "student": {"forward_proc": "forward_batch_only", "requires_grad": True, **(student or {})}}
+
+
+def torchdistill_kd_config(s: TraditionalSettings, opt: OptimSettings, epochs: int) -> dict[str, Any]:
+    """The ``train`` config of the torchdistill Hinton KD arm (module docstring)."""
+    optimizer, scheduler = _td_optim(opt)
+    t = float(s.kd_temperature)
+    kd = {"criterion": {"key": "KDLoss", "kwargs": {
+        "student_module_path": ".", "student_module_io": "output", "teacher_module_path": ".",
+        "teacher_module_io": "output", "temperature": t, "alpha": 0.0, "reduction": "batchmean"}},
+        "weight": (1.0 - float(s.kd_alpha)) * t * t}
+    ce = {**_td_ce_term(), "weight": float(s.kd_alpha)}
+    return {"num_epochs": int(epochs), **_td_teacher_student(), "optimizer": optimizer, "scheduler": scheduler,
+            "criterion": {"key": "WeightedSumLoss", "kwargs": {"sub_terms": {"ce": ce, "kd": kd}}}}
+
+
+def torchdistill_rkd_config(opt: OptimSettings, epochs: int) -> dict[str, Any]:
+    """The ``train`` config of the torchdistill RKD arm (module docstring)."""
+    optimizer, scheduler = _td_optim(opt)
+    rkd = {"criterion": {"key": "RKDLoss", "kwargs": {
+        "student_output_path": "backbone", "teacher_output_path": "features.embedding",
+        "dist_factor": RKD_DISTANCE, "angle_factor": RKD_ANGLE, "reduction": "mean"}}, "weight": 1.0}
+    models = _td_teacher_student({"forward_hook": {"input": [], "output": ["features.embedding"]}},
+                                 {"forward_hook": {"input": [], "output": ["backbone"]}})
+    return {"num_epochs": int(epochs), **models, "optimizer": optimizer, "scheduler": scheduler,
+            "criterion": {"key": "WeightedSumLoss", "kwargs": {"sub_terms": {"ce": _td_ce_term(), "rkd": rkd}}}}
+
+
+def torchdistill_crd_config(student_dim: int, teacher_dim: int, s: TraditionalSettings, opt: OptimSettings,
+                            epochs: int) -> dict[str, Any]:
+    """The ``train`` config of the torchdistill CRD arm (module docstring; torchdistill's sample CRD config
+    with the KD term left out, as CRD's paper's main setting)."""
+    optimizer, scheduler = _td_optim(opt)
+
+    def wrapper(path: str, width: int) -> dict:
+        return {"key": "Linear4CRD", "kwargs": {"input_module_path": path, "power": 2, "linear_kwargs": {
+            "in_features": int(width), "out_features": CRD_DIM, "bias": True}}}
+
+    teacher = {"forward_proc": "forward_batch_supp_dict",
+               "auxiliary_model_wrapper": wrapper("model.features.embedding", teacher_dim),
+               "forward_hook": {"input": [], "output": ["model.features.embedding", "normalizer"]},
+               "requires_grad": True, "frozen_modules": ["model"]}
+    student = {"forward_proc": "forward_batch_supp_dict",
+               "auxiliary_model_wrapper": wrapper("model.backbone", student_dim),
+               "forward_hook": {"input": ["empty"], "output": ["model.backbone", "normalizer"]},
+               "requires_grad": True, "frozen_modules": []}
+    crd = {"criterion": {"key": "CRDLoss", "kwargs": {
+        "teacher_norm_module_path": "normalizer", "student_norm_module_path": "normalizer",
+        "student_empty_module_path": "empty", "input_size": CRD_DIM, "output_size": int(s.num_samples),
+        "num_negative_samples": int(s.crd_negatives), "num_samples": int(s.num_samples),
+        "temperature": CRD_TEMPERATURE, "momentum": CRD_MOMENTUM, "eps": 1e-7}}, "weight": CRD_WEIGHT}
+    return {"num_epochs": int(epochs), "teacher": teacher, "student": student, "optimizer": optimizer,
+            "scheduler": scheduler,
+            "criterion": {"key": "WeightedSumLoss", "kwargs": {"sub_terms": {"ce": _td_ce_term(), "crd": crd}}}}
+
+
+class TorchdistillTraditional(_TorchdistillArm):
+    """KD, CRD or RKD from the fine-tuned teacher in a torchdistill ``DistillationBox`` (module docstring)."""
+
+    def __init__(self, arm: str, student: PeerStudent, teacher: nn.Module, settings: TraditionalSettings,
+                 opt: OptimSettings, epochs: int, device: torch.device) -> None:
+        from torchdistill.core.distillation import DistillationBox
+
+        _register_torchdistill_ce()
+        self.arm, self.student, self.teacher, self.device, self.settings = arm, student, teacher, device, settings
+        if arm == "torchdistill-kd":
+            config = torchdistill_kd_config(settings, opt, epochs)
+        elif arm == "torchdistill-rkd":
+            config = torchdistill_rkd_config(opt, epochs)
+        else:
+            if settings.num_samples < 2:
+                raise TcskdError("torchdistill-crd needs at least 2 training rows for its memory")
+            config = torchdistill_crd_config(student.num_features, teacher.num_features, settings, opt, epochs)
+        self.config = config
+        self.box = DistillationBox(teacher, student, {}, config, device, None, False, 1)
+        self.optimizer, self.scheduler = self.box.optimizer, self.box.lr_scheduler
+        self._negatives = torch.Generator().manual_seed(int(settings.seed) * 1_000_003 + 17)
+
+    def supp_dict(self, item: torch.Tensor | None) -> dict[str, Any] | None:
+        """CRD: ``pos_idx`` (the rows' training-set indices) and ``contrast_idx`` (B x (1 + negatives): the
+        positive, then negatives drawn uniformly over the memory's rows)."""
+        if self.arm != "torchdistill-crd":
+            return None
+        if item is None:
+            raise TcskdError("torchdistill-crd needs each row's training-set index (the batch's item)")
+        s = self.settings
+        pos = item.long().cpu()
+        contrast = torch.randint(s.num_samples, (len(pos), 1 + s.crd_negatives), generator=self._negatives)
+        contrast[:, 0] = pos
+        return {"pos_idx": pos.to(self.device), "contrast_idx": contrast.to(self.device)}
+
+
 # -- timm -----------------------------------------------------------------------------------------------
 
 class _TimmArm(Arm):
@@ -229,7 +388,7 @@ class _TimmArm(Arm):
     def begin_epoch(self, epoch: int) -> None:
         self.task.train()
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def step(self, x: torch.Tensor, y: torch.Tensor, item: torch.Tensor | None = None) -> torch.Tensor:
         with autocast(self.device):  # as timm's train.py runs the task under AMP, and tcskd its forward
             loss = self.task(x, y)["loss"]
         self.optimizer.zero_grad(set_to_none=True)
@@ -238,7 +397,7 @@ class _TimmArm(Arm):
         self.scheduler.step()
         return loss.detach()
 
-    def first_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def first_loss(self, x: torch.Tensor, y: torch.Tensor, item: torch.Tensor | None = None) -> torch.Tensor:
         return self.task(x, y)["loss"]
 
 
@@ -275,12 +434,18 @@ class TimmCE(_TimmArm):
         self._optim(opt)
 
 
-def build_arm(arm: str, student: PeerStudent, teacher: PeerTeacher | None, regressor: nn.Linear | None,
-              lam: float, opt: OptimSettings, epochs: int, device: torch.device) -> Arm:
-    """The arm ``arm`` on these modules (its framework must be installed: :func:`require_framework`)."""
+def build_arm(arm: str, student: PeerStudent, teacher: nn.Module | None, regressor: nn.Linear | None,
+              lam: float, opt: OptimSettings, epochs: int, device: torch.device,
+              settings: TraditionalSettings | None = None) -> Arm:
+    """The arm ``arm`` on these modules (its framework must be installed: :func:`require_framework`); a
+    traditional arm's ``teacher`` is the fine-tuned one (tcskd.bench.peers.finetune.FineTunedTeacher)."""
     require_framework(arm)
     if distils(arm) and (teacher is None or regressor is None):
         raise TcskdError(f"peer arm {arm} needs a teacher and the initial regressor")
+    if traditional(arm):
+        if teacher is None or settings is None:
+            raise TcskdError(f"peer arm {arm} needs the fine-tuned teacher (--teacher-ckpt)")
+        return TorchdistillTraditional(arm, student, teacher, settings, opt, epochs, device)
     if arm == "torchdistill-fitnet":
         return TorchdistillFitNet(student, teacher, regressor, lam, opt, epochs, device)
     if arm == "torchdistill-ce":

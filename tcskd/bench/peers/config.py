@@ -13,7 +13,7 @@ from tcskd.errors import TcskdError
 from tcskd.options import opt
 from tcskd.train.config import AUGMENTS, SCHEDULES, TrainConfig
 from tcskd.train.targets import TARGET_NORMS
-from tcskd.bench.peers.arms import ARMS
+from tcskd.bench.peers.arms import ARMS, TRADITIONAL, traditional
 
 #: Fields passed on to TrainConfig unchanged (same names, same meaning).
 SHARED = ("cache", "cache_root", "student", "lam", "target_norm", "epochs", "batch_size", "lr", "optimizer",
@@ -28,7 +28,9 @@ class PeerConfig:
 
     arm: str = opt(help=f"The peer arm: {', '.join(ARMS)}.", choices=ARMS)
     """framework-method: torchdistill-fitnet, timm-fitnet (online FitNet: the teacher runs on the student's
-    augmented input every step), torchdistill-ce, timm-ce (CE only, in the framework's loop)."""
+    augmented input every step), torchdistill-ce, timm-ce (CE only, in the framework's loop), and the
+    traditional arms torchdistill-kd, torchdistill-crd, torchdistill-rkd (distillation from the teacher
+    fine-tuned for the task: ``--teacher-ckpt``)."""
     cache: str = opt(help="Train cache (key, key prefix or directory): its data, teacher, split and rows.")
     """The train cache of tcskd's arms: the peer reads its data spec, teacher spec and resolution, the rows it
     holds and (``--target-norm global``) the fitnet target scale; never its features as targets."""
@@ -63,6 +65,14 @@ class PeerConfig:
     eval_every: int = opt(1, help="Validate every N epochs (outside the timed training).")
     out: str | None = opt(None, help="Run directory (default: runs/peers/<arm>-s<seed>).")
     threads: int | None = opt(None, help="torch.set_num_threads (default: leave it).")
+    teacher_ckpt: str | None = opt(None, help="The fine-tuned teacher (teacher.pt of python -m "
+                                              "tcskd.bench.peers.finetune): needed by the traditional arms.")
+    """teacher.pt written by tcskd.bench.peers.finetune, with its finetune.json beside it; refused unless it
+    was fine-tuned for this run (the same cache, teacher, seed, split and labelled rows)."""
+    kd_temperature: float = opt(4.0, help="torchdistill-kd: KDLoss's temperature T (RepDistiller's KD: 4).")
+    kd_alpha: float = opt(0.1, help="torchdistill-kd: weight of the labelled CE; the KL's is (1 - alpha) T^2 "
+                                    "(RepDistiller's KD: 0.1).")
+    crd_negatives: int = opt(4096, help="torchdistill-crd: negatives per row, drawn over the training rows.")
 
     def validate(self) -> None:
         """One-line TcskdError for an option tcskd train would refuse, or one the peers cannot follow."""
@@ -70,6 +80,16 @@ class PeerConfig:
             raise TcskdError(f"unknown peer arm '{self.arm}' (choose {', '.join(ARMS)})")
         if self.threads is not None and self.threads < 1:
             raise TcskdError(f"--threads must be at least 1, got {self.threads}")
+        if traditional(self.arm) and not self.teacher_ckpt:
+            raise TcskdError(f"peer arm {self.arm} distils a teacher fine-tuned for the task: give --teacher-ckpt "
+                             f"(python -m tcskd.bench.peers.finetune writes it)")
+        if self.teacher_ckpt and not traditional(self.arm):
+            raise TcskdError(f"--teacher-ckpt is for the traditional arms ({', '.join(TRADITIONAL)}), not {self.arm}")
+        if self.kd_temperature <= 0 or not 0 <= self.kd_alpha <= 1:
+            raise TcskdError(f"--kd-temperature must be positive and --kd-alpha within [0, 1], got "
+                             f"{self.kd_temperature} and {self.kd_alpha}")
+        if self.crd_negatives < 1:
+            raise TcskdError(f"--crd-negatives must be at least 1, got {self.crd_negatives}")
         self.train_config("ce").validate()
 
     def train_config(self, method: str) -> TrainConfig:

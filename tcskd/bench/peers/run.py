@@ -16,6 +16,11 @@ warm-up; all of them with one epoch), ``total_seconds`` (the process's wall time
 start), ``peak_mem_bytes`` (CUDA max allocated, else the process's peak RSS, as tcskd train reports) and, on
 the CPU, ``rss_after_imports_bytes`` and ``peak_mem_over_imports_bytes`` (the peak less the RSS after the
 frameworks are imported). ``peers`` records the frameworks' versions.
+
+A traditional arm (``--teacher-ckpt``) takes the fine-tuned teacher (tcskd.bench.peers.finetune.load_finetuned:
+refused unless fine-tuned for this run) and tcskd's CE arm's student and classifier at the seed; its
+final.json adds ``teacher_finetune`` (the fine-tuning's cost and scores, from its finetune.json),
+``pipeline_train_seconds`` (fine-tuning + distillation) and ``pipeline_peak_mem_bytes`` (the larger peak).
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tcskd.bench.peers.arms import Arm, OptimSettings, build_arm, distils, framework_of, require_framework
+from tcskd.bench.peers.arms import (Arm, OptimSettings, TraditionalSettings, build_arm, distils, framework_of,
+                                    require_framework, traditional)
 from tcskd.bench.peers.config import PeerConfig
 from tcskd.bench.peers.glue import (PeerStudent, PeerTeacher, fitnet_target_scale, peer_versions, state_digest,
                                     step_lr_lambda)
@@ -61,8 +67,11 @@ class Prepared:
     student: PeerStudent
     head: TCSHead
     """tcskd's head: its classifier is the student's; its projector the initial FitNet regressor (fitnet arms)."""
-    teacher: PeerTeacher | None
+    teacher: torch.nn.Module | None
+    """The cache's teacher (:class:`PeerTeacher`, FitNet arms) or the fine-tuned one (traditional arms)."""
     target_scale: float | None
+    finetune: dict[str, Any] | None = None
+    """The fine-tuned teacher's finetune.json (traditional arms)."""
 
 
 def prepare(cfg: PeerConfig, device: torch.device | None = None) -> Prepared:
@@ -71,8 +80,16 @@ def prepare(cfg: PeerConfig, device: torch.device | None = None) -> Prepared:
     tcfg = resolve_config(cfg.train_config("ce"))
     device = device or resolve_device(tcfg.device)
     prep = load_run_inputs(tcfg)
-    teacher, scale = None, None
-    if distils(cfg.arm):
+    teacher, scale, record = None, None, None
+    if traditional(cfg.arm):
+        from tcskd.bench.peers.finetune import load_finetuned
+        from tcskd.store.handle import open_cache
+
+        with open_cache(cfg.cache, cfg.cache_root) as cache:
+            size = int(cache.manifest.image_size)
+        teacher, record = load_finetuned(cfg.teacher_ckpt, prep, tcfg, size, device)
+        student, head = build_models(tcfg, prep)
+    elif distils(cfg.arm):
         from tcskd.store.handle import open_cache
         from tcskd.train.inputs import open_train_rows
 
@@ -91,7 +108,7 @@ def prepare(cfg: PeerConfig, device: torch.device | None = None) -> Prepared:
     head.to(device)
     if device.type == "cuda":  # as tcskd train's student
         student.to(memory_format=torch.channels_last)
-    return Prepared(cfg, tcfg, prep, device, PeerStudent(student, head.classifier), head, teacher, scale)
+    return Prepared(cfg, tcfg, prep, device, PeerStudent(student, head.classifier), head, teacher, scale, record)
 
 
 def optim_settings(tcfg: TrainConfig, steps_per_epoch: int) -> OptimSettings:
@@ -110,8 +127,10 @@ def make_arm(p: Prepared) -> tuple[Arm, Any]:
     tcfg = p.train_cfg
     plan = batch_plan(len(p.prep.train_set), tcfg.batch_size, 1)
     regressor = p.head.projector if distils(p.cfg.arm) else None
+    settings = TraditionalSettings(p.cfg.kd_temperature, p.cfg.kd_alpha, p.cfg.crd_negatives,
+                                   len(p.prep.train_set), p.cfg.seed)
     arm = build_arm(p.cfg.arm, p.student, p.teacher, regressor, p.cfg.lam,
-                    optim_settings(tcfg, plan.steps_per_epoch), tcfg.epochs, p.device)
+                    optim_settings(tcfg, plan.steps_per_epoch), tcfg.epochs, p.device, settings)
     workers = resolve_workers(tcfg.workers, p.device)
     if tcfg.workers in (None, "auto") and getattr(p.prep.train_set.source, "load_many", None) is not None:
         workers = 0  # images held in memory: as tcskd train's auto
@@ -181,7 +200,7 @@ def train_one_epoch(p: Prepared, arm: Arm, loader: Any, epoch: int) -> dict[str,
             x = x.contiguous(memory_format=torch.channels_last)
         y = batch.label.to(p.device, non_blocking=True)
         lr = arm.lr()
-        losses.append(arm.step(x, y))
+        losses.append(arm.step(x, y, batch.item))
         steps += 1
         n += len(x)
     arm.end_epoch()
@@ -195,6 +214,27 @@ def train_one_epoch(p: Prepared, arm: Arm, loader: Any, epoch: int) -> dict[str,
             "train_img_per_s": n / seconds if seconds > 0 else None}
 
 
+def traditional_record(p: Prepared, train_seconds: float, peak: int) -> dict[str, Any]:
+    """final.json's keys of a traditional arm: ``mimic`` (kd, crd, rkd), ``lambda`` (the distillation term's
+    weight in the WeightedSumLoss: (1 - alpha) T^2 for KD), the method's settings, and the fine-tuning's cost
+    and scores (module docstring)."""
+    from tcskd.bench.peers.arms import CRD_WEIGHT
+
+    cfg, ft = p.cfg, p.finetune or {}
+    method = cfg.arm.split("-", 1)[1]
+    weight = {"kd": (1 - cfg.kd_alpha) * cfg.kd_temperature ** 2, "crd": CRD_WEIGHT, "rkd": 1.0}[method]
+    keep = ("train_seconds", "epoch_seconds", "seconds_per_epoch", "peak_mem_bytes", "steps", "epochs",
+            "batch_size", "lr", "labelled_images", "train_top1", "val_top1", "test_top1", "checkpoint_sha256",
+            "device", "threads")
+    return {"lambda": weight, "mimic": method, "mimic_on": "logits" if method == "kd" else "global",
+            "teacher_ckpt": str(cfg.teacher_ckpt), "kd_temperature": cfg.kd_temperature if method == "kd" else None,
+            "kd_alpha": cfg.kd_alpha if method == "kd" else None,
+            "crd_negatives": cfg.crd_negatives if method == "crd" else None,
+            "teacher_finetune": {k: ft.get(k) for k in keep},
+            "pipeline_train_seconds": float(ft.get("train_seconds") or 0.0) + train_seconds,
+            "pipeline_peak_mem_bytes": max(int(ft.get("peak_mem_bytes") or 0), int(peak))}
+
+
 def finish(p: Prepared, arm: Arm, out: Path, epoch_seconds: list[float], images: int, rss_imports: int | None,
            t_start: float) -> dict[str, Any]:
     """Scores of the final weights (validation, then test once) and final.json."""
@@ -205,7 +245,8 @@ def finish(p: Prepared, arm: Arm, out: Path, epoch_seconds: list[float], images:
     scores = final_scores(p.student.backbone, p.head, prep, p.device, max(tcfg.batch_size, 256), 0)
     train_seconds = float(sum(epoch_seconds))
     peak = peak_memory_bytes(p.device)
-    teacher_dim = p.teacher.num_features if p.teacher is not None else None
+    trad = traditional(cfg.arm)
+    teacher_dim = p.teacher.num_features if p.teacher is not None and not trad else None
     final = {
         **scores, "method": cfg.arm, "framework": framework_of(cfg.arm), "peers": peer_versions(),
         "basis_kind": "identity" if teacher_dim else None, "dim": teacher_dim, "basis": None,
@@ -227,6 +268,8 @@ def finish(p: Prepared, arm: Arm, out: Path, epoch_seconds: list[float], images:
         "setup_seconds": prep.setup_seconds, "eval_seconds": time.perf_counter() - t_eval,
         "total_seconds": time.perf_counter() - t_start, "run_dir": str(out),
     }
+    if trad:
+        final.update(traditional_record(p, train_seconds, peak))
     resolved = {**dataclasses.asdict(cfg), "resolved": {
         "lr": tcfg.lr, "weight_decay": tcfg.weight_decay, "augment": prep.augment, "target_scale": p.target_scale,
         "train_images": len(prep.train_set), "labelled_images": prep.n_labelled, "peers": peer_versions()}}
