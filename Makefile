@@ -80,7 +80,8 @@ dense-ksweep: install
 	$(TCSKD) run recipes/mnist-seg-ksweep.yaml $(foreach s,$(SET),--set '$(s)')
 
 # The built-in job side by side with torchdistill and timm (scripts/peers.sh): tcskd's ce / fitnet / tcs, the
-# peers' online FitNet and CE-only, the no-augmentation control, 3 seeds; the report with cost columns and
+# peers' online FitNet and CE-only, the traditional pipeline (fine-tuned teacher, then KD / CRD / RKD), the
+# no-augmentation control, 3 seeds; the report with cost columns and
 # the claims table in runs/peers (resumable; many hours on 2 CPU cores: the peers run the teacher every step).
 peers: install
 	SEEDS="$(GRID_SEEDS)" EPOCHS=$(EPOCHS) IMAGE_SIZE=$(IMAGE_SIZE) DEVICE=$(DEVICE) RUNS=$(RUNS)/peers \

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Side by side with independently written distillation code on the built-in default's job: tcskd's ce, fitnet
 # and tcs from the cache, and the same job trained by torchdistill and timm (tcskd.bench.peers: online FitNet,
-# the teacher seeing the student's augmented view every step, and CE-only in each framework's loop), at each
-# label budget and seed; a control without augmentation (tcskd online with the identity basis against both
+# the teacher seeing the student's augmented view every step, and CE-only in each framework's loop), and the
+# traditional pipeline (the teacher fine-tuned on the run's labelled rows, python -m tcskd.bench.peers.finetune,
+# then torchdistill's KD, CRD and RKD from it), at each label budget and seed; a control without augmentation (tcskd online with the identity basis against both
 # peers' FitNet: one objective, so they must agree within noise); the cost of tcskd cache + basis measured once
 # on an empty cache root (pipeline.json); the report with the cost columns and the claims table.
 # Every run holds out the same validation rows, the test split is scored once per run, and every option that
@@ -42,6 +43,17 @@ ARMS=(
   "torchdistill-fitnet|peer|--arm torchdistill-fitnet --lambda 10 --augment auto"
   "timm-fitnet|peer|--arm timm-fitnet --lambda 10 --augment auto"
 )
+# The traditional pipeline: one fine-tuned teacher per budget and seed ($RUNS/finetune-lpcL-sS), then each arm.
+TRADITIONAL=(
+  "torchdistill-kd|trad|--arm torchdistill-kd --lambda 0 --augment auto"
+  "torchdistill-crd|trad|--arm torchdistill-crd --lambda 0 --augment auto"
+  "torchdistill-rkd|trad|--arm torchdistill-rkd --lambda 0 --augment auto"
+)
+TRADITIONAL_LPCS=${TRADITIONAL_LPCS:-$LPCS}
+# Fine-tuning: BiT-HyperRule's small-data schedule (the finetune command's defaults, pinned here).
+FINETUNE="--steps 500 --batch-size 512 --lr 0.003 --momentum 0.9 --weight-decay 0 --warmup-steps 100 \
+--milestones 200,300,400 --gamma 0.1 --val-frac 0.1 --val-seed 0 --augment auto --image-size 28 --device $DEVICE \
+--workers $WORKERS"
 CONTROL=(
   "control-online|tcskd|--method online --basis identity --lambda 10 --augment none $FIXED"
   "control-torchdistill-fitnet|peer|--arm torchdistill-fitnet --lambda 10 --augment none"
@@ -56,9 +68,19 @@ command_of() {  # entry lpc seed out
   [ "$2" != all ] && budget="--labels-per-class $2"
   if [ "$runner" = tcskd ]; then
     echo "$TCSKD -q train --cache $train_cache $COMMON $opts $budget --seed $3 --out $4"
+  elif [ "$runner" = trad ]; then
+    echo "$PYTHON -m tcskd.bench.peers --cache $train_cache $COMMON $opts $budget --seed $3 --out $4 \
+--teacher-ckpt $RUNS/finetune-lpc$2-s$3/teacher.pt"
   else
     echo "$PYTHON -m tcskd.bench.peers --cache $train_cache $COMMON $opts $budget --seed $3 --out $4"
   fi
+}
+
+finetune_of() {  # lpc seed: the teacher's fine-tuning on the run's labelled rows
+  local budget=""
+  [ "$1" != all ] && budget="--labels-per-class $1"
+  echo "$PYTHON -m tcskd.bench.peers.finetune --cache $train_cache $FINETUNE $budget --seed $2 \
+--out $RUNS/finetune-lpc$1-s$2"
 }
 
 if [ "${1:-}" = --print ]; then  # the commands, one per run (no cache is built, nothing is trained)
@@ -66,6 +88,9 @@ if [ "${1:-}" = --print ]; then  # the commands, one per run (no cache is built,
   for entry in "${ARMS[@]}"; do for lpc in $LPCS; do
     command_of "$entry" "$lpc" SEED "$RUNS/${entry%%|*}-lpc$lpc-sSEED"; done; done
   for entry in "${CONTROL[@]}"; do for lpc in $CONTROL_LPCS; do
+    command_of "$entry" "$lpc" SEED "$RUNS/${entry%%|*}-lpc$lpc-sSEED"; done; done
+  for lpc in $TRADITIONAL_LPCS; do finetune_of "$lpc" SEED; done
+  for entry in "${TRADITIONAL[@]}"; do for lpc in $TRADITIONAL_LPCS; do
     command_of "$entry" "$lpc" SEED "$RUNS/${entry%%|*}-lpc$lpc-sSEED"; done; done
   exit 0
 fi
@@ -115,7 +140,24 @@ for entry in "${CONTROL[@]}"; do add_runs "$entry" "$CONTROL_LPCS"; done
 echo "== $(wc -l < "$jobs_file") runs to train, $JOBS at a time" >&2
 xargs -a "$jobs_file" -d '\n' -P "$JOBS" -I{} bash -c '{}'
 
+if [ -z "$ONLY" ] || [[ " $ONLY " == *" finetune "* ]] || [[ " $ONLY " == *" torchdistill-kd "* ]] \
+   || [[ " $ONLY " == *" torchdistill-crd "* ]] || [[ " $ONLY " == *" torchdistill-rkd "* ]]; then
+  echo "== the traditional pipeline: the teacher fine-tuned per budget and seed, then KD, CRD, RKD" >&2
+  : > "$jobs_file"
+  for lpc in $TRADITIONAL_LPCS; do
+    for seed in $SEEDS; do
+      out="$RUNS/finetune-lpc$lpc-s$seed"
+      [ -f "$out/finetune.json" ] && continue
+      echo "rm -rf $out && $(finetune_of "$lpc" "$seed") >/dev/null && echo fine-tuned $out >&2" >> "$jobs_file"
+    done
+  done
+  xargs -a "$jobs_file" -d '\n' -P "$JOBS" -I{} bash -c '{}'
+  : > "$jobs_file"
+  for entry in "${TRADITIONAL[@]}"; do add_runs "$entry" "$TRADITIONAL_LPCS"; done
+  xargs -a "$jobs_file" -d '\n' -P "$JOBS" -I{} bash -c '{}'
+fi
+
 echo "== report" >&2
-report --cost
+report --cost  # the fine-tuning folders hold no final.json: tcskd report passes over them
 "$PYTHON" -m tcskd.bench.peers.claims "$RUNS" | tee "$RUNS/claims.md"
 echo "peers finished in $(( $(date +%s) - start )) s; report: $RUNS/report.md, claims: $RUNS/claims.md" >&2

@@ -38,7 +38,10 @@ def test_peers_print_parses_and_shares_tcskds_options(tmp_path):
     lines = _printed()
     tcskd_lines = [a for a in lines if a[:4] == [sys.executable, "-m", "tcskd", "-q"]]
     peer_lines = [a for a in lines if a[1:3] == ["-m", "tcskd.bench.peers"]]
-    assert len(tcskd_lines) == 3 * 2 + 1 and len(peer_lines) == 4 * 2 + 2  # arms x budgets + the control
+    finetune_lines = [a for a in lines if a[1:3] == ["-m", "tcskd.bench.peers.finetune"]]
+    # arms x budgets + the control; the traditional arms x budgets, one fine-tuning per budget
+    assert len(tcskd_lines) == 3 * 2 + 1 and len(peer_lines) == 4 * 2 + 2 + 3 * 2 and len(finetune_lines) == 2
+    assert len(lines) == len(tcskd_lines) + len(peer_lines) + len(finetune_lines)
     # every tcskd command resolves (tcskd train --print-configs: the cache is not opened)
     listing = tmp_path / "list.tsv"
     listing.write_text("".join(f"{i}\t{shlex.join(a[5:])}\n".replace("--seed SEED", "--seed 0")
@@ -63,7 +66,17 @@ def test_peers_print_parses_and_shares_tcskds_options(tmp_path):
                 continue
             theirs = tctx.params[name] if name != "lam" else None
             assert getattr(cfg, name) == theirs, (cfg.arm, name)
-        assert cfg.augment == ("none" if "control-" in args[-1] else "auto")
+        assert cfg.augment == ("none" if "control-" in args[args.index("--out") + 1] else "auto")
+        if cfg.teacher_ckpt:  # a traditional arm reads the fine-tuning of its own budget and seed
+            budget = "all" if cfg.labels_per_class is None else cfg.labels_per_class
+            assert cfg.teacher_ckpt == f"runs/peers/finetune-lpc{budget}-sSEED/teacher.pt"
+    # the fine-tuning holds out the same validation rows and takes the labelled rows of the same budget
+    from tcskd.bench.peers.finetune import finetune_cmd
+    for args in finetune_lines:
+        fctx = finetune_cmd.make_context("finetune", [x if x != "SEED" else "0" for x in args[3:]])
+        assert (fctx.params["val_frac"], fctx.params["val_seed"], fctx.params["augment"]) == (0.1, 0, "auto")
+        assert args[args.index("--out") + 1] == ("runs/peers/finetune-lpc10-sSEED" if fctx.params["labels_per_class"]
+                                                 else "runs/peers/finetune-lpcall-sSEED")
 
 
 def _run(method: str, lpc, seed: int, *, epoch: float, total: float, mem_mb: float, test: float, val: float,
@@ -89,7 +102,9 @@ def test_claims_verdicts_follow_the_figures():
                  _run("online", 10, s, epoch=30.0, total=500.0, mem_mb=1.0, test=0.85 + jitter, val=0.85,
                       augment="none"),
                  _run("torchdistill-fitnet", 10, s, epoch=30.0, total=500.0, mem_mb=1.0, test=0.86 + jitter,
-                      val=0.85, augment="none")]
+                      val=0.85, augment="none"),
+                 dict(_run("torchdistill-kd", 10, s, epoch=25.0, total=300.0, mem_mb=150.0, test=0.88 + jitter,
+                           val=0.88), teacher_finetune={"train_seconds": 150.0})]
     table = claims_table(runs, {"cache_seconds": 60.0, "basis_seconds": 40.0})
     c = _cells(table)
     assert c["tcs / torchdistill-ce s per epoch, 10 labels/class"][1:3] == ["1.05", "met"]
@@ -109,6 +124,12 @@ def test_claims_verdicts_follow_the_figures():
              "10 labels/class"][1:3] == ["1.00", "met"]
     # the control runs (augment none) are not the augmented peer arm of the accuracy rows
     assert "0.00" == c["tcs - torchdistill-fitnet test top-1 (points), 10 labels/class"][1]
+    # the traditional pipeline: its teacher's fine-tuning counts end to end (150 + 300 s against 300 s)
+    assert c["torchdistill-kd / tcs end to end, one run (fine-tuning included), 10 labels/class"][1:3] == \
+        ["1.50", "met"]
+    assert c["torchdistill-kd / tcs s per epoch, 10 labels/class"][1:3] == ["2.50", "met"]
+    assert c["tcs - torchdistill-kd test top-1 (points), 10 labels/class"][1:3] == ["2.00", "met"]
+    assert not any(k.startswith("control: tcskd online vs torchdistill-kd") for k in c)
     # without pipeline.json the end-to-end row is not measured
     c2 = _cells(claims_table(runs, None))
     assert c2["torchdistill-fitnet / tcs end to end, one run, 10 labels/class"][2] == "not measured"
