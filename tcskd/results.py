@@ -171,3 +171,16 @@ def seconds_per_epoch(epoch_seconds: list[float]) -> float | None:
     if not epoch_seconds:
         return None
     return float(statistics.median(epoch_seconds[1:] if len(epoch_seconds) > 1 else epoch_seconds))
+
+
+#: The keys of ``metrics.jsonl`` rows and ``final.json`` that measure time or memory: they differ between two runs
+#: that trained the same (a resumed run and an uninterrupted one, two processes, a busy machine).
+TIMING_KEYS = frozenset({
+    "seconds", "train_seconds", "data_wait_s", "first_batch_s", "train_img_per_s", "img_per_s", "setup_seconds",
+    "eval_seconds", "total_seconds", "seconds_per_epoch", "peak_mem_bytes", "rss_after_imports_bytes",
+    "peak_mem_over_imports_bytes"})
+
+
+def without_timings(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` (a metrics row or final.json) without :data:`TIMING_KEYS`: what two equal trainings share."""
+    return {k: v for k, v in row.items() if k not in TIMING_KEYS}

@@ -19,9 +19,10 @@ from tcskd.errors import TcskdError
 from tcskd.options import click_options, config_from_file, config_from_params, opt, read_config_file
 from tcskd.train.config import TrainConfig, with_saved_config
 from tcskd.train.loop import train
+from tcskd.results import TIMING_KEYS
 
 #: final.json keys that depend on the clock, the memory or the folder, not on what was learned.
-_VOLATILE = ("run_dir", "img_per_s", "timings", "created")
+_VOLATILE = ("run_dir", "timings", "created", *TIMING_KEYS)
 _VOLATILE_SUFFIXES = ("_seconds", "_bytes", "_mb")
 
 

@@ -28,6 +28,7 @@ from tcskd.store.bases import load_basis
 from tcskd.store.registry import (BasisLock, Lease, LeaseInfo, LocalLeaseFile, WriterLock, holder_gone,
                                   this_holder)
 from tcskd.subspace.fit import BasisConfig, fit_basis
+from tcskd.results import TIMING_KEYS
 
 BASIS_ARRAYS = ("mean", "components", "eigenvalues", "explained_ratio", "coords")
 
@@ -346,8 +347,7 @@ def test_other_errors_of_flock_are_not_hidden(tmp_path, monkeypatch):
 
 # -- many experiments on one cache at once (processes) ----------------------------------------------------
 
-TIMING = ("seconds", "train_img_per_s", "data_wait_s", "first_batch_s", "train_seconds", "img_per_s", "setup_seconds",
-          "eval_seconds", "total_seconds", "run_dir", "peak_mem_bytes")
+TIMING = TIMING_KEYS | {"run_dir"}
 
 
 @pytest.fixture(scope="module")

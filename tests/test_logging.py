@@ -18,12 +18,11 @@ from tcskd.errors import TcskdError
 from tcskd.train.config import TrainConfig
 from tcskd.train.logger import parse_backends, scalars
 from tcskd.train.loop import train
+from tcskd.results import without_timings
 
 needs_tensorboard = pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None,
                                        reason="tensorboard is not installed (pip install 'tcskd[tensorboard]')")
 
-#: Keys of a metrics row that measure time, not the training.
-TIMING = {"seconds", "data_wait_s", "first_batch_s", "train_img_per_s"}
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +92,7 @@ def test_logging_changes_no_result(cache, tmp_path):
     train(_cfg(cache, tmp_path / "plain"))
     train(_cfg(cache, tmp_path / "logged", log="tensorboard"))
     plain, logged = _rows(tmp_path / "plain"), _rows(tmp_path / "logged")
-    assert [{k: v for k, v in r.items() if k not in TIMING} for r in plain] == \
-           [{k: v for k, v in r.items() if k not in TIMING} for r in logged]
+    assert [without_timings(r) for r in plain] == [without_timings(r) for r in logged]
     assert not (tmp_path / "plain" / "tb").exists()
 
 

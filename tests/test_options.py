@@ -123,11 +123,14 @@ def test_every_config_field_is_in_the_readme_synopsis():
 
 #: Options of other programs that the README names (torchrun's, scripts/seg_figure.py's, scripts/grid.sh's).
 FOREIGN = {"--nproc-per-node", "--nnodes", "--node-rank", "--rdzv-endpoint", "--rdzv-backend", "--names", "--out",
-           "--print", "--arm"}  # --arm: python -m tcskd.bench.peers
+           "--print"}
 
 
 def test_every_option_the_readme_names_exists():
-    known = {n for cmd in _commands().values() for n in _options(cmd)}
+    from tcskd.bench.peers.__main__ import peers_cmd
+    from tcskd.bench.peers.finetune import finetune_cmd
+
+    known = {n for cmd in [*_commands().values(), peers_cmd, finetune_cmd] for n in _options(cmd)}  # python -m ...
     known |= {n for p in main.params for n in p.opts if n.startswith("--")} | {"--help", "--version"} | FOREIGN
     named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", README.read_text()))
     assert not named - known, f"README names options no command has: {sorted(named - known)}"

@@ -18,13 +18,14 @@ from click.testing import CliRunner
 from tcskd.cli import main
 from tcskd.errors import TcskdError
 from tcskd.recipe import apply_overrides, load_recipe, run_recipe
+from tcskd.results import TIMING_KEYS
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SHIPPED = sorted(p.name for p in RECIPES.glob("*.yaml"))
 #: Stand-ins for the recipes' placeholder paths, for the tests that only parse.
 _PATHS = {"cache.data": "builtin:mnist5k", "cache.teacher": "builtin:efficientnet-lite0"}
 #: final.json keys that depend on the clock, the memory or the folder.
-_VOLATILE = ("run_dir", "img_per_s", "timings", "created", "seconds_per_epoch")
+_VOLATILE = ("run_dir", "timings", "created", *TIMING_KEYS)
 
 
 # -- tiny stand-ins ------------------------------------------------------------------
@@ -91,6 +92,10 @@ def _tiny(name: str, s: dict[str, str], out: Path) -> list[str]:
         return common + [f"cache.teacher={s['teacher']}", "cache.image_size=28", "train.batch_size=32",
                          "cache.limit=60", "basis.pca.dim=8", "basis.random.dim=8", "train.image_size=16",
                          "train.epochs=1", "grid.seed=[0]", "grid.labels_per_class=[10]"]
+    if name == "mnist-seg-ksweep.yaml":  # the same, K 2 and 8 of two 8-d bases
+        return common + [f"cache.teacher={s['teacher']}", "cache.image_size=28", "train.batch_size=32",
+                         "cache.limit=60", "basis.pca.dim=8", "basis.random.dim=8", "train.image_size=16",
+                         "grid.seed=[0]", "grid.labels_per_class=[10]", "grid.dim=[2, 8]"]
     if name == "fewshot.yaml":
         return tiny + [f"cache.data=cifar100:{s['cifar']}", "train.image_size=16", "grid.seed=[0]"]
     raise AssertionError(f"no stand-in for recipes/{name}: add one here")
@@ -142,6 +147,13 @@ def test_shipped_recipe_runs_end_to_end(name, stand_ins, tmp_path):
             "ce-lpc10-s0", "fitnet-lpc10-s0", "tcs-pca-lpc10-s0", "tcs-random-lpc10-s0"}
         finals = [json.loads((Path(r["run_dir"]) / "final.json").read_text()) for r in res["runs"].values()]
         assert all(f["task"] == "segment" and f["test_miou"] > 0 for f in finals)
+        return
+    if name == "mnist-seg-ksweep.yaml":  # every basis at every K, each run mimicking K coordinates per token
+        finals = {r["run_dir"].rsplit("/", 1)[-1]: json.loads((Path(r["run_dir"]) / "final.json").read_text())
+                  for r in res["runs"].values()}
+        assert {(f["basis_kind"], f["dim"], f["task"], f["mimic_on"]) for f in finals.values()} == {
+            (b, k, "segment", "dense") for b in ("pca", "random") for k in (2, 8)}
+        assert not res["teacher"]
         return
     assert res["teacher"] and all(Path(f).is_file() for f in res["teacher"].values())
 

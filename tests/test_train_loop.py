@@ -16,6 +16,7 @@ from _train_fixtures import make_npz, make_script_teacher, make_train_cache
 from tcskd.errors import TcskdError
 from tcskd.train.checkpoint import CHECKPOINT, check_resume
 from tcskd.train.loop import TrainConfig, load_run_inputs, lr_at, resolve_config, train
+from tcskd.results import without_timings
 
 TESTS = Path(__file__).parent
 
@@ -111,9 +112,7 @@ def test_resume_is_bit_identical(data, tmp_path):
         assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
     la = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
-    timing = ("seconds", "train_img_per_s", "data_wait_s", "first_batch_s")
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
-    assert strip(la) == strip(lb)
+    assert [without_timings(r) for r in la] == [without_timings(r) for r in lb]
     # a finished run is never overwritten, and resuming it does nothing
     with pytest.raises(TcskdError, match="finished"):
         train(_cfg(cache, tmp_path / "full", **opts))

@@ -15,6 +15,7 @@ from tcskd.train.data import BlockSampler, block_window, train_loader
 from tcskd.train.inputs import load_run_inputs
 from tcskd.train.commands import train as train_cmd
 from tcskd.train.targets import StoreTargets, choose_target_mode
+from tcskd.results import without_timings
 
 
 @pytest.fixture(scope="module")
@@ -220,10 +221,8 @@ def test_a_store_run_resumes_exactly(data, tmp_path):
     full = train(TrainConfig(out=str(tmp_path / "full"), **common))
     train(TrainConfig(out=str(tmp_path / "part"), stop_after=1, **common))
     resumed = train(TrainConfig(out=str(tmp_path / "part"), resume=True, **common))
-    timing = ("seconds", "train_img_per_s", "data_wait_s", "first_batch_s")
-
     def rows(name):
-        return [{k: v for k, v in json.loads(x).items() if k not in timing}
+        return [without_timings(json.loads(x))
                 for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
 
     assert rows("full") == rows("part") and len(rows("full")) == 2

@@ -21,6 +21,7 @@ import pytest
 
 from reliability._tally import tally
 from reliability.conftest import (ARRAYS, BASIS_ARRAYS, CHUNK, assert_same_arrays, leftovers, read_arrays)
+from tcskd.results import TIMING_KEYS
 
 SEED = 20250101
 
@@ -247,8 +248,7 @@ def test_basis_replaced_and_killed_shows_old_or_nothing(world, fs, tmp_path, fmt
 
 # -- tcskd train --resume ---------------------------------------------------------
 
-TIMING = ("seconds", "train_img_per_s", "data_wait_s", "first_batch_s", "train_seconds", "img_per_s", "setup_seconds", "eval_seconds",
-          "total_seconds", "run_dir", "peak_mem_bytes")
+TIMING = TIMING_KEYS | {"run_dir"}
 
 
 @pytest.fixture(scope="module")
