@@ -96,11 +96,13 @@ report:
 	$(TCSKD) report $(RUNS)/demo/*-lpc*/ $(foreach f,$(wildcard $(RUNS)/demo/teacher-lpc*.json),--teacher-eval $(f)) \
 	  --png $(RUNS)/demo/report.png
 
+# Two pytest workers (pytest-xdist), each test file on one of them: the suite waits on subprocesses and
+# sleeps as much as it computes.
 test: install
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 # Evidence at scale kept out of make test for its time: peak memory of --targets store/ram/ce on a 655 MB cache.
 test-heavy: install
