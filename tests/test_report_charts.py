@@ -205,3 +205,14 @@ def test_kept_ranks_chart_draws_each_selection_step(tmp_path):
     assert "kept in the leading 64: 0/64, 32/64" in ax.get_title()
     with pytest.raises(TcskdError, match="no run among these tailored"):
         kept_ranks_figure(load_runs([root / "fixed-s0"]))
+
+
+def test_a_segmentation_sweep_charts_val_miou_per_labelled_images(tmp_path):
+    """Segmentation runs: the sweep charts mean IoU, and a panel is named by its labelled images (masks)."""
+    dirs = [_write(tmp_path, f"tcs-{kind}-{dim}-s{seed}", seed, 0.0, method="tcs", basis_kind=kind, basis=kind,
+                   dim=dim, labels_per_class=50, task="segment", val_miou=0.1 * dim / 64 + seed / 100)
+            for kind in ("pca", "random") for dim in (4, 64) for seed in range(2)]
+    (ax,) = sweep_figure(load_runs(dirs), x="dim", series="basis").axes
+    assert ax.get_title() == "50 labelled images" and ax.get_ylabel() == "val mIoU (%)"
+    x, y = {c.get_label(): c for c in _errorbars(ax)}["pca"].lines[0].get_data()
+    assert list(x) == [4, 64] and list(y) == pytest.approx([100 * (0.1 * 4 / 64 + 0.005), 100 * (0.1 + 0.005)])

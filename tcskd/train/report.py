@@ -479,6 +479,13 @@ def _save(fig: Any, png_path: str | Path) -> Path:
     return out
 
 
+def _budget_title(budget: Any, runs: list[dict[str, Any]]) -> str:
+    """A panel's title: the label budget, as labelled images when every run segments (labels_per_class is then
+    the number of labelled masks)."""
+    unit = "labelled images" if _tasks(runs) == ["segment"] else "labels/class"
+    return f"{_fmt_key('labels_per_class', budget)} {unit}"
+
+
 def comparison_figure(runs: list[dict[str, Any]], teacher_eval: list[dict[str, Any]] | None = None) -> Any:
     """The comparison chart as a matplotlib Figure: one panel per label budget, one bar per configuration
     (colour = configuration, named in the legend; the same colour in every panel), the mean test top-1 (test
@@ -515,7 +522,7 @@ def comparison_figure(runs: list[dict[str, Any]], teacher_eval: list[dict[str, A
         _zoom(ax, shown)
         ax.set_xticks(xs)  # the configuration's number in the legend
         ax.set_xticklabels([str(number[n]) for _, n in mine], fontsize=7)
-        ax.set_title(f"{_fmt_key('labels_per_class', budget)} labels/class", fontsize=9)
+        ax.set_title(_budget_title(budget, runs), fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel(f"{what} (%)")
     handles = [Patch(facecolor=colour[c], edgecolor="black", linewidth=0.5, label=f"{number[c]}: {c}")
@@ -614,7 +621,7 @@ def sweep_figure(runs: list[dict[str, Any]], x: str = "dim", series: str = "basi
             ax.set_title("few-shot: labels per class", fontsize=9)
         else:
             shown += _teacher_hlines(ax, teacher_reference(teacher_eval, budget, split))
-            ax.set_title(f"{_fmt_key('labels_per_class', budget)} labels/class", fontsize=9)
+            ax.set_title(_budget_title(budget, points), fontsize=9)
         values = sorted({_num(r[x]) for r in mine})
         if values[0] > 0 and values[-1] / values[0] >= 8:  # K or labels per class over orders of magnitude
             ax.set_xscale("log", base=2 if x == "dim" else 10)
