@@ -336,9 +336,10 @@ def default_dim(cfg: TrainConfig) -> int:
 
 def tailoring_preset(cfg: TrainConfig) -> dict[str, Any]:
     """The preset ``cfg.tailor`` stands for: ``on`` the TAILORED schedule, ``off`` and ``auto`` the FIXED one
-    (``auto`` is what validation chose: on the built-in default no tailoring schedule beat the first 64
-    coordinates at either label budget; README, "Results on the built-in default"). With ``segment`` the
-    classifier always reads the feature map."""
+    (``auto`` is what validation chose on the built-in default: with 10 labels per class no tailoring schedule
+    beat the first 64 coordinates, and with all labels those that did kept none of the leading 64 ranks,
+    scoring as CE alone; README, "Results on the built-in default"). With ``segment`` the classifier always
+    reads the feature map."""
     if cfg.tailor not in TAILOR:
         raise TcskdError(f"unknown --tailor '{cfg.tailor}' (choose {', '.join(TAILOR)})")
     preset = TAILORED if cfg.tailor == "on" else FIXED
