@@ -1,5 +1,20 @@
-# Sourced by scripts/grid.sh: its steps on the built-in default (scripts/demo.sh runs recipes/default.yaml).
-# Expects TCSKD, RUNS, LPCS, SEEDS, IMAGE_SIZE and DEVICE; sets train_cache and test_cache.
+# Sourced by scripts/grid.sh, scripts/peers.sh and scripts/store_vs_ram.sh: their shared knobs and steps on the
+# built-in default (scripts/demo.sh runs recipes/default.yaml). Expects RUNS; sets train_cache and test_cache.
+
+# The knobs the scripts share, each an environment variable (these are its defaults).
+TCSKD=${TCSKD:-tcskd}
+SEEDS=${SEEDS:-"0 1 2"}
+EPOCHS=${EPOCHS:-15}
+IMAGE_SIZE=${IMAGE_SIZE:-112}
+DEVICE=${DEVICE:-auto}
+STUDENT=${STUDENT:-cnn}
+LPCS=${LPCS:-"10 all"}
+ONLY=${ONLY:-}          # a space-separated subset of the script's configuration names
+
+# Whether configuration NAME is to run (every one without ONLY).
+wanted() {
+  [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]
+}
 
 # Stage 1: the train and test caches (a cache hit when they exist); rows in tcskd cache's default --order.
 # Extra arguments go to both `tcskd cache` calls (e.g. --order source).

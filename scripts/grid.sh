@@ -7,19 +7,11 @@
 # Driven by `make grid`; every knob is an environment variable. JOBS runs train side by side.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
-TCSKD=${TCSKD:-tcskd}
 RUNS=${RUNS:-runs/grid}
-SEEDS=${SEEDS:-"0 1 2"}
-EPOCHS=${EPOCHS:-15}
-IMAGE_SIZE=${IMAGE_SIZE:-112}
-DEVICE=${DEVICE:-auto}
-STUDENT=${STUDENT:-cnn}
-LPCS=${LPCS:-"10 all"}
 JOBS=${JOBS:-2}
 # One share of the cores per run side by side (the README's table: 2 cores, JOBS=2, one thread each).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
 WORKERS=${WORKERS:-0}
-ONLY=${ONLY:-}          # a space-separated subset of the configuration names below
 start=$(date +%s)
 
 # name | options of tcskd train (besides cache, student, epochs, seed, labels). Each row pins every option the
@@ -69,7 +61,7 @@ if [ "${1:-}" = --print ]; then
   trap 'rm -f "$list"' EXIT
   for entry in "${CONFIGS[@]}"; do
     name=${entry%%|*}
-    if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then continue; fi
+    wanted "$name" || continue
     for lpc in $LPCS; do
       printf '%s\t%s\n' "$name-lpc$lpc" "--cache TRAIN_CACHE $(run_options "$entry" "$lpc")" >> "$list"
     done
@@ -93,7 +85,7 @@ echo "== stage 3: $(( ${#CONFIGS[@]} )) configurations x labels {$LPCS} x seeds 
 jobs_file=$(mktemp)
 for entry in "${CONFIGS[@]}"; do
   name=${entry%%|*}
-  if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then continue; fi
+  wanted "$name" || continue
   for lpc in $LPCS; do
     for seed in $SEEDS; do
       out="$RUNS/$name-lpc$lpc-s$seed"

@@ -12,20 +12,12 @@
 # Needs the peers extra: pip install 'tcskd[peers]' (make install has it).
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
-TCSKD=${TCSKD:-tcskd}
 PYTHON=${PYTHON:-$(dirname "$(command -v "$TCSKD")")/python}
 RUNS=${RUNS:-runs/peers}
-SEEDS=${SEEDS:-"0 1 2"}
-EPOCHS=${EPOCHS:-15}
-IMAGE_SIZE=${IMAGE_SIZE:-112}
-DEVICE=${DEVICE:-auto}
-STUDENT=${STUDENT:-cnn}
-LPCS=${LPCS:-"10 all"}
 CONTROL_LPCS=${CONTROL_LPCS:-10}   # the control's label budgets ("" for none)
 JOBS=${JOBS:-1}                    # runs side by side (1: the timings are not shared with another run)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
 WORKERS=${WORKERS:-0}
-ONLY=${ONLY:-}                     # a space-separated subset of the arm names below
 start=$(date +%s)
 
 # The options tcskd train and the peer arms share (same names), pinned.
@@ -125,7 +117,7 @@ jobs_file=$(mktemp)
 trap 'rm -f "$jobs_file"' EXIT
 add_runs() {  # entry lpcs
   local entry=$1 name=${1%%|*} lpc seed out
-  if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
+  wanted "$name" || return 0
   for lpc in $2; do
     for seed in $SEEDS; do
       out="$RUNS/$name-lpc$lpc-s$seed"
@@ -140,8 +132,7 @@ for entry in "${CONTROL[@]}"; do add_runs "$entry" "$CONTROL_LPCS"; done
 echo "== $(wc -l < "$jobs_file") runs to train, $JOBS at a time" >&2
 xargs -a "$jobs_file" -d '\n' -P "$JOBS" -I{} bash -c '{}'
 
-if [ -z "$ONLY" ] || [[ " $ONLY " == *" finetune "* ]] || [[ " $ONLY " == *" torchdistill-kd "* ]] \
-   || [[ " $ONLY " == *" torchdistill-crd "* ]] || [[ " $ONLY " == *" torchdistill-rkd "* ]]; then
+if wanted finetune || wanted torchdistill-kd || wanted torchdistill-crd || wanted torchdistill-rkd; then
   echo "== the traditional pipeline: the teacher fine-tuned per budget and seed, then KD, CRD, RKD" >&2
   : > "$jobs_file"
   for lpc in $TRADITIONAL_LPCS; do

@@ -12,14 +12,7 @@
 # Resumable: a run with a final.json is skipped. Every knob is an environment variable.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
-TCSKD=${TCSKD:-tcskd}
 RUNS=${RUNS:-runs/store-vs-ram}
-SEEDS=${SEEDS:-"0 1 2"}
-EPOCHS=${EPOCHS:-15}
-IMAGE_SIZE=${IMAGE_SIZE:-112}
-DEVICE=${DEVICE:-auto}
-STUDENT=${STUDENT:-cnn}
-LPCS=${LPCS:-"10 all"}
 JOBS=${JOBS:-2}
 WORKERS=${WORKERS:-1}
 TARGET_CACHE_MB=${TARGET_CACHE_MB:-1}
