@@ -3,13 +3,10 @@ directory (final.json there, shaped like ``tcskd train``'s so that ``tcskd repor
 
 from __future__ import annotations
 
-import logging
-import sys
-
 import click
 
 from tcskd.bench.peers.config import PeerConfig
-from tcskd.errors import TcskdError
+from tcskd.bench.peers.entry import pct, run_command, setup_logging
 from tcskd.options import HELP, click_options, config_from_params
 
 
@@ -21,13 +18,8 @@ def peers_cmd(ctx: click.Context, verbose: bool, **params) -> None:
     """Train one peer arm (torchdistill or timm) on tcskd's job."""
     from tcskd.bench.peers.run import run_arm
 
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(verbose)
     res = run_arm(config_from_params(PeerConfig, params, ctx))
-
-    def pct(v: float | None) -> str:
-        return "n/a" if v is None else f"{100 * v:.2f}%"
-
     click.echo(f"{res['method']} {res['student']} seed {res['seed']}: val top-1 {pct(res['val_top1'])}, test top-1 "
                f"{pct(res['test_top1'])}, {res['seconds_per_epoch']:.2f} s/epoch, peak "
                f"{res['peak_mem_bytes'] / 2 ** 20:.0f} MB")
@@ -35,11 +27,7 @@ def peers_cmd(ctx: click.Context, verbose: bool, **params) -> None:
 
 
 def main() -> None:
-    try:
-        peers_cmd(standalone_mode=True)  # pylint: disable=no-value-for-parameter
-    except TcskdError as e:
-        print(f"tcskd: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_command(peers_cmd)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from tcskd.bench.peers.entry import pct, run_command, setup_logging
 from tcskd.bench.peers.glue import PeerTeacher, peer_versions, state_digest, step_lr_lambda
 from tcskd.device import DEVICES, autocast, peak_memory_bytes, proc_status_bytes, resolve_device
 from tcskd.errors import TcskdError
@@ -352,13 +352,8 @@ def load_finetuned(path: str | Path, prep: RunInputs, tcfg: TrainConfig, teacher
 @click.pass_context
 def finetune_cmd(ctx: click.Context, verbose: bool, **params) -> None:
     """Fine-tune the cache's teacher and a linear classifier on the run's labelled rows (traditional KD)."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(verbose)
     res = finetune(config_from_params(FinetuneConfig, params, ctx))
-
-    def pct(v: float | None) -> str:
-        return "n/a" if v is None else f"{100 * v:.2f}%"
-
     click.echo(f"fine-tuned {res['teacher']} on {res['labelled_images']} rows, {res['steps']} steps: val top-1 "
                f"{pct(res['val_top1'])}, test top-1 {pct(res['test_top1'])}, {res['train_seconds']:.1f} s, peak "
                f"{res['peak_mem_bytes'] / 2 ** 20:.0f} MB")
@@ -366,11 +361,7 @@ def finetune_cmd(ctx: click.Context, verbose: bool, **params) -> None:
 
 
 def main() -> None:
-    try:
-        finetune_cmd(standalone_mode=True)  # pylint: disable=no-value-for-parameter
-    except TcskdError as e:
-        print(f"tcskd: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_command(finetune_cmd)
 
 
 if __name__ == "__main__":
