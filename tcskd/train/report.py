@@ -171,11 +171,14 @@ def load_teacher_eval(path: str | Path) -> dict[str, Any]:
 
 # -- grouping and statistics --------------------------------------------------
 
-def _varying_keys(runs: list[dict[str, Any]]) -> list[str]:
-    def values(k: str) -> set[str]:
-        return {json.dumps(r.get(k), sort_keys=True) for r in runs if k not in RECENT_KEYS or k in r}
+def _varies(runs: list[dict[str, Any]], k: str) -> bool:
+    """Whether ``runs`` hold more than one value of ``k`` (a run without a key of :data:`RECENT_KEYS` counts
+    for none)."""
+    return len({json.dumps(r.get(k), sort_keys=True) for r in runs if k not in RECENT_KEYS or k in r}) > 1
 
-    return [k for k in OPTIONAL_KEYS if len(values(k)) > 1]
+
+def _varying_keys(runs: list[dict[str, Any]]) -> list[str]:
+    return [k for k in OPTIONAL_KEYS if _varies(runs, k)]
 
 
 def _num(v: Any) -> float | None:
@@ -573,9 +576,7 @@ def sweep_figure(runs: list[dict[str, Any]], x: str = "dim", series: str = "basi
     free = {x, "labels_per_class", "basis", *_RUN_ONLY}
     for name in dict.fromkeys(_fmt_key(series, r.get(series)) for r in runs):
         line = [r for r in runs if _fmt_key(series, r.get(series)) == name]
-        other = [k for k in ("method", "basis_kind", "dim") + OPTIONAL_KEYS if k not in free
-                 and len({json.dumps(r.get(k), sort_keys=True) for r in line
-                          if k not in RECENT_KEYS or k in r}) > 1]
+        other = [k for k in ("method", "basis_kind", "dim") + OPTIONAL_KEYS if k not in free and _varies(line, k)]
         if other:
             raise TcskdError(f"a sweep of {x}: the runs of {series} {name} also differ in {', '.join(other)}; "
                              f"give runs that differ only in {x} along each line")
