@@ -93,6 +93,18 @@ def cache_root(tmp_path) -> Path:
     return tmp_path / "caches"
 
 
+def one_line_error(main, argv: list[str], monkeypatch, capsys) -> str:
+    """Run a ``python -m`` command's ``main`` on ``argv``: it must exit 2 with exactly one ``tcskd: error:`` line on
+    stderr, which is returned."""
+    monkeypatch.setattr("sys.argv", argv)
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tcskd: error: "), err
+    return err[0]
+
+
 def run_cli(args: list[str], env: dict | None = None, timeout: float = 300):
     """Run ``python -m tcskd ...`` in a subprocess; return the CompletedProcess."""
     import subprocess

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from _train_fixtures import make_npz
+from conftest import one_line_error
 from tcskd.cache.build import build_cache
 from tcskd.cache.config import CacheConfig
 
@@ -259,11 +260,7 @@ def test_the_command_refuses_a_missing_cache_in_one_line_and_writes_nothing(tmp_
     from tcskd.bench.peers.__main__ import main
 
     out = tmp_path / "run"
-    monkeypatch.setattr("sys.argv", ["peers", "--arm", "timm-ce", "--cache", str(tmp_path / "nope"),
-                                     "--device", "cpu", "--out", str(out)])
-    with pytest.raises(SystemExit) as e:
-        main()
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("tcskd: error: ") and "nope" in err[0]
+    err = one_line_error(main, ["peers", "--arm", "timm-ce", "--cache", str(tmp_path / "nope"), "--device", "cpu",
+                                "--out", str(out)], monkeypatch, capsys)
+    assert "nope" in err
     assert not out.exists()

@@ -20,6 +20,7 @@ pytest.importorskip("torchdistill", reason="the peers extra is not installed (pi
 pytest.importorskip("timm", reason="the peers extra is not installed (pip install 'tcskd[peers]')")
 
 from test_peers import _cfg, _first_batch  # noqa: E402  (the peer options and first batch of a test job)
+from conftest import one_line_error  # noqa: E402
 from tcskd.cache.build import build_cache  # noqa: E402
 from tcskd.cache.config import CacheConfig  # noqa: E402
 from tcskd.bench.peers import finetune as ft  # noqa: E402
@@ -296,13 +297,9 @@ def test_the_command_refuses_an_arm_without_checkpoint_in_one_line(job, tmp_path
     from tcskd.bench.peers.__main__ import main
 
     out = tmp_path / "run"
-    monkeypatch.setattr("sys.argv", ["peers", "--arm", "torchdistill-kd", "--cache", job[1], "--device", "cpu",
-                                     "--out", str(out)])
-    with pytest.raises(SystemExit) as e:
-        main()
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("tcskd: error: ") and "--teacher-ckpt" in err[0]
+    err = one_line_error(main, ["peers", "--arm", "torchdistill-kd", "--cache", job[1], "--device", "cpu", "--out",
+                                str(out)], monkeypatch, capsys)
+    assert "--teacher-ckpt" in err
     assert not out.exists()
 
 
@@ -312,12 +309,9 @@ def test_finetune_options_are_checked_in_one_line(job, tmp_path, monkeypatch, ca
         with pytest.raises(TcskdError, match=msg):
             _ft_cfg(job, **kw).validate()
     out = tmp_path / "ft"
-    monkeypatch.setattr("sys.argv", ["finetune", "--cache", job[1], "--steps", "0", "--out", str(out)])
-    with pytest.raises(SystemExit) as e:
-        ft.main()
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["tcskd: error: --steps must be at least 1, got 0"] and not out.exists()
+    err = one_line_error(ft.main, ["finetune", "--cache", job[1], "--steps", "0", "--out", str(out)], monkeypatch,
+                         capsys)
+    assert err == "tcskd: error: --steps must be at least 1, got 0" and not out.exists()
 
 
 def test_a_traditional_arm_starts_from_tcskd_ces_student_and_classifier(job, tuned):
